@@ -1,0 +1,473 @@
+"""The reference semantics: flat maps, one step per op, allowed-outcome sets.
+
+Every rule here is a line of ``../shared/SEMANTICS.md`` (decisions it leaves
+open are in ``docs/semantics.md``).  The reference knows no host pages, huge
+mappings or SPTEs: a gfn is in a slot or not, memory is a dict of written
+words, and the guest's TLB is the set of translations it may still use.
+
+For each op :meth:`Reference.allowed` lists the allowed outcomes, each paired
+with the state change it implies (SEMANTICS §B); :meth:`Reference.step`
+applies the one the target reported, :meth:`Reference.run` the first.  State
+is a handful of dicts and lists of immutable values, so :meth:`copy` is a few
+shallow copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, WORDS_PER_PAGE, ALREADY_ACCEPTED,
+                         GFN_LIMIT, PG_LEVEL_2M, SIZE_MISMATCH, UNSUPPORTED, AccessKind, DirtyLog,
+                         MemoryFaultExit, MemslotFlag, MmioExit, Ok, PageFault, VePending, VmHeader,
+                         VmType, op_name)
+from reference.intervals import IntervalSet
+from reference.paging import Translation, permission_fault, walk_addr
+
+
+class Expect:
+    """The outcomes an op may have, each paired with the state change it implies.
+
+    ``choices`` is a tuple of ``(outcome, effect)``; ``effect`` is a callable
+    that changes the state that built it, or None.  The first choice is the
+    canonical one (what a correct target reports without racing anything).
+    """
+
+    __slots__ = ("choices", "resolve_gpa")
+
+    def __init__(self, choices: tuple, resolve_gpa: bool = False):
+        self.choices = choices
+        # A gva access may report ok without gpa=: resolve it from the value (§F).
+        self.resolve_gpa = resolve_gpa
+
+    @property
+    def canonical(self):
+        """The first allowed outcome: always a concrete Outcome."""
+        return self.choices[0][0]
+
+    def pick(self, actual):
+        """The effect of the choice ``actual`` matches, or ``_REJECT``."""
+        for outcome, effect in self.choices:
+            if outcome == actual:
+                return effect
+        if self.resolve_gpa and type(actual) is Ok and actual.gpa is None:
+            for outcome, effect in self.choices:
+                if type(outcome) is Ok and outcome.value == actual.value:
+                    return effect
+        return _REJECT
+
+    def __str__(self) -> str:
+        return " | ".join(str(outcome) for outcome, _ in self.choices)
+
+
+class DirtyLogBound(Expect):
+    """``get_dirty_log``: any R with written ⊆ R ⊆ written ∪ touched (SEMANTICS §G)."""
+
+    __slots__ = ("lower", "upper", "effect")
+
+    def __init__(self, lower: frozenset, upper: frozenset, effect):
+        super().__init__(((DirtyLog(tuple(sorted(lower))), effect),))
+        self.lower, self.upper, self.effect = lower, upper, effect
+
+    def pick(self, actual):
+        if type(actual) is not DirtyLog:
+            return _REJECT
+        gfns = actual.gfns
+        if any(a >= b for a, b in zip(gfns, gfns[1:])):
+            return _REJECT  # not the canonical form: sorted, no duplicates
+        reported = frozenset(gfns)
+        if self.lower <= reported <= self.upper:
+            return self.effect
+        return _REJECT
+
+    def __str__(self) -> str:
+        if self.lower == self.upper:
+            return str(self.canonical)
+        return f"{self.canonical} ⊆ R ⊆ {DirtyLog(tuple(sorted(self.upper)))}"
+
+
+# pick()'s "no allowed outcome matches"; distinct from an effect of None.
+_REJECT = object()
+
+_OK = Expect(((OK, None),))
+_EINVAL = Expect(((EINVAL, None),))
+_UNSUPPORTED = Expect(((UNSUPPORTED, None),))
+
+
+@dataclass(frozen=True)
+class Memslot:
+    """A slot's gfn range, flags, and the id of its backing (which follows moves)."""
+
+    base: int
+    npages: int
+    flags: MemslotFlag
+    backing: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.npages
+
+    def overlaps(self, base: int, npages: int) -> bool:
+        return base < self.end and self.base < base + npages
+
+
+def check_memory_region_flags(flags: MemslotFlag, vm_type: VmType) -> bool:
+    """The flag combinations KVM accepts for this VM type (kvm_main.c's namesake)."""
+    if flags & MemslotFlag.PRIVATE:
+        return vm_type is VmType.TDX and not flags & (MemslotFlag.DIRTY_LOG | MemslotFlag.READONLY)
+    # kvm_arch_has_readonly_mem() is false for VMs with protected state (TDX).
+    return not (flags & MemslotFlag.READONLY and vm_type is VmType.TDX)
+
+
+def _without(rows: dict, backing: int, lo: int, hi: int) -> dict:
+    """``rows`` keyed ``(backing, index)`` minus the keys of ``backing`` with lo <= index < hi."""
+    return {key: v for key, v in rows.items() if key[0] != backing or not lo <= key[1] < hi}
+
+
+class Reference:
+    """The reference VM of one program.
+
+    State (all values immutable, so copies share them):
+    ``_slots`` slot id -> Memslot; ``_private`` the gfns whose attribute is
+    private (VM-wide); ``_shared_mem``/``_private_mem`` ``(backing, page*512 +
+    word)`` -> value, written words only; ``_accepted`` backing -> IntervalSet
+    of accepted slot pages; ``_dirty`` ``(backing, page)`` -> written (True) or
+    only touched (False) since the last get, for logging slots; ``_cr3`` and
+    ``_tlb`` per vCPU.  Slot pages are slot-relative, so moves need no rewrite.
+
+    Private state exists only for gfns whose attribute is private: it is
+    dropped on conversion to shared and private slots cannot move.  A page with
+    no private rows and not in ``_accepted`` is therefore exactly "contents 0,
+    pending", which is what conversion to private and accept both require.
+    """
+
+    def __init__(self, header: VmHeader):
+        self.header = header
+        self._tdx = header.type is VmType.TDX
+        self._slots: dict = {}
+        self._private = IntervalSet()
+        self._shared_mem: dict = {}
+        self._private_mem: dict = {}
+        self._accepted: dict = {}
+        self._dirty: dict = {}
+        self._cr3: list = [None] * header.vcpus
+        self._tlb: list = [frozenset()] * header.vcpus
+        self._next_backing = 0
+
+    def copy(self) -> "Reference":
+        """An independent copy: the containers are copied, their values shared."""
+        new = object.__new__(Reference)
+        new.__dict__.update(self.__dict__)
+        for name in ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3",
+                     "_tlb"):
+            setattr(new, name, getattr(self, name).copy())
+        return new
+
+    # --- the interface ------------------------------------------------------
+
+    def allowed(self, op) -> Expect:
+        """What ``op`` may do from this state (a simple op, not a ``parallel``)."""
+        return getattr(self, "_" + op_name(op))(op)
+
+    def step(self, op, actual):
+        """Accept ``actual`` and advance to the state it implies (None), or return the Expect."""
+        expect = self.allowed(op)
+        effect = expect.pick(actual)
+        if effect is _REJECT:
+            return expect
+        if effect is not None:
+            effect()
+        return None
+
+    def run(self, op):
+        """Apply and return the canonical outcome: what a correct target reports."""
+        expect = self.allowed(op)
+        outcome = expect.canonical
+        effect = expect.pick(outcome)
+        if effect is not None:
+            effect()
+        return outcome
+
+    # --- memslots (kvm_set_memory_region) -------------------------------------
+
+    def _slot_at(self, gfn: int):
+        for slot in self._slots.values():
+            if slot.base <= gfn < slot.end:
+                return slot
+        return None
+
+    def _fits(self, slot_id, base: int, npages: int) -> bool:
+        """[base, base+npages) is below the gfn limit and overlaps no other slot."""
+        if base + npages > GFN_LIMIT:
+            return False
+        return not any(other.overlaps(base, npages)
+                       for i, other in self._slots.items() if i != slot_id)
+
+    def _memslot_add(self, op) -> Expect:
+        if (op.slot in self._slots or not check_memory_region_flags(op.flags, self.header.type)
+                or not self._fits(op.slot, op.base, op.npages)):
+            return _EINVAL
+
+        def add():
+            self._slots[op.slot] = Memslot(op.base, op.npages, op.flags, self._next_backing)
+            self._next_backing += 1
+        return Expect(((OK, add),))
+
+    def _memslot_delete(self, op) -> Expect:
+        slot = self._slots.get(op.slot)
+        if slot is None:
+            return _EINVAL
+
+        def delete():
+            del self._slots[op.slot]
+            everything = (slot.backing, 0, slot.npages * WORDS_PER_PAGE)
+            self._shared_mem = _without(self._shared_mem, *everything)
+            self._private_mem = _without(self._private_mem, *everything)
+            self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
+            self._accepted.pop(slot.backing, None)
+        return Expect(((OK, delete),))
+
+    def _modifiable(self, slot_id):
+        """The slot a move/set_flags may change, or None (missing, or private: immutable)."""
+        slot = self._slots.get(slot_id)
+        if slot is None or slot.flags & MemslotFlag.PRIVATE:
+            return None
+        return slot
+
+    def _memslot_move(self, op) -> Expect:
+        slot = self._modifiable(op.slot)
+        if slot is None or not self._fits(op.slot, op.base, slot.npages):
+            return _EINVAL
+
+        def move():
+            self._slots[op.slot] = Memslot(op.base, slot.npages, slot.flags, slot.backing)
+        return Expect(((OK, move),))
+
+    def _memslot_set_flags(self, op) -> Expect:
+        slot = self._modifiable(op.slot)
+        if slot is None or (op.flags ^ slot.flags) & ~MemslotFlag.DIRTY_LOG:
+            return _EINVAL
+        if op.flags == slot.flags:
+            return _OK
+
+        def toggle_dirty_log():
+            # Enabling starts an empty log; disabling discards it.
+            self._slots[op.slot] = Memslot(slot.base, slot.npages, op.flags, slot.backing)
+            self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
+        return Expect(((OK, toggle_dirty_log),))
+
+    # --- private memory (KVM_SET_MEMORY_ATTRIBUTES, TDG.MEM.PAGE.ACCEPT) -------
+
+    def _set_attributes(self, op) -> Expect:
+        if not self._tdx:
+            return _UNSUPPORTED
+        if op.npages == 0:
+            return _EINVAL
+        lo, hi = op.base, op.base + op.npages
+        if op.private:
+            def to_private():
+                self._private = self._private.with_range(lo, hi)
+            return Expect(((OK, to_private),))
+
+        def to_shared():
+            self._private = self._private.without_range(lo, hi)
+            for slot in self._slots.values():
+                if slot.flags & MemslotFlag.PRIVATE and slot.overlaps(lo, op.npages):
+                    first, last = max(lo, slot.base) - slot.base, min(hi, slot.end) - slot.base
+                    self._private_mem = _without(self._private_mem, slot.backing,
+                                                 first * WORDS_PER_PAGE, last * WORDS_PER_PAGE)
+                    accepted = self._accepted.get(slot.backing)
+                    if accepted is not None:
+                        self._accepted[slot.backing] = accepted.without_range(first, last)
+        return Expect(((OK, to_shared),))
+
+    def _accept(self, op) -> Expect:
+        if not self._tdx:
+            return _UNSUPPORTED
+        gfn = op.gpa >> PAGE_SHIFT
+        slot = self._slot_at(gfn)
+        if gfn not in self._private or slot is None or not slot.flags & MemslotFlag.PRIVATE:
+            return Expect(((MemoryFaultExit(op.gpa, True), None),))
+        huge = op.level == PG_LEVEL_2M
+        npages = PAGES_PER_2M if huge else 1
+        # At 2M the host may have mapped the range at 4K: the guest then sees a mismatch.
+        or_mismatch = ((SIZE_MISMATCH, None),) if huge else ()
+        if huge and not (gfn + npages <= slot.end and self._private.covers(gfn, gfn + npages)):
+            return Expect(((SIZE_MISMATCH, None),))
+        first = gfn - slot.base
+        accepted = self._accepted.get(slot.backing, IntervalSet())
+        if accepted.covers(first, first + npages):
+            return Expect(((ALREADY_ACCEPTED, None),) + or_mismatch)
+        if accepted.overlaps(first, first + npages):
+            return Expect(((SIZE_MISMATCH, None),))
+
+        def accept():
+            # Pending pages have no private rows: zeroing them is implicit.
+            self._accepted[slot.backing] = accepted.with_range(first, first + npages)
+        return Expect(((OK, accept),) + or_mismatch)
+
+    # --- accesses (kvm_mmu_faultin_pfn order) ----------------------------------
+
+    def _resolve(self, gpa: int, kind: AccessKind, private: bool):
+        """Where a physical access at byte ``gpa`` goes (SEMANTICS §D rules 1-5).
+
+        Returns the slot when the access completes (rule 6), else the tuple of
+        allowed exits.
+        """
+        if private and not self._tdx:
+            return (UNSUPPORTED,)
+        gfn = gpa >> PAGE_SHIFT
+        slot = self._slot_at(gfn)
+        write = kind is AccessKind.WRITE
+        if private != (gfn in self._private):
+            fault = (MemoryFaultExit(gfn << PAGE_SHIFT, private),)
+            if slot is None and not private:
+                # A cached MMIO SPTE survives the attribute zap (memslot walk).
+                return fault + (MmioExit(gpa, write),)
+            return fault
+        if private and (slot is None or not slot.flags & MemslotFlag.PRIVATE):
+            return (MemoryFaultExit(gfn << PAGE_SHIFT, True),)
+        if slot is None or (write and slot.flags & MemslotFlag.READONLY):
+            return (MmioExit(gpa, write),)
+        if private and gfn - slot.base not in self._accepted.get(slot.backing, IntervalSet()):
+            return (VePending(gpa),)
+        return slot
+
+    def _physical(self, gpa: int, kind: AccessKind, value, private: bool, tag: bool) -> tuple:
+        """The choices of a physical access at byte ``gpa``; ``tag``: report ``gpa=`` in ok."""
+        slot = self._resolve(gpa, kind, private)
+        if type(slot) is tuple:
+            return tuple((exit_, None) for exit_ in slot)
+        page = (gpa >> PAGE_SHIFT) - slot.base
+        key = (slot.backing, page * WORDS_PER_PAGE + ((gpa >> 3) & (WORDS_PER_PAGE - 1)))
+        logged = not private and slot.flags & MemslotFlag.DIRTY_LOG
+        reported = gpa if tag else None
+        if kind is AccessKind.WRITE:
+            def write():
+                if private:
+                    self._private_mem[key] = value
+                else:
+                    self._shared_mem[key] = value
+                if logged:
+                    self._dirty[(slot.backing, page)] = True
+            return ((Ok(None, reported), write),)
+
+        def read():
+            if logged:
+                self._dirty.setdefault((slot.backing, page), False)
+        contents = self._private_mem if private else self._shared_mem
+        return ((Ok(contents.get(key, 0), reported), read if logged else None),)
+
+    def _access(self, op) -> Expect:
+        addr = op.addr + 8 * op.word
+        if not op.virtual:
+            return Expect(self._physical(addr, op.kind, op.value, op.private, False))
+        root = self._cr3[op.vcpu]
+        if root is None:
+            return Expect(self._physical(addr, op.kind, op.value, op.private, True), True)
+        return Expect(self._translated(op, root, addr), True)
+
+    def _write_pte(self, op) -> Expect:
+        gpa = (op.table << PAGE_SHIFT) + 8 * op.index
+        return Expect(self._physical(gpa, AccessKind.WRITE, op.pte, False, False))
+
+    # --- guest paging and the TLB ----------------------------------------------
+
+    def _translated(self, op, root: int, gva: int) -> tuple:
+        """The choices of a gva access: the fresh walk, then every TLB entry covering ``gva``.
+
+        Every choice marks the walk's table reads as touched (hardware may walk
+        speculatively) and caches the fresh walk if it completed; a #PF instead
+        drops every entry covering ``gva``.
+        """
+        vcpu, kind = op.vcpu, op.kind
+        tables = []
+
+        def read_pte(table: int, index: int):
+            gpa = (table << PAGE_SHIFT) + 8 * index
+            slot = self._resolve(gpa, AccessKind.READ, False)
+            if type(slot) is tuple:
+                return slot
+            tables.append((slot, table))
+            return self._shared_mem.get(
+                (slot.backing, (table - slot.base) * WORDS_PER_PAGE + index), 0)
+
+        fresh = walk_addr(root, gva, kind, read_pte)
+        walked = fresh if type(fresh) is Translation else None
+
+        def touch_tables():
+            for slot, table in tables:
+                if slot.flags & MemslotFlag.DIRTY_LOG:
+                    self._dirty.setdefault((slot.backing, table - slot.base), False)
+
+        def fault():
+            touch_tables()
+            self._tlb[vcpu] = frozenset(e for e in self._tlb[vcpu] if not e.covers(gva))
+
+        def through(effect):
+            def use_translation():
+                touch_tables()
+                if walked is not None:
+                    self._tlb[vcpu] = self._tlb[vcpu] | {walked}
+                if effect is not None:
+                    effect()
+            return use_translation
+
+        def choices_of(translation):
+            code = permission_fault(translation, kind)
+            if code is not None:
+                return ((PageFault(gva, code), fault),)
+            return tuple((outcome, through(effect)) for outcome, effect in
+                         self._physical(translation.gpa(gva), kind, op.value, op.private, True))
+
+        if walked is None:
+            choices = tuple((o, fault if type(o) is PageFault else touch_tables) for o in fresh)
+        else:
+            choices = choices_of(walked)
+        for entry in sorted(e for e in self._tlb[vcpu] if e.covers(gva)):
+            choices += choices_of(entry)
+        seen, unique = set(), []
+        for outcome, effect in choices:
+            if outcome not in seen:
+                seen.add(outcome)
+                unique.append((outcome, effect))
+        return tuple(unique)
+
+    def _paging(self, op) -> Expect:
+        def load_cr3():
+            self._cr3[op.vcpu] = op.root
+            self._tlb[op.vcpu] = frozenset()
+        return Expect(((OK, load_cr3),))
+
+    def _invlpg(self, op) -> Expect:
+        def invlpg():
+            self._tlb[op.vcpu] = frozenset(e for e in self._tlb[op.vcpu] if not e.covers(op.gva))
+        return Expect(((OK, invlpg),))
+
+    def _flush_tlb(self, op) -> Expect:
+        def flush():
+            self._tlb[op.vcpu] = frozenset()
+        return Expect(((OK, flush),))
+
+    # --- host operations (guest-invisible) -------------------------------------
+
+    def _host_invalidate(self, op) -> Expect:
+        """Host work the guest must not see: always ok, nothing guest-visible changes."""
+        return _OK
+
+    _zap_all = _recover = _host_invalidate
+
+    def _split(self, op) -> Expect:
+        return _OK if op.slot in self._slots else _EINVAL
+
+    def _get_dirty_log(self, op) -> Expect:
+        slot = self._slots.get(op.slot)
+        if slot is None or not slot.flags & MemslotFlag.DIRTY_LOG:
+            return _EINVAL
+        rows = [(key[1], written) for key, written in self._dirty.items()
+                if key[0] == slot.backing]
+        written = frozenset(slot.base + page for page, w in rows if w)
+        touched = frozenset(slot.base + page for page, _ in rows)
+
+        def clear():
+            self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
+        return DirtyLogBound(written, touched, clear)
