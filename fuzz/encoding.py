@@ -1,0 +1,608 @@
+"""The two encodings of a Program: fuzzer bytes and the text reproducer.
+
+**Bytes** (``decode``/``encode``) are what libFuzzer mutates.  ``decode`` is
+total: every byte string is a valid program, so no execution is wasted on a
+parse error.  Each field reads a selector byte that either picks a value from a
+small pool of interesting values or escapes to a literal mapped into the
+field's range.  Pools are built from the program decoded so far (slot bounds,
+2M-aligned gfns inside slots and their neighbours, gfns and addresses earlier
+ops used), so a one-byte mutation tends to move an op onto something that
+matters.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
+``decode`` can produce, which makes ``encode(decode(b))`` a fixpoint.
+
+**Text** (``parse_reproducer``/``format_program``) is the readable, diffable
+form users and CI see (``../shared/SEMANTICS.md`` §A).  It is parsed with a
+small scanner, never ``eval``; every error is a :class:`ReproError` naming the
+file, line and field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M,
+                         Access, AccessKind, Accept, Domain, Parallel, Program, PteFlag,
+                         VmHeader, VmType, WritePte, domain, op_vcpu)
+
+FORMAT_LINE = "# mmufuzz reproducer v1"
+MARKER = ">>> "
+
+# --- errors -----------------------------------------------------------------
+
+
+class ReproError(ValueError):
+    """Bad reproducer input: one line that names the file, the line and the field."""
+
+    def __init__(self, path, line: int, field_name: Optional[str], message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field_name, message
+        where = f"{self.path}:{line}" if line else self.path
+        what = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+class _FieldError(Exception):
+    """A field-level problem; the line parser adds file and line."""
+
+    def __init__(self, field_name: Optional[str], message: str):
+        super().__init__(message)
+        self.field, self.message = field_name, message
+
+
+# --- cross-field rules, shared by the parser and the decoder -----------------
+
+def _guest_ops_collide(a, b) -> bool:
+    """Two guest ops of one vCPU cannot run concurrently: a vCPU is sequential."""
+    va, vb = op_vcpu(a), op_vcpu(b)
+    return va is not None and va == vb
+
+
+def _check_op(op, header: VmHeader) -> None:
+    """The rules no single field domain states (SEMANTICS §A, §E, §F)."""
+    if isinstance(op, Parallel):
+        for name in ("a", "b"):
+            if isinstance(getattr(op, name), Parallel):
+                raise _FieldError(name, "a parallel cannot contain a parallel")
+        if _guest_ops_collide(op.a, op.b):
+            raise _FieldError("b", f"both sides run on vcpu {op.b.vcpu}")
+        return
+    vcpu = op_vcpu(op)
+    if vcpu is not None and vcpu >= header.vcpus:
+        raise _FieldError("vcpu", f"vcpu {vcpu} but the vm has {header.vcpus}")
+    if isinstance(op, Access) and (op.value is None) == (op.kind is AccessKind.WRITE):
+        raise _FieldError("value", "value= is required for a write and only for a write")
+    if isinstance(op, Accept) and op.level == PG_LEVEL_2M and op.gpa % (PAGES_PER_2M << PAGE_SHIFT):
+        raise _FieldError("gpa", f"{op.gpa:#x} is not aligned to 2m")
+    if isinstance(op, WritePte) and op.flags & PteFlag.PS and op.target % PAGES_PER_2M:
+        raise _FieldError("target", f"ps needs a 2M-aligned target, not {op.target:#x}")
+
+
+# --- text: values -----------------------------------------------------------
+
+_NUMBER = re.compile(r"0x[0-9a-fA-F]+|[0-9]+")
+
+
+def _parse_int(text: str, dom: Domain) -> int:
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(f"{text!r} is not a number (0x... hex or decimal digits)")
+    value = int(text, 16 if text.startswith("0x") else 10)
+    if not dom.lo <= value < dom.hi:
+        raise ValueError(f"{text} is out of range {_show(dom.lo, dom)}..{_show(dom.hi - 1, dom)}")
+    if value % dom.align:
+        raise ValueError(f"{text} is not aligned to {dom.align:#x}")
+    return value
+
+
+def _show(value: int, dom: Domain) -> str:
+    return f"{value:#x}" if dom.radix == 16 else str(value)
+
+
+def _parse_value(text: str, dom: Domain, header: Optional[VmHeader]):
+    if dom.kind == "int":
+        return _parse_int(text, dom)
+    if dom.kind == "bool":
+        if text not in ("0", "1"):
+            raise ValueError(f"{text!r} must be 0 or 1")
+        return text == "1"
+    if dom.kind == "enum":
+        if text not in dom.choices:
+            raise ValueError(f"{text!r} must be one of {', '.join(dom.choices)}")
+        return dom.choices[text]
+    if dom.kind == "flags":
+        flags = next(iter(dom.choices.values())) & 0
+        for name in filter(None, text.split(",")):
+            if name not in dom.choices:
+                raise ValueError(f"unknown flag {name!r} (known: {', '.join(dom.choices)})")
+            flags |= dom.choices[name]
+        return flags
+    if dom.kind == "root":
+        return None if text == "off" else _parse_int(text, dom)
+    if dom.kind == "op":
+        if not (text.startswith("(") and text.endswith(")")):
+            raise ValueError("must be a parenthesised op, like (zap_all)")
+        return _parse_op(text[1:-1], header)
+    raise AssertionError(f"unknown domain kind {dom.kind!r}")
+
+
+def _format_value(value, dom: Domain) -> str:
+    if dom.kind == "int":
+        return _show(value, dom)
+    if dom.kind == "bool":
+        return "1" if value else "0"
+    if dom.kind == "enum":
+        return next(name for name, v in dom.choices.items() if v == value)
+    if dom.kind == "flags":
+        return ",".join(name for name, flag in dom.choices.items() if value & flag)
+    if dom.kind == "root":
+        return "off" if value is None else _show(value, dom)
+    if dom.kind == "op":
+        return f"({format_op(value)})"
+    raise AssertionError(f"unknown domain kind {dom.kind!r}")
+
+
+# --- text: ops --------------------------------------------------------------
+# An Access spells its address ``gpa=`` or ``gva=`` (the ``virtual`` field).
+
+def _text_fields(op) -> list[tuple[str, str]]:
+    """(text name, dataclass field name) of an op's printed fields, canonical order."""
+    names = []
+    for item in dataclasses.fields(op):
+        if isinstance(op, Access) and item.name == "virtual":
+            continue
+        if isinstance(op, Access) and item.name == "addr":
+            names.append(("gva" if op.virtual else "gpa", "addr"))
+        elif getattr(op, item.name) is not None or not domain(type(op), item.name).optional:
+            names.append((item.name, item.name))
+    return names
+
+
+def format_op(op) -> str:
+    """One op in canonical text: keyword, then its fields in declaration order."""
+    cls = type(op)
+    parts = [OP_NAMES[cls]]
+    for text_name, name in _text_fields(op):
+        parts.append(f"{text_name}={_format_value(getattr(op, name), domain(cls, name))}")
+    return " ".join(parts)
+
+
+def _split_fields(text: str) -> list[tuple[str, str]]:
+    """``k=v k=(op ...)`` into pairs; parentheses nest, anything else is an error."""
+    pairs, i, n = [], 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            i += 1
+            continue
+        eq = text.find("=", i)
+        stop = min((j for j in (text.find(" ", i), text.find("\t", i)) if j >= 0), default=n)
+        if eq < 0 or eq > stop:
+            raise _FieldError(None, f"expected name=value, got {text[i:stop]!r}")
+        key, j = text[i:eq], eq + 1
+        if j < n and text[j] == "(":
+            depth = 0
+            for k in range(j, n):
+                depth += {"(": 1, ")": -1}.get(text[k], 0)
+                if depth == 0:
+                    break
+            if depth:
+                raise _FieldError(key, "unbalanced parentheses")
+            end = k + 1
+        else:
+            end = j
+            while end < n and not text[end].isspace():
+                if text[end] in "()":
+                    raise _FieldError(key, "unbalanced parentheses")
+                end += 1
+        pairs.append((key, text[j:end]))
+        i = end
+    return pairs
+
+
+def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
+    """Parse ``text`` into keyword arguments of ``cls`` (all fields checked)."""
+    given: dict[str, str] = {}
+    for key, value in _split_fields(text):
+        if key in given:
+            raise _FieldError(key, "given twice")
+        given[key] = value
+    kwargs = {}
+    for item in dataclasses.fields(cls):
+        names = ("gpa", "gva") if (cls is Access and item.name == "addr") else (item.name,)
+        if cls is Access and item.name == "virtual":
+            continue
+        present = [n for n in names if n in given]
+        dom = domain(cls, item.name)
+        if len(present) > 1:
+            raise _FieldError(present[1], f"give only one of {' or '.join(names)}")
+        if not present:
+            if dom.optional:
+                kwargs[item.name] = None
+                continue
+            raise _FieldError("|".join(names), "missing")
+        try:
+            kwargs[item.name] = _parse_value(given.pop(present[0]), dom, header)
+        except ValueError as error:
+            raise _FieldError(present[0], str(error)) from None
+        except _FieldError as error:  # inside a parenthesised op
+            raise _FieldError(error.field, f"{error.message} (in '{present[0]}')") from None
+        if cls is Access and item.name == "addr":
+            kwargs["virtual"] = present[0] == "gva"
+    if given:
+        raise _FieldError(next(iter(given)), f"unknown field for {OP_NAMES.get(cls, 'vm')}")
+    return kwargs
+
+
+def _parse_op(text: str, header: Optional[VmHeader]):
+    keyword, _, rest = text.strip().partition(" ")
+    cls = OP_CLASSES.get(keyword)
+    if cls is None:
+        raise _FieldError(None, f"unknown op {keyword!r}" if keyword else "empty op")
+    op = cls(**_parse_fields(cls, rest, header))
+    _check_op(op, header)
+    return op
+
+
+# --- text: files ------------------------------------------------------------
+
+_META = re.compile(r"([a-z][a-z_-]*):\s*(.*?)\s*(?=\s{2,}[a-z][a-z_-]*:|$)")
+# Header comments printed before the program, in this order; everything else after it.
+_META_HEAD = ("finding", "target", "inject", "signature")
+_META_TAIL = ("expect", "expected", "actual", "result")
+
+
+@dataclass(frozen=True)
+class Reproducer:
+    """A parsed reproducer file: the program, the ``>>>`` op index, the ``# key: value`` comments."""
+
+    program: Program
+    marker: Optional[int] = None
+    meta: dict = field(default_factory=dict)
+
+
+def _parse_meta(comment: str, meta: dict) -> None:
+    """Collect ``key: value`` pairs of a full-line comment (several may share a line)."""
+    body = comment.strip()
+    if not re.match(r"[a-z][a-z_-]*:", body):
+        return
+    for key, value in _META.findall(body):
+        meta.setdefault(key, value)
+
+
+def parse_reproducer(text: str, path="<string>") -> Reproducer:
+    """Parse a reproducer's text; raise :class:`ReproError` on the first bad line."""
+    header, ops, marker, meta = None, [], None, {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        marked = line.startswith(MARKER.strip())
+        if marked:
+            line = line[len(MARKER.strip()):].strip()
+        code, hashmark, comment = line.partition("#")
+        code = code.strip()
+        if not code:
+            if hashmark and not marked:
+                _parse_meta(comment, meta)
+            continue
+        try:
+            if header is None:
+                header = _parse_header(code)
+                continue
+            if code.split(" ", 1)[0] == "vm":
+                raise _FieldError(None, "the vm header may appear only once, first")
+            ops.append(_parse_op(code, header))
+        except _FieldError as error:
+            raise ReproError(path, number, error.field, error.message) from None
+        if marked:
+            marker = len(ops) - 1
+    if header is None:
+        raise ReproError(path, 0, None, "no 'vm type=... vcpus=...' header line")
+    return Reproducer(Program(header, tuple(ops)), marker, meta)
+
+
+def _parse_header(code: str) -> VmHeader:
+    keyword, _, rest = code.partition(" ")
+    if keyword != "vm":
+        raise _FieldError(None, f"the first line must be 'vm type=... vcpus=...', not {keyword!r}")
+    return VmHeader(**_parse_fields(VmHeader, rest, None))
+
+
+def load_reproducer(path) -> Reproducer:
+    """Read and parse a reproducer file; unreadable or non-text files are ReproErrors too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ReproError(path, 0, None, f"cannot read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ReproError(path, data.count(b"\n", 0, error.start) + 1, None,
+                         "not a text file (invalid UTF-8)") from None
+    if "\0" in text:
+        raise ReproError(path, text.count("\n", 0, text.index("\0")) + 1, None,
+                         "not a text file (NUL byte)")
+    return parse_reproducer(text, path)
+
+
+def format_header(header: VmHeader) -> str:
+    return f"vm type={header.type.value} vcpus={header.vcpus}"
+
+
+def format_program(program: Program, marker: Optional[int] = None,
+                   meta: Optional[dict] = None) -> str:
+    """The canonical reproducer text, ``>>>`` before op ``marker``, meta as header comments."""
+    meta = meta or {}
+    head = [k for k in _META_HEAD if k in meta]
+    tail = [k for k in _META_TAIL if k in meta]
+    rest = sorted(k for k in meta if k not in head and k not in tail)
+    lines = [FORMAT_LINE]
+    lines += [f"# {k}: {meta[k]}" for k in head + rest]
+    lines.append(format_header(program.header))
+    for index, op in enumerate(program.ops):
+        lines.append((MARKER if index == marker else "") + format_op(op))
+    lines += [f"# {k}: {meta[k]}" for k in tail]
+    return "\n".join(lines) + "\n"
+
+
+# --- bytes ------------------------------------------------------------------
+# Field encoding: one selector byte; LITERAL escapes to a fixed-width
+# little-endian literal reduced into the field's range, anything else picks
+# pool[selector % len(pool)].
+
+LITERAL = 0xFF
+MAX_OPS = 64
+
+# Op kinds by opcode byte.  Guest accesses dominate, as they do in a real guest;
+# every kind stays reachable.  Generic weights: nothing here knows a bug.
+_OP_WEIGHTS = (
+    ("memslot_add", 18), ("memslot_delete", 6), ("memslot_move", 6), ("memslot_set_flags", 8),
+    ("set_attributes", 12), ("accept", 12), ("paging", 6), ("write_pte", 18), ("access", 90),
+    ("invlpg", 8), ("flush_tlb", 4), ("host_invalidate", 12), ("zap_all", 4), ("split", 6),
+    ("recover", 8), ("get_dirty_log", 8), ("parallel", 30),
+)
+assert sum(w for _, w in _OP_WEIGHTS) == 256
+_OPCODES = tuple(OP_CLASSES[name] for name, weight in _OP_WEIGHTS for _ in range(weight))
+_FIRST_OPCODE = {cls: _OPCODES.index(cls) for cls in OP_NAMES}
+_SIMPLE_OPCODES = tuple(cls for cls in _OPCODES if cls is not Parallel)
+_FIRST_SIMPLE_OPCODE = {cls: _SIMPLE_OPCODES.index(cls) for cls in OP_NAMES if cls is not Parallel}
+
+_GFN_CONSTANTS = (0x0, 0x1, 0x1ff, 0x200, 0x201, 0x3ff, 0x400, 0x600, 0x800, 0x1000)
+_NPAGES = (0x1, 0x2, 0x10, 0x1ff, 0x200, 0x201, 0x400, 0x600)
+_WORDS = (0, 1, 7, 255, 511)
+_INDICES = (0, 1, 2, 3, 4, 511)
+_HOST_OFFSETS = (0, 1, 256, 511)
+_VALUES = (0x0, 0x1, 0x2a, 0xffffffffffffffff, 0x8000000000000000, 0x1122334455667788)
+_SCHEDULES = (0x0, 0x1, 0x2, 0x5, 0xa, 0xff, 0x5555555555555555, 0xaaaaaaaaaaaaaaaa,
+              0xffffffffffffffff)
+_SMALL_SLOTS = 4   # selectors below 0xC0 pick slot (s % 4): programs reuse a few slots
+_DYNAMIC_GFNS = 48  # how many recent gfns the context remembers
+_DYNAMIC_INDICES = 8  # ... and PTE indices (each gives three gvas)
+
+_RADIX10_POOLS = {"word": _WORDS, "index": _INDICES, "host_offset": _HOST_OFFSETS}
+
+
+class _Context:
+    """What earlier ops made interesting; grows identically while decoding and encoding."""
+
+    def __init__(self, header: VmHeader):
+        self.header = header
+        self.gfns: list[int] = list(_GFN_CONSTANTS)
+        self.indices: list[int] = []
+
+    def note_gfn(self, gfn: int) -> None:
+        if gfn in self.gfns or not 0 <= gfn < GFN_LIMIT:
+            return
+        self.gfns.append(gfn)
+        if len(self.gfns) > len(_GFN_CONSTANTS) + _DYNAMIC_GFNS:
+            del self.gfns[len(_GFN_CONSTANTS)]
+
+    def note(self, op) -> None:
+        """Remember the gfns an op names: slot bounds, 2M frames inside, pages touched."""
+        if isinstance(op, Parallel):
+            self.note(op.a)
+            self.note(op.b)
+            return
+        base = getattr(op, "base", None)
+        if base is not None:
+            self.note_gfn(base)
+            npages = getattr(op, "npages", 1) or 1
+            last = base + npages - 1
+            huge = -(-base // PAGES_PER_2M) * PAGES_PER_2M
+            for gfn in (last, base + npages, huge, huge - 1, huge + 1):
+                self.note_gfn(gfn)
+        for name in ("table", "target", "root"):
+            gfn = getattr(op, name, None)
+            if gfn is not None:
+                self.note_gfn(gfn)
+        if isinstance(op, Accept):
+            self.note_gfn(op.gpa >> PAGE_SHIFT)
+        elif isinstance(op, Access) and not op.virtual:
+            self.note_gfn(op.addr >> PAGE_SHIFT)
+        elif isinstance(op, WritePte) and op.index not in self.indices:
+            self.indices = (self.indices + [op.index])[-_DYNAMIC_INDICES:]
+
+    def gvas(self) -> list[int]:
+        """Guest-virtual pages: identity gpas plus addresses built from PTE indices used."""
+        out = [gfn << PAGE_SHIFT for gfn in self.gfns]
+        for index in self.indices:
+            out += [index << 12, index << 21, index << 30]
+        return list(dict.fromkeys(out))
+
+    def pool(self, cls, name: str, op_so_far: dict) -> Optional[list]:
+        """The interesting values of one field, or None for plain literal-only fields."""
+        if name in ("base", "table", "target"):
+            return self.gfns
+        if name == "root":
+            return [None] + self.gfns
+        if name in ("gpa", "addr") and not op_so_far.get("virtual"):
+            return [gfn << PAGE_SHIFT for gfn in self.gfns]
+        if name in ("gva", "addr"):
+            return self.gvas()
+        if name == "npages":
+            return list(_NPAGES)
+        if name == "value":
+            return list(_VALUES)
+        if name == "schedule":
+            return list(_SCHEDULES)
+        return list(_RADIX10_POOLS.get(name, ())) or None
+
+
+def _literal_width(dom: Domain) -> int:
+    return max(1, ((dom.hi - dom.lo - 1) // dom.align).bit_length() + 7 >> 3)
+
+
+class _Reader:
+    """Bytes consumed front to back; past the end every byte reads 0."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        pos = self.pos
+        self.pos += 1
+        return self.data[pos] if pos < len(self.data) else 0
+
+    def literal(self, width: int) -> int:
+        chunk = self.data[self.pos:self.pos + width]
+        self.pos += width
+        return int.from_bytes(chunk.ljust(width, b"\0"), "little")
+
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.data)
+
+
+def _decode_int(reader: _Reader, dom: Domain, pool) -> int:
+    selector = reader.byte()
+    if pool and selector != LITERAL:
+        return pool[selector % len(pool)]
+    span = (dom.hi - dom.lo + dom.align - 1) // dom.align
+    return dom.lo + reader.literal(_literal_width(dom)) % span * dom.align
+
+
+def _encode_int(out: bytearray, value: int, dom: Domain, pool) -> None:
+    if pool and value in pool[:LITERAL]:
+        out.append(pool.index(value))
+        return
+    out.append(LITERAL)
+    out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")
+
+
+def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, so_far: dict):
+    if name == "vcpu":
+        return reader.byte() % ctx.header.vcpus
+    if name == "slot":
+        selector = reader.byte()
+        return selector % _SMALL_SLOTS if selector < 0xC0 else selector % dom.hi
+    if dom.kind == "bool":
+        return bool(reader.byte() & 1)
+    if dom.kind == "enum":
+        choices = list(dom.choices.values())
+        return choices[reader.byte() % len(choices)]
+    if dom.kind == "flags":
+        bits = reader.byte()
+        flags = next(iter(dom.choices.values())) & 0
+        for i, flag in enumerate(dom.choices.values()):
+            if bits >> i & 1:
+                flags |= flag
+        return flags
+    if dom.kind == "op":
+        return _decode_op(reader, ctx, _SIMPLE_OPCODES)
+    if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
+        return None
+    return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
+
+
+def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Context,
+                  so_far: dict) -> None:
+    if name == "vcpu":
+        out.append(value)
+    elif name == "slot":
+        out.append(value if value < _SMALL_SLOTS else 0xC0 + value)
+    elif dom.kind == "bool":
+        out.append(int(value))
+    elif dom.kind == "enum":
+        out.append(list(dom.choices.values()).index(value))
+    elif dom.kind == "flags":
+        out.append(sum(1 << i for i, flag in enumerate(dom.choices.values()) if value & flag))
+    elif dom.kind == "op":
+        _encode_op(out, value, ctx, _FIRST_SIMPLE_OPCODE)
+    elif name == "value" and value is None:
+        pass
+    else:
+        # root's pool starts with None, so "off" is selector 0 and never a literal.
+        _encode_int(out, value, dom, ctx.pool(cls, name, so_far))
+
+
+def _fix_up(op, header: VmHeader):
+    """Bend a decoded op into the cross-field rules (alignment, distinct vCPUs)."""
+    if isinstance(op, Accept) and op.level == PG_LEVEL_2M:
+        return dataclasses.replace(op, gpa=op.gpa & ~((PAGES_PER_2M << PAGE_SHIFT) - 1))
+    if isinstance(op, WritePte) and op.flags & PteFlag.PS:
+        return dataclasses.replace(op, target=op.target & ~(PAGES_PER_2M - 1))
+    if isinstance(op, Parallel) and _guest_ops_collide(op.a, op.b):
+        if header.vcpus == 1:
+            return op.a
+        return dataclasses.replace(op, b=dataclasses.replace(
+            op.b, vcpu=(op.b.vcpu + 1) % header.vcpus))
+    return op
+
+
+def _byte_order(cls) -> list[str]:
+    """Field names in byte order: an access's ``virtual`` comes first, as it picks the address pool."""
+    names = [item.name for item in dataclasses.fields(cls)]
+    if cls is Access:
+        names.remove("virtual")
+        names.insert(0, "virtual")
+    return names
+
+
+_BYTE_ORDER = {cls: _byte_order(cls) for cls in OP_NAMES}
+
+
+def _decode_op(reader: _Reader, ctx: _Context, opcodes):
+    cls = opcodes[reader.byte() % len(opcodes)]
+    values: dict = {}
+    for name in _BYTE_ORDER[cls]:
+        values[name] = _decode_field(reader, cls, name, domain(cls, name), ctx, values)
+    return _fix_up(cls(**values), ctx.header)
+
+
+def _encode_op(out: bytearray, op, ctx: _Context, first_opcode) -> None:
+    cls = type(op)
+    out.append(first_opcode[cls])
+    so_far: dict = {}
+    for name in _BYTE_ORDER[cls]:
+        value = getattr(op, name)
+        _encode_field(out, value, cls, name, domain(cls, name), ctx, so_far)
+        so_far[name] = value
+
+
+def decode(data: bytes) -> Program:
+    """Any bytes -> a valid program of at most MAX_OPS ops (total, deterministic)."""
+    reader = _Reader(data)
+    first = reader.byte()
+    header = VmHeader(VmType.TDX if first & 1 else VmType.DEFAULT, 1 + (first >> 1) % 4)
+    ctx = _Context(header)
+    ops = []
+    while not reader.exhausted() and len(ops) < MAX_OPS:
+        op = _decode_op(reader, ctx, _OPCODES)
+        ctx.note(op)
+        ops.append(op)
+    return Program(header, tuple(ops))
+
+
+def encode(program: Program) -> bytes:
+    """The canonical bytes of a program: ``decode(encode(p)) == p``.
+
+    Raises ValueError for a program ``decode`` could never produce (too many
+    ops, or an op breaking a cross-field rule).
+    """
+    if len(program.ops) > MAX_OPS:
+        raise ValueError(f"{len(program.ops)} ops, at most {MAX_OPS} are encodable")
+    header = program.header
+    out = bytearray([(1 if header.type is VmType.TDX else 0) | (header.vcpus - 1) << 1])
+    ctx = _Context(header)
+    for op in program.ops:
+        _encode_op(out, op, ctx, _FIRST_OPCODE)
+        ctx.note(op)
+    return bytes(out)

@@ -1,0 +1,165 @@
+"""The byte and text encodings: totality, canonical fixpoints, round trips, exact text."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.ops import (OP_NAMES, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, Access, AccessKind,
+                         Accept, MemslotAdd, MemslotFlag, Parallel, Program, PteFlag, VmHeader,
+                         VmType, WritePte, ZapAll, domain, op_vcpu)
+from fuzz.encoding import (MAX_OPS, ReproError, decode, encode, format_op, format_program,
+                           load_reproducer, parse_reproducer)
+
+SEEDS = sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=500, deadline=None)
+def test_decode_is_total_and_encode_decode_is_a_fixpoint(data):
+    program = decode(data)
+    assert len(program.ops) <= MAX_OPS
+    canonical = encode(program)
+    assert decode(canonical) == program
+    assert encode(decode(canonical)) == canonical
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=300, deadline=None)
+def test_every_decoded_program_is_valid_text(data):
+    program = decode(data)
+    assert parse_reproducer(format_program(program)).program == program
+
+
+def test_decode_spends_no_bytes_past_the_end():
+    assert decode(b"") == Program(VmHeader(VmType.DEFAULT, 1), ())
+    assert decode(b"\x07") == Program(VmHeader(VmType.TDX, 4), ())
+
+
+@pytest.mark.parametrize("path", SEEDS, ids=[p.name for p in SEEDS])
+def test_seeds_round_trip_through_bytes_and_text(path):
+    program = load_reproducer(path).program
+    assert decode(encode(program)) == program
+    assert parse_reproducer(format_program(program)).program == program
+
+
+# --- text round trip for every op kind, from the field domains --------------
+
+def _value(dom, name):
+    if dom.kind == "int":
+        values = st.integers(dom.lo // dom.align + (dom.lo % dom.align > 0),
+                             (dom.hi - 1) // dom.align).map(lambda v: v * dom.align)
+        return st.none() | values if dom.optional else values
+    if dom.kind == "bool":
+        return st.booleans()
+    if dom.kind == "enum":
+        return st.sampled_from(list(dom.choices.values()))
+    if dom.kind == "flags":
+        flags = list(dom.choices.values())
+        return st.lists(st.sampled_from(flags), unique=True).map(
+            lambda chosen: sum(chosen, flags[0] & 0))
+    if dom.kind == "root":
+        return st.none() | st.integers(dom.lo, dom.hi - 1)
+    raise AssertionError(name)
+
+
+def _legal(op, vcpus):
+    """Bend a generated op into the cross-field rules the parser enforces."""
+    if op_vcpu(op) is not None:
+        op = dataclasses.replace(op, vcpu=op.vcpu % vcpus)
+    if isinstance(op, Access):
+        op = dataclasses.replace(op, value=(op.value or 0) if op.kind is AccessKind.WRITE else None)
+    if isinstance(op, Accept) and op.level == PG_LEVEL_2M:
+        op = dataclasses.replace(op, gpa=op.gpa & ~((PAGES_PER_2M << PAGE_SHIFT) - 1))
+    if isinstance(op, WritePte) and op.flags & PteFlag.PS:
+        op = dataclasses.replace(op, target=op.target & ~(PAGES_PER_2M - 1))
+    return op
+
+
+def simple_ops(cls, vcpus):
+    names = [f.name for f in dataclasses.fields(cls)]
+    return st.builds(lambda *values: _legal(cls(*values), vcpus),
+                     *[_value(domain(cls, n), n) for n in names])
+
+
+SIMPLE = [cls for cls in OP_NAMES if cls is not Parallel]
+
+
+@pytest.mark.parametrize("cls", SIMPLE, ids=[OP_NAMES[c] for c in SIMPLE])
+@given(data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_text_print_parse_round_trip_for_every_op_kind(cls, data):
+    op = data.draw(simple_ops(cls, 4))
+    program = Program(VmHeader(VmType.TDX, 4), (op,))
+    text = format_program(program, marker=0, meta={"expect": "clean", "target": "tdp"})
+    parsed = parse_reproducer(text)
+    assert (parsed.program, parsed.marker) == (program, 0)
+    assert parsed.meta == {"expect": "clean", "target": "tdp"}
+
+
+@given(data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_text_round_trip_for_parallel(data):
+    a = data.draw(st.sampled_from(SIMPLE).flatmap(lambda c: simple_ops(c, 4)))
+    b = data.draw(st.sampled_from(SIMPLE).flatmap(lambda c: simple_ops(c, 4)))
+    if op_vcpu(a) is not None and op_vcpu(a) == op_vcpu(b):
+        b = dataclasses.replace(b, vcpu=(b.vcpu + 1) % 4)
+    op = Parallel(a, b, data.draw(st.integers(0, 2**64 - 1)))
+    program = Program(VmHeader(VmType.DEFAULT, 4), (op,))
+    assert parse_reproducer(format_program(program)).program == program
+
+
+# --- the exact text -----------------------------------------------------------
+
+def test_canonical_text_uses_hex_for_addresses_and_decimal_for_indices():
+    op = Access(1, 0x200000, True, 7, AccessKind.WRITE, 0x2a, False)
+    assert format_op(op) == "access vcpu=1 gva=0x200000 word=7 kind=write value=0x2a private=0"
+    add = MemslotAdd(3, 0x200, 0x200, MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE, 17)
+    assert format_op(add) == ("memslot_add slot=3 base=0x200 npages=0x200 "
+                              "flags=private,host_huge host_offset=17")
+    assert format_op(Parallel(ZapAll(), add, 5)) == f"parallel a=(zap_all) b=({format_op(add)}) " \
+                                                    "schedule=0x5"
+
+
+def test_fields_in_any_order_decimal_or_hex_comments_and_marker():
+    text = """# mmufuzz reproducer v1
+# target: tdp   inject: none   signature: 0badc0de
+vm vcpus=2 type=default   # two vCPUs
+>>> access private=0 kind=read word=0x3 gpa=4096 vcpu=1  # the read
+# expect: clean
+"""
+    repro = parse_reproducer(text)
+    assert repro.program.ops == (Access(1, 0x1000, False, 3, AccessKind.READ, None, False),)
+    assert repro.marker == 0
+    assert repro.meta == {"target": "tdp", "inject": "none", "signature": "0badc0de",
+                          "expect": "clean"}
+
+
+def test_meta_keeps_a_finding_line_with_colons_whole():
+    text = ("# finding: divergence at op 3 (access): reference ok(0x0), tdp ok(0x1)\n"
+            "vm type=default vcpus=1\n")
+    assert parse_reproducer(text).meta["finding"] == \
+        "divergence at op 3 (access): reference ok(0x0), tdp ok(0x1)"
+
+
+def test_parallel_of_one_vcpu_twice_is_rejected():
+    text = ("vm type=default vcpus=2\nparallel a=(flush_tlb vcpu=1) b=(invlpg vcpu=1 gva=0x0) "
+            "schedule=0x0\n")
+    with pytest.raises(ReproError, match=r"<string>:2: field 'b': both sides run on vcpu 1"):
+        parse_reproducer(text)
+
+
+def test_error_inside_a_parenthesised_op_names_the_field_and_side():
+    text = "vm type=default vcpus=2\nparallel a=(memslot_delete slot=99) b=(zap_all) schedule=0\n"
+    with pytest.raises(ReproError, match=r":2: field 'slot': .*out of range.*\(in 'a'\)"):
+        parse_reproducer(text)
+
+
+def test_write_pte_ps_needs_2m_aligned_target():
+    text = "vm type=default vcpus=1\nwrite_pte vcpu=0 table=0x1 index=0 target=0x201 flags=p,ps\n"
+    with pytest.raises(ReproError, match="field 'target': ps needs a 2M-aligned target"):
+        parse_reproducer(text)
