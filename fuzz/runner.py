@@ -1,0 +1,158 @@
+"""Differential execution of one program: reference vs target, op by op.
+
+This is the fuzzer's hot path.  For each op the target executes and the
+reference judges the outcome; the first disallowed outcome, broken invariant or
+target exception ends the run with a :class:`Finding`.
+
+The reference may allow several outcomes (SEMANTICS §B) and, for ``parallel``,
+several resulting states (§H).  The runner therefore keeps a short list of
+candidate reference states consistent with everything the target did so far;
+outside ``parallel`` the list holds exactly one state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
+from harness.target import InvariantViolation, Target, make_target as make_harness_target
+from reference.model import Expect, Reference
+
+# SEMANTICS §H: the candidate set of a parallel oracle is capped.
+MAX_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Why a program failed: where, what the reference allowed, what the target did.
+
+    ``kind`` is ``divergence``, ``invariant`` or ``crash``.  ``expected_kind`` and
+    ``actual_kind`` are outcome kinds (for a crash, the exception class name);
+    together with ``kind``, ``op_kind`` and ``invariant`` they make the
+    signature, which is stable across runs and minimization because it names
+    no address, value or index.
+    """
+
+    kind: str
+    op_index: int
+    op_kind: str
+    expected: str = ""
+    actual: str = ""
+    expected_kind: str = ""
+    actual_kind: str = ""
+    invariant: str = ""
+
+    @property
+    def signature(self) -> str:
+        """Eight hex digits of a hashlib digest (never ``hash()``: PYTHONHASHSEED)."""
+        key = "|".join((self.kind, self.op_kind, self.expected_kind, self.actual_kind,
+                        self.invariant))
+        return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+    def summary(self, target: str) -> str:
+        """One line for reports: ``divergence at op 3 (access): reference X, tdp Y``."""
+        where = f"{self.kind} at op {self.op_index} ({self.op_kind})"
+        if self.kind == "divergence":
+            return f"{where}: reference {self.expected}, {target} {self.actual}"
+        return f"{where}: {target} {self.actual}"
+
+
+class ReferenceTarget:
+    """The reference run as a system under test: a self-check of the pipeline."""
+
+    name = "reference"
+
+    def reset(self, header) -> None:
+        self._ref = Reference(header)
+
+    def execute(self, op):
+        if isinstance(op, Parallel):
+            return PairOutcome(self._ref.run(op.a), self._ref.run(op.b))
+        return self._ref.run(op)
+
+    def check_invariants(self) -> None:
+        """The reference has no structure to break."""
+
+
+def make_target(name: str) -> Target:
+    """A registered harness target, or ``reference`` (which only ``fuzz/`` may build)."""
+    if name == "reference":
+        return ReferenceTarget()
+    return make_harness_target(name)
+
+
+def _judge(candidates: list, op, actual):
+    """Advance every candidate state that admits ``actual``.
+
+    Returns ``(survivors, expect)``: ``expect`` describes what the first
+    candidate allowed, for the report when no candidate survives.
+    """
+    if not isinstance(op, Parallel):
+        if len(candidates) == 1:
+            expect = candidates[0].step(op, actual)
+            return (candidates if expect is None else []), expect
+        survivors, first = [], None
+        for state in candidates:
+            expect = state.step(op, actual)
+            if expect is None:
+                survivors.append(state)
+            elif first is None:
+                first = expect
+        return survivors, first
+    return _judge_parallel(candidates, op, actual)
+
+
+def _judge_parallel(candidates: list, op: Parallel, actual):
+    """Linearizability: the pair must be explained by ``a;b`` or ``b;a`` from some candidate."""
+    if not isinstance(actual, PairOutcome):
+        trial = candidates[0].copy()
+        return [], Expect(((PairOutcome(trial.run(op.a), trial.run(op.b)), None),))
+    survivors, first = [], None
+    for state in candidates:
+        for (x, ox), (y, oy) in (((op.a, actual.a), (op.b, actual.b)),
+                                 ((op.b, actual.b), (op.a, actual.a))):
+            trial = state.copy()
+            expect = trial.step(x, ox) or trial.step(y, oy)
+            if expect is None:
+                survivors.append(trial)
+            elif first is None:
+                first = expect
+    return survivors[:MAX_CANDIDATES], first
+
+
+def run_program(program: Program, target: Target, *, invariants: bool = True):
+    """Run ``program`` on ``target`` and the reference; return a Finding or None.
+
+    Per op: execute, judge the outcome, then check invariants, so a broken
+    invariant that also shows to the guest is reported as the divergence the
+    user sees.  Only the target's exceptions become findings; an exception in
+    the reference is a bug in mmufuzz and propagates.
+    """
+    target.reset(program.header)
+    candidates = [Reference(program.header)]
+    execute, check = target.execute, target.check_invariants
+    for index, op in enumerate(program.ops):
+        try:
+            actual = execute(op)
+        except Exception as error:
+            return _failure(index, op, error)
+        candidates, expect = _judge(candidates, op, actual)
+        if not candidates:
+            return Finding("divergence", index, op_name(op), expected=str(expect),
+                           actual=str(actual), expected_kind=outcome_kind(expect.canonical),
+                           actual_kind=OUTCOME_NAMES.get(type(actual), "invalid"))
+        if invariants:
+            try:
+                check()
+            except Exception as error:
+                return _failure(index, op, error)
+    return None
+
+
+def _failure(index: int, op, error: Exception) -> Finding:
+    """The finding for an exception the target raised while running ``op``."""
+    if isinstance(error, InvariantViolation):
+        return Finding("invariant", index, op_name(op), actual=str(error), invariant=error.name)
+    return Finding("crash", index, op_name(op), actual=f"{type(error).__name__}: {error}",
+                   actual_kind=type(error).__name__)

@@ -1,0 +1,125 @@
+"""The differential runner: findings, signatures and the parallel oracle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from harness.ops import (Access, AccessKind, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
+                         PairOutcome, Program, VmHeader, VmType, ZapAll)
+from harness.target import InvariantViolation
+from fuzz.runner import Finding, ReferenceTarget, run_program
+
+HEADER = VmHeader(VmType.DEFAULT, 2)
+SLOT = MemslotAdd(0, 0x100, 0x10, MemslotFlag(0), 0)
+
+
+def write(gpa, value, vcpu=0):
+    return Access(vcpu, gpa, False, 0, AccessKind.WRITE, value, False)
+
+
+def read(gpa, vcpu=0):
+    return Access(vcpu, gpa, False, 0, AccessKind.READ, None, False)
+
+
+class Planted(ReferenceTarget):
+    """The reference with one planted mistake: ``mistake(op, outcome)`` rewrites outcomes."""
+
+    name = "planted"
+
+    def __init__(self, mistake=None, raise_on=None):
+        self.mistake, self.raise_on = mistake, raise_on
+
+    def execute(self, op):
+        if self.raise_on is not None and isinstance(op, self.raise_on[0]):
+            raise self.raise_on[1]
+        outcome = super().execute(op)
+        return self.mistake(op, outcome) if self.mistake else outcome
+
+
+def test_reference_target_runs_clean():
+    program = Program(HEADER, (SLOT, write(0x100000, 7), read(0x100000), read(0x200000)))
+    assert run_program(program, ReferenceTarget()) is None
+
+
+def test_wrong_value_is_a_divergence_at_that_op():
+    def stale_read(op, outcome):
+        return Ok(0) if isinstance(op, Access) and op.kind is AccessKind.READ else outcome
+
+    program = Program(HEADER, (SLOT, write(0x100000, 7), read(0x100000)))
+    finding = run_program(program, Planted(stale_read))
+    assert finding == Finding("divergence", 2, "access", expected="ok(0x7)", actual="ok(0x0)",
+                              expected_kind="ok", actual_kind="ok")
+
+
+def test_invariant_violation_and_crash_are_findings():
+    program = Program(HEADER, (SLOT, read(0x100000)))
+    violation = Planted(raise_on=(Access, InvariantViolation("nonpresent_value", "gfn=0x100")))
+    finding = run_program(program, violation)
+    assert (finding.kind, finding.op_index, finding.invariant) == ("invariant", 1,
+                                                                   "nonpresent_value")
+    crash = run_program(program, Planted(raise_on=(Access, KeyError(3))))
+    assert (crash.kind, crash.actual_kind) == ("crash", "KeyError")
+
+
+def test_signature_ignores_addresses_and_values():
+    a = Finding("divergence", 3, "access", "ok(0x1)", "ok(0x2)", "ok", "ok")
+    b = Finding("divergence", 9, "access", "ok(0x5)", "mmio_exit(0x0, read)", "ok", "mmio_exit")
+    c = Finding("divergence", 1, "access", "ok(0x7)", "ok(0x0)", "ok", "ok")
+    assert a.signature == c.signature != b.signature
+    assert len(a.signature) == 8 and int(a.signature, 16) >= 0
+
+
+def test_signature_is_the_same_in_every_process():
+    code = ("from fuzz.runner import Finding;"
+            "print(Finding('divergence', 0, 'access', '', '', 'ok', 'ok').signature)")
+    seen = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout
+            for seed in ("0", "1", "12345")}
+    assert seen == {Finding("divergence", 0, "access", "", "", "ok", "ok").signature + "\n"}
+
+
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_parallel_pair_is_linearizable_in_either_order(order):
+    par = Parallel(write(0x100000, 1, vcpu=0), read(0x100000, vcpu=1), 0)
+    reads = Ok(1) if order == "ab" else Ok(0)
+
+    def pair(op, outcome):
+        return PairOutcome(outcome.a, reads) if isinstance(op, Parallel) else outcome
+
+    program = Program(HEADER, (SLOT, par, read(0x100000)))
+    assert run_program(program, Planted(pair)) is None
+
+
+def test_parallel_pair_that_no_order_explains_diverges():
+    par = Parallel(write(0x100000, 1, vcpu=0), read(0x100000, vcpu=1), 0)
+
+    def impossible(op, outcome):
+        return PairOutcome(outcome.a, Ok(5)) if isinstance(op, Parallel) else outcome
+
+    finding = run_program(Program(HEADER, (SLOT, par)), Planted(impossible))
+    assert (finding.kind, finding.op_index, finding.op_kind) == ("divergence", 1, "parallel")
+
+
+def test_parallel_with_host_work_keeps_state_of_the_order_taken():
+    par = Parallel(read(0x200000), ZapAll(), 3)
+
+    def mmio(op, outcome):
+        return PairOutcome(MmioExit(0x200000, False), outcome.b) if isinstance(op, Parallel) \
+            else outcome
+
+    program = Program(HEADER, (SLOT, par, write(0x100000, 2), read(0x100000)))
+    assert run_program(program, Planted(mmio)) is None
+
+
+def test_parallel_answered_with_a_single_outcome_diverges():
+    par = Parallel(write(0x100000, 1, vcpu=0), read(0x100000, vcpu=1), 0)
+
+    def unpaired(op, outcome):
+        return outcome.a if isinstance(op, Parallel) else outcome
+
+    finding = run_program(Program(HEADER, (SLOT, par)), Planted(unpaired))
+    assert (finding.kind, finding.op_index, finding.expected_kind) == ("divergence", 1, "pair")
+    assert finding.expected == "(ok; ok(0x1))" and finding.actual == "ok"
