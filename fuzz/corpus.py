@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import faults
-from fuzz.encoding import Reproducer, ReproError, format_program, load_reproducer
+from fuzz.encoding import Reproducer, ReproError, format_program
 from fuzz.runner import Finding, make_target, run_program
 
 DEFAULT_TARGET = "tdp"

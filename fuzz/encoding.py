@@ -533,17 +533,32 @@ def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Cont
         _encode_int(out, value, dom, ctx.pool(cls, name, so_far))
 
 
-def _fix_up(op, header: VmHeader):
-    """Bend a decoded op into the cross-field rules (alignment, distinct vCPUs)."""
-    if isinstance(op, Accept) and op.level == PG_LEVEL_2M:
-        return dataclasses.replace(op, gpa=op.gpa & ~((PAGES_PER_2M << PAGE_SHIFT) - 1))
-    if isinstance(op, WritePte) and op.flags & PteFlag.PS:
-        return dataclasses.replace(op, target=op.target & ~(PAGES_PER_2M - 1))
-    if isinstance(op, Parallel) and _guest_ops_collide(op.a, op.b):
+def conform(op, header: VmHeader):
+    """Bend an op into the cross-field rules the parser enforces (``_check_op``).
+
+    The vCPU is taken modulo the VM's, a write gets a value and nothing else
+    does, 2m accepts and ``ps`` targets are aligned down, and the two sides of
+    a ``parallel`` get distinct vCPUs (in a one-vCPU VM only ``a`` remains).
+    Generators that draw fields independently (the byte decoder, the
+    Hypothesis engine) use it to stay valid by construction.
+    """
+    if isinstance(op, Parallel):
+        op = dataclasses.replace(op, a=conform(op.a, header), b=conform(op.b, header))
+        if not _guest_ops_collide(op.a, op.b):
+            return op
         if header.vcpus == 1:
             return op.a
         return dataclasses.replace(op, b=dataclasses.replace(
             op.b, vcpu=(op.b.vcpu + 1) % header.vcpus))
+    vcpu = op_vcpu(op)
+    if vcpu is not None and vcpu >= header.vcpus:
+        op = dataclasses.replace(op, vcpu=vcpu % header.vcpus)
+    if isinstance(op, Access) and (op.value is None) == (op.kind is AccessKind.WRITE):
+        op = dataclasses.replace(op, value=0 if op.kind is AccessKind.WRITE else None)
+    if isinstance(op, Accept) and op.level == PG_LEVEL_2M:
+        return dataclasses.replace(op, gpa=op.gpa & ~((PAGES_PER_2M << PAGE_SHIFT) - 1))
+    if isinstance(op, WritePte) and op.flags & PteFlag.PS:
+        return dataclasses.replace(op, target=op.target & ~(PAGES_PER_2M - 1))
     return op
 
 
@@ -564,7 +579,7 @@ def _decode_op(reader: _Reader, ctx: _Context, opcodes):
     values: dict = {}
     for name in _BYTE_ORDER[cls]:
         values[name] = _decode_field(reader, cls, name, domain(cls, name), ctx, values)
-    return _fix_up(cls(**values), ctx.header)
+    return conform(cls(**values), ctx.header)
 
 
 def _encode_op(out: bytearray, op, ctx: _Context, first_opcode) -> None:

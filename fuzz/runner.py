@@ -121,32 +121,53 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     return survivors[:MAX_CANDIDATES], first
 
 
-def run_program(program: Program, target: Target, *, invariants: bool = True):
-    """Run ``program`` on ``target`` and the reference; return a Finding or None.
+class Differential:
+    """One program's differential execution, an op at a time.
 
-    Per op: execute, judge the outcome, then check invariants, so a broken
-    invariant that also shows to the guest is reported as the divergence the
-    user sees.  Only the target's exceptions become findings; an exception in
-    the reference is a bug in mmufuzz and propagates.
+    Holds the target and the candidate reference states consistent with
+    everything the target did so far.  :func:`run_program` drives it over a
+    whole program; the Hypothesis engine (``fuzz.stateful``) drives it op by op.
     """
-    target.reset(program.header)
-    candidates = [Reference(program.header)]
-    execute, check = target.execute, target.check_invariants
-    for index, op in enumerate(program.ops):
+
+    def __init__(self, header, target: Target, *, invariants: bool = True):
+        target.reset(header)
+        self.target, self.invariants = target, invariants
+        self.candidates = [Reference(header)]
+        self.index = 0
+
+    def step(self, op):
+        """Run one op on the target, judge it; return a Finding or None.
+
+        Execute, judge the outcome, then check invariants, so a broken invariant
+        that also shows to the guest is reported as the divergence the user
+        sees.  Only the target's exceptions become findings; an exception in the
+        reference is a bug in mmufuzz and propagates.
+        """
+        index, self.index = self.index, self.index + 1
         try:
-            actual = execute(op)
+            actual = self.target.execute(op)
         except Exception as error:
             return _failure(index, op, error)
-        candidates, expect = _judge(candidates, op, actual)
-        if not candidates:
+        self.candidates, expect = _judge(self.candidates, op, actual)
+        if not self.candidates:
             return Finding("divergence", index, op_name(op), expected=str(expect),
                            actual=str(actual), expected_kind=outcome_kind(expect.canonical),
                            actual_kind=OUTCOME_NAMES.get(type(actual), "invalid"))
-        if invariants:
+        if self.invariants:
             try:
-                check()
+                self.target.check_invariants()
             except Exception as error:
                 return _failure(index, op, error)
+        return None
+
+
+def run_program(program: Program, target: Target, *, invariants: bool = True):
+    """Run ``program`` on ``target`` and the reference; return the first Finding or None."""
+    step = Differential(program.header, target, invariants=invariants).step
+    for op in program.ops:
+        finding = step(op)
+        if finding is not None:
+            return finding
     return None
 
 
