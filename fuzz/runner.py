@@ -13,10 +13,12 @@ outside ``parallel`` the list holds exactly one state.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import dataclass
 
 from harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
-from harness.target import InvariantViolation, Target, make_target as make_harness_target
+from harness.target import (InvariantViolation, Target, UnknownTarget,
+                            make_target as make_harness_target)
 from reference.model import Expect, Reference
 
 # SEMANTICS §H: the candidate set of a parallel oracle is capped.
@@ -76,9 +78,16 @@ class ReferenceTarget:
 
 
 def make_target(name: str) -> Target:
-    """A registered harness target, or ``reference`` (which only ``fuzz/`` may build)."""
+    """A registered harness target, ``reference`` (which only ``fuzz/`` may build), or an
+    out-of-tree target given as ``module:factory`` (tests plant targets this way)."""
     if name == "reference":
         return ReferenceTarget()
+    if ":" in name:
+        module, _, factory = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), factory)()
+        except (ImportError, AttributeError) as error:
+            raise UnknownTarget(f"cannot load target {name!r}: {error}") from None
     return make_harness_target(name)
 
 
@@ -96,7 +105,8 @@ def _judge(candidates: list, op, actual):
         for state in candidates:
             expect = state.step(op, actual)
             if expect is None:
-                survivors.append(state)
+                if state not in survivors:  # two orders may converge again
+                    survivors.append(state)
             elif first is None:
                 first = expect
         return survivors, first
@@ -115,7 +125,8 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
             trial = state.copy()
             expect = trial.step(x, ox) or trial.step(y, oy)
             if expect is None:
-                survivors.append(trial)
+                if trial not in survivors:
+                    survivors.append(trial)
             elif first is None:
                 first = expect
     return survivors[:MAX_CANDIDATES], first

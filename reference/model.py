@@ -162,6 +162,12 @@ class Reference:
             setattr(new, name, getattr(self, name).copy())
         return new
 
+    def __eq__(self, other) -> bool:
+        """Same guest-visible state (backing ids included, so equal is never over-claimed)."""
+        return isinstance(other, Reference) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # mutable
+
     # --- the interface ------------------------------------------------------
 
     def allowed(self, op) -> Expect:

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from harness.ops import (Access, AccessKind, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
+from harness.ops import (Access, AccessKind, DirtyLog, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
                          PairOutcome, Program, VmHeader, VmType, ZapAll)
 from harness.target import InvariantViolation
+from fuzz.encoding import parse_reproducer
 from fuzz.runner import Finding, ReferenceTarget, run_program
 
 HEADER = VmHeader(VmType.DEFAULT, 2)
@@ -123,3 +124,21 @@ def test_parallel_answered_with_a_single_outcome_diverges():
     finding = run_program(Program(HEADER, (SLOT, par)), Planted(unpaired))
     assert (finding.kind, finding.op_index, finding.expected_kind) == ("divergence", 1, "pair")
     assert finding.expected == "(ok; ok(0x1))" and finding.actual == "ok"
+
+
+def test_commuting_parallels_keep_both_orders_of_an_earlier_race():
+    """Candidates are deduplicated before the cap, so a later legal outcome is not lost."""
+    text = """vm type=default vcpus=2
+memslot_add slot=0 base=0x200 npages=0x1 flags=dirty_log host_offset=0
+parallel a=(access vcpu=0 gpa=0x200000 word=0 kind=read private=0) b=(get_dirty_log slot=0) schedule=0x0
+parallel a=(flush_tlb vcpu=0) b=(flush_tlb vcpu=1) schedule=0x0
+parallel a=(flush_tlb vcpu=0) b=(flush_tlb vcpu=1) schedule=0x0
+parallel a=(flush_tlb vcpu=0) b=(flush_tlb vcpu=1) schedule=0x0
+get_dirty_log slot=0
+"""
+    program = parse_reproducer(text).program
+
+    def read_raced_the_get(op, outcome):
+        return DirtyLog((0x200,)) if op == program.ops[-1] else outcome
+
+    assert run_program(program, Planted(read_raced_the_get)) is None

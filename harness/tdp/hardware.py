@@ -1,0 +1,322 @@
+"""The hardware model: one vCPU's TLBs, EPT walker, secure-EPT walker and guest walker.
+
+A vCPU caches two kinds of translations, as real TLBs do: guest translations
+(gva -> gpa, from walking the guest's page tables, dropped by invlpg,
+flush_tlb and CR3 loads) and guest-physical ones (gpa -> host pfn, from
+walking the SPTEs, dropped only when the MMU flushes).  A missed flush
+therefore leaves a stale pfn in use, which shows as stale data or as a touch
+of a poisoned host page.  The guest walker reads page tables through the
+vCPU's own physical path, so every table read can EPT-fault into the MMU.
+"""
+
+from __future__ import annotations
+
+from harness import faults
+from harness.ops import (
+    OK,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_WRITE_MASK,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    PTE_ADDR_MASK,
+    UNSUPPORTED,
+    WORDS_PER_PAGE,
+    Access,
+    AccessKind,
+    Invlpg,
+    MmioExit,
+    Ok,
+    PageFault,
+    Paging,
+    PteFlag,
+    VePending,
+    VeUnexpected,
+    WritePte,
+)
+from harness.tdp.fault import kvm_mmu_page_fault
+from harness.tdp.spte import (
+    PT_EXECUTABLE_MASK,
+    PT_READABLE_MASK,
+    PT_WRITABLE_MASK,
+    ROOT_LEVEL,
+    VMX_EPT_SUPPRESS_VE_BIT,
+    check_mmio_spte,
+    get_mmio_spte_gfn,
+    is_last_spte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    pages_per_level,
+    spte_index,
+    spte_to_pfn,
+)
+
+READ, WRITE, FETCH = AccessKind.READ, AccessKind.WRITE, AccessKind.FETCH
+_PF_ACCESS_BITS = {READ: 0, WRITE: PFERR_WRITE_MASK, FETCH: PFERR_FETCH_MASK}
+# Address bits 13..20 of a 2M PDE are reserved (bit 12 is PAT).
+_PDE_2M_RSVD_MASK = ((1 << 21) - 1) & ~((1 << 13) - 1)
+_SHIFT_2M = PAGE_SHIFT + 9
+
+# Outcomes of one hardware EPT walk besides a usable leaf.
+_VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
+
+
+def _ept_needs(kind) -> int:
+    """The EPT permission bit an access of ``kind`` needs (no enum hashing: hot path)."""
+    if kind is WRITE:
+        return PT_WRITABLE_MASK
+    return PT_EXECUTABLE_MASK if kind is FETCH else PT_READABLE_MASK
+
+
+class Vcpu:
+    """One vCPU: CR3, its TLBs, and the memslot lookup cache (last_used_slot)."""
+
+    def __init__(self, kvm, index: int):
+        self.kvm, self.index = kvm, index
+        self.cr3 = None
+        self.tlb_shared: dict[int, tuple[int, int]] = {}   # gfn -> (pfn, EPT permission bits)
+        self.tlb_private: dict[int, int] = {}              # gfn -> pfn (accepted pages only)
+        self.tlb_4k: dict[int, tuple[int, bool, bool]] = {}  # gva >> 12 -> (gpa, w, x)
+        self.tlb_2m: dict[int, tuple[int, bool, bool]] = {}  # gva >> 21 -> (gpa, w, x)
+        self.flush_epoch = 0
+        self._last_used_slot = (-1, None)
+
+    # --- flushes ----------------------------------------------------------------
+
+    def flush_guest_physical(self) -> None:
+        """INVEPT: forget gpa translations and abort any walk in flight."""
+        self.tlb_shared.clear()
+        self.tlb_private.clear()
+        self.flush_epoch += 1
+
+    def flush_linear(self) -> None:
+        """Forget every gva translation (flush_tlb, CR3 load)."""
+        self.tlb_4k.clear()
+        self.tlb_2m.clear()
+
+    def _drop_linear(self, gva: int) -> None:
+        """Forget the translations covering ``gva`` at any level (invlpg, #PF)."""
+        self.tlb_4k.pop(gva >> PAGE_SHIFT, None)
+        self.tlb_2m.pop(gva >> _SHIFT_2M, None)
+
+    def gfn_to_memslot(self, gfn: int):
+        """kvm_vcpu_gfn_to_memslot with the vCPU's last-used-slot cache."""
+        memslots = self.kvm.memslots
+        generation, slot = self._last_used_slot
+        if generation == memslots.generation and slot is not None and slot.contains(gfn):
+            return slot
+        slot = memslots.lookup(gfn)
+        self._last_used_slot = (memslots.generation, slot)
+        return slot
+
+    # --- guest ops --------------------------------------------------------------
+
+    def paging(self, op: Paging):
+        """Generator: load CR3 (or turn paging off); flushes this vCPU's gva translations."""
+        yield
+        self.cr3 = op.root
+        self.flush_linear()
+        return OK
+
+    def invlpg(self, op: Invlpg):
+        """Generator: drop the translations of the page containing ``op.gva``."""
+        yield
+        if self.cr3 is not None:
+            self._drop_linear(op.gva)
+        return OK
+
+    def flush_tlb(self, op):
+        """Generator: the guest flushes its TLB."""
+        yield
+        self.flush_linear()
+        return OK
+
+    def write_pte(self, op: WritePte):
+        """Generator: an ordinary physical write of an encoded PTE."""
+        gpa = (op.table << PAGE_SHIFT) + 8 * op.index
+        return (yield from self.physical(gpa, WRITE, op.pte, False, False))
+
+    def try_fast(self, op: Access):
+        """The access's outcome if every translation it needs is cached, else None.
+
+        The sequential hot path: no generator, no walk.
+        """
+        if op.private and not self.kvm.tdx:
+            return None
+        addr = op.addr + 8 * op.word
+        if op.virtual and self.cr3 is not None:
+            addr = self._linear_hit(addr, op.kind)
+            if addr is None:
+                return None
+        return self._physical_hit(addr, op.kind, op.value, op.private, op.virtual)
+
+    def access(self, op: Access):
+        """Generator: a guest load/store/fetch at ``op.addr`` (a gva when ``op.virtual``)."""
+        addr = op.addr + 8 * op.word
+        if op.virtual:
+            addr = yield from self.translate(addr, op.kind)
+            if type(addr) is not int:
+                return addr
+        if op.private and not self.kvm.tdx:
+            return UNSUPPORTED
+        return (yield from self.physical(addr, op.kind, op.value, op.private, op.virtual))
+
+    # --- physical accesses --------------------------------------------------------
+
+    def _physical_hit(self, gpa: int, kind, value, private: bool, tag: bool):
+        """Do the access through a cached gpa translation, or return None."""
+        gfn = gpa >> PAGE_SHIFT
+        if private:
+            pfn = self.tlb_private.get(gfn)
+        else:
+            entry = self.tlb_shared.get(gfn)
+            if entry is None or not entry[1] & _ept_needs(kind):
+                return None
+            pfn = entry[0]
+        if pfn is None:
+            return None
+        return self._do_access(pfn, gpa, kind, value, private, tag)
+
+    def _do_access(self, pfn: int, gpa: int, kind, value, private: bool, tag: bool):
+        host = self.kvm.host
+        word = (gpa >> 3) & (WORDS_PER_PAGE - 1)
+        if kind is WRITE:
+            host.write(pfn, word, value)
+            if not private:
+                self.kvm.dirty_log.note_guest_write(gpa >> PAGE_SHIFT)
+            return Ok(None, gpa) if tag else OK
+        return Ok(host.read(pfn, word), gpa if tag else None)
+
+    def physical(self, gpa: int, kind, value, private: bool, tag: bool):
+        """Generator: a physical access at byte ``gpa``; EPT violations go to the MMU."""
+        gfn = gpa >> PAGE_SHIFT
+        while True:
+            done = self._physical_hit(gpa, kind, value, private, tag)
+            if done is not None:
+                return done
+            if private:
+                result = yield from self._walk_sept(gfn)
+            else:
+                result = yield from self._walk_ept(gfn, kind)
+            if result is _MMIO:
+                return MmioExit(gpa, kind is WRITE)
+            if result is _VE:
+                return VeUnexpected(gpa)
+            if result is _PENDING:
+                return VePending(gpa)
+            if result is not _VIOLATION:
+                continue  # a translation was cached: the retry hits it
+            exit_ = yield from kvm_mmu_page_fault(self.kvm, self, gpa, kind is WRITE,
+                                                  kind is FETCH, private)
+            if exit_ is not None:
+                return exit_
+
+    def _walk_ept(self, gfn: int, kind):
+        """Generator: the hardware walk of the direct root; caches a usable leaf.
+
+        A flush while the walk is in flight aborts it (the IPI forced an exit),
+        so it restarts from the root.
+        """
+        kvm = self.kvm
+        while True:
+            epoch = self.flush_epoch
+            page, level = kvm.mmu.direct_root, ROOT_LEVEL
+            while True:
+                spte = page.spt[spte_index(gfn, level)]
+                yield
+                if self.flush_epoch != epoch:
+                    break
+                if not is_shadow_present_pte(spte):
+                    return self._nonpresent(spte, gfn)
+                if is_last_spte(spte, level):
+                    if not spte & _ept_needs(kind):
+                        return _VIOLATION
+                    pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
+                    self.tlb_shared[gfn] = (pfn, spte & (PT_READABLE_MASK | PT_WRITABLE_MASK
+                                                         | PT_EXECUTABLE_MASK))
+                    return None
+                page, level = kvm.mmu.alloc.child(spte), level - 1
+
+    def _nonpresent(self, spte: int, gfn: int):
+        """What hardware does with a non-present EPT entry (SEMANTICS §E)."""
+        kvm = self.kvm
+        if is_mmio_spte(spte, kvm.mmio_value) and get_mmio_spte_gfn(spte) == gfn:
+            memslots = kvm.memslots
+            if faults.active("mmio-stale-generation") or (
+                    not memslots.update_in_progress
+                    and check_mmio_spte(spte, memslots.generation)):
+                return _MMIO
+            return _VIOLATION  # handle_mmio_page_fault: stale, take the full fault path
+        if kvm.tdx and not spte & VMX_EPT_SUPPRESS_VE_BIT:
+            return _VE
+        return _VIOLATION
+
+    def _walk_sept(self, gfn: int):
+        """Generator: a private access walks the secure EPT (the TDX module's tables)."""
+        leaf = self.kvm.sept.lookup(gfn)
+        yield
+        if leaf is None or leaf is not self.kvm.sept.lookup(gfn):
+            return _VIOLATION
+        if not leaf.accepted:
+            return _PENDING
+        self.tlb_private[gfn] = leaf.pfn + (gfn & (pages_per_level(leaf.level) - 1))
+        return None
+
+    # --- guest page walk ----------------------------------------------------------
+
+    def _linear_hit(self, gva: int, kind):
+        """The gpa of a cached translation of ``gva`` that permits ``kind``, else None.
+
+        A cached entry that denies the access is dropped: the access re-walks.
+        """
+        for tlb, key, size in ((self.tlb_4k, gva >> PAGE_SHIFT, 1 << PAGE_SHIFT),
+                               (self.tlb_2m, gva >> _SHIFT_2M, 1 << _SHIFT_2M)):
+            entry = tlb.get(key)
+            if entry is None:
+                continue
+            gpa_base, writable, executable = entry
+            if (kind is WRITE and not writable) or (kind is FETCH and not executable):
+                del tlb[key]
+                continue
+            return gpa_base + (gva & (size - 1))
+        return None
+
+    def translate(self, gva: int, kind):
+        """Generator: gva -> byte gpa (an int), or the Outcome that ends the access."""
+        if self.cr3 is None:
+            return gva
+        gpa = self._linear_hit(gva, kind)
+        if gpa is not None:
+            return gpa
+        access_bits = _PF_ACCESS_BITS[kind]
+        table, level = self.cr3, ROOT_LEVEL
+        writable = executable = True
+        while True:
+            shift = PAGE_SHIFT + 9 * (level - 1)
+            out = yield from self.physical((table << PAGE_SHIFT) + 8 * ((gva >> shift) & 511),
+                                           READ, None, False, False)
+            if type(out) is not Ok:
+                return out
+            pte = out.value
+            if not pte & PteFlag.P:
+                self._drop_linear(gva)
+                return PageFault(gva, access_bits)
+            if pte & PteFlag.PS and (level > PG_LEVEL_2M or pte & _PDE_2M_RSVD_MASK):
+                self._drop_linear(gva)
+                return PageFault(gva, PFERR_PRESENT_MASK | PFERR_RSVD_MASK | access_bits)
+            writable = writable and bool(pte & PteFlag.RW)
+            executable = executable and not pte & PteFlag.NX
+            if level == PG_LEVEL_4K or pte & PteFlag.PS:
+                break
+            table, level = (pte & PTE_ADDR_MASK) >> PAGE_SHIFT, level - 1
+        size = 1 << shift
+        if (kind is WRITE and not writable) or (kind is FETCH and not executable):
+            self._drop_linear(gva)
+            return PageFault(gva, PFERR_PRESENT_MASK | access_bits)
+        gpa_base = pte & PTE_ADDR_MASK & -size
+        tlb = self.tlb_4k if level == PG_LEVEL_4K else self.tlb_2m
+        tlb[gva >> shift] = (gpa_base, writable, executable)
+        return gpa_base + (gva & (size - 1))
+

@@ -1,0 +1,187 @@
+"""Huge pages: eager split, recovery (collapse and merge), and 2M installs over tables.
+
+Shared memory lives in host pages, so a table of 4K leaves can simply be
+zapped and refaulted at 2M (KVM's collapsible-SPTE path).  Private memory
+cannot: zapping a private page loses its accepted contents.  Private 4K
+children are therefore merged in place, and only when all 512 are present,
+contiguous, equally permissive and (the secure EPT checks) in one accept state.
+"""
+
+from __future__ import annotations
+
+from harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
+from harness.tdp.lpage import max_mapping_level
+from harness.tdp.spte import (
+    ACC_ALL,
+    FROZEN_SPTE,
+    SPTE_ENT_PER_PAGE,
+    is_frozen_spte,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    leaf_permissions,
+    make_huge_page_split_spte,
+    make_huge_spte,
+    make_nonleaf_spte,
+    make_spte,
+    spte_to_pfn,
+)
+
+MERGED, UNMERGED, RETRY = "merged", "unmerged", "retry"
+
+
+def split_huge_page(kvm, it):
+    """Generator: tdp_mmu_split_huge_page; replace the huge leaf at ``it`` by a full table.
+
+    Child i maps pfn + i with the huge leaf's permissions, so the mapping is
+    unchanged and no flush is needed.  False if the entry changed meanwhile.
+    """
+    mmu = kvm.mmu
+    huge = it.old_spte
+    sp = mmu.alloc.alloc(it.level - 1, it.gfn, it.root.mirror)
+    for i in range(SPTE_ENT_PER_PAGE):
+        sp.spt[i] = make_huge_page_split_spte(huge, it.level, i)
+    sp.refcount = SPTE_ENT_PER_PAGE
+    if (yield from mmu.set_spte_atomic(it, make_nonleaf_spte(sp.pfn))):
+        return True
+    mmu.alloc.free(sp)  # never linked
+    return False
+
+
+def split_range(kvm, root, start: int, end: int):
+    """Generator: split every huge leaf overlapping [start, end) (mmu_lock held for read)."""
+    token = kvm.rcu.read_lock()
+    it = kvm.mmu.iter(root, start, end, min_level=PG_LEVEL_2M)
+    while it.valid:
+        yield
+        spte = it.read()
+        if (is_shadow_present_pte(spte) and it.level > PG_LEVEL_4K and is_large_pte(spte)
+                and not (yield from split_huge_page(kvm, it))):
+            continue  # raced: look at the entry again
+        it.next()
+    kvm.rcu.read_unlock(token)
+
+
+def split_slot(kvm, op):
+    """The ``split`` op: eagerly split the huge leaves of a slot in every root."""
+    slot = kvm.memslots.by_id.get(op.slot)
+    if slot is None:
+        return EINVAL
+    yield from kvm.mmu_lock.read_lock()
+    for root in kvm.mmu.roots():
+        yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
+    kvm.mmu_lock.read_unlock()
+    return OK
+
+
+def replace_table_with_huge(kvm, it, huge: int):
+    """Generator: install huge leaf ``huge`` over the table at ``it`` with break-before-make.
+
+    Freeze (the table and its children are unlinked), flush, then write: no
+    vCPU can use a 4K translation of the old table beside the new leaf.
+    """
+    mmu = kvm.mmu
+    if not (yield from mmu.set_spte_atomic(it, FROZEN_SPTE)):
+        return False
+    mmu.flush()
+    yield from mmu.write_frozen([(it.page, it.index)], huge)
+    yield from mmu.handle_changed_spte(it.page, it.gfn, FROZEN_SPTE, huge, it.level)
+    it.old_spte = huge
+    return True
+
+
+def merge_private_spt(kvm, it, fault=None):
+    """Generator: merge the private 4K table at ``it`` into one 2M leaf, in place.
+
+    With ``fault`` (the fault path, seed thread 000) missing children are
+    populated first from ``fault.pfn``; without it (``recover``) a missing
+    child means no merge.  The parent is frozen while the children are read,
+    the secure EPT range is blocked and flushed, then the TDX module merges;
+    it refuses mixed accept states, and the 4K mapping stays.
+    """
+    mmu, sept = kvm.mmu, kvm.sept
+    page, index, gfn, table = it.page, it.index, it.gfn, it.old_spte
+    yield
+    if page.spt[index] != table:
+        return RETRY
+    page.spt[index] = FROZEN_SPTE
+    child = mmu.alloc.child(table)
+    result = yield from _check_or_populate_children(kvm, child, fault)
+    if result is not MERGED:
+        page.spt[index] = table
+        return result
+    sept.block(gfn)
+    mmu.flush()
+    if not sept.merge(gfn):
+        sept.unblock(gfn)
+        page.spt[index] = table
+        return UNMERGED
+    huge = make_huge_spte(child.spt[0], PG_LEVEL_2M)
+    page.spt[index] = huge
+    yield from mmu.handle_changed_spte(page, gfn, table, huge, PG_LEVEL_2M, external=False)
+    mmu.flush()
+    it.old_spte = huge
+    return MERGED
+
+
+def _check_or_populate_children(kvm, child, fault):
+    """Generator: MERGED if all 512 children are (now) contiguous, alike leaves."""
+    first = child.spt[0]
+    if fault is not None:
+        base = fault.pfn
+        model = make_spte(base, PG_LEVEL_4K, ACC_ALL)
+    elif is_shadow_present_pte(first):
+        base, model = spte_to_pfn(first), first
+    else:
+        return UNMERGED
+    for i in range(SPTE_ENT_PER_PAGE):
+        yield
+        spte = child.spt[i]
+        if is_frozen_spte(spte):
+            return RETRY
+        if is_shadow_present_pte(spte):
+            if spte_to_pfn(spte) != base + i or leaf_permissions(spte) != leaf_permissions(model):
+                return UNMERGED
+        elif fault is None:
+            return UNMERGED
+        else:
+            new = make_spte(base + i, PG_LEVEL_4K, ACC_ALL)
+            child.spt[i] = new
+            yield from kvm.mmu.handle_changed_spte(child, child.gfn + i, spte, new, PG_LEVEL_4K)
+    return MERGED
+
+
+def recover_range(kvm, slot, private: bool):
+    """Generator: collapse (shared) or merge (private) every legal 2M range of ``slot``."""
+    mmu = kvm.mmu
+    token = kvm.rcu.read_lock()
+    it = mmu.iter(mmu.root(private), slot.base_gfn, slot.end_gfn, min_level=PG_LEVEL_2M)
+    while it.valid:
+        yield
+        spte = it.read()
+        if (it.level == PG_LEVEL_2M and is_shadow_present_pte(spte)
+                and not is_last_spte(spte, it.level)
+                and max_mapping_level(slot, it.gfn, private) >= PG_LEVEL_2M):
+            if private:
+                if (yield from merge_private_spt(kvm, it)) is RETRY:
+                    continue
+            elif not (yield from mmu.zap_spte_atomic(it)):
+                continue
+        it.next()
+    kvm.rcu.read_unlock(token)
+
+
+def recover_slot(kvm, slot):
+    """Generator: kvm_mmu_zap_collapsible_sptes for one slot (and the TDX merge)."""
+    yield from kvm.mmu_lock.read_lock()
+    yield from recover_range(kvm, slot, private=False)
+    if slot.private:
+        yield from recover_range(kvm, slot, private=True)
+    kvm.mmu_lock.read_unlock()
+
+
+def recover(kvm, op):
+    """The ``recover`` op: every slot, in gfn order."""
+    for slot in sorted(kvm.memslots.by_id.values(), key=lambda s: s.base_gfn):
+        yield from recover_slot(kvm, slot)
+    return OK

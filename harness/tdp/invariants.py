@@ -1,0 +1,220 @@
+"""Structural invariants of the TDP MMU (DESIGN §3), one named function each.
+
+The function name is the InvariantViolation name (stable: it is part of a
+finding's signature).  All of them read one snapshot of the reachable tables,
+taken at a quiescent point (after an op, RCU callbacks drained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from harness.target import InvariantViolation
+from harness.tdp.spte import (
+    ROOT_LEVEL,
+    SHADOW_NONPRESENT_VALUE,
+    check_mmio_spte,
+    get_mmio_spte_gfn,
+    is_last_spte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    pages_per_level,
+    spte_to_pfn,
+)
+
+
+@dataclass
+class Snapshot:
+    """What a walk from the roots reached: tables, leaves, odd non-present entries."""
+
+    pages: list = field(default_factory=list)
+    leaves: list = field(default_factory=list)      # (mirror, gfn, level, spte)
+    nonpresent: list = field(default_factory=list)  # (page, gfn, spte) != SHADOW_NONPRESENT_VALUE
+
+
+def _fail(name: str, detail: str):
+    raise InvariantViolation(name, detail)
+
+
+def take_snapshot(kvm) -> Snapshot:
+    """Walk every root; a link to a freed table is ``reachable_freed_table``."""
+    snap = Snapshot()
+    stack = list(reversed(kvm.mmu.roots()))
+    while stack:
+        page = stack.pop()
+        if page.freed:
+            _fail("reachable_freed_table", f"gfn={page.gfn:#x} level={page.level} "
+                                           f"pfn={page.pfn:#x}")
+        snap.pages.append(page)
+        step = pages_per_level(page.level)
+        children = []
+        for i, spte in enumerate(page.spt):
+            if spte == SHADOW_NONPRESENT_VALUE:
+                continue
+            gfn = page.gfn + i * step
+            if not is_shadow_present_pte(spte):
+                snap.nonpresent.append((page, gfn, spte))
+            elif is_last_spte(spte, page.level):
+                snap.leaves.append((page.mirror, gfn, page.level, spte))
+            else:
+                children.append(kvm.mmu.alloc.child(spte))
+        stack.extend(reversed(children))
+    return snap
+
+
+def nonpresent_value(kvm, snap: Snapshot) -> None:
+    """Every non-present entry is SHADOW_NONPRESENT_VALUE or a 4K MMIO SPTE for its own gfn."""
+    for page, gfn, spte in snap.nonpresent:
+        if not (page.level == PG_LEVEL_4K and not page.mirror
+                and is_mmio_spte(spte, kvm.mmio_value) and get_mmio_spte_gfn(spte) == gfn):
+            _fail("nonpresent_value", f"gfn={gfn:#x} level={page.level} spte={spte:#x}")
+
+
+def leaf_pfn_matches_backing(kvm, snap: Snapshot) -> None:
+    """Every leaf maps its gfns to the slot's current backing pages, writable only if allowed."""
+    for mirror, gfn, level, spte in snap.leaves:
+        slot = kvm.memslots.lookup(gfn)
+        detail = f"gfn={gfn:#x} level={level} spte={spte:#x}"
+        if slot is None or gfn + pages_per_level(level) > slot.end_gfn:
+            _fail("leaf_pfn_matches_backing", f"{detail} outside any slot")
+        backing = slot.gmem if mirror else slot.backing
+        if backing is None:
+            _fail("leaf_pfn_matches_backing", f"{detail} private leaf in a shared slot")
+        first, last = gfn - slot.base_gfn, gfn - slot.base_gfn + pages_per_level(level) - 1
+        pfn = spte_to_pfn(spte)
+        if backing.pfn(first) != pfn or backing.pfn(last) != pfn + last - first:
+            _fail("leaf_pfn_matches_backing",
+                  f"{detail} backing pfn={backing.pfn(first):#x}")
+        if is_writable_pte(spte) and slot.readonly:
+            _fail("leaf_pfn_matches_backing", f"{detail} writable in a readonly slot")
+
+
+def huge_leaf_legal(kvm, snap: Snapshot) -> None:
+    """Every 2M leaf satisfies SEMANTICS §G (host page, slot, alignment, log, attribute)."""
+    for mirror, gfn, level, spte in snap.leaves:
+        if level == PG_LEVEL_4K:
+            continue
+        slot = kvm.memslots.lookup(gfn)
+        backing = slot.gmem if mirror else slot.backing
+        legal = (level == PG_LEVEL_2M and slot.hugepage_inside(gfn) and slot.dirty is None
+                 and kvm.attributes.uniform(gfn, gfn + PAGES_PER_2M)
+                 and backing.host_level(gfn - slot.base_gfn) == PG_LEVEL_2M)
+        if not legal:
+            _fail("huge_leaf_legal", f"gfn={gfn:#x} level={level} spte={spte:#x}")
+
+
+def private_leaf_placement(kvm, snap: Snapshot) -> None:
+    """Private leaves only in the mirror, under private attributes, in private slots."""
+    attributes = kvm.attributes
+    for mirror, gfn, level, spte in snap.leaves:
+        end = gfn + pages_per_level(level)
+        private = attributes.private_ranges(gfn, end)
+        if mirror and (private != [(gfn, end)] or not kvm.memslots.lookup(gfn).private):
+            _fail("private_leaf_placement", f"gfn={gfn:#x} level={level} mirror leaf not private")
+        if not mirror and private:
+            _fail("private_leaf_placement", f"gfn={gfn:#x} level={level} shared leaf on private")
+
+
+def sept_matches_mirror(kvm, snap: Snapshot) -> None:
+    """The secure EPT holds exactly the mirror's leaves, each in its pages' accept state."""
+    if kvm.sept is None:
+        return
+    mirror = {(level, gfn): spte_to_pfn(spte) for m, gfn, level, spte in snap.leaves if m}
+    sept = kvm.sept.leaves
+    for key in sorted(mirror.keys() ^ sept.keys()):
+        _fail("sept_matches_mirror", f"gfn={key[1]:#x} level={key[0]} "
+                                     f"mirror={key in mirror} sept={key in sept}")
+    for (level, gfn), leaf in sorted(sept.items()):
+        slot = kvm.memslots.lookup(gfn)
+        first = gfn - slot.base_gfn
+        states = {i in slot.accepted for i in range(first, first + pages_per_level(level))}
+        if leaf.pfn != mirror[(level, gfn)] or states != {leaf.accepted}:
+            _fail("sept_matches_mirror", f"gfn={gfn:#x} level={level} pfn={leaf.pfn:#x} "
+                                         f"accepted={leaf.accepted}")
+    if kvm.sept.blocked:
+        _fail("sept_matches_mirror", f"blocked={sorted(kvm.sept.blocked)} at a quiescent point")
+
+
+def mmio_spte_with_slot(kvm, snap: Snapshot) -> None:
+    """No MMIO SPTE of the current generation caches a gfn that has a slot."""
+    memslots = kvm.memslots
+    for page, gfn, spte in snap.nonpresent:
+        if (is_mmio_spte(spte, kvm.mmio_value) and check_mmio_spte(spte, memslots.generation)
+                and memslots.lookup(gfn) is not None):
+            _fail("mmio_spte_with_slot", f"gfn={gfn:#x} level={page.level} spte={spte:#x}")
+
+
+def leaked_table_page(kvm, snap: Snapshot) -> None:
+    """After a quiescent point every live table page is reachable from a root."""
+    if kvm.mmu.awaiting_flush:
+        page = kvm.mmu.awaiting_flush[0]
+        _fail("leaked_table_page", f"gfn={page.gfn:#x} level={page.level} removed, never flushed")
+    if kvm.rcu.pending():
+        _fail("leaked_table_page", "RCU callbacks pending at a quiescent point")
+    reachable = {page.pfn for page in snap.pages}
+    for page in kvm.pgalloc.live_pages():
+        if page.pfn not in reachable:
+            _fail("leaked_table_page", f"gfn={page.gfn:#x} level={page.level} pfn={page.pfn:#x}")
+
+
+def refcount_matches_children(kvm, snap: Snapshot) -> None:
+    """Each table's refcount equals its present entries."""
+    for page in snap.pages:
+        present = sum(1 for spte in page.spt if is_shadow_present_pte(spte))
+        if page.refcount != present:
+            _fail("refcount_matches_children", f"gfn={page.gfn:#x} level={page.level} "
+                                               f"refcount={page.refcount} present={present}")
+
+
+def page_stats_match_leaves(kvm, snap: Snapshot) -> None:
+    """The per-level leaf statistics equal the leaves actually reachable."""
+    counts = [0] * (ROOT_LEVEL + 1)
+    for _, _, level, _ in snap.leaves:
+        counts[level] += 1
+    if counts != kvm.mmu.stats:
+        _fail("page_stats_match_leaves", f"stats={kvm.mmu.stats} leaves={counts}")
+
+
+def dirty_log_covers_writes(kvm, snap: Snapshot) -> None:
+    """Every gfn the guest wrote in a dirty-logging slot since the last get is logged."""
+    for slot in kvm.memslots.by_id.values():
+        state = slot.dirty
+        if state is not None and not state.written <= state.bitmap:
+            gfn = slot.base_gfn + min(state.written - state.bitmap)
+            _fail("dirty_log_covers_writes", f"gfn={gfn:#x} slot={slot.id}")
+
+
+def tlb_matches_sptes(kvm, snap: Snapshot) -> None:
+    """Every cached gpa translation still matches a leaf granting at least as much."""
+    shared = {}
+    for mirror, gfn, level, spte in snap.leaves:
+        if not mirror:
+            shared[(level, gfn)] = spte
+    for vcpu in kvm.vcpus:
+        for gfn, (pfn, perms) in sorted(vcpu.tlb_shared.items()):
+            head = gfn - gfn % PAGES_PER_2M
+            spte, base = shared.get((PG_LEVEL_4K, gfn)), gfn
+            if spte is None:
+                spte, base = shared.get((PG_LEVEL_2M, head)), head
+            if spte is None or spte_to_pfn(spte) + gfn - base != pfn or perms & ~spte:
+                _fail("tlb_matches_sptes", f"gfn={gfn:#x} vcpu={vcpu.index} pfn={pfn:#x}")
+        for gfn, pfn in sorted(vcpu.tlb_private.items()):
+            leaf = kvm.sept.lookup(gfn)
+            if leaf is None or not leaf.accepted or leaf.pfn + gfn % pages_per_level(
+                    leaf.level) != pfn:
+                _fail("tlb_matches_sptes", f"gfn={gfn:#x} vcpu={vcpu.index} private pfn={pfn:#x}")
+
+
+INVARIANTS = (nonpresent_value, leaf_pfn_matches_backing, huge_leaf_legal,
+              private_leaf_placement, sept_matches_mirror, mmio_spte_with_slot,
+              leaked_table_page, refcount_matches_children, page_stats_match_leaves,
+              dirty_log_covers_writes, tlb_matches_sptes)
+
+
+def check_invariants(kvm) -> None:
+    """Raise InvariantViolation for the first invariant that does not hold."""
+    snap = take_snapshot(kvm)
+    for invariant in INVARIANTS:
+        invariant(kvm, snap)

@@ -1,0 +1,116 @@
+"""tdp_iter: a pre-order walk over the SPTEs covering a gfn range.
+
+The same step-down / step-side / step-up moves as KVM's tdp_iter.c, so that
+the paths built on it (map, zap, split, recover) visit entries in KVM's order
+and can be interleaved at the same points.  Every move reads one SPTE; reading
+a freed table raises ``walker_read_freed_table`` (see pgalloc).
+"""
+
+from __future__ import annotations
+
+from harness.ops import PG_LEVEL_4K
+from harness.tdp.pgalloc import PageTableAllocator, TablePage
+from harness.tdp.spte import (
+    ROOT_LEVEL,
+    SPTE_ENT_PER_PAGE,
+    gfn_round_for_level,
+    is_last_spte,
+    is_shadow_present_pte,
+    pages_per_level,
+    spte_index,
+)
+
+
+class TdpIter:
+    """KVM's struct tdp_iter over [start, end) of ``root``, stopping at ``min_level``.
+
+    ``old_spte`` is the value read at (``page``, ``index``); ``valid`` turns
+    false when the walk has left the range.
+    """
+
+    __slots__ = (
+        "alloc",
+        "end",
+        "gfn",
+        "index",
+        "level",
+        "min_level",
+        "next_last_level_gfn",
+        "old_spte",
+        "pt_path",
+        "root",
+        "valid",
+    )
+
+    def __init__(self, alloc: PageTableAllocator, root: TablePage, start: int, end: int,
+                 min_level: int = PG_LEVEL_4K):
+        self.alloc, self.root, self.end, self.min_level = alloc, root, end, min_level
+        self.next_last_level_gfn = start
+        self.pt_path: list = [None] * (ROOT_LEVEL + 1)
+        self.restart()
+
+    def restart(self) -> None:
+        """tdp_iter_restart: walk again from the root to ``next_last_level_gfn``."""
+        self.pt_path[ROOT_LEVEL] = self.root
+        self.level = ROOT_LEVEL
+        self.gfn = gfn_round_for_level(self.next_last_level_gfn, ROOT_LEVEL)
+        self.valid = self.gfn < self.end
+        self._refresh()
+
+    @property
+    def page(self) -> TablePage:
+        """The table holding the current entry (sptep's page)."""
+        return self.pt_path[self.level]
+
+    def _refresh(self) -> None:
+        self.index = spte_index(self.gfn, self.level)
+        self.old_spte = self.pt_path[self.level].spt[self.index]
+
+    def read(self) -> int:
+        """Re-read the current entry (kvm_tdp_mmu_read_spte)."""
+        self.old_spte = self.pt_path[self.level].spt[self.index]
+        return self.old_spte
+
+    def _try_step_down(self) -> bool:
+        if self.level == self.min_level:
+            return False
+        # Re-read before stepping down: the table may have been unlinked meanwhile.
+        self.old_spte = self.pt_path[self.level].spt[self.index]
+        if not is_shadow_present_pte(self.old_spte) or is_last_spte(self.old_spte, self.level):
+            return False
+        child = self.alloc.child(self.old_spte)
+        self.level -= 1
+        self.pt_path[self.level] = child
+        self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
+        self._refresh()
+        return True
+
+    def _try_step_side(self) -> bool:
+        if self.index == SPTE_ENT_PER_PAGE - 1:
+            return False
+        self.gfn += pages_per_level(self.level)
+        self.next_last_level_gfn = self.gfn
+        self.index += 1
+        self.old_spte = self.pt_path[self.level].spt[self.index]
+        return True
+
+    def _try_step_up(self) -> bool:
+        if self.level == ROOT_LEVEL:
+            return False
+        self.level += 1
+        self.gfn = gfn_round_for_level(self.gfn, self.level)
+        self.index = spte_index(self.gfn, self.level)
+        return True
+
+    def next(self) -> None:
+        """tdp_iter_next: step down if possible, else side, else up and side."""
+        if self._try_step_down():
+            self.valid = self.gfn < self.end
+            return
+        while True:
+            if self._try_step_side():
+                self.valid = self.gfn < self.end
+                return
+            if not self._try_step_up():
+                break
+        self.valid = False

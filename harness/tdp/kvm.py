@@ -1,0 +1,117 @@
+"""The VM: every piece of KVM and hardware state of one program, and op dispatch.
+
+``Kvm`` is struct kvm plus the host and the TDX module: memslots, memory
+attributes, the TDP MMU, mmu_lock/slots_lock/RCU, the mmu-notifier
+invalidation sequence, the vCPUs and host memory.  Each op becomes one
+generator (see sched) so that two ops can be interleaved.
+"""
+
+from __future__ import annotations
+
+from harness.ops import (
+    Accept,
+    Access,
+    FlushTlb,
+    GetDirtyLog,
+    HostInvalidate,
+    Invlpg,
+    MemslotAdd,
+    MemslotDelete,
+    MemslotMove,
+    MemslotSetFlags,
+    Paging,
+    Recover,
+    SetAttributes,
+    Split,
+    VmHeader,
+    VmType,
+    WritePte,
+    ZapAll,
+)
+from harness.tdp import huge, memslots, notifier, private
+from harness.tdp.attributes import MemoryAttributes
+from harness.tdp.dirty import DirtyLogger
+from harness.tdp.hardware import Vcpu
+from harness.tdp.hostmem import HostMemory
+from harness.tdp.memslots import Memslots
+from harness.tdp.mmu import TdpMmu
+from harness.tdp.pgalloc import PageTableAllocator
+from harness.tdp.private import SecureEpt
+from harness.tdp.sched import Rcu, RwLock
+from harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
+
+
+class Kvm:
+    """One VM (struct kvm), created from a program header."""
+
+    def __init__(self, header: VmHeader):
+        self.vm_type = header.type
+        self.tdx = header.type is VmType.TDX
+        self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
+        self.host = HostMemory()
+        self.pgalloc = PageTableAllocator(self.host)
+        self.memslots = Memslots()
+        self.attributes = MemoryAttributes()
+        self.mmu_lock = RwLock()
+        self.slots_lock = RwLock()
+        self.rcu = Rcu()
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range = (0, 0)
+        self.mn_active_invalidate_count = 0
+        self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
+        self.sept = SecureEpt(self) if self.tdx else None
+        self.mmu = TdpMmu(self)
+        self.dirty_log = DirtyLogger(self)
+
+    # --- mmu-notifier invalidation sequence -------------------------------------
+
+    def invalidate_begin(self, lo: int, hi: int) -> None:
+        """kvm_mmu_invalidate_begin: faults on [lo, hi) retry until the end."""
+        if self.mmu_invalidate_in_progress:
+            start, end = self.mmu_invalidate_range
+            lo, hi = min(lo, start), max(hi, end)
+        self.mmu_invalidate_in_progress += 1
+        self.mmu_invalidate_range = (lo, hi)
+
+    def invalidate_end(self) -> None:
+        """kvm_mmu_invalidate_end: bump the sequence, so older pfn lookups are stale."""
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+
+    def invalidate_covers(self, gfn: int) -> bool:
+        start, end = self.mmu_invalidate_range
+        return start <= gfn < end
+
+    def _no_invalidation(self) -> bool:
+        return self.mn_active_invalidate_count == 0
+
+    def wait_for_invalidations(self):
+        """Generator: memslot updates wait out in-flight invalidations (52ac8b358b0c)."""
+        while not self._no_invalidation():
+            yield self._no_invalidation
+
+    # --- ops ------------------------------------------------------------------------
+
+    def run(self, op):
+        """The generator that performs ``op`` (a simple op) and returns its Outcome."""
+        kind = type(op)
+        if kind in _VCPU_OPS:
+            return _VCPU_OPS[kind](self.vcpus[op.vcpu], op)
+        if kind is Accept:
+            return private.accept(self, self.vcpus[op.vcpu], op)
+        if kind is GetDirtyLog:
+            return self.dirty_log.get(op)
+        return _VM_OPS[kind](self, op)
+
+    def quiesce(self) -> None:
+        """A quiescent point: run the RCU callbacks whose grace period has elapsed."""
+        self.rcu.process()
+
+
+_VCPU_OPS = {Access: Vcpu.access, WritePte: Vcpu.write_pte, Paging: Vcpu.paging,
+             Invlpg: Vcpu.invlpg, FlushTlb: Vcpu.flush_tlb}
+_VM_OPS = {MemslotAdd: memslots.memslot_add, MemslotDelete: memslots.memslot_delete,
+           MemslotMove: memslots.memslot_move, MemslotSetFlags: memslots.memslot_set_flags,
+           SetAttributes: private.set_memory_attributes, HostInvalidate: notifier.host_invalidate,
+           ZapAll: notifier.zap_all, Split: huge.split_slot, Recover: huge.recover}

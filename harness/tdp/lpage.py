@@ -1,0 +1,47 @@
+"""Huge-page legality: KVM's lpage_info rules (SEMANTICS §G).
+
+A 2M leaf at 512-aligned G is legal iff the host backs it with one unbroken
+2M page, [G, G+512) lies in the slot with matching host alignment, dirty
+logging is off, and the range has one attribute.  The attribute part is the
+per-2M "mixed" flag (KVM_LPAGE_MIXED_FLAG), which must be recomputed on every
+conversion: the fault path trusts the flag, not the attributes.
+"""
+
+from __future__ import annotations
+
+from harness.ops import PAGES_PER_2M, PG_LEVEL_4K
+
+
+def max_mapping_level(slot, gfn: int, private: bool) -> int:
+    """kvm_mmu_max_mapping_level: the largest leaf level allowed over ``gfn``."""
+    if (not slot.hugepage_inside(gfn) or slot.dirty is not None
+            or gfn // PAGES_PER_2M in slot.lpage_mixed):
+        return PG_LEVEL_4K
+    backing = slot.gmem if private else slot.backing
+    return backing.host_level(gfn - slot.base_gfn)
+
+
+def _hugepages_inside(slot, lo: int, hi: int) -> range:
+    """The 2M ranges (gfn >> 9) overlapping [lo, hi) that lie wholly in ``slot``."""
+    first = max(lo, slot.base_gfn) // PAGES_PER_2M
+    last = (min(hi, slot.end_gfn) - 1) // PAGES_PER_2M
+    return range(first, last + 1)
+
+
+def update_mixed(attributes, slot, lo: int, hi: int) -> None:
+    """kvm_arch_post_set_memory_attributes: recompute the mixed flags over [lo, hi)."""
+    for huge in _hugepages_inside(slot, lo, hi):
+        head = huge * PAGES_PER_2M
+        if head < slot.base_gfn or head + PAGES_PER_2M > slot.end_gfn:
+            continue
+        if attributes.uniform(head, head + PAGES_PER_2M):
+            slot.lpage_mixed.discard(huge)
+        else:
+            slot.lpage_mixed.add(huge)
+
+
+def init_memslot(attributes, slot) -> None:
+    """kvm_mmu_init_memslot_memory_attributes: the mixed flags of a new or moved slot."""
+    slot.lpage_mixed = set()
+    update_mixed(attributes, slot, slot.base_gfn, slot.end_gfn)
+

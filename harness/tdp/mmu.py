@@ -1,0 +1,252 @@
+"""tdp_mmu: the radix of SPTEs and the one choke point every SPTE change goes through.
+
+All writers change an entry with ``set_spte_atomic`` (a cmpxchg against the
+value their iterator read) and then call ``handle_changed_spte``, which keeps
+the books: present-children refcounts, leaf statistics, dirty logging, the
+secure-EPT mirror hooks, and the teardown of tables an entry stopped linking
+(``handle_removed_pt``).  A removed table is freed only after the next TLB
+flush and an RCU grace period, so no walker can read a freed page.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from harness.ops import PG_LEVEL_4K
+from harness.tdp.iter import TdpIter
+from harness.tdp.pgalloc import TablePage
+from harness.tdp.spte import (
+    FROZEN_SPTE,
+    ROOT_LEVEL,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_ENT_PER_PAGE,
+    is_frozen_spte,
+    is_last_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    make_nonleaf_spte,
+    mark_spte_for_write_protect,
+    pages_per_level,
+    spte_to_pfn,
+)
+
+GFN_END = 1 << (9 * ROOT_LEVEL)  # first gfn past what a 4-level root maps
+
+
+class TdpMmu:
+    """The direct root (shared gfns) and, in a TDX VM, the mirror root (private gfns)."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        self.alloc = kvm.pgalloc
+        self.direct_root = self.alloc.alloc(ROOT_LEVEL, 0, mirror=False)
+        self.mirror_root = self.alloc.alloc(ROOT_LEVEL, 0, mirror=True) if kvm.tdx else None
+        self.awaiting_flush: list[TablePage] = []
+        self.stats = [0] * (ROOT_LEVEL + 1)  # present leaves per level (kvm_update_page_stats)
+
+    def roots(self) -> list[TablePage]:
+        return [r for r in (self.direct_root, self.mirror_root) if r is not None]
+
+    def root(self, private: bool) -> TablePage:
+        return self.mirror_root if private else self.direct_root
+
+    def iter(self, root: TablePage, start: int, end: int, min_level: int = PG_LEVEL_4K):
+        return TdpIter(self.alloc, root, start, end, min_level)
+
+    # --- the choke point ------------------------------------------------------
+
+    def handle_changed_spte(self, page: TablePage, gfn: int, old: int, new: int, level: int,
+                            external: bool = True):
+        """Generator: book-keep one SPTE change from ``old`` to ``new``.
+
+        ``external`` false means the caller already told the secure EPT (a merge).
+        """
+        if old == new:
+            return
+        was_present, now_present = is_shadow_present_pte(old), is_shadow_present_pte(new)
+        was_leaf = was_present and is_last_spte(old, level)
+        now_leaf = now_present and is_last_spte(new, level)
+        if was_present != now_present:
+            page.refcount += 1 if now_present else -1
+        if was_leaf:
+            self.stats[level] -= 1
+        if now_leaf:
+            self.stats[level] += 1
+            if is_writable_pte(new) and not (was_leaf and is_writable_pte(old)
+                                             and spte_to_pfn(old) == spte_to_pfn(new)):
+                self.kvm.dirty_log.mark_range(gfn, pages_per_level(level))
+        elif now_present and not (was_present and spte_to_pfn(old) == spte_to_pfn(new)):
+            # A table just linked: its children (none, or a split's leaves) count now.
+            self.stats[level - 1] += self.alloc.child(new).refcount
+        if page.mirror and external:
+            self._notify_external(gfn, old, new, level, was_leaf, now_present, now_leaf)
+        if was_present and not was_leaf and (not now_present or now_leaf
+                                             or spte_to_pfn(old) != spte_to_pfn(new)):
+            yield from self.handle_removed_pt(self.alloc.child(old), external)
+
+    def _notify_external(self, gfn, old, new, level, was_leaf, now_present, now_leaf):
+        """The mirror root's hooks into the secure EPT (KVM's *_external_spt ops)."""
+        sept = self.kvm.sept
+        if was_leaf and not now_present:
+            sept.remove(gfn, level)
+        elif was_leaf and not now_leaf:
+            sept.split(gfn, level)
+        elif now_leaf and not was_leaf:
+            sept.set(gfn, level, spte_to_pfn(new))
+
+    def handle_removed_pt(self, pt: TablePage, external: bool = True):
+        """Generator: freeze every entry of an unlinked table, then queue it for freeing.
+
+        A child some other thread has frozen is waited for: that thread will
+        write its final value into this (unlinked) table first.
+        """
+        step = pages_per_level(pt.level)
+        for i in range(SPTE_ENT_PER_PAGE):
+            old = pt.spt[i]
+            while is_frozen_spte(old):
+                yield
+                old = pt.spt[i]
+            pt.spt[i] = FROZEN_SPTE
+            if is_shadow_present_pte(old):
+                yield
+                yield from self.handle_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
+                                                    pt.level, external)
+        self.awaiting_flush.append(pt)
+
+    # --- writers ----------------------------------------------------------------
+
+    def set_spte_atomic(self, it: TdpIter, new: int):
+        """Generator: tdp_mmu_set_spte_atomic; False (and ``it.old_spte`` refreshed) if raced."""
+        yield
+        page, index = it.page, it.index
+        current = page.spt[index]
+        if current != it.old_spte:
+            it.old_spte = current
+            return False
+        page.spt[index] = new
+        yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
+        it.old_spte = new
+        return True
+
+    def link_sp(self, it: TdpIter):
+        """Generator: link a fresh empty table at a non-present entry (tdp_mmu_link_sp)."""
+        sp = self.alloc.alloc(it.level - 1, it.gfn, it.root.mirror)
+        if (yield from self.set_spte_atomic(it, make_nonleaf_spte(sp.pfn))):
+            return True
+        self.alloc.free(sp)  # never visible to anyone
+        return False
+
+    def write_frozen(self, frozen: list, new: int = SHADOW_NONPRESENT_VALUE):
+        """Generator: the "make" of break-before-make, after the flush."""
+        for page, index in frozen:
+            yield
+            page.spt[index] = new
+
+    def zap_spte_atomic(self, it: TdpIter):
+        """Generator: freeze -> flush -> write non-present, for one entry (tdp_mmu_zap_spte_atomic)."""
+        if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
+            return False
+        self.flush()
+        yield from self.write_frozen([(it.page, it.index)])
+        it.old_spte = SHADOW_NONPRESENT_VALUE
+        return True
+
+    def flush(self) -> None:
+        """kvm_flush_remote_tlbs: every vCPU drops its gpa translations; removed tables
+        become freeable once the RCU grace period that follows has elapsed."""
+        for vcpu in self.kvm.vcpus:
+            vcpu.flush_guest_physical()
+        pages, self.awaiting_flush = self.awaiting_flush, []
+        for pt in pages:
+            self.kvm.rcu.call_rcu(partial(self.alloc.free, pt))
+
+    # --- range operations (callers hold mmu_lock) ----------------------------------
+
+    def zap_leafs(self, root: TablePage, start: int, end: int, shared: bool = False):
+        """Generator: zap every leaf overlapping [start, end) with batched break-before-make.
+
+        All leaves are frozen first, then one flush, then all are written
+        non-present.  When another thread waits for mmu_lock the batch is
+        finished (flushed) before the lock is dropped (tdp_mmu_iter_cond_resched).
+        """
+        rcu = self.kvm.rcu
+        token = rcu.read_lock()
+        frozen = []
+        yielded_gfn = None
+        it = self.iter(root, start, end)
+        while it.valid:
+            spte = it.old_spte
+            if is_shadow_present_pte(spte) and is_last_spte(spte, it.level):
+                if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
+                    continue
+                frozen.append((it.page, it.index))
+            if self.kvm.mmu_lock.needbreak() and it.next_last_level_gfn != yielded_gfn:
+                yielded_gfn = it.next_last_level_gfn
+                token = yield from self._cond_resched(it, frozen, token, shared)
+                continue
+            it.next()
+        yield from self._finish_batch(frozen)
+        rcu.read_unlock(token)
+
+    def _finish_batch(self, frozen: list):
+        if frozen:
+            self.flush()
+            yield from self.write_frozen(frozen)
+            frozen.clear()
+
+    def _cond_resched(self, it: TdpIter, frozen: list, token: int, shared: bool):
+        """Generator: flush pending work, let waiters take mmu_lock, resume from ``it.gfn``."""
+        yield from self._finish_batch(frozen)
+        lock, rcu = self.kvm.mmu_lock, self.kvm.rcu
+        rcu.read_unlock(token)
+        if shared:
+            lock.read_unlock()
+            yield
+            yield from lock.read_lock()
+        else:
+            lock.write_unlock()
+            yield
+            yield from lock.write_lock()
+        token = rcu.read_lock()
+        it.restart()
+        return token
+
+    def zap_leafs_all_roots(self, start: int, end: int):
+        """Generator: zap [start, end) in the direct and the mirror root (slot removal)."""
+        for root in self.roots():
+            yield from self.zap_leafs(root, start, end)
+
+    def zap_root(self, root: TablePage):
+        """Generator: zap everything under ``root``; its tables go to the deferred free."""
+        rcu = self.kvm.rcu
+        token = rcu.read_lock()
+        frozen = []
+        it = self.iter(root, 0, GFN_END, min_level=ROOT_LEVEL)
+        while it.valid:
+            if is_shadow_present_pte(it.old_spte):
+                if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
+                    continue
+                frozen.append((it.page, it.index))
+            it.next()
+        yield from self._finish_batch(frozen)
+        rcu.read_unlock(token)
+
+    def write_protect(self, root: TablePage, start: int, end: int, gfns=None):
+        """Generator: clear hardware-writable on the leaves of [start, end) (or of ``gfns``).
+
+        Returns whether anything changed (the caller flushes).
+        """
+        rcu = self.kvm.rcu
+        token = rcu.read_lock()
+        changed = False
+        it = self.iter(root, start, end)
+        while it.valid:
+            spte = it.old_spte
+            if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
+                    and is_writable_pte(spte) and (gfns is None or it.gfn in gfns)):
+                if not (yield from self.set_spte_atomic(it, mark_spte_for_write_protect(spte))):
+                    continue
+                changed = True
+            it.next()
+        rcu.read_unlock(token)
+        return changed

@@ -1,0 +1,53 @@
+"""Host events: mmu-notifier invalidation (a page migration) and zap_all.
+
+Both act on shared mappings only: private leaves are never touched by host
+events (KVM_FILTER_SHARED; kvm_mmu_zap_all_fast spares the mirror root).  An
+invalidation brackets the host's change with invalidate_begin/end so faults
+that looked up a pfn before or during it retry instead of mapping the old page.
+"""
+
+from __future__ import annotations
+
+from harness.ops import OK, HostInvalidate, ZapAll
+
+
+def host_invalidate(kvm, op: HostInvalidate):
+    """Generator: the host migrates the shared pages backing [base, base+npages).
+
+    Whole 2M host pages move together, so the gfn ranges to zap are widened
+    to the slot pages sharing those host pages.
+    """
+    lo, hi = op.base, op.base + op.npages
+    ranges = []
+    for slot in kvm.memslots.overlapping(lo, hi):
+        a, b = slot.backing.host_page_range(max(lo, slot.base_gfn) - slot.base_gfn,
+                                            min(hi, slot.end_gfn) - slot.base_gfn)
+        ranges.append((slot, a, b))
+    if not ranges:
+        return OK
+    mmu = kvm.mmu
+    kvm.mn_active_invalidate_count += 1
+    yield from kvm.mmu_lock.write_lock()
+    kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
+                         ranges[-1][0].base_gfn + ranges[-1][2])
+    for slot, a, b in ranges:
+        yield from mmu.zap_leafs(mmu.direct_root, slot.base_gfn + a, slot.base_gfn + b)
+    kvm.mmu_lock.write_unlock()
+    yield
+    for slot, a, b in ranges:
+        if kvm.memslots.by_id.get(slot.id) is slot:  # a racing delete already dropped it
+            slot.backing.migrate(a, b)
+    yield
+    yield from kvm.mmu_lock.write_lock()
+    kvm.invalidate_end()
+    kvm.mn_active_invalidate_count -= 1
+    kvm.mmu_lock.write_unlock()
+    return OK
+
+
+def zap_all(kvm, op: ZapAll):
+    """Generator: kvm_mmu_zap_all_fast; drop every shared mapping and its tables."""
+    yield from kvm.mmu_lock.write_lock()
+    yield from kvm.mmu.zap_root(kvm.mmu.direct_root)
+    kvm.mmu_lock.write_unlock()
+    return OK

@@ -1,0 +1,204 @@
+"""Private memory: the secure-EPT model, TDG.MEM.PAGE.ACCEPT, and conversions.
+
+The secure EPT is what the TDX module holds and what a vCPU's private
+accesses walk: leaves with a pfn, a level and an accept state.  KVM never
+writes it directly; it changes only through the mirror root's hooks
+(tdx_sept_set_private_spte, _remove_, _split_, _merge_), called from
+handle_changed_spte, so a mirror/secure-EPT disagreement is a KVM bug.
+Accept state and private contents are kept per (slot, gfn) apart from the
+leaves (SEMANTICS §E); a leaf's state is that state when it was added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.ops import (
+    ALREADY_ACCEPTED,
+    EINVAL,
+    OK,
+    PAGE_SHIFT,
+    PAGES_PER_2M,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    SIZE_MISMATCH,
+    UNSUPPORTED,
+    Accept,
+    SetAttributes,
+)
+from harness.target import InvariantViolation
+from harness.tdp import lpage
+from harness.tdp.fault import kvm_mmu_page_fault
+from harness.tdp.huge import split_range
+from harness.tdp.spte import pages_per_level
+
+
+@dataclass
+class SeptLeaf:
+    """One secure-EPT leaf."""
+
+    pfn: int
+    level: int
+    accepted: bool
+
+
+class SecureEpt:
+    """The TDX module's view of a TD's private mappings."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        self.leaves: dict[tuple[int, int], SeptLeaf] = {}  # (level, first gfn) -> leaf
+        self.blocked: set[int] = set()  # first gfns of 2M ranges blocked for a merge
+
+    def lookup(self, gfn: int):
+        """The usable leaf mapping ``gfn``, or None (an EPT violation)."""
+        head = gfn - gfn % PAGES_PER_2M
+        if head in self.blocked:
+            return None
+        return self.leaves.get((PG_LEVEL_4K, gfn)) or self.leaves.get((PG_LEVEL_2M, head))
+
+    def _sync_error(self, what: str, gfn: int, level: int) -> InvariantViolation:
+        return InvariantViolation("mirror_sept_mismatch", f"{what} gfn={gfn:#x} level={level}")
+
+    def set(self, gfn: int, level: int, pfn: int) -> None:
+        """TDH.MEM.PAGE.AUG: add a leaf in the pages' recorded accept state."""
+        if (level, gfn) in self.leaves:
+            raise self._sync_error("aug over existing leaf", gfn, level)
+        slot = self.kvm.memslots.lookup(gfn)
+        first = gfn - slot.base_gfn
+        states = {i in slot.accepted for i in range(first, first + pages_per_level(level))}
+        if len(states) != 1:
+            raise self._sync_error("aug over mixed accept states", gfn, level)
+        self.leaves[(level, gfn)] = SeptLeaf(pfn, level, states.pop())
+
+    def remove(self, gfn: int, level: int) -> None:
+        """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf."""
+        if self.leaves.pop((level, gfn), None) is None:
+            raise self._sync_error("remove of missing leaf", gfn, level)
+
+    def split(self, gfn: int, level: int) -> None:
+        """TDH.MEM.PAGE.DEMOTE: a 2M leaf becomes 512 4K leaves in its state."""
+        leaf = self.leaves.pop((level, gfn), None)
+        if leaf is None:
+            raise self._sync_error("demote of missing leaf", gfn, level)
+        for i in range(PAGES_PER_2M):
+            self.leaves[(PG_LEVEL_4K, gfn + i)] = SeptLeaf(leaf.pfn + i, PG_LEVEL_4K,
+                                                           leaf.accepted)
+
+    def block(self, head: int) -> None:
+        """TDH.MEM.RANGE.BLOCK of a 2M range ahead of a merge."""
+        self.blocked.add(head)
+
+    def unblock(self, head: int) -> None:
+        """TDH.MEM.RANGE.UNBLOCK after a merge the module refused."""
+        self.blocked.discard(head)
+
+    def merge(self, head: int) -> bool:
+        """TDH.MEM.PAGE.PROMOTE: 512 contiguous 4K leaves in one accept state become 2M."""
+        children = [self.leaves.get((PG_LEVEL_4K, head + i)) for i in range(PAGES_PER_2M)]
+        if any(c is None for c in children):
+            raise self._sync_error("promote with missing children", head, PG_LEVEL_2M)
+        first = children[0]
+        if any(c.pfn != first.pfn + i or c.accepted != first.accepted
+               for i, c in enumerate(children)):
+            return False
+        for i in range(PAGES_PER_2M):
+            del self.leaves[(PG_LEVEL_4K, head + i)]
+        self.leaves[(PG_LEVEL_2M, head)] = SeptLeaf(first.pfn, PG_LEVEL_2M, first.accepted)
+        self.blocked.discard(head)
+        return True
+
+    def accept(self, leaf: SeptLeaf, gfn: int) -> None:
+        """TDG.MEM.PAGE.ACCEPT succeeded: zero the pages and record them accepted."""
+        slot = self.kvm.memslots.lookup(gfn)
+        n = pages_per_level(leaf.level)
+        first = gfn - slot.base_gfn
+        leaf.accepted = True
+        slot.accepted.update(range(first, first + n))
+        self.kvm.host.clear(leaf.pfn, n)
+
+
+def accept(kvm, vcpu, op: Accept):
+    """Generator: the guest's TDG.MEM.PAGE.ACCEPT of ``op.gpa`` at ``op.level``.
+
+    An unmapped range (or one mapped below the accept level) is an EPT
+    violation at that level: KVM maps it, merging 4K children if it can.  If
+    the mapping is still smaller, the module reports TDX_PAGE_SIZE_MISMATCH.
+    A 4K accept of a page under a pending 2M leaf makes KVM demote it first.
+    """
+    if not kvm.tdx:
+        return UNSUPPORTED
+    gfn = op.gpa >> PAGE_SHIFT
+    while True:
+        yield
+        leaf = kvm.sept.lookup(gfn)
+        if leaf is None or leaf.level < op.level:
+            exit_ = yield from kvm_mmu_page_fault(kvm, vcpu, op.gpa, False, False, True,
+                                                  op.level)
+            if exit_ is not None:
+                return exit_
+            leaf = kvm.sept.lookup(gfn)
+            if leaf is None:
+                continue
+            if leaf.level < op.level:
+                return SIZE_MISMATCH
+        if leaf.accepted:
+            return ALREADY_ACCEPTED
+        if leaf.level > op.level:
+            exit_ = yield from kvm_mmu_page_fault(kvm, vcpu, op.gpa, False, False, True,
+                                                  op.level)
+            if exit_ is not None:
+                return exit_
+            continue
+        kvm.sept.accept(leaf, gfn - gfn % pages_per_level(leaf.level))
+        return OK
+
+
+def set_memory_attributes(kvm, op: SetAttributes):
+    """Generator: kvm_vm_set_mem_attributes; zap -> flush -> change -> recompute mixed flags.
+
+    Runs as an mmu-notifier-style invalidation so racing faults retry.  The
+    zap walks memslots only (a cached MMIO SPTE of a slot-less gfn survives),
+    and huge private leaves that cross the range's edges are split first so
+    the zap never takes accepted neighbours with it.
+    """
+    if not kvm.tdx:
+        return UNSUPPORTED
+    if op.npages == 0:
+        return EINVAL
+    lo, hi, private = op.base, op.base + op.npages, op.private
+    attributes = kvm.attributes
+    if not attributes.ranges_in_state(lo, hi, not private):
+        return OK  # "Nothing to do if the entire range has the desired attributes"
+    yield from kvm.slots_lock.write_lock()
+    yield from kvm.mmu_lock.write_lock()
+    kvm.invalidate_begin(lo, hi)
+    mmu = kvm.mmu
+    for slot in kvm.memslots.overlapping(lo, hi):
+        a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
+        if private:
+            yield from mmu.zap_leafs(mmu.direct_root, a, b)
+        else:
+            for edge in (a, b - 1):
+                yield from split_range(kvm, mmu.mirror_root, edge, edge + 1)
+            yield from mmu.zap_leafs(mmu.mirror_root, a, b)
+    changed = attributes.ranges_in_state(lo, hi, not private)
+    attributes.set(lo, hi, private)
+    for slot in kvm.memslots.overlapping(lo, hi):
+        lpage.update_mixed(attributes, slot, lo, hi)
+        if slot.private and not private:
+            for a, b in changed:
+                _drop_private_state(kvm, slot, max(a, slot.base_gfn), min(b, slot.end_gfn))
+    kvm.invalidate_end()
+    kvm.mmu_lock.write_unlock()
+    kvm.slots_lock.write_unlock()
+    return OK
+
+
+def _drop_private_state(kvm, slot, lo: int, hi: int) -> None:
+    """Conversion to shared discards private contents and accept state of [lo, hi)."""
+    if lo >= hi:
+        return
+    first, last = lo - slot.base_gfn, hi - slot.base_gfn
+    slot.accepted.difference_update([i for i in slot.accepted if first <= i < last])
+    kvm.host.clear(slot.gmem.pfn(first), last - first)  # gmem never migrates: contiguous

@@ -1,0 +1,148 @@
+"""Yield points, mmu_lock, RCU and the two-sided interleaver.
+
+Every path that touches shared MMU state is a generator that yields at its
+yield points (each SPTE read, cmpxchg, write, lock and RCU boundary).  A yield
+of ``None`` is a plain yield point; a yield of a callable means "blocked until
+this returns true".  Sequential execution drains one generator (``run``);
+``interleave`` runs two, picking who steps by the bits of a schedule.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+# A correct op finishes in far fewer steps; beyond this it is livelocked.
+STEP_CAP = 200_000
+
+
+class Hang(Exception):
+    """A livelock or deadlock: an op did not finish within the step cap."""
+
+
+def run(gen):
+    """Drain ``gen`` alone and return its value; a block nobody can lift is a hang."""
+    steps = 0
+    try:
+        while True:
+            wait = next(gen)
+            if wait is not None and not wait():
+                raise Hang("blocked with no other thread to unblock it")
+            steps += 1
+            if steps > STEP_CAP:
+                raise Hang(f"no progress after {STEP_CAP} steps")
+    except StopIteration as stop:
+        return stop.value
+
+
+def interleave(a, b, schedule: int, after_step=None):
+    """Run generators ``a`` and ``b`` interleaved; return their values ``(ra, rb)``.
+
+    Bit i of ``schedule`` (LSB first) picks who takes step i (0 = a, 1 = b);
+    after its highest set bit the sides alternate.  Picking a blocked or
+    finished side steps the other.  ``after_step`` runs after every step (the
+    RCU grace-period machinery hangs off it).
+    """
+    sides, waits, done, results = [a, b], [None, None], [False, False], [None, None]
+    last = schedule.bit_length()
+    step = 0
+    while not (done[0] and done[1]):
+        want = (schedule >> step) & 1 if step < last else step & 1
+        runnable = [not done[i] and (waits[i] is None or waits[i]()) for i in (0, 1)]
+        if not runnable[want]:
+            if not runnable[1 - want]:
+                raise Hang("both sides blocked")
+            want = 1 - want
+        try:
+            waits[want] = next(sides[want])
+        except StopIteration as stop:
+            done[want], results[want], waits[want] = True, stop.value, None
+        if after_step is not None:
+            after_step()
+        step += 1
+        if step > STEP_CAP:
+            raise Hang(f"no progress after {STEP_CAP} steps")
+    return results[0], results[1]
+
+
+class RwLock:
+    """kvm->mmu_lock: faults take it for read; memslot updates and zap_all for write."""
+
+    def __init__(self):
+        self.readers = 0
+        self.writer = False
+        self.waiters = 0  # threads spinning on the lock: what rwlock_needbreak sees
+
+    def _readable(self) -> bool:
+        return not self.writer
+
+    def _writable(self) -> bool:
+        return not self.writer and self.readers == 0
+
+    def read_lock(self):
+        """Generator: take the lock for read (a lock boundary is a yield point)."""
+        yield from self._wait(self._readable)
+        self.readers += 1
+        yield
+
+    def read_unlock(self) -> None:
+        self.readers -= 1
+
+    def write_lock(self):
+        """Generator: take the lock for write."""
+        yield from self._wait(self._writable)
+        self.writer = True
+        yield
+
+    def write_unlock(self) -> None:
+        self.writer = False
+
+    def needbreak(self) -> bool:
+        """Someone is waiting: a long holder should drop the lock (cond_resched)."""
+        return self.waiters > 0
+
+    def _wait(self, ready):
+        if ready():
+            return
+        self.waiters += 1
+        while not ready():
+            yield ready
+        self.waiters -= 1
+
+
+class Rcu:
+    """RCU: readers mark their section; callbacks run once every older reader is done.
+
+    A reader that started before ``call_rcu`` may still hold a pointer the
+    callback frees, so the callback waits for it (a grace period).
+    """
+
+    def __init__(self):
+        self._seq = 0
+        self._readers: dict[int, int] = {}  # token -> seq at rcu_read_lock
+        self._next_token = 0
+        self._callbacks: deque = deque()  # (seq, fn), seq increasing
+
+    def read_lock(self) -> int:
+        """Enter a read-side section; returns the token for ``read_unlock``."""
+        token = self._next_token
+        self._next_token += 1
+        self._readers[token] = self._seq
+        return token
+
+    def read_unlock(self, token: int) -> None:
+        del self._readers[token]
+
+    def call_rcu(self, fn) -> None:
+        """Run ``fn`` after a grace period."""
+        self._callbacks.append((self._seq, fn))
+        self._seq += 1
+
+    def process(self) -> None:
+        """Run every callback whose grace period has elapsed (a quiescent point)."""
+        oldest = min(self._readers.values(), default=self._seq)
+        while self._callbacks and self._callbacks[0][0] < oldest:
+            self._callbacks.popleft()[1]()
+
+    def pending(self) -> bool:
+        """Callbacks are still waiting for their grace period."""
+        return bool(self._callbacks)

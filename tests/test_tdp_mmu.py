@@ -1,0 +1,333 @@
+"""TDP MMU mechanisms, each pinned by a short program run beside the reference.
+
+Every op goes through ``Vm.do``: the reference must allow the tdp outcome and
+the invariants must hold afterwards, so each test checks guest-visible
+behaviour and structure at once, then asserts the mechanism it is about.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.ops import (
+    OK,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    Access,
+    AccessKind,
+    DirtyLog,
+    GetDirtyLog,
+    HostInvalidate,
+    MemslotAdd,
+    MemslotDelete,
+    MemslotFlag,
+    MemslotSetFlags,
+    MmioExit,
+    Ok,
+    Parallel,
+    Recover,
+    SetAttributes,
+    Split,
+    VeUnexpected,
+    VmHeader,
+    VmType,
+    ZapAll,
+)
+from harness.target import InvariantViolation
+from harness.tdp import TdpTarget
+from harness.tdp.spte import (
+    FROZEN_SPTE,
+    SHADOW_NONPRESENT_VALUE,
+    is_large_pte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    spte_index,
+    spte_to_pfn,
+)
+from reference.model import Reference
+
+HUGE = MemslotFlag.HOST_HUGE
+PRIVATE = MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE
+
+
+class Vm:
+    """A tdp target and the reference side by side; every outcome must be allowed."""
+
+    def __init__(self, tdx: bool = False, vcpus: int = 2):
+        header = VmHeader(VmType.TDX if tdx else VmType.DEFAULT, vcpus)
+        self.target = TdpTarget()
+        self.target.reset(header)
+        self.kvm = self.target.kvm
+        self.ref = Reference(header)
+
+    def do(self, op):
+        actual = self.target.execute(op)
+        if isinstance(op, Parallel):
+            trial = self.ref.copy()
+            if trial.step(op.a, actual.a) is None and trial.step(op.b, actual.b) is None:
+                self.ref = trial
+            else:
+                self.ref.step(op.b, actual.b)
+                assert self.ref.step(op.a, actual.a) is None, f"{op}: tdp {actual}"
+        else:
+            expect = self.ref.step(op, actual)
+            assert expect is None, f"{op}: reference {expect}, tdp {actual}"
+        self.target.check_invariants()
+        return actual
+
+    def write(self, gfn, value, word=0, vcpu=0, private=False):
+        return self.do(Access(vcpu, gfn << 12, False, word, AccessKind.WRITE, value, private))
+
+    def read(self, gfn, word=0, vcpu=0, private=False):
+        return self.do(Access(vcpu, gfn << 12, False, word, AccessKind.READ, None, private))
+
+    def leaf(self, gfn, private=False):
+        """(level, spte) of the leaf mapping ``gfn``, or None."""
+        mmu = self.kvm.mmu
+        page = mmu.root(private)
+        for level in (4, 3, 2, 1):
+            spte = page.spt[spte_index(gfn, level)]
+            if not is_shadow_present_pte(spte):
+                return None
+            if level == 1 or is_large_pte(spte):
+                return level, spte
+            page = mmu.alloc.child(spte)
+        return None
+
+    def table_at_2m(self, gfn, private=False):
+        """The 4K table under the 2M entry of ``gfn``."""
+        mmu = self.kvm.mmu
+        page = mmu.root(private)
+        for level in (4, 3, 2):
+            page = mmu.alloc.child(page.spt[spte_index(gfn, level)])
+        return page
+
+
+def huge_vm(**slot):
+    vm = Vm()
+    args = {"slot": 0, "base": 0x200, "npages": 0x400, "flags": HUGE, "host_offset": 0} | slot
+    vm.do(MemslotAdd(**args))
+    return vm
+
+
+# --- lazy faults and the lpage rules ---------------------------------------------
+
+def test_fault_maps_2m_only_for_an_aligned_huge_backed_range():
+    vm = huge_vm()
+    vm.write(0x203, 7)
+    level, spte = vm.leaf(0x203)
+    assert level == PG_LEVEL_2M
+    assert spte_to_pfn(spte) == vm.kvm.memslots.lookup(0x200).backing.pfn(0)
+    assert vm.read(0x203) == Ok(7)
+
+
+@pytest.mark.parametrize("slot, gfn", [
+    ({"base": 0x201, "npages": 0x3ff}, 0x202),        # slot head: [0x200, 0x400) not inside
+    ({"base": 0x200, "npages": 0x3ff}, 0x401),        # slot tail
+    ({"host_offset": 1}, 0x210),                      # gfn and host page misaligned
+    ({"flags": MemslotFlag(0)}, 0x210),               # host backs with 4K pages
+    ({"flags": HUGE | MemslotFlag.DIRTY_LOG}, 0x210),  # dirty logging forces 4K
+])
+def test_fault_maps_4k_where_a_2m_leaf_is_illegal(slot, gfn):
+    vm = huge_vm(**slot)
+    vm.write(gfn, 1)
+    assert vm.leaf(gfn)[0] == PG_LEVEL_4K
+
+
+def test_misaligned_slot_base_with_matching_host_offset_still_maps_2m():
+    vm = huge_vm(base=0x201, npages=0x5ff, host_offset=1)
+    vm.read(0x400)
+    assert vm.leaf(0x400)[0] == PG_LEVEL_2M  # (0x400 - 0x201 + 1) % 512 == 0
+
+
+def test_read_fault_installs_writable_spte_and_readonly_slot_does_not():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.read(0x200)
+    assert is_writable_pte(vm.leaf(0x200)[1])
+    vm.do(MemslotAdd(1, 0x800, 1, MemslotFlag.READONLY, 0))
+    vm.read(0x800)
+    assert not is_writable_pte(vm.leaf(0x800)[1])
+    assert vm.write(0x800, 1) == MmioExit(0x800000, True)
+
+
+# --- split, collapse, break-before-make ---------------------------------------------
+
+def test_eager_split_children_map_pfn_plus_i_and_recover_collapses():
+    vm = huge_vm()
+    vm.write(0x200, 5)
+    huge_pfn = spte_to_pfn(vm.leaf(0x200)[1])
+    vm.do(Split(0))
+    for i in (0, 1, 511):
+        level, spte = vm.leaf(0x200 + i)
+        assert level == PG_LEVEL_4K and spte_to_pfn(spte) == huge_pfn + i
+    vm.do(Recover())
+    assert vm.leaf(0x200) is None        # shared: collapsed by zap, refaults at 2M
+    assert vm.read(0x200) == Ok(5)
+    assert vm.leaf(0x200)[0] == PG_LEVEL_2M
+
+
+def test_zap_is_break_before_make_frozen_at_flush_then_nonpresent():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1)
+    mmu = vm.kvm.mmu
+    table, index = vm.table_at_2m(0x300), spte_index(0x300, 1)
+    seen, flush = [], mmu.flush
+    mmu.flush = lambda: (seen.append(table.spt[index]), flush())
+    vm.do(HostInvalidate(0x300, 1))
+    assert seen == [FROZEN_SPTE]
+    assert table.spt[index] == SHADOW_NONPRESENT_VALUE
+
+
+def test_2m_fault_over_a_shared_table_replaces_it_break_before_make():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x200, HUGE, 0))
+    vm.write(0x200, 9)
+    vm.do(Split(0))
+    old_table = vm.table_at_2m(0x200)
+    vm.do(SetAttributes(0x205, 1, True))    # zaps the 4K leaf of 0x205, marks 2M mixed
+    vm.do(SetAttributes(0x205, 1, False))   # uniform again: 2M legal, the table remains
+    mmu = vm.kvm.mmu
+    parent = mmu.alloc.child(mmu.alloc.child(mmu.direct_root.spt[0]).spt[0])
+    at_flush, flush = [], mmu.flush
+    mmu.flush = lambda: (at_flush.append(parent.spt[1]), flush())
+    assert vm.read(0x205) == Ok(0)
+    assert vm.leaf(0x205)[0] == PG_LEVEL_2M
+    assert at_flush[0] == FROZEN_SPTE       # frozen, flushed, then the 2M leaf written
+    assert old_table.freed
+    assert vm.read(0x200) == Ok(9)
+
+
+# --- deferred free -----------------------------------------------------------------------
+
+def test_removed_tables_are_freed_only_after_flush_and_grace_period():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1)
+    kvm = vm.kvm
+    table = vm.table_at_2m(0x300)
+    reader = kvm.rcu.read_lock()   # a walker that could still see the table
+    outcome = vm.target.execute(ZapAll())
+    assert outcome == OK and not kvm.mmu.awaiting_flush
+    assert not table.freed and kvm.rcu.pending()
+    kvm.rcu.read_unlock(reader)
+    kvm.quiesce()
+    assert table.freed and not kvm.rcu.pending()
+    vm.ref.step(ZapAll(), OK)
+    vm.target.check_invariants()
+    assert vm.read(0x300) == Ok(1)
+
+
+def test_leaked_table_is_an_invariant_violation():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1)
+    vm.kvm.mmu.awaiting_flush.append(vm.table_at_2m(0x300))
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.check_invariants()
+    assert error.value.name == "leaked_table_page"
+
+
+# --- memslot generation and MMIO SPTEs -----------------------------------------------------
+
+def test_mmio_spte_is_cached_then_made_stale_by_a_memslot_add():
+    vm = Vm()
+    assert vm.read(0x300, word=4) == MmioExit(0x300020, False)
+    spte = vm.table_at_2m(0x300).spt[spte_index(0x300, 1)]
+    assert is_mmio_spte(spte, vm.kvm.mmio_value)
+    generation = vm.kvm.memslots.generation
+    assert vm.read(0x300, word=4) == MmioExit(0x300020, False)   # served from the MMIO SPTE
+    vm.do(MemslotAdd(0, 0x300, 0x10, MemslotFlag(0), 0))
+    assert vm.kvm.memslots.generation == generation + 1
+    assert vm.write(0x300, 3, word=4) == Ok()
+    assert vm.read(0x300, word=4) == Ok(3)
+
+
+def test_tdx_hardware_sees_a_zeroed_entry_as_ve_unexpected():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0))
+    vm.write(0x210, 1)
+    table = vm.table_at_2m(0x210)
+    vm.kvm.mmu.flush()
+    table.spt[spte_index(0x210, 1)] = 0   # what the nonpresent-zero bug writes
+    outcome = vm.target.execute(Access(0, 0x210000, False, 0, AccessKind.READ, None, False))
+    assert outcome == VeUnexpected(0x210000)
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.check_invariants()
+    assert error.value.name == "nonpresent_value"
+
+
+def test_last_used_slot_cache_never_outlives_a_memslot_update():
+    vm = huge_vm()
+    vcpu = vm.kvm.vcpus[0]
+    slot = vcpu.gfn_to_memslot(0x300)
+    assert slot is vm.kvm.memslots.by_id[0] and vcpu.gfn_to_memslot(0x301) is slot
+    vm.do(MemslotDelete(0))
+    assert vcpu.gfn_to_memslot(0x300) is None
+
+
+def test_slot_delete_zaps_and_poisons_its_host_pages():
+    vm = huge_vm()
+    vm.write(0x200, 1)
+    pfn = spte_to_pfn(vm.leaf(0x200)[1])
+    vm.do(MemslotDelete(0))
+    assert vm.leaf(0x200) is None and vm.kvm.host.is_poisoned(pfn)
+    assert vm.read(0x200) == MmioExit(0x200000, False)
+
+
+# --- host migration and flushes --------------------------------------------------------------
+
+def test_host_invalidate_migrates_contents_and_breaks_the_2m_host_page():
+    vm = huge_vm()
+    vm.write(0x201, 0x42, vcpu=1)
+    old_pfn = spte_to_pfn(vm.leaf(0x201)[1])
+    vm.do(HostInvalidate(0x201, 1))
+    assert vm.kvm.host.is_poisoned(old_pfn + 1)
+    assert not vm.kvm.vcpus[1].tlb_shared
+    assert vm.read(0x201, vcpu=1) == Ok(0x42)
+    assert vm.leaf(0x201)[0] == PG_LEVEL_4K       # host page now split: no 2M leaf
+    assert vm.read(0x400) == Ok(0) and vm.leaf(0x400)[0] == PG_LEVEL_2M
+
+
+def test_a_stale_host_translation_touches_a_poisoned_page():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1)
+    stale = dict(vm.kvm.vcpus[0].tlb_shared)
+    vm.do(HostInvalidate(0x300, 1))
+    vm.kvm.vcpus[0].tlb_shared.update(stale)   # as if the flush had been lost
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.execute(Access(0, 0x300000, False, 0, AccessKind.READ, None, False))
+    assert error.value.name == "stale_host_page_access"
+
+
+# --- dirty logging ----------------------------------------------------------------------------
+
+def test_dirty_log_enable_splits_and_write_protects_then_logs_writes():
+    vm = huge_vm()
+    vm.write(0x200, 1)
+    vm.do(MemslotSetFlags(0, HUGE | MemslotFlag.DIRTY_LOG))
+    level, spte = vm.leaf(0x200)
+    assert level == PG_LEVEL_4K and not is_writable_pte(spte)
+    vm.write(0x203, 2)
+    vm.write(0x203, 3, word=1)
+    assert vm.do(GetDirtyLog(0)) == DirtyLog((0x203,))
+    assert not is_writable_pte(vm.leaf(0x203)[1])   # re-protected by the get
+    assert vm.do(GetDirtyLog(0)) == DirtyLog(())
+    vm.write(0x203, 4)
+    assert vm.do(GetDirtyLog(0)) == DirtyLog((0x203,))
+
+
+def test_disabling_dirty_log_lets_huge_pages_come_back():
+    vm = huge_vm(flags=HUGE | MemslotFlag.DIRTY_LOG)
+    vm.write(0x210, 1)
+    assert vm.leaf(0x210)[0] == PG_LEVEL_4K
+    vm.do(MemslotSetFlags(0, HUGE))
+    assert vm.read(0x210) == Ok(1)
+    assert vm.leaf(0x210)[0] == PG_LEVEL_2M
+
+
+def test_unlogged_write_is_an_invariant_violation():
+    vm = huge_vm(flags=HUGE | MemslotFlag.DIRTY_LOG)
+    vm.write(0x210, 1)
+    vm.kvm.memslots.by_id[0].dirty.bitmap.clear()
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.check_invariants()
+    assert error.value.name == "dirty_log_covers_writes"

@@ -1,0 +1,101 @@
+"""``parallel``: two ops interleaved at the yield points, for every short schedule.
+
+Each pair is replayed under many schedules from the same starting program;
+every pair of outcomes must be explained by ``a;b`` or ``b;a`` and every
+invariant must hold once both sides (and the RCU callbacks) are done.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_tdp_mmu import HUGE, PRIVATE, Vm
+
+from harness.ops import (
+    Access,
+    AccessKind,
+    HostInvalidate,
+    MemslotAdd,
+    MemslotDelete,
+    MemslotFlag,
+    Parallel,
+    Recover,
+    SetAttributes,
+    Split,
+    ZapAll,
+)
+from harness.tdp import fault
+
+SCHEDULES = range(0, 1 << 9, 3)
+
+
+def read(gfn, vcpu=0, private=False):
+    return Access(vcpu, gfn << 12, False, 0, AccessKind.READ, None, private)
+
+
+def write(gfn, value, vcpu=0, private=False):
+    return Access(vcpu, gfn << 12, False, 0, AccessKind.WRITE, value, private)
+
+
+def sweep(setup, a, b):
+    """Run ``setup`` then ``parallel a b`` under every schedule; return the outcomes seen."""
+    seen = set()
+    for schedule in SCHEDULES:
+        vm = setup()
+        seen.add(vm.do(Parallel(a, b, schedule)))
+        vm.do(read(0x200, vcpu=0))
+    return seen
+
+
+def shared_vm(flags=HUGE):
+    vm = Vm()
+    vm.do(MemslotAdd(0, 0x200, 0x400, flags, 0))
+    vm.do(write(0x201, 0x5, vcpu=1))
+    return vm
+
+
+def test_two_vcpus_faulting_the_same_2m_range():
+    outcomes = sweep(shared_vm, write(0x200, 1, vcpu=0), read(0x201, vcpu=1))
+    assert len(outcomes) >= 1
+
+
+@pytest.mark.parametrize("host_op", [ZapAll(), Recover(), Split(0), HostInvalidate(0x200, 1),
+                                     HostInvalidate(0x201, 0x200), MemslotDelete(0)])
+def test_access_against_host_work(host_op):
+    sweep(shared_vm, write(0x201, 7, vcpu=0), host_op)
+    sweep(lambda: shared_vm(MemslotFlag(0)), read(0x201, vcpu=0), host_op)
+
+
+def test_fault_racing_an_invalidation_retries():
+    stale = []
+    original = fault.is_page_fault_stale
+
+    def spy(kvm, f):
+        result = original(kvm, f)
+        stale.append(result)
+        return result
+    fault.is_page_fault_stale = spy
+    try:
+        sweep(lambda: shared_vm(MemslotFlag(0)), read(0x300, vcpu=0), HostInvalidate(0x300, 1))
+    finally:
+        fault.is_page_fault_stale = original
+    assert True in stale   # some schedule made the fault retry instead of mapping
+
+
+def test_memslot_add_racing_an_mmio_fault():
+    def empty():
+        vm = Vm()
+        vm.do(read(0x300))
+        return vm
+    sweep(empty, read(0x300, vcpu=1), MemslotAdd(0, 0x300, 0x10, MemslotFlag(0), 0))
+
+
+def test_private_access_racing_conversion_and_recover():
+    def tdx():
+        vm = Vm(tdx=True)
+        vm.do(MemslotAdd(0, 0x200, 0x400, PRIVATE, 0))
+        vm.do(SetAttributes(0x200, 0x200, True))
+        vm.do(read(0x201, private=True))
+        vm.do(Split(0))
+        return vm
+    sweep(tdx, read(0x205, private=True), SetAttributes(0x205, 1, False))
+    sweep(tdx, read(0x205, private=True), Recover())

@@ -1,0 +1,142 @@
+"""Private memory in a TDX VM: mirror root, secure EPT, accept, merge, conversion."""
+
+from __future__ import annotations
+
+from test_tdp_mmu import PRIVATE, Vm
+
+from harness.ops import (
+    ALREADY_ACCEPTED,
+    OK,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    SIZE_MISMATCH,
+    Accept,
+    HostInvalidate,
+    MemoryFaultExit,
+    MemslotAdd,
+    Ok,
+    Recover,
+    SetAttributes,
+    Split,
+    VePending,
+    ZapAll,
+)
+from harness.tdp.spte import is_shadow_present_pte
+
+
+def private_vm(base=0x200, npages=0x400):
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, base, npages, PRIVATE, 0))
+    vm.do(SetAttributes(0x200, 0x200, True))
+    return vm
+
+
+def accept(vm, gfn, level):
+    return vm.do(Accept(0, gfn << 12, level))
+
+
+def sept_levels(vm, lo, hi):
+    return sorted({leaf.level for (level, gfn), leaf in vm.kvm.sept.leaves.items()
+                   if lo <= gfn < hi})
+
+
+def test_accept_2m_maps_a_2m_private_leaf_in_mirror_and_sept():
+    vm = private_vm()
+    assert vm.read(0x210, private=True) == VePending(0x210000)
+    assert accept(vm, 0x200, PG_LEVEL_2M) == OK
+    assert vm.leaf(0x210, private=True)[0] == PG_LEVEL_2M
+    assert vm.kvm.sept.leaves[(PG_LEVEL_2M, 0x200)].accepted
+    vm.write(0x210, 7, private=True)
+    assert vm.read(0x210, private=True) == Ok(7)
+    assert accept(vm, 0x200, PG_LEVEL_2M) == ALREADY_ACCEPTED
+    assert vm.leaf(0x210) is None   # nothing in the direct root
+
+
+def test_accept_4k_under_a_pending_2m_leaf_demotes_it_first():
+    vm = private_vm()
+    vm.read(0x200, private=True)     # ve_pending, but maps the 2M leaf
+    assert vm.leaf(0x200, private=True)[0] == PG_LEVEL_2M
+    assert accept(vm, 0x203, PG_LEVEL_4K) == OK
+    assert vm.leaf(0x203, private=True)[0] == PG_LEVEL_4K
+    assert sept_levels(vm, 0x200, 0x400) == [PG_LEVEL_4K]
+    assert vm.read(0x203, private=True) == Ok(0)
+    assert vm.read(0x204, private=True) == VePending(0x204000)
+
+
+def test_accept_2m_over_mixed_4k_pages_is_size_mismatch_after_populating():
+    vm = private_vm()
+    assert accept(vm, 0x201, PG_LEVEL_4K) == OK
+    assert accept(vm, 0x200, PG_LEVEL_2M) == SIZE_MISMATCH
+    table = vm.table_at_2m(0x200, private=True)
+    assert all(is_shadow_present_pte(spte) for spte in table.spt)   # children populated
+    assert vm.read(0x205, private=True) == VePending(0x205000)
+
+
+def test_fault_path_merges_populated_children_in_place():
+    vm = private_vm()
+    vm.read(0x200, private=True)
+    vm.do(SetAttributes(0x205, 1, False))   # splits the 2M leaf at the edge, zaps 0x205
+    assert vm.leaf(0x204, private=True)[0] == PG_LEVEL_4K
+    vm.do(SetAttributes(0x205, 1, True))
+    assert vm.read(0x205, private=True) == VePending(0x205000)
+    assert vm.leaf(0x205, private=True)[0] == PG_LEVEL_2M   # populated 0x205, merged all 512
+
+
+def test_recover_merges_uniformly_accepted_4k_pages_keeping_contents():
+    vm = private_vm()
+    accept(vm, 0x200, PG_LEVEL_2M)
+    vm.write(0x3ff, 0x99, private=True)
+    vm.do(Split(0))
+    assert sept_levels(vm, 0x200, 0x400) == [PG_LEVEL_4K]
+    vm.do(Recover())
+    assert vm.leaf(0x3ff, private=True)[0] == PG_LEVEL_2M
+    assert vm.read(0x3ff, private=True) == Ok(0x99)   # merged in place, never zapped
+
+
+def test_recover_leaves_mixed_accept_states_at_4k_and_never_populates():
+    vm = private_vm()
+    accept(vm, 0x201, PG_LEVEL_4K)
+    vm.do(Recover())
+    table = vm.table_at_2m(0x200, private=True)
+    assert sum(map(is_shadow_present_pte, table.spt)) == 1
+    vm.read(0x202, private=True)
+    vm.do(Recover())
+    assert vm.leaf(0x201, private=True)[0] == PG_LEVEL_4K
+
+
+def test_host_events_never_touch_private_leaves():
+    vm = private_vm()
+    accept(vm, 0x200, PG_LEVEL_2M)
+    vm.write(0x200, 5, private=True)
+    leaf = vm.leaf(0x200, private=True)
+    vm.do(ZapAll())
+    vm.do(HostInvalidate(0x200, 0x200))
+    assert vm.leaf(0x200, private=True) == leaf
+    assert vm.read(0x200, private=True) == Ok(5)
+
+
+def test_conversion_to_shared_drops_private_state_and_keeps_shared_contents():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x400, PRIVATE, 0))
+    vm.write(0x200, 0x11)
+    vm.do(SetAttributes(0x200, 0x200, True))
+    assert vm.read(0x200) == MemoryFaultExit(0x200000, False)
+    accept(vm, 0x200, PG_LEVEL_2M)
+    vm.write(0x200, 0x22, private=True)
+    vm.do(SetAttributes(0x200, 0x200, False))
+    assert vm.leaf(0x200, private=True) is None and not vm.kvm.sept.leaves
+    assert vm.read(0x200) == Ok(0x11)
+    vm.do(SetAttributes(0x200, 0x200, True))
+    assert vm.read(0x200, private=True) == VePending(0x200000)
+
+
+def test_mixed_flag_follows_conversions():
+    vm = private_vm()
+    slot = vm.kvm.memslots.by_id[0]
+    assert 1 not in slot.lpage_mixed          # 2M range 0x200 is uniformly private
+    vm.do(SetAttributes(0x300, 1, False))
+    assert 1 in slot.lpage_mixed
+    vm.read(0x301, private=True)
+    assert vm.leaf(0x301, private=True)[0] == PG_LEVEL_4K
+    vm.do(SetAttributes(0x300, 1, True))
+    assert 1 not in slot.lpage_mixed
