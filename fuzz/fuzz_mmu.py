@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""libFuzzer entry point (atheris): the OSS-Fuzz / ClusterFuzzLite fuzz target.
+
+Standalone (``python -m fuzz.fuzz_mmu [libFuzzer flags] [CORPUS...]``, or the
+binary OSS-Fuzz builds from this file) it fuzzes the default target (tdp, no
+fault) and reports a finding as a crash.  Started by ``mmufuzz fuzz`` (the
+campaign directory is in ``$MMUFUZZ_CAMPAIGN``) it fuzzes that campaign's
+target and fault, records findings and keeps going.
+
+Coverage comes from atheris's bytecode instrumentation of ``harness`` and
+``reference`` (what the program exercised in the MMU and the model) plus one
+extra libFuzzer counter per generic outcome feature (:class:`fuzz.worker.CampaignTarget`).
+The encoder, mutator and runner are not instrumented: their branches say
+nothing about the system under test.
+"""
+
+import ctypes
+import sys
+
+import atheris
+
+
+def at_libfuzzer_exit(callback):
+    """Call ``callback`` when libFuzzer ends the run normally (a limit reached).
+
+    libFuzzer leaves with C ``exit()``, which skips Python's ``atexit``; a C
+    exit handler still runs.  Returns the handler: the caller keeps it alive.
+    """
+    handler = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: callback())
+    ctypes.CDLL(None).__cxa_atexit(handler, None, None)
+    return handler
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    # Everything that imports harness/ or reference/ (the target too) happens in here.
+    with atheris.instrument_imports(include=["harness", "reference"]):
+        from fuzz.mutator import custom_crossover, custom_mutator
+        from fuzz.worker import CounterSink, Worker
+        worker = Worker.from_environment(CounterSink(atheris._reserve_counter,
+                                                     atheris._trace_branch))
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        return custom_mutator(data, max_size, seed, atheris.Mutate)
+
+    atheris.Setup(worker.libfuzzer_argv(argv), worker.test_one_input,
+                  custom_mutator=mutate, custom_crossover=custom_crossover)
+    final_heartbeat = at_libfuzzer_exit(worker.heartbeat)  # noqa: F841 (kept alive until exit)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

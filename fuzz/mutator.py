@@ -1,0 +1,281 @@
+"""Structure-aware mutation of programs: libFuzzer's custom mutator and crossover.
+
+libFuzzer's byte flips mostly land in selector bytes and shift every later op,
+so on their own they rarely make the small structural edits that matter to an
+MMU (one more access after a zap, the same op on another vCPU, two ops turned
+into a ``parallel``).  This module mutates :class:`Program` objects instead:
+``decode`` -> mutate -> ``encode``.
+
+Every mutation is valid by construction: new ops and new field values are
+produced by decoding bytes *in the context of the ops before them*, so they
+come from the encoding's interesting pools (slot bounds, 2M frames, gfns used
+earlier) and pass its cross-field fix-ups; whole-op edits (delete, duplicate,
+swap, splice) keep ops that were valid for the header; a numeric nudge goes
+through :func:`fuzz.encoding.conform`.  Nothing here knows a bug: every choice
+is generic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Optional
+
+from harness.ops import Parallel, Program, VmHeader, VmType, domain, op_vcpu
+from fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
+
+# Random bytes behind a freshly generated op: enough for a parallel with literals.
+FRESH_OP_BYTES = 40
+# Chance that one custom-mutator call hands the input to libFuzzer's byte mutator.
+BYTE_MUTATION_RATE = 0.15
+# Stacked structural mutations per call: 1 + a geometric number of extra ones.
+EXTRA_MUTATION_RATE = 0.3
+ATTEMPTS = 8
+
+ByteMutate = Callable[[bytes, int], bytes]
+
+
+# --- helpers ------------------------------------------------------------------
+
+def _with_ops(program: Program, ops) -> Program:
+    return Program(program.header, tuple(ops))
+
+
+def _prefix_bytes(program: Program, index: int) -> bytes:
+    """The canonical bytes of the header and ``program.ops[:index]``."""
+    return encode(_with_ops(program, program.ops[:index]))
+
+
+def _decode_after(prefix: bytes, index: int, op_bytes: bytes):
+    """The op ``op_bytes`` decodes to after the ``index`` ops of ``prefix``, or None."""
+    decoded = decode(prefix + op_bytes)
+    return decoded.ops[index] if len(decoded.ops) > index else None
+
+
+def encode_within(program: Program, max_size: int) -> bytes:
+    """Canonical bytes of ``program``, cut to its longest op prefix that fits ``max_size``.
+
+    The encoding is sequential (each op's bytes depend only on the ops before
+    it), so the bytes of an op prefix are a prefix of the bytes: decoding the
+    first ``max_size`` bytes keeps every complete op, and the possibly padded
+    last one is dropped if it does not fit.
+    """
+    data = encode(program)
+    if len(data) <= max_size:
+        return data
+    head = decode(data[:max_size])
+    data = encode(head)
+    if len(data) <= max_size:
+        return data
+    return encode(_with_ops(head, head.ops[:-1]))
+
+
+# --- mutations: each returns a candidate program or None ----------------------
+
+def insert_op(program: Program, rng: random.Random) -> Optional[Program]:
+    """Insert a fresh op, drawn from the pools of the ops before it."""
+    if len(program.ops) >= MAX_OPS:
+        return None
+    index = rng.randint(0, len(program.ops))
+    op = _decode_after(_prefix_bytes(program, index), index, rng.randbytes(FRESH_OP_BYTES))
+    if op is None:
+        return None
+    return _with_ops(program, program.ops[:index] + (op,) + program.ops[index:])
+
+
+def delete_op(program: Program, rng: random.Random) -> Optional[Program]:
+    """Drop one op."""
+    if not program.ops:
+        return None
+    index = rng.randrange(len(program.ops))
+    return _with_ops(program, program.ops[:index] + program.ops[index + 1:])
+
+
+def duplicate_op(program: Program, rng: random.Random) -> Optional[Program]:
+    """Repeat one op somewhere later (the same access after something changed)."""
+    if not program.ops or len(program.ops) >= MAX_OPS:
+        return None
+    source = rng.randrange(len(program.ops))
+    index = rng.randint(source + 1, len(program.ops))
+    ops = program.ops
+    return _with_ops(program, ops[:index] + (ops[source],) + ops[index:])
+
+
+def swap_ops(program: Program, rng: random.Random) -> Optional[Program]:
+    """Exchange two ops, usually neighbours (reordering is what races are made of)."""
+    if len(program.ops) < 2:
+        return None
+    i = rng.randrange(len(program.ops) - 1)
+    j = i + 1 if rng.random() < 0.5 else rng.randrange(i + 1, len(program.ops))
+    ops = list(program.ops)
+    ops[i], ops[j] = ops[j], ops[i]
+    return _with_ops(program, ops)
+
+
+def reselect_field(program: Program, rng: random.Random) -> Optional[Program]:
+    """Re-pick one field of one op: most often another value of its interesting pool.
+
+    Works on the op's bytes in context: one selector byte gets a new small
+    index (a pool pick), any byte, or the literal escape.
+    """
+    if not program.ops:
+        return None
+    index = rng.randrange(len(program.ops))
+    prefix = _prefix_bytes(program, index)
+    data = bytearray(_prefix_bytes(program, index + 1)[len(prefix):])
+    if len(data) < 2:
+        return None
+    position = rng.randrange(1, len(data))
+    data[position] = rng.choice((rng.randrange(16), rng.randrange(256), LITERAL))
+    op = _decode_after(prefix, index, bytes(data))
+    if op is None:
+        return None
+    return _with_ops(program, program.ops[:index] + (op,) + program.ops[index + 1:])
+
+
+def _edit_field(program: Program, rng: random.Random, kinds: tuple,
+                new_value: Callable) -> Optional[Program]:
+    """Replace one field whose domain kind is in ``kinds``, of one op or one side of a pair."""
+    if not program.ops:
+        return None
+    index = rng.randrange(len(program.ops))
+    op = program.ops[index]
+    side = rng.choice(("a", "b", None)) if isinstance(op, Parallel) else None
+    target = getattr(op, side) if side else op
+    names = [f.name for f in dataclasses.fields(target)
+             if domain(type(target), f.name).kind in kinds and getattr(target, f.name) is not None]
+    if not names:
+        return None
+    name = rng.choice(names)
+    value = new_value(getattr(target, name), domain(type(target), name), rng)
+    changed = dataclasses.replace(target, **{name: value})
+    if side:
+        changed = dataclasses.replace(op, **{side: changed})
+    changed = conform(changed, program.header)
+    return _with_ops(program, program.ops[:index] + (changed,) + program.ops[index + 1:])
+
+
+def _nudged(value: int, dom, rng: random.Random) -> int:
+    """A neighbour of an int field: one unit, one 2M frame, a bit flip, or a bound."""
+    unit = dom.align * rng.choice((1, 1, 512))
+    step = rng.randrange(4)
+    if step == 0:
+        value += unit
+    elif step == 1:
+        value -= unit
+    elif step == 2:
+        value ^= dom.align << rng.randrange(max(1, (dom.hi // dom.align).bit_length() - 1))
+    else:
+        value = rng.choice((dom.lo, dom.hi - dom.align))
+    return min(max(value, dom.lo), dom.hi - 1) // dom.align * dom.align
+
+
+def _recast(value, dom, rng: random.Random):
+    """Another value of a choice field: a flipped bool, any enum member, one flag toggled."""
+    if dom.kind == "bool":
+        return not value
+    choices = list(dom.choices.values())
+    return rng.choice(choices) if dom.kind == "enum" else value ^ rng.choice(choices)
+
+
+def nudge_field(program: Program, rng: random.Random) -> Optional[Program]:
+    """Move one numeric field to a neighbour (off-by-one pages, the next 2M frame, ...)."""
+    return _edit_field(program, rng, ("int",), _nudged)
+
+
+def recast_field(program: Program, rng: random.Random) -> Optional[Program]:
+    """Give one choice field (enum, flag set, bool) another value: read -> fetch, 4k -> 2m, ..."""
+    return _edit_field(program, rng, ("enum", "flags", "bool"), _recast)
+
+
+def pair_ops(program: Program, rng: random.Random) -> Optional[Program]:
+    """Join two neighbouring ops into a ``parallel``, or split a ``parallel`` into its sides."""
+    if not program.ops:
+        return None
+    index = rng.randrange(len(program.ops))
+    ops = program.ops
+    if isinstance(ops[index], Parallel):
+        if len(ops) >= MAX_OPS:
+            return None
+        pair = ops[index]
+        sides = (pair.a, pair.b) if rng.random() < 0.5 else (pair.b, pair.a)
+        return _with_ops(program, ops[:index] + sides + ops[index + 1:])
+    if index + 1 >= len(ops) or isinstance(ops[index + 1], Parallel):
+        return None
+    a, b = ops[index], ops[index + 1]
+    if op_vcpu(a) is not None and op_vcpu(a) == op_vcpu(b):
+        return None
+    pair = Parallel(a, b, rng.getrandbits(rng.choice((4, 8, 64))))
+    return _with_ops(program, ops[:index] + (pair,) + ops[index + 2:])
+
+
+def change_header(program: Program, rng: random.Random) -> Optional[Program]:
+    """Switch the VM type, or add a vCPU (removing one is valid only if it is unused)."""
+    header = program.header
+    if rng.random() < 0.5:
+        kind = VmType.TDX if header.type is VmType.DEFAULT else VmType.DEFAULT
+        return Program(dataclasses.replace(header, type=kind), program.ops)
+    used = max((_max_vcpu(op) for op in program.ops), default=-1)
+    vcpus = rng.randint(used + 1 if used >= 0 else 1, domain(VmHeader, "vcpus").hi - 1)
+    return Program(dataclasses.replace(header, vcpus=vcpus), program.ops)
+
+
+def _max_vcpu(op) -> int:
+    if isinstance(op, Parallel):
+        return max(_max_vcpu(op.a), _max_vcpu(op.b))
+    vcpu = op_vcpu(op)
+    return -1 if vcpu is None else vcpu
+
+
+# Weighted: field edits dominate, as in libFuzzer's own mutator mix.
+MUTATIONS = (
+    (insert_op, 4), (delete_op, 3), (duplicate_op, 2), (swap_ops, 2),
+    (reselect_field, 5), (nudge_field, 3), (recast_field, 3), (pair_ops, 1), (change_header, 1),
+)
+_FUNCTIONS = tuple(f for f, _ in MUTATIONS)
+_WEIGHTS = tuple(w for _, w in MUTATIONS)
+
+
+def mutate(program: Program, rng: random.Random) -> Program:
+    """One structural mutation of ``program``: a valid program that differs if it can."""
+    for _ in range(ATTEMPTS):
+        mutation = rng.choices(_FUNCTIONS, _WEIGHTS)[0]
+        candidate = mutation(program, rng)
+        if candidate is not None and candidate != program:
+            return candidate
+    return program
+
+
+def splice(first: Program, second: Program, rng: random.Random) -> Program:
+    """A prefix of ``first`` followed by a suffix of ``second``, in a VM fitting both."""
+    header = VmHeader(first.header.type, max(first.header.vcpus, second.header.vcpus))
+    cut_first = rng.randint(0, len(first.ops))
+    cut_second = rng.randint(0, len(second.ops))
+    # Every op of either side is valid in the wider VM: vCPU numbers stay below its count.
+    return Program(header, (first.ops[:cut_first] + second.ops[cut_second:])[:MAX_OPS])
+
+
+# --- libFuzzer's entry points ---------------------------------------------------
+
+def custom_mutator(data: bytes, max_size: int, seed: int,
+                   byte_mutate: Optional[ByteMutate] = None) -> bytes:
+    """``LLVMFuzzerCustomMutator``: canonical bytes of a mutated program, at most ``max_size``.
+
+    With ``byte_mutate`` (``atheris.Mutate``), a fraction of calls use
+    libFuzzer's own byte mutations instead: they find encodings no structural
+    edit reaches (a literal escape, a different op stream after a shifted byte).
+    """
+    rng = random.Random(seed)
+    if byte_mutate is not None and rng.random() < BYTE_MUTATION_RATE:
+        return encode_within(decode(byte_mutate(data, max_size)), max_size)
+    program = decode(data)
+    program = mutate(program, rng)
+    while rng.random() < EXTRA_MUTATION_RATE:
+        program = mutate(program, rng)
+    return encode_within(program, max_size)
+
+
+def custom_crossover(first: bytes, second: bytes, max_size: int, seed: int) -> bytes:
+    """``LLVMFuzzerCustomCrossOver``: splice two corpus programs."""
+    program = splice(decode(first), decode(second), random.Random(seed))
+    return encode_within(program, max_size)

@@ -1,0 +1,221 @@
+"""One libFuzzer worker: run each input differentially, record findings, report progress.
+
+libFuzzer owns the loop; :meth:`Worker.test_one_input` is its callback.  It
+decodes the bytes (total: no input is wasted), runs the program on the target
+and the reference, and on a finding either records it in the campaign
+directory and carries on (under ``mmufuzz fuzz``: a finding is not a crash) or,
+standalone under OSS-Fuzz/ClusterFuzzLite, raises :class:`FindingError` so the
+infrastructure reports it as a crash.
+
+Memory stays flat: the one target instance is reset per input and the
+reference is rebuilt per input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+from harness import faults
+from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
+from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
+from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults, write_atomic
+from fuzz.encoding import Reproducer, decode
+from fuzz.runner import Finding, make_target, run_program
+
+HEARTBEAT_SECONDS = 1.0
+_JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
+
+
+class FindingError(Exception):
+    """A finding surfaced as a crash, for libFuzzer setups without a campaign directory."""
+
+
+class CampaignTarget:
+    """The target as a campaign runs it: outcome features out, invariant checks sampled.
+
+    Features: each op's kind (with an access's read/write/fetch, gpa/gva and
+    shared/private, a parallel's two sides) and outcome kind; and for each pair
+    of consecutive ops, the first's plain op and outcome kinds with the
+    second's (its access details kept, its parallel sides dropped, so that
+    their number stays in the thousands).
+    This is coverage of the *guest-visible* behaviour the MMU produced, which
+    line coverage of ``harness/`` cannot tell apart (the same lines return
+    ``ok`` and ``mmio_exit``).  ``sink(key)`` feeds a feature to libFuzzer.
+
+    Invariant checks cost several times an op, so a campaign checks after
+    every op only on some inputs and after the last op on the others
+    (:meth:`begin`); a finding is then rerun with every check, as replay does.
+    """
+
+    def __init__(self, target, sink: Optional[Callable[[str], None]] = None):
+        self.target, self.sink = target, sink
+        self.name = target.name
+        self.executed = 0
+        self._previous = "start"
+        self._check_from = 0
+
+    def begin(self, ops: int, every_op: bool) -> None:
+        """Set how the next program checks invariants: after every op, or only after its last."""
+        self._check_from = 0 if every_op else ops
+
+    def reset(self, header) -> None:
+        self.target.reset(header)
+        self.executed = 0
+        self._previous = "start"
+
+    def execute(self, op):
+        self.executed += 1
+        outcome = self.target.execute(op)
+        if self.sink is not None:
+            kind = _outcome_feature(outcome, coarse=True)
+            self.sink(f"{_op_feature(op)}->{_outcome_feature(outcome)}")
+            self.sink(f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}")
+            self._previous = f"{op_name(op)}->{kind}"
+        return outcome
+
+    def check_invariants(self) -> None:
+        if self.executed >= self._check_from:
+            self.target.check_invariants()
+
+
+def _op_feature(op, coarse: bool = False) -> str:
+    if isinstance(op, Parallel):
+        return "parallel" if coarse else f"parallel({_op_feature(op.a)},{_op_feature(op.b)})"
+    if isinstance(op, Access):
+        return (f"access.{op.kind.value}.{'gva' if op.virtual else 'gpa'}"
+                f"{'.private' if op.private else ''}")
+    return op_name(op)
+
+
+def _outcome_feature(outcome, coarse: bool = False) -> str:
+    if isinstance(outcome, PairOutcome) and not coarse:
+        return f"({_outcome_feature(outcome.a)},{_outcome_feature(outcome.b)})"
+    try:
+        return outcome_kind(outcome)
+    except KeyError:
+        return "invalid"
+
+
+class CounterSink:
+    """Maps feature keys to extra libFuzzer counters, one counter per distinct key.
+
+    ``reserve`` and ``trace`` are atheris's counter hooks; a counter's hit
+    count is bucketed by libFuzzer, so "seen once" and "seen many times in one
+    input" are different features, as for branch coverage.
+    """
+
+    def __init__(self, reserve: Callable[[], int], trace: Callable[[int], None]):
+        self.reserve, self.trace = reserve, trace
+        self.counters: dict[str, int] = {}
+
+    def __call__(self, key: str) -> None:
+        counter = self.counters.get(key)
+        if counter is None:
+            counter = self.counters[key] = self.reserve()
+        self.trace(counter)
+
+
+class Worker:
+    """The state of one fuzzing process: target, counters, and where findings go."""
+
+    def __init__(self, config: CampaignConfig, layout: Optional[Layout] = None,
+                 sink: Optional[CounterSink] = None):
+        self.config, self.layout, self.sink = config, layout, sink
+        self.inject = injected_faults(config.inject)
+        self.target = CampaignTarget(make_target(config.target), sink)
+        self.store = FindingStore(layout.findings) if layout else None
+        self.execs = self.ops = 0
+        self.started = time.time()
+        self._next_heartbeat = 0.0
+
+    @classmethod
+    def from_environment(cls, sink=None) -> "Worker":
+        """Under ``mmufuzz fuzz`` the campaign directory is in the environment; else defaults."""
+        root = os.environ.get(CAMPAIGN_ENV)
+        if not root:
+            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink)
+        layout = Layout(Path(root))
+        return cls(CampaignConfig.load(layout.config), layout, sink)
+
+    def _checks_every_op(self, data: bytes) -> bool:
+        """Deterministic per input, so a rerun of the same bytes makes the same choice."""
+        rate = self.config.invariant_rate
+        return rate >= 1 or (zlib.crc32(data) % 1000) < rate * 1000
+
+    def run(self, data: bytes):
+        """Decode and run one input; return ``(program, finding)``."""
+        program = decode(data)
+        every_op = self._checks_every_op(data)
+        with faults.injected(self.inject):
+            self.target.begin(len(program.ops), every_op)
+            finding = run_program(program, self.target)
+            self.ops += self.target.executed
+            if finding is not None and not every_op:
+                # Replay checks invariants after every op: report what a replay will see.
+                self.target.begin(len(program.ops), True)
+                finding = run_program(program, self.target)
+        self.execs += 1
+        return program, finding
+
+    def test_one_input(self, data: bytes) -> None:
+        """libFuzzer's callback."""
+        program, finding = self.run(data)
+        if finding is not None:
+            self.on_finding(data, program, finding)
+        if time.monotonic() >= self._next_heartbeat:
+            self.heartbeat()
+
+    def on_finding(self, data: bytes, program, finding: Finding) -> None:
+        """Record the finding once per signature, or raise it where no campaign collects it."""
+        if self.store is None:
+            raise FindingError(self.report(program, finding))
+        if not self.store.has(finding.signature):
+            self.store.record(data, self.report(program, finding), finding.signature)
+
+    def report(self, program, finding: Finding) -> str:
+        """The raw finding as a reproducer: header, ``>>>`` marker, expected vs actual."""
+        repro = Reproducer(program, None, {"expect": "divergence"})
+        return Replay(repro, self.config.target, self.config.inject, finding).report()
+
+    def heartbeat(self) -> None:
+        """Publish this worker's counters for the campaign's progress line."""
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+        if self.layout is None:
+            return
+        status = {"pid": os.getpid(), "execs": self.execs, "ops": self.ops,
+                  "features": len(self.sink.counters) if self.sink else 0,
+                  "started": self.started, "updated": time.time()}
+        write_atomic(self.layout.workers / f"{os.getpid()}.json", json.dumps(status) + "\n")
+
+    def libfuzzer_argv(self, argv: list) -> list:
+        """The argv for ``atheris.Setup``: a re-executable argv[0], one seed per libFuzzer job.
+
+        libFuzzer's ``-jobs`` re-runs ``argv[0]`` through the shell, so it must
+        be a command that starts this interpreter on this module, whatever the
+        install.  All jobs get the same flags; job N (whose log is
+        ``fuzz-N.log``) fuzzes with ``-seed`` plus N so they do not repeat
+        each other.
+        """
+        if self.layout is None:
+            return argv
+        argv = [shlex.join([sys.executable, "-m", "fuzz.fuzz_mmu"])] + argv[1:]
+        job = _libfuzzer_job()
+        return [f"-seed={int(a.split('=', 1)[1]) + job}" if a.startswith("-seed=") else a
+                for a in argv]
+
+
+def _libfuzzer_job() -> int:
+    """The job number libFuzzer gave this process (its output goes to ``fuzz-N.log``)."""
+    try:
+        match = _JOB_LOG.search(os.readlink("/proc/self/fd/1"))
+    except OSError:
+        return 0
+    return int(match.group(1)) if match else 0

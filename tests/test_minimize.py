@@ -1,0 +1,212 @@
+"""The minimizer: known-minimal results from padded programs, signatures kept, flakiness told."""
+
+from __future__ import annotations
+
+from harness.ops import (Access, AccessKind, DirtyLog, FlushTlb, GetDirtyLog, HostInvalidate,
+                         Invlpg, MemslotAdd, MemslotDelete, MemslotFlag, MemslotMove,
+                         MemslotSetFlags, Ok, Paging, Program, Recover, SetAttributes, Split,
+                         VmHeader, VmType, ZapAll)
+from harness.target import InvariantViolation
+import fuzz.minimize
+from fuzz.cli import main
+from fuzz.encoding import encode, format_program, load_reproducer
+from fuzz.minimize import minimize, report
+from fuzz.runner import ReferenceTarget, make_target, run_program
+from planted import ZapForgets
+
+NO_FLAGS = MemslotFlag(0)
+
+
+def write(gpa, value, vcpu=0, word=0):
+    return Access(vcpu, gpa, False, word, AccessKind.WRITE, value, False)
+
+
+def read(gpa, vcpu=0, word=0):
+    return Access(vcpu, gpa, False, word, AccessKind.READ, None, False)
+
+
+class DirtyLogCrash(ReferenceTarget):
+    """Planted: reporting a non-empty dirty log raises."""
+
+    name = "dirty-log-crash"
+
+    def execute(self, op):
+        outcome = super().execute(op)
+        if isinstance(outcome, DirtyLog) and outcome.gfns:
+            raise RuntimeError(f"gfn={outcome.gfns[0]:#x} bitmap overflow")
+        return outcome
+
+
+class RecoverBreaks(ReferenceTarget):
+    """Planted: once two slots exist, ``recover`` breaks a named invariant."""
+
+    name = "recover-breaks"
+
+    def reset(self, header):
+        super().reset(header)
+        self.slots, self.broken = set(), False
+
+    def execute(self, op):
+        outcome = super().execute(op)
+        if isinstance(op, MemslotAdd) and outcome == Ok():
+            self.slots.add(op.slot)
+        self.broken |= isinstance(op, Recover) and len(self.slots) >= 2
+        return outcome
+
+    def check_invariants(self):
+        if self.broken:
+            raise InvariantViolation("refcount_matches_children", "gfn=0x0 level=2")
+
+
+class EveryOtherRun(ZapForgets):
+    """Planted flakiness: the zap bug shows only on every other run of one instance."""
+
+    name = "every-other-run"
+
+    def __init__(self):
+        self.runs = 0
+
+    def reset(self, header):
+        super().reset(header)
+        self.runs += 1
+
+    def execute(self, op):
+        if self.runs % 2:
+            return super().execute(op)
+        return ReferenceTarget.execute(self, op)
+
+
+def padded(header, core, noise):
+    """``core`` ops with ``noise`` ops interleaved before each of them."""
+    ops = []
+    for index, op in enumerate(core):
+        ops += noise[index::len(core)]
+        ops.append(op)
+    return Program(header, tuple(ops))
+
+
+SLOT = MemslotAdd(0, 0x100, 0x10, NO_FLAGS, 0)
+NOISE = (
+    MemslotAdd(5, 0x4000, 0x200, MemslotFlag.HOST_HUGE, 0), write(0x4000000, 9, vcpu=2),
+    read(0x4001000, vcpu=3), FlushTlb(1), Invlpg(2, 0x5000), Paging(3, None),
+    HostInvalidate(0x4000, 0x10), MemslotSetFlags(5, MemslotFlag.HOST_HUGE | MemslotFlag.DIRTY_LOG),
+    GetDirtyLog(5), read(0x9000000, vcpu=1), write(0x4002000, 3, vcpu=1, word=7),
+    MemslotDelete(7), Split(5), SetAttributes(0x4000, 1, True), read(0x100000, vcpu=3, word=9),
+    MemslotAdd(6, 0x100000, 0x40000, NO_FLAGS, 0), GetDirtyLog(6),
+)
+HEADER = VmHeader(VmType.DEFAULT, 4)
+
+# (target class, minimal core, noise): the core is the known-minimal program.
+CASES = {
+    "divergence": (ZapForgets, (SLOT, write(0x100000, 0x2a), ZapAll(), read(0x100000)), NOISE),
+    "crash": (DirtyLogCrash, (MemslotAdd(0, 0x100, 0x10, MemslotFlag.DIRTY_LOG, 0),
+                              write(0x100000, 1), GetDirtyLog(0)), NOISE[:5] + NOISE[9:]),
+    "invariant": (RecoverBreaks, (SLOT, MemslotAdd(1, 0x200, 0x10, NO_FLAGS, 0), Recover()),
+                  NOISE),
+}
+
+
+def spec(cls) -> str:
+    return f"{cls.__module__}:{cls.__name__}"
+
+
+def test_each_planted_case_reaches_its_known_minimal_size_with_the_same_signature():
+    for kind, (cls, core, noise) in CASES.items():
+        program = padded(HEADER, core, noise)
+        before = run_program(program, cls())
+        assert before is not None and before.kind == kind, kind
+        assert run_program(Program(HEADER, core), cls()).signature == before.signature
+
+        result = minimize(program, spec(cls))
+        assert result.reproducible and not result.flaky
+        assert result.signature == before.signature == result.finding.signature, kind
+        assert len(result.program.ops) <= 1.2 * len(core), (kind, format_program(result.program))
+        assert run_program(result.program, cls()).signature == before.signature
+        assert result.original_ops == len(program.ops) > 3 * len(core)
+
+
+def test_a_slot_move_is_dropped_together_with_the_address_change_it_forced():
+    moved = (SLOT, write(0x100000, 0x2a), MemslotMove(0, 0x800), ZapAll(), read(0x800000))
+    program = padded(HEADER, moved, NOISE)
+    assert run_program(Program(HEADER, moved[:2] + moved[3:]), ZapForgets()) is None
+    result = minimize(program, spec(ZapForgets))
+    assert len(result.program.ops) == 4, format_program(result.program)
+    assert result.signature == run_program(program, ZapForgets()).signature
+
+
+def test_fields_and_numbering_are_simplified():
+    _, core, noise = CASES["divergence"]
+    core = (MemslotAdd(9, 0x100, 0x10, MemslotFlag.HOST_HUGE, 17),
+            write(0x100000, 0x2a, vcpu=3, word=5), ZapAll(), read(0x100000, vcpu=3, word=5))
+    result = minimize(padded(HEADER, core, noise), spec(ZapForgets))
+    add, store, _, load = result.program.ops
+    assert result.program.header.vcpus == 1 and store.vcpu == load.vcpu == 0
+    assert add == MemslotAdd(0, 0x100, 0x1, NO_FLAGS, 0)
+    assert store.value == 1 and store.word == load.word
+
+
+def test_no_program_runs_twice(monkeypatch):
+    ran = []
+
+    def recording(program, target, **kwargs):
+        ran.append(program)
+        return run_program(program, target, **kwargs)
+
+    monkeypatch.setattr(fuzz.minimize, "run_program", recording)
+    result = minimize(padded(HEADER, CASES["divergence"][1], NOISE), spec(ZapForgets))
+    # The first replays repeat the input on purpose; every later candidate is new.
+    assert result.runs == len(ran) > 20
+    later = ran[result.attempts:]
+    assert len(later) == len(set(later))
+
+
+def test_flaky_finding_is_reported_not_minimized():
+    program = padded(HEADER, CASES["divergence"][1], NOISE)
+    result = minimize(program, spec(EveryOtherRun))
+    assert result.flaky and not result.reproducible
+    assert result.program == program and 0 < result.reproduced < result.attempts
+    text = report(result, spec(EveryOtherRun), "none")
+    assert "# flaky: signature" in text and "# expect:" not in text
+
+
+def test_clean_program_is_not_reproduced():
+    result = minimize(Program(HEADER, (SLOT, read(0x100000))), spec(ZapForgets))
+    assert result.reproduced == 0 and not result.flaky and result.finding is None
+
+
+def test_deadline_stops_reduction_and_keeps_a_failing_program():
+    program = padded(HEADER, CASES["divergence"][1], NOISE)
+    result = minimize(program, spec(ZapForgets), max_seconds=0)
+    assert result.reproducible and result.runs <= result.attempts + 1
+    assert run_program(result.program, make_target(spec(ZapForgets))) is not None
+
+
+def test_cli_minimize_writes_a_reproducer_that_replays_with_the_same_signature(tmp_path, capsys):
+    raw = tmp_path / "raw.repro"
+    raw.write_text(format_program(padded(HEADER, CASES["divergence"][1], NOISE),
+                                  meta={"target": spec(ZapForgets)}))
+    out = tmp_path / "min.repro"
+    assert main(["minimize", str(raw), "-o", str(out)]) == 0
+    assert "minimized 21 -> 4 ops" in capsys.readouterr().err
+    text = out.read_text()
+    for line in ("# finding: divergence at op 3 (access)", f"# target: {spec(ZapForgets)}",
+                 "# inject: none", "# signature: ", "# expected: ok(0x1)", "# actual:   ok(0x0)",
+                 ">>> access vcpu=0 gpa=0x100000 word=0 kind=read private=0"):
+        assert line in text, line
+    signature = load_reproducer(out).meta["signature"]
+    assert main(["replay", str(out)]) == 1
+    assert f"divergence {signature}" in capsys.readouterr().out
+
+
+def test_cli_minimize_takes_raw_fuzzer_bytes(tmp_path, capsys):
+    raw = tmp_path / "input.bin"
+    raw.write_bytes(encode(padded(HEADER, CASES["divergence"][1], NOISE)))
+    assert main(["minimize", str(raw), "--target", spec(ZapForgets)]) == 0
+    assert ">>> access" in capsys.readouterr().out
+
+
+def test_cli_minimize_of_a_clean_file_exits_1(tmp_path, capsys):
+    clean = tmp_path / "clean.repro"
+    clean.write_text(format_program(Program(HEADER, (SLOT, read(0x100000)))))
+    assert main(["minimize", str(clean), "--target", "reference"]) == 1
+    assert "not reproduced: no finding in 3 replays" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""The structure-aware mutator: valid by construction, each edit does what it says, generic."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness import faults
+from harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_name
+from fuzz import mutator
+from fuzz.encoding import MAX_OPS, decode, encode, format_program, load_reproducer, parse_reproducer
+
+SEEDS = [load_reproducer(p).program
+         for p in sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))]
+
+
+def valid(program: Program) -> bool:
+    """Canonical for the byte encoding and accepted by the text parser."""
+    return (len(program.ops) <= MAX_OPS and decode(encode(program)) == program
+            and parse_reproducer(format_program(program)).program == program)
+
+
+@pytest.mark.parametrize("mutation", [f for f, _ in mutator.MUTATIONS], ids=lambda f: f.__name__)
+def test_every_mutation_keeps_programs_valid(mutation):
+    rng = random.Random(mutation.__name__)
+    changed = 0
+    for round_ in range(150):
+        program = SEEDS[round_ % len(SEEDS)]
+        candidate = mutation(program, rng)
+        if candidate is not None:
+            assert valid(candidate), format_program(candidate)
+            changed += candidate != program
+    assert changed > 50
+
+
+def test_stacked_mutations_stay_valid_and_reach_every_op_kind():
+    rng = random.Random(7)
+    seen = Counter()
+    for round_ in range(300):
+        program = SEEDS[round_ % len(SEEDS)]
+        for _ in range(4):
+            program = mutator.mutate(program, rng)
+        assert valid(program)
+        seen.update(op_name(op) for op in program.ops)
+    assert set(seen) == set(OP_NAMES.values())
+
+
+def test_insert_adds_one_op_and_keeps_the_others_in_order():
+    rng = random.Random(1)
+    program = SEEDS[0]
+    for _ in range(50):
+        grown = mutator.insert_op(program, rng)
+        assert len(grown.ops) == len(program.ops) + 1
+        rest = list(grown.ops)
+        for op in program.ops:  # the old ops are a subsequence of the new ones
+            rest = rest[rest.index(op) + 1:]
+
+
+def test_delete_duplicate_and_swap_rearrange_existing_ops():
+    rng = random.Random(2)
+    program = SEEDS[1]
+    for _ in range(50):
+        shorter = mutator.delete_op(program, rng)
+        assert len(shorter.ops) == len(program.ops) - 1
+        assert not Counter(shorter.ops) - Counter(program.ops)
+        longer = mutator.duplicate_op(program, rng)
+        assert Counter(longer.ops) - Counter(program.ops) in [Counter({op: 1})
+                                                              for op in program.ops]
+        swapped = mutator.swap_ops(program, rng)
+        assert Counter(swapped.ops) == Counter(program.ops)
+
+
+def test_reselect_and_nudge_change_one_op_only():
+    rng = random.Random(3)
+    program = SEEDS[2]
+    for mutation in (mutator.reselect_field, mutator.nudge_field):
+        for _ in range(50):
+            changed = mutation(program, rng)
+            if changed is None:
+                continue
+            diff = [i for i, (a, b) in enumerate(zip(program.ops, changed.ops)) if a != b]
+            assert len(changed.ops) == len(program.ops) and len(diff) <= 1
+
+
+def test_pair_ops_joins_neighbours_on_different_vcpus_and_splits_pairs():
+    rng = random.Random(4)
+    joined = split = 0
+    for _ in range(200):
+        program = SEEDS[rng.randrange(len(SEEDS))]
+        candidate = mutator.pair_ops(program, rng)
+        if candidate is None:
+            continue
+        pairs_before = sum(isinstance(op, Parallel) for op in program.ops)
+        pairs_after = sum(isinstance(op, Parallel) for op in candidate.ops)
+        joined += pairs_after > pairs_before
+        split += pairs_after < pairs_before
+    assert joined and split
+
+
+def test_header_change_never_drops_a_vcpu_in_use():
+    rng = random.Random(5)
+    program = SEEDS[0]  # uses vcpus 0 and 1
+    headers = {mutator.change_header(program, rng).header for _ in range(100)}
+    assert all(h.vcpus >= 2 for h in headers)
+    assert {h.type for h in headers} == {VmType.DEFAULT, VmType.TDX}
+
+
+def test_splice_joins_a_prefix_and_a_suffix_in_a_vm_fitting_both():
+    rng = random.Random(6)
+    first, second = SEEDS[5], SEEDS[6]  # 1 vcpu and 2 vcpus
+    for _ in range(50):
+        child = mutator.splice(first, second, rng)
+        assert child.header == VmHeader(first.header.type, 2)
+        cut = next((i for i in range(len(child.ops) + 1)
+                    if child.ops[:i] == first.ops[:i] and
+                    child.ops[i:] == second.ops[len(second.ops) - (len(child.ops) - i):]), None)
+        assert cut is not None and valid(child)
+
+
+def test_custom_mutator_is_deterministic_canonical_and_within_max_size():
+    data = encode(SEEDS[3])
+    for seed in range(200):
+        out = mutator.custom_mutator(data, 120, seed)
+        assert out == mutator.custom_mutator(data, 120, seed)
+        assert len(out) <= 120 and encode(decode(out)) == out
+        data = out if seed % 3 else data
+
+
+def test_custom_mutator_mixes_in_libfuzzers_byte_mutation_sometimes():
+    calls = []
+
+    def byte_mutate(data, max_size):
+        calls.append(max_size)
+        return bytes(reversed(data))
+
+    for seed in range(400):
+        out = mutator.custom_mutator(encode(SEEDS[0]), 4096, seed, byte_mutate)
+        assert encode(decode(out)) == out
+    assert 0.05 < len(calls) / 400 < 0.3
+
+
+def test_encode_within_keeps_the_longest_op_prefix_that_fits():
+    program = SEEDS[3]
+    full = encode(program)
+    for size in (1, 5, len(full) // 2, len(full) - 1, len(full)):
+        out = mutator.encode_within(program, size)
+        head = decode(out)
+        assert len(out) <= size and head.ops == program.ops[:len(head.ops)]
+        if len(head.ops) < len(program.ops):
+            assert len(encode(Program(program.header, program.ops[:len(head.ops) + 1]))) > size
+
+
+def test_crossover_output_is_canonical_and_fits():
+    out = mutator.custom_crossover(encode(SEEDS[1]), encode(SEEDS[2]), 64, 9)
+    assert len(out) <= 64 and encode(decode(out)) == out
+
+
+def test_fuzz_package_knows_no_fault_by_name():
+    sources = {p.name: p.read_text() for p in (Path(mutator.__file__).parent).glob("*.py")}
+    for name in faults.CATALOG:
+        assert not [file for file, text in sources.items() if name in text], name
