@@ -18,15 +18,14 @@ class DirtyLogger:
     def __init__(self, kvm):
         self.kvm = kvm
 
-    def mark_range(self, gfn: int, npages: int) -> None:
-        """mark_page_dirty_in_slot for [gfn, gfn+npages) where the slot logs."""
+    def mark_page_dirty_in_slot(self, gfn: int) -> None:
+        """Log ``gfn`` if its slot logs."""
         memslots = self.kvm.memslots
         if not memslots.logging:
             return
-        for g in range(gfn, gfn + npages):
-            slot = memslots.lookup(g)
-            if slot is not None and slot.dirty is not None:
-                slot.dirty.bitmap.add(g - slot.base_gfn)
+        slot = memslots.lookup(gfn)
+        if slot is not None and slot.dirty is not None:
+            slot.dirty.bitmap.add(gfn - slot.base_gfn)
 
     def note_guest_write(self, gfn: int) -> None:
         """Instrumentation: the guest completed a write to ``gfn`` (for the invariant)."""

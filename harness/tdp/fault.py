@@ -58,17 +58,21 @@ def kvm_mmu_page_fault(kvm, vcpu, addr: int, write: bool, exec_: bool, private: 
     while True:
         fault = KvmPageFault(addr, addr >> 12, write, exec_, private, max_level)
         fault.mmu_seq = kvm.mmu_invalidate_seq
-        yield
-        result = kvm_mmu_faultin_pfn(kvm, vcpu, fault)
-        if result is RET_PF_CONTINUE:
-            yield from kvm.mmu_lock.read_lock()
-            try:
-                if is_page_fault_stale(kvm, fault):
-                    result = RET_PF_RETRY
-                else:
-                    result = yield from kvm_tdp_mmu_map(kvm, fault)
-            finally:
-                kvm.mmu_lock.read_unlock()
+        token = kvm.srcu.read_lock()  # the slot this fault resolves stays until it is done
+        try:
+            yield
+            result = kvm_mmu_faultin_pfn(kvm, vcpu, fault)
+            if result is RET_PF_CONTINUE:
+                yield from kvm.mmu_lock.read_lock()
+                try:
+                    if is_page_fault_stale(kvm, fault):
+                        result = RET_PF_RETRY
+                    else:
+                        result = yield from kvm_tdp_mmu_map(kvm, fault)
+                finally:
+                    kvm.mmu_lock.read_unlock()
+        finally:
+            kvm.srcu.read_unlock(token)
         if result is RET_PF_RETRY:
             yield
             continue

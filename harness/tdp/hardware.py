@@ -284,9 +284,24 @@ class Vcpu:
         return None
 
     def translate(self, gva: int, kind):
-        """Generator: gva -> byte gpa (an int), or the Outcome that ends the access."""
+        """Generator: gva -> byte gpa (an int), or the Outcome that ends the access.
+
+        A guest walk is atomic to the flush IPI: the instruction either walks
+        before it or, having exited mid-walk (an EPT violation), re-executes
+        and walks again from CR3 after it.  So a walk that a flush overtook
+        (a memslot change, a zap) starts over, and its outcome never mixes
+        table reads from both sides of the change.
+        """
         if self.cr3 is None:
             return gva
+        while True:
+            epoch = self.flush_epoch
+            out = yield from self._walk_guest(gva, kind)
+            if self.flush_epoch == epoch:
+                return out
+
+    def _walk_guest(self, gva: int, kind):
+        """Generator: one walk of the guest's tables (or a TLB hit) for ``translate``."""
         gpa = self._linear_hit(gva, kind)
         if gpa is not None:
             return gpa

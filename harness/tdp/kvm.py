@@ -55,6 +55,8 @@ class Kvm:
         self.mmu_lock = RwLock()
         self.slots_lock = RwLock()
         self.rcu = Rcu()
+        # kvm->srcu: faults read the memslots under it; updates wait for them to finish.
+        self.srcu = Rcu()
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range = (0, 0)

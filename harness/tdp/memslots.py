@@ -189,9 +189,13 @@ def memslot_add(kvm, op: MemslotAdd):
 
 
 def _invalidate_and_zap(kvm, slot: Memslot):
-    """Mark ``slot`` invalid (faults retry) and zap its range in every root."""
+    """Mark ``slot`` invalid (faults retry) and zap its range in every root.
+
+    synchronize_srcu between the two: a fault that resolved the slot before it
+    went invalid installs its SPTE before the zap, which then removes it.
+    """
     slot.invalid = True
-    yield
+    yield from kvm.srcu.synchronize()
     yield from kvm.mmu_lock.write_lock()
     yield from kvm.mmu.zap_leafs_all_roots(slot.base_gfn, slot.end_gfn)
     kvm.mmu_lock.write_unlock()
@@ -250,6 +254,9 @@ def memslot_set_flags(kvm, op: MemslotSetFlags):
     enable = bool(op.flags & MemslotFlag.DIRTY_LOG)
     slot.dirty = DirtyLogState() if enable else None
     yield from _end(kvm)
+    # kvm_swap_active_memslots' synchronize_srcu: a fault that saw the old flags
+    # (and so may map huge and writable) finishes before the flags are applied.
+    yield from kvm.srcu.synchronize()
     if enable:  # kvm_mmu_slot_apply_flags, still under slots_lock
         yield from kvm.dirty_log.enable(slot)
     else:

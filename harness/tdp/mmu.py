@@ -72,9 +72,12 @@ class TdpMmu:
             self.stats[level] -= 1
         if now_leaf:
             self.stats[level] += 1
-            if is_writable_pte(new) and not (was_leaf and is_writable_pte(old)
-                                             and spte_to_pfn(old) == spte_to_pfn(new)):
-                self.kvm.dirty_log.mark_range(gfn, pages_per_level(level))
+            # make_spte's mark_page_dirty_in_slot: 4K only, as kvm_mmu_hugepage_adjust
+            # never maps huge in a logging slot; a huge leaf that raced the enable
+            # belongs to the old, unlogged slot and is split by the enable after it.
+            if level == PG_LEVEL_4K and is_writable_pte(new) and not (
+                    was_leaf and is_writable_pte(old) and spte_to_pfn(old) == spte_to_pfn(new)):
+                self.kvm.dirty_log.mark_page_dirty_in_slot(gfn)
         elif now_present and not (was_present and spte_to_pfn(old) == spte_to_pfn(new)):
             # A table just linked: its children (none, or a split's leaves) count now.
             self.stats[level - 1] += self.alloc.child(new).refcount

@@ -146,3 +146,11 @@ class Rcu:
     def pending(self) -> bool:
         """Callbacks are still waiting for their grace period."""
         return bool(self._callbacks)
+
+    def synchronize(self):
+        """Generator: synchronize_srcu: block until every reader older than now is done."""
+        seq = self._seq
+        self._seq += 1
+        yield
+        while any(started <= seq for started in self._readers.values()):
+            yield lambda: all(started > seq for started in self._readers.values())
