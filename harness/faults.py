@@ -24,7 +24,55 @@ class Fault:
     concurrent: bool = False
 
 
-CATALOG: dict[str, Fault] = {}
+_TDP_FAULTS = (
+    Fault("merge-frozen-child", "tdp",
+          "thread [000]: RFC PATCH v4 13/16 KVM: x86/tdp_mmu: Try to merge pages into a large page",
+          "the private 4K->2M merge in the fault path does not retry on a child another "
+          "vCPU has frozen (mirror install: freeze, AUG, write) and populates over it",
+          concurrent=True),
+    Fault("merge-partial-accept", "tdp", "thread [000]",
+          "the private merge goes ahead although some subpages are accepted and some "
+          "pending; the 2M leaf takes the first page's state"),
+    Fault("merge-by-zap", "tdp", "thread [000]",
+          "the private merge zaps the 4K leaves and refaults at 2M, zeroing accepted contents"),
+    Fault("free-before-flush", "tdp",
+          "thread [001]: arm64 stage-2 break-before-make, freeing an unlinked table",
+          "a removed table page is freed at once, not after the TLB flush and the RCU grace "
+          "period", concurrent=True),
+    Fault("huge-without-break", "tdp", "thread [001]",
+          "a huge leaf replaces a table without freeze -> flush -> write (break-before-make)"),
+    Fault("mmio-stale-generation", "tdp", "thread [002]: MMIO SPTE caching",
+          "MMIO SPTEs are honoured without comparing the memslot generation"),
+    Fault("nonpresent-zero", "tdp", "thread [003]: SHADOW_NONPRESENT_VALUE",
+          "tdp_mmu_zap_spte_atomic writes 0 instead of SHADOW_NONPRESENT_VALUE after the "
+          "flush (suppress-#VE clear)"),
+    Fault("convert-no-zap", "tdp",
+          "KVM memory attributes: kvm_vm_set_mem_attributes zaps before changing attributes",
+          "set_attributes updates the attributes but does not zap existing leaves"),
+    Fault("mixed-attr-stale", "tdp", "KVM lpage_info KVM_LPAGE_MIXED_FLAG handling",
+          "the mixed-attributes flag of a 2M range is not recomputed after a conversion"),
+    Fault("accept-level-ignored", "tdp", "TDX accept size vs mapping level "
+          "(TDX_PAGE_SIZE_MISMATCH)",
+          "a 2m accept over a range mapped at 4K reports ok and accepts only the first page"),
+    Fault("pending-access-maps", "tdp", "TDX: an access to a pending page must not be mapped "
+          "as accepted",
+          "the fault path adds a pending private page with PAGE.ADD semantics (accepted) "
+          "instead of AUG (pending)"),
+    Fault("slot-delete-leaf-only", "tdp",
+          "KVM commit 4e103134b862 (zap only the removed slot's pages) and its revert",
+          "deleting a slot zaps its 4K leaves but not a huge leaf covering it"),
+    Fault("dirty-log-keeps-huge", "tdp", "KVM commit 7c8a4742c4ab (write-protection skipped)",
+          "enabling dirty logging skips the eager split and write-protects 4K leaves only, "
+          "leaving writable huge leaves in place"),
+    Fault("lost-flush-on-yield", "tdp", "KVM TDP MMU yield/flush ordering fixes",
+          "a long zap that yields (contention or need_resched) drops its pending TLB flush"),
+    Fault("invalidate-vs-memslot-race", "tdp",
+          "KVM commit 52ac8b358b0c (block memslot updates across invalidation)",
+          "a fault installs an SPTE between invalidation start and end (mmu_invalidate_seq "
+          "not checked)", concurrent=True),
+)
+
+CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS}
 
 _active: frozenset = frozenset()
 

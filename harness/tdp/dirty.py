@@ -8,8 +8,10 @@ get or the enable: both re-write-protect and flush.
 
 from __future__ import annotations
 
-from harness.ops import EINVAL, DirtyLog, GetDirtyLog
+from harness import faults
+from harness.ops import EINVAL, PG_LEVEL_4K, DirtyLog, GetDirtyLog
 from harness.tdp.huge import split_range
+from harness.tdp.spte import ROOT_LEVEL
 
 
 class DirtyLogger:
@@ -40,11 +42,16 @@ class DirtyLogger:
         """Generator: kvm_mmu_slot_apply_flags on enable: eager split, then write-protect."""
         kvm = self.kvm
         mmu = kvm.mmu
-        yield from kvm.mmu_lock.read_lock()
-        yield from split_range(kvm, mmu.direct_root, slot.base_gfn, slot.end_gfn)
-        kvm.mmu_lock.read_unlock()
+        if faults.active("dirty-log-keeps-huge"):
+            max_level = PG_LEVEL_4K  # no split, and only 4K leaves are write-protected
+        else:
+            max_level = ROOT_LEVEL
+            yield from kvm.mmu_lock.read_lock()
+            yield from split_range(kvm, mmu.direct_root, slot.base_gfn, slot.end_gfn)
+            kvm.mmu_lock.read_unlock()
         yield from kvm.mmu_lock.write_lock()
-        if (yield from mmu.write_protect(mmu.direct_root, slot.base_gfn, slot.end_gfn)):
+        if (yield from mmu.write_protect(mmu.direct_root, slot.base_gfn, slot.end_gfn,
+                                         max_level=max_level)):
             mmu.flush()
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness import faults
 from harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
 from harness.tdp import huge
 from harness.tdp.lpage import max_mapping_level
@@ -106,7 +107,7 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
 
 def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
     """mmu_invalidate_retry_gfn: an invalidation covering the gfn ran or is running."""
-    if fault.slot is None:
+    if fault.slot is None or faults.active("invalidate-vs-memslot-race"):
         return False
     if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
         return True

@@ -9,6 +9,7 @@ contiguous, equally permissive and (the secure EPT checks) in one accept state.
 
 from __future__ import annotations
 
+from harness import faults
 from harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
 from harness.tdp.lpage import max_mapping_level
 from harness.tdp.spte import (
@@ -81,6 +82,8 @@ def replace_table_with_huge(kvm, it, huge: int):
     vCPU can use a 4K translation of the old table beside the new leaf.
     """
     mmu = kvm.mmu
+    if faults.active("huge-without-break"):
+        return (yield from mmu.set_spte_atomic(it, huge))  # no freeze, no flush
     if not (yield from mmu.set_spte_atomic(it, FROZEN_SPTE)):
         return False
     mmu.flush()
@@ -100,6 +103,9 @@ def merge_private_spt(kvm, it, fault=None):
     it refuses mixed accept states, and the 4K mapping stays.
     """
     mmu, sept = kvm.mmu, kvm.sept
+    if fault is not None and faults.active("merge-by-zap"):
+        huge = make_spte(fault.pfn, PG_LEVEL_2M, ACC_ALL)
+        return MERGED if (yield from replace_table_with_huge(kvm, it, huge)) else RETRY
     page, index, gfn, table = it.page, it.index, it.gfn, it.old_spte
     yield
     if page.spt[index] != table:
@@ -137,7 +143,7 @@ def _check_or_populate_children(kvm, child, fault):
     for i in range(SPTE_ENT_PER_PAGE):
         yield
         spte = child.spt[i]
-        if is_frozen_spte(spte):
+        if is_frozen_spte(spte) and not faults.active("merge-frozen-child"):
             return RETRY
         if is_shadow_present_pte(spte):
             if spte_to_pfn(spte) != base + i or leaf_permissions(spte) != leaf_permissions(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from harness import faults
 from harness.ops import PG_LEVEL_4K
 from harness.tdp.iter import TdpIter
 from harness.tdp.pgalloc import TablePage
@@ -31,6 +32,8 @@ from harness.tdp.spte import (
 )
 
 GFN_END = 1 << (9 * ROOT_LEVEL)  # first gfn past what a 4-level root maps
+# need_resched(): a walk that has visited this many entries has used up its time slice.
+RESCHED_ENTRIES = 256
 
 
 class TdpMmu:
@@ -114,20 +117,34 @@ class TdpMmu:
                 yield
                 yield from self.handle_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
                                                     pt.level, external)
-        self.awaiting_flush.append(pt)
+        if faults.active("free-before-flush"):
+            self.alloc.free(pt)  # walkers that still hold it read poison
+        else:
+            self.awaiting_flush.append(pt)
 
     # --- writers ----------------------------------------------------------------
 
     def set_spte_atomic(self, it: TdpIter, new: int):
-        """Generator: tdp_mmu_set_spte_atomic; False (and ``it.old_spte`` refreshed) if raced."""
+        """Generator: tdp_mmu_set_spte_atomic; False (and ``it.old_spte`` refreshed) if raced.
+
+        A present value for a mirror entry is installed as KVM's
+        set_external_spte_present does: freeze, tell the secure EPT, write.
+        Other threads see the frozen entry meanwhile and must not use it.
+        """
         yield
         page, index = it.page, it.index
         current = page.spt[index]
         if current != it.old_spte:
             it.old_spte = current
             return False
-        page.spt[index] = new
-        yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
+        if page.mirror and is_shadow_present_pte(new):
+            page.spt[index] = FROZEN_SPTE
+            yield
+            yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
+            page.spt[index] = new
+        else:
+            page.spt[index] = new
+            yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
         it.old_spte = new
         return True
 
@@ -150,8 +167,9 @@ class TdpMmu:
         if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
             return False
         self.flush()
-        yield from self.write_frozen([(it.page, it.index)])
-        it.old_spte = SHADOW_NONPRESENT_VALUE
+        nonpresent = 0 if faults.active("nonpresent-zero") else SHADOW_NONPRESENT_VALUE
+        yield from self.write_frozen([(it.page, it.index)], nonpresent)
+        it.old_spte = nonpresent
         return True
 
     def flush(self) -> None:
@@ -165,25 +183,31 @@ class TdpMmu:
 
     # --- range operations (callers hold mmu_lock) ----------------------------------
 
-    def zap_leafs(self, root: TablePage, start: int, end: int, shared: bool = False):
-        """Generator: zap every leaf overlapping [start, end) with batched break-before-make.
+    def zap_leafs(self, root: TablePage, start: int, end: int, shared: bool = False,
+                  max_level: int = ROOT_LEVEL):
+        """Generator: zap every leaf up to ``max_level`` overlapping [start, end).
 
-        All leaves are frozen first, then one flush, then all are written
-        non-present.  When another thread waits for mmu_lock the batch is
-        finished (flushed) before the lock is dropped (tdp_mmu_iter_cond_resched).
+        Batched break-before-make: leaves are frozen, then one flush, then all
+        are written non-present.  When another thread waits for mmu_lock, or
+        the walk has run long (need_resched), the batch is finished (flushed)
+        before the lock is dropped (tdp_mmu_iter_cond_resched).
         """
         rcu = self.kvm.rcu
         token = rcu.read_lock()
         frozen = []
         yielded_gfn = None
+        visited = 0
         it = self.iter(root, start, end)
         while it.valid:
             spte = it.old_spte
-            if is_shadow_present_pte(spte) and is_last_spte(spte, it.level):
+            if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
+                    and it.level <= max_level):
                 if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
                     continue
                 frozen.append((it.page, it.index))
-            if self.kvm.mmu_lock.needbreak() and it.next_last_level_gfn != yielded_gfn:
+            visited += 1
+            if ((self.kvm.mmu_lock.needbreak() or visited % RESCHED_ENTRIES == 0)
+                    and it.next_last_level_gfn != yielded_gfn):
                 yielded_gfn = it.next_last_level_gfn
                 token = yield from self._cond_resched(it, frozen, token, shared)
                 continue
@@ -199,7 +223,11 @@ class TdpMmu:
 
     def _cond_resched(self, it: TdpIter, frozen: list, token: int, shared: bool):
         """Generator: flush pending work, let waiters take mmu_lock, resume from ``it.gfn``."""
-        yield from self._finish_batch(frozen)
+        if faults.active("lost-flush-on-yield"):
+            yield from self.write_frozen(frozen)  # the pending flush is dropped
+            frozen.clear()
+        else:
+            yield from self._finish_batch(frozen)
         lock, rcu = self.kvm.mmu_lock, self.kvm.rcu
         rcu.read_unlock(token)
         if shared:
@@ -216,8 +244,10 @@ class TdpMmu:
 
     def zap_leafs_all_roots(self, start: int, end: int):
         """Generator: zap [start, end) in the direct and the mirror root (slot removal)."""
+        # 4e103134b862 zapped the slot's gfns through the 4K rmaps only.
+        max_level = PG_LEVEL_4K if faults.active("slot-delete-leaf-only") else ROOT_LEVEL
         for root in self.roots():
-            yield from self.zap_leafs(root, start, end)
+            yield from self.zap_leafs(root, start, end, max_level=max_level)
 
     def zap_root(self, root: TablePage):
         """Generator: zap everything under ``root``; its tables go to the deferred free."""
@@ -234,8 +264,10 @@ class TdpMmu:
         yield from self._finish_batch(frozen)
         rcu.read_unlock(token)
 
-    def write_protect(self, root: TablePage, start: int, end: int, gfns=None):
-        """Generator: clear hardware-writable on the leaves of [start, end) (or of ``gfns``).
+    def write_protect(self, root: TablePage, start: int, end: int, gfns=None,
+                      max_level: int = ROOT_LEVEL):
+        """Generator: clear hardware-writable on the leaves up to ``max_level`` of [start, end)
+        (or of ``gfns``).
 
         Returns whether anything changed (the caller flushes).
         """
@@ -246,7 +278,8 @@ class TdpMmu:
         while it.valid:
             spte = it.old_spte
             if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
-                    and is_writable_pte(spte) and (gfns is None or it.gfn in gfns)):
+                    and is_writable_pte(spte) and it.level <= max_level
+                    and (gfns is None or it.gfn in gfns)):
                 if not (yield from self.set_spte_atomic(it, mark_spte_for_write_protect(spte))):
                     continue
                 changed = True

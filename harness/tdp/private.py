@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness import faults
 from harness.ops import (
     ALREADY_ACCEPTED,
     EINVAL,
@@ -66,15 +67,27 @@ class SecureEpt:
             raise self._sync_error("aug over existing leaf", gfn, level)
         slot = self.kvm.memslots.lookup(gfn)
         first = gfn - slot.base_gfn
-        states = {i in slot.accepted for i in range(first, first + pages_per_level(level))}
+        pages = range(first, first + pages_per_level(level))
+        if faults.active("pending-access-maps"):
+            slot.accepted.update(pages)  # TDH.MEM.PAGE.ADD, not AUG: mapped as accepted
+        states = {i in slot.accepted for i in pages}
         if len(states) != 1:
             raise self._sync_error("aug over mixed accept states", gfn, level)
         self.leaves[(level, gfn)] = SeptLeaf(pfn, level, states.pop())
 
     def remove(self, gfn: int, level: int) -> None:
-        """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf."""
-        if self.leaves.pop((level, gfn), None) is None:
+        """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf.
+
+        The removed pages lose their contents and accept state: a later AUG
+        brings them back zeroed and pending (why a merge must not zap).
+        """
+        leaf = self.leaves.pop((level, gfn), None)
+        if leaf is None:
             raise self._sync_error("remove of missing leaf", gfn, level)
+        slot = self.kvm.memslots.lookup(gfn)
+        first, n = gfn - slot.base_gfn, pages_per_level(level)
+        slot.accepted.difference_update(range(first, first + n))
+        self.kvm.host.clear(leaf.pfn, n)
 
     def split(self, gfn: int, level: int) -> None:
         """TDH.MEM.PAGE.DEMOTE: a 2M leaf becomes 512 4K leaves in its state."""
@@ -99,9 +112,16 @@ class SecureEpt:
         if any(c is None for c in children):
             raise self._sync_error("promote with missing children", head, PG_LEVEL_2M)
         first = children[0]
-        if any(c.pfn != first.pfn + i or c.accepted != first.accepted
+        mixed_ok = faults.active("merge-partial-accept")
+        if any(c.pfn != first.pfn + i or (c.accepted != first.accepted and not mixed_ok)
                for i, c in enumerate(children)):
             return False
+        slot = self.kvm.memslots.lookup(head)
+        pages = range(head - slot.base_gfn, head - slot.base_gfn + PAGES_PER_2M)
+        if first.accepted:  # the merged leaf's state is the state of all 512 pages
+            slot.accepted.update(pages)
+        else:
+            slot.accepted.difference_update(pages)
         for i in range(PAGES_PER_2M):
             del self.leaves[(PG_LEVEL_4K, head + i)]
         self.leaves[(PG_LEVEL_2M, head)] = SeptLeaf(first.pfn, PG_LEVEL_2M, first.accepted)
@@ -140,7 +160,7 @@ def accept(kvm, vcpu, op: Accept):
             leaf = kvm.sept.lookup(gfn)
             if leaf is None:
                 continue
-            if leaf.level < op.level:
+            if leaf.level < op.level and not faults.active("accept-level-ignored"):
                 return SIZE_MISMATCH
         if leaf.accepted:
             return ALREADY_ACCEPTED
@@ -174,7 +194,8 @@ def set_memory_attributes(kvm, op: SetAttributes):
     yield from kvm.mmu_lock.write_lock()
     kvm.invalidate_begin(lo, hi)
     mmu = kvm.mmu
-    for slot in kvm.memslots.overlapping(lo, hi):
+    zapped = [] if faults.active("convert-no-zap") else kvm.memslots.overlapping(lo, hi)
+    for slot in zapped:
         a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
         if private:
             yield from mmu.zap_leafs(mmu.direct_root, a, b)
@@ -185,7 +206,8 @@ def set_memory_attributes(kvm, op: SetAttributes):
     changed = attributes.ranges_in_state(lo, hi, not private)
     attributes.set(lo, hi, private)
     for slot in kvm.memslots.overlapping(lo, hi):
-        lpage.update_mixed(attributes, slot, lo, hi)
+        if not faults.active("mixed-attr-stale"):
+            lpage.update_mixed(attributes, slot, lo, hi)
         if slot.private and not private:
             for a, b in changed:
                 _drop_private_state(kvm, slot, max(a, slot.base_gfn), min(b, slot.end_gfn))
