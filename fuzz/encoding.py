@@ -408,7 +408,8 @@ class _Context:
             npages = getattr(op, "npages", 1) or 1
             last = base + npages - 1
             huge = -(-base // PAGES_PER_2M) * PAGES_PER_2M
-            for gfn in (last, base + npages, huge, huge - 1, huge + 1):
+            frame = base & -PAGES_PER_2M  # the 2M frame the range starts in
+            for gfn in (last, base + npages, huge, huge - 1, huge + 1, frame):
                 self.note_gfn(gfn)
         for name in ("table", "target", "root"):
             gfn = getattr(op, name, None)
@@ -442,8 +443,6 @@ class _Context:
             return list(_NPAGES)
         if name == "value":
             return list(_VALUES)
-        if name == "schedule":
-            return list(_SCHEDULES)
         return list(_RADIX10_POOLS.get(name, ())) or None
 
 
@@ -487,6 +486,62 @@ def _encode_int(out: bytearray, value: int, dom: Domain, pool) -> None:
     out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")
 
 
+# Schedules.  Races need one side parked mid-update while the other runs
+# through, so most selectors build a run shape: one side takes k steps, the
+# other m, then they alternate.  Selectors from _RUN_SELECTORS on pick a
+# classic pattern from _SCHEDULES or escape to a literal.
+_RUN_SELECTORS = 0x80
+_MAX_FIRST_RUN, _MAX_SECOND_RUN = 32, 31  # k + m + 1 stays within 64 schedule bits
+
+
+def _run_schedule(b_first: bool, k: int, m: int) -> int:
+    """``b`` k steps, ``a`` m, then ``b`` and alternation; or ``a`` k steps, ``b`` m, then alternation."""
+    if b_first:
+        return ((1 << k) - 1) | 1 << (k + m)
+    return ((1 << m) - 1) << k
+
+
+def _run_shape(schedule: int):
+    """``(b_first, k, m)`` if ``schedule`` is a run shape the decoder builds, else None."""
+    if not schedule:
+        return None
+    if schedule & 1:
+        k = ((schedule ^ (schedule + 1)) >> 1).bit_length()  # trailing ones
+        rest = schedule >> k
+        m = rest.bit_length() - 1
+        shape = (True, k, m) if rest and rest == 1 << m else None
+    else:
+        k = (schedule & -schedule).bit_length() - 1  # trailing zeros
+        rest = schedule >> k
+        m = rest.bit_length()
+        shape = (False, k, m) if rest & (rest + 1) == 0 else None
+    if shape and 1 <= shape[1] <= _MAX_FIRST_RUN and 1 <= shape[2] <= _MAX_SECOND_RUN:
+        return shape
+    return None
+
+
+def _decode_schedule(reader: _Reader, dom: Domain) -> int:
+    selector = reader.byte()
+    if selector < _RUN_SELECTORS:
+        k = 1 + (selector >> 1) % _MAX_FIRST_RUN
+        return _run_schedule(bool(selector & 1), k, 1 + reader.byte() % _MAX_SECOND_RUN)
+    if selector != LITERAL:
+        return _SCHEDULES[(selector - _RUN_SELECTORS) % len(_SCHEDULES)]
+    return reader.literal(_literal_width(dom))
+
+
+def _encode_schedule(out: bytearray, schedule: int, dom: Domain) -> None:
+    shape = _run_shape(schedule)
+    if shape is not None:
+        b_first, k, m = shape
+        out += bytes(((k - 1) << 1 | b_first, m - 1))
+    elif schedule in _SCHEDULES:
+        out.append(_RUN_SELECTORS + _SCHEDULES.index(schedule))
+    else:
+        out.append(LITERAL)
+        out += schedule.to_bytes(_literal_width(dom), "little")
+
+
 def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, so_far: dict):
     if name == "vcpu":
         return reader.byte() % ctx.header.vcpus
@@ -509,6 +564,8 @@ def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, s
         return _decode_op(reader, ctx, _SIMPLE_OPCODES)
     if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
         return None
+    if name == "schedule":
+        return _decode_schedule(reader, dom)
     return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
 
 
@@ -528,6 +585,8 @@ def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Cont
         _encode_op(out, value, ctx, _FIRST_SIMPLE_OPCODE)
     elif name == "value" and value is None:
         pass
+    elif name == "schedule":
+        _encode_schedule(out, value, dom)
     else:
         # root's pool starts with None, so "off" is selector 0 and never a literal.
         _encode_int(out, value, dom, ctx.pool(cls, name, so_far))

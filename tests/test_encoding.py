@@ -148,3 +148,12 @@ def test_write_pte_ps_needs_2m_aligned_target():
     text = "vm type=default vcpus=1\nwrite_pte vcpu=0 table=0x1 index=0 target=0x201 flags=p,ps\n"
     with pytest.raises(ReproError, match="field 'target': ps needs a 2M-aligned target"):
         parse_reproducer(text)
+
+
+@pytest.mark.parametrize("schedule", [0x2007f, 0x3f0, 0x6, 0x80000001])
+def test_run_shaped_schedules_cost_two_bytes(schedule):
+    """One side parked for k steps while the other runs m: two bytes, not an 8-byte literal."""
+    program = Program(VmHeader(VmType.DEFAULT, 1), (Parallel(ZapAll(), ZapAll(), schedule),))
+    data = encode(program)
+    assert decode(data) == program
+    assert len(data) == 1 + 1 + 1 + 1 + 2  # header, parallel, both sides, schedule
