@@ -145,6 +145,7 @@ class Differential:
         self.target, self.invariants = target, invariants
         self.candidates = [Reference(header)]
         self.index = 0
+        self.outcome = None  # the target's outcome of the last op
 
     def step(self, op):
         """Run one op on the target, judge it; return a Finding or None.
@@ -156,7 +157,7 @@ class Differential:
         """
         index, self.index = self.index, self.index + 1
         try:
-            actual = self.target.execute(op)
+            actual = self.outcome = self.target.execute(op)
         except Exception as error:
             return _failure(index, op, error)
         self.candidates, expect = _judge(self.candidates, op, actual)

@@ -48,7 +48,9 @@ class CampaignTarget:
     their number stays in the thousands).
     This is coverage of the *guest-visible* behaviour the MMU produced, which
     line coverage of ``harness/`` cannot tell apart (the same lines return
-    ``ok`` and ``mmio_exit``).  ``sink(key)`` feeds a feature to libFuzzer.
+    ``ok`` and ``mmio_exit``).  A target may add its own through an optional
+    ``features()`` (tdp: the context switches of a ``parallel``, which line
+    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
@@ -58,6 +60,7 @@ class CampaignTarget:
     def __init__(self, target, sink: Optional[Callable[[str], None]] = None):
         self.target, self.sink = target, sink
         self.name = target.name
+        self._features = getattr(target, "features", None) if sink is not None else None
         self.executed = 0
         self._previous = "start"
         self._check_from = 0
@@ -79,6 +82,9 @@ class CampaignTarget:
             self.sink(f"{_op_feature(op)}->{_outcome_feature(outcome)}")
             self.sink(f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}")
             self._previous = f"{op_name(op)}->{kind}"
+            if self._features is not None:
+                for feature in self._features():
+                    self.sink(f"target:{feature}")
         return outcome
 
     def check_invariants(self) -> None:

@@ -45,6 +45,10 @@ class Target(Protocol):
     def check_invariants(self) -> None:
         """Raise :class:`InvariantViolation` if any structural invariant is broken."""
 
+    # Optional: ``features() -> list[str]``, coverage of the last op that the
+    # guest cannot see (e.g. interleaving: which yield points of a parallel's
+    # two sides were switched between).  Campaigns feed them to libFuzzer.
+
 
 # name -> "module:factory"; imported lazily so that a broken or heavy target
 # costs nothing to the others.

@@ -290,3 +290,13 @@ def test_max_execs_stops_the_campaign_and_every_input_is_counted(tmp_path):
     final = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["execs"] == 200 and final["findings"] == 0
     assert "200 execs" in done.stderr and "findings: 0 (clean)" in done.stderr
+
+
+def test_a_targets_own_features_reach_libfuzzer():
+    class Switching(ReferenceTarget):
+        def features(self):
+            return ["fault:12>zap:40"]
+
+    keys = []
+    run_program(CLEAN, CampaignTarget(Switching(), keys.append))
+    assert keys.count("target:fault:12>zap:40") == len(CLEAN.ops)

@@ -99,3 +99,33 @@ def test_private_access_racing_conversion_and_recover():
         return vm
     sweep(tdx, read(0x205, private=True), SetAttributes(0x205, 1, False))
     sweep(tdx, read(0x205, private=True), Recover())
+
+
+def _steps(setup, op) -> int:
+    """How many yield points ``op`` passes running alone from ``setup()``'s state."""
+    return sum(1 for _ in setup().kvm.run(op))
+
+
+@pytest.mark.parametrize("other", [HostInvalidate(0x201, 1), ZapAll(), Split(0), Recover(),
+                                   MemslotDelete(0), read(0x300, vcpu=1)],
+                         ids=["host_invalidate", "zap_all", "split", "recover",
+                              "memslot_delete", "access"])
+def test_every_interleaving_of_two_small_ops_is_linearizable(other):
+    """All 2^n schedules of n = both ops' steps: each outcome pair is a;b or b;a (Vm.do)."""
+    access = write(0x201, 7, vcpu=0)
+    steps = _steps(shared_vm, access) + _steps(shared_vm, other)
+    assert steps <= 11, "keep the ops small: the sweep is exhaustive"
+    interleavings = set()
+    for schedule in range(1 << steps):
+        vm = shared_vm()
+        vm.do(Parallel(access, other, schedule))
+        interleavings.add(tuple(vm.target.features()))
+        vm.do(read(0x201, vcpu=0))
+    assert len(interleavings) > 2  # the schedules really interleave the two ops differently
+
+
+def test_sequential_ops_report_no_context_switches():
+    vm = shared_vm()
+    vm.do(write(0x300, 1, vcpu=0))
+    vm.do(ZapAll())
+    assert vm.target.features() == []

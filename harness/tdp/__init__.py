@@ -20,9 +20,11 @@ class TdpTarget:
 
     def __init__(self):
         self.kvm = None
+        self._switches: set = set()
 
     def reset(self, header: VmHeader) -> None:
         self.kvm = Kvm(header)
+        self._switches.clear()
 
     def execute(self, op):
         kvm = self.kvm
@@ -31,7 +33,8 @@ class TdpTarget:
             if outcome is not None:
                 return outcome
         if type(op) is Parallel:
-            a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce)
+            a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce,
+                              self._note_switch)
             outcome = PairOutcome(a, b)
         else:
             outcome = run(kvm.run(op))
@@ -40,6 +43,20 @@ class TdpTarget:
 
     def check_invariants(self) -> None:
         check_invariants(self.kvm)
+
+    def _note_switch(self, parked: str, resumed: str) -> None:
+        self._switches.add(f"{parked}>{resumed}")
+
+    def features(self) -> list:
+        """The context switches of the last op: yield point parked > yield point resumed.
+
+        A schedule that preempts one side at a new place is new interleaving
+        coverage, which line coverage cannot see (the same lines run in either
+        order).  Sorted, so consumers see them in a deterministic order.
+        """
+        switches = sorted(self._switches)
+        self._switches.clear()
+        return switches
 
 
 __all__ = ["TdpTarget"]

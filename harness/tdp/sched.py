@@ -34,17 +34,30 @@ def run(gen):
         return stop.value
 
 
-def interleave(a, b, schedule: int, after_step=None):
+def yield_point(gen) -> str:
+    """Where a suspended generator chain stands: ``function:line`` of its innermost frame."""
+    while True:
+        inner = gen.gi_yieldfrom
+        if inner is None or not hasattr(inner, "gi_frame"):
+            break
+        gen = inner
+    frame = gen.gi_frame
+    return "done" if frame is None else f"{frame.f_code.co_name}:{frame.f_lineno}"
+
+
+def interleave(a, b, schedule: int, after_step=None, on_switch=None):
     """Run generators ``a`` and ``b`` interleaved; return their values ``(ra, rb)``.
 
     Bit i of ``schedule`` (LSB first) picks who takes step i (0 = a, 1 = b);
     after its highest set bit the sides alternate.  Picking a blocked or
     finished side steps the other.  ``after_step`` runs after every step (the
-    RCU grace-period machinery hangs off it).
+    RCU grace-period machinery hangs off it).  ``on_switch(parked, resumed)``
+    hears of every context switch: the yield point where the side that stops
+    is parked and the one where the other resumes (interleaving coverage).
     """
     sides, waits, done, results = [a, b], [None, None], [False, False], [None, None]
     last = schedule.bit_length()
-    step = 0
+    step, previous = 0, None
     while not (done[0] and done[1]):
         want = (schedule >> step) & 1 if step < last else step & 1
         runnable = [not done[i] and (waits[i] is None or waits[i]()) for i in (0, 1)]
@@ -52,6 +65,10 @@ def interleave(a, b, schedule: int, after_step=None):
             if not runnable[1 - want]:
                 raise Hang("both sides blocked")
             want = 1 - want
+        if on_switch is not None and previous is not None and want != previous \
+                and not done[previous]:
+            on_switch(yield_point(sides[previous]), yield_point(sides[want]))
+        previous = want
         try:
             waits[want] = next(sides[want])
         except StopIteration as stop:
