@@ -54,8 +54,15 @@ def field_strategy(cls, name: str):
         return st.none() | gfns if dom.kind == "root" else gfns
     if name == "npages":
         return st.sampled_from((1, 0x1ff, 0x200, 0x201, 0x400)) | st.integers(dom.lo, 0x800)
+    return domain_strategy(dom)
+
+
+def domain_strategy(dom):
+    """Every legal value of a field domain (simple kinds: not ``op``)."""
     if dom.kind == "int":
-        return st.integers(dom.lo, (dom.hi - 1) // dom.align).map(lambda v: v * dom.align)
+        values = st.integers(-(-dom.lo // dom.align), (dom.hi - 1) // dom.align).map(
+            lambda v: v * dom.align)
+        return st.none() | values if dom.optional else values
     if dom.kind == "bool":
         return st.booleans()
     if dom.kind == "enum":
@@ -64,7 +71,9 @@ def field_strategy(cls, name: str):
         flags = list(dom.choices.values())
         return st.lists(st.sampled_from(flags), unique=True).map(
             lambda chosen: sum(chosen, flags[0] & 0))
-    raise AssertionError(f"no strategy for {cls.__name__}.{name}")
+    if dom.kind == "root":
+        return st.none() | st.integers(dom.lo, dom.hi - 1)
+    raise AssertionError(f"no strategy for domain kind {dom.kind!r}")
 
 
 def _raw_op(cls):

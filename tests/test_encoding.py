@@ -13,6 +13,7 @@ from harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotFlag, 
                          Program, VmHeader, VmType, ZapAll, domain)
 from fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
+from fuzz.stateful import domain_strategy
 
 SEEDS = sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))
 
@@ -48,28 +49,10 @@ def test_seeds_round_trip_through_bytes_and_text(path):
 
 # --- text round trip for every op kind, from the field domains --------------
 
-def _value(dom, name):
-    if dom.kind == "int":
-        values = st.integers(dom.lo // dom.align + (dom.lo % dom.align > 0),
-                             (dom.hi - 1) // dom.align).map(lambda v: v * dom.align)
-        return st.none() | values if dom.optional else values
-    if dom.kind == "bool":
-        return st.booleans()
-    if dom.kind == "enum":
-        return st.sampled_from(list(dom.choices.values()))
-    if dom.kind == "flags":
-        flags = list(dom.choices.values())
-        return st.lists(st.sampled_from(flags), unique=True).map(
-            lambda chosen: sum(chosen, flags[0] & 0))
-    if dom.kind == "root":
-        return st.none() | st.integers(dom.lo, dom.hi - 1)
-    raise AssertionError(name)
-
-
 def simple_ops(cls, vcpus):
     names = [f.name for f in dataclasses.fields(cls)]
     return st.builds(lambda *values: conform(cls(*values), VmHeader(VmType.TDX, vcpus)),
-                     *[_value(domain(cls, n), n) for n in names])
+                     *[domain_strategy(domain(cls, n)) for n in names])
 
 
 SIMPLE = [cls for cls in OP_NAMES if cls is not Parallel]
