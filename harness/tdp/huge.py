@@ -187,7 +187,17 @@ def recover_slot(kvm, slot):
 
 
 def recover(kvm, op):
-    """The ``recover`` op: every slot, in gfn order."""
-    for slot in sorted(kvm.memslots.by_id.values(), key=lambda s: s.base_gfn):
-        yield from recover_slot(kvm, slot)
+    """The ``recover`` op: every slot, in gfn order.
+
+    Like KVM's NX-recovery worker it reads the memslots under kvm->srcu, so a
+    slot being deleted is either skipped (already invalid) or kept until the
+    recovery is done (the delete's synchronize_srcu waits for it).
+    """
+    token = kvm.srcu.read_lock()
+    try:
+        for slot in sorted(kvm.memslots.by_id.values(), key=lambda s: s.base_gfn):
+            if not slot.invalid:
+                yield from recover_slot(kvm, slot)
+    finally:
+        kvm.srcu.read_unlock(token)
     return OK
