@@ -162,10 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("--max-time", type=float, metavar="SECONDS",
                       help="stop reducing after this long and keep the best so far")
     mini.set_defaults(func=cmd_minimize)
+
+    # Listed for --help only: main() hands "bench ..." over whole, its options included.
+    sub.add_parser("bench", add_help=False,
+                   help="benchmarks: throughput, time-to-detect vs baselines (bench --help)")
     return parser
 
 
+def cmd_bench(argv: list) -> int:
+    """Hand over to ``bench`` (imported only here: it is heavy and optional)."""
+    from bench.cli import main as bench_main
+    return bench_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

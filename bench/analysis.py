@@ -1,0 +1,132 @@
+"""From raw measurements to the numbers the report states: medians, ratios, targets.
+
+Pure functions of the results document, so ``--render`` can redo the report
+from ``results.json`` without measuring again.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+# The issue's targets.
+TARGET_MEDIAN_SECONDS = 60.0
+TARGET_SPEEDUP = 10.0
+TARGET_OPS_PER_CORE = 30_000.0
+TARGET_SCALING = 1.8
+TARGET_MINIMIZED_RATIO = 1.2
+
+
+def geomean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+@dataclass(frozen=True)
+class EngineSummary:
+    """One engine on one fault: the median over seeds (capped runs at the cap), hits."""
+
+    median: float
+    found: int
+    runs: int
+    capped_median: bool
+
+
+def summarize_detection(detections: list, cap: float) -> dict:
+    """``{fault: {engine: EngineSummary}}``, faults and engines in the order measured."""
+    grouped: dict = {}
+    for d in detections:
+        grouped.setdefault(d["fault"], {}).setdefault(d["engine"], []).append(d)
+    summary = {}
+    for fault, engines in grouped.items():
+        summary[fault] = {}
+        for engine, runs in engines.items():
+            median = statistics.median(min(r["seconds"], cap) for r in runs)
+            summary[fault][engine] = EngineSummary(median, sum(r["found"] for r in runs),
+                                                   len(runs), median >= cap)
+    return summary
+
+
+def speedups(summary: dict, baseline: str, engine: str = "mmufuzz") -> dict:
+    """``{fault: median(baseline) / median(engine)}`` (a capped median counts as the cap)."""
+    return {fault: engines[baseline].median / engines[engine].median
+            for fault, engines in summary.items()
+            if baseline in engines and engine in engines and engines[engine].median > 0}
+
+
+def rate(measurement: dict) -> tuple:
+    """``(execs/s, ops/s)`` of a throughput measurement."""
+    seconds = measurement["seconds"] or float("nan")
+    return measurement["execs"] / seconds, measurement["ops"] / seconds
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One of the issue's targets: what was measured, whether it is met, by how much not."""
+
+    name: str
+    goal: str
+    measured: str
+    met: Optional[bool]
+    shortfall: str = ""
+
+
+def _factor(measured: float, goal: float, higher_is_better: bool = True) -> str:
+    """``missed by 3.2x``: how far a measurement is from its goal."""
+    if measured <= 0:
+        return "nothing measured"
+    ratio = goal / measured if higher_is_better else measured / goal
+    return f"missed by {ratio:.2f}x" if ratio < 2 else f"missed by {ratio:.1f}x"
+
+
+def check_targets(results: dict) -> list:
+    """The issue's five targets against this run's numbers (None: not measured)."""
+    checks = []
+    cap = results["config"]["cap"]
+    summary = summarize_detection(results.get("detection", []), cap)
+    mine = {f: e["mmufuzz"] for f, e in summary.items() if "mmufuzz" in e}
+    if mine:
+        worst_fault = max(mine, key=lambda f: mine[f].median)
+        worst = mine[worst_fault]
+        slow = [f for f, s in mine.items() if s.capped_median or s.median > TARGET_MEDIAN_SECONDS]
+        measured = (f"worst median {'≥' if worst.capped_median else ''}{worst.median:.1f} s "
+                    f"({worst_fault})")
+        shortfall = (f"{len(slow)} of {len(mine)} faults over: {', '.join(slow)}"
+                     + (f" (cap {cap:g} s)" if cap < TARGET_MEDIAN_SECONDS else "")) if slow else ""
+        checks.append(TargetCheck("time-to-detect", f"every fault median ≤ {TARGET_MEDIAN_SECONDS:g} s",
+                                  measured, not slow, shortfall))
+    for baseline in ("random", "hypothesis"):
+        ratios = speedups(summary, baseline)
+        value = geomean(ratios.values())
+        if value is not None:
+            checks.append(TargetCheck(f"speed-up over {baseline}",
+                                      f"geomean ≥ {TARGET_SPEEDUP:g}x", f"{value:.1f}x",
+                                      value >= TARGET_SPEEDUP,
+                                      "" if value >= TARGET_SPEEDUP else
+                                      _factor(value, TARGET_SPEEDUP)))
+    throughput = results.get("throughput", {})
+    if "campaign" in throughput:
+        ops = rate(throughput["campaign"])[1] / throughput["campaign"].get("workers", 1)
+        checks.append(TargetCheck("differential loop under coverage",
+                                  f"≥ {TARGET_OPS_PER_CORE / 1000:g}k guest ops/s/core",
+                                  f"{ops:,.0f} ops/s/core", ops >= TARGET_OPS_PER_CORE,
+                                  "" if ops >= TARGET_OPS_PER_CORE else
+                                  _factor(ops, TARGET_OPS_PER_CORE)))
+    if "campaign" in throughput and "campaign_jobs2" in throughput:
+        scale = rate(throughput["campaign_jobs2"])[0] / rate(throughput["campaign"])[0]
+        checks.append(TargetCheck("scaling", f"--jobs 2 ≥ {TARGET_SCALING:g}x --jobs 1",
+                                  f"{scale:.2f}x", scale >= TARGET_SCALING,
+                                  "" if scale >= TARGET_SCALING else
+                                  _factor(scale, TARGET_SCALING)))
+    ratios = [m["ratio"] for m in results.get("minimization", []) if m.get("ratio")]
+    if ratios:
+        worst = max(ratios)
+        checks.append(TargetCheck("minimization", f"≤ {TARGET_MINIMIZED_RATIO:g}x the known minimum",
+                                  f"worst {worst:.2f}x", worst <= TARGET_MINIMIZED_RATIO,
+                                  "" if worst <= TARGET_MINIMIZED_RATIO else
+                                  _factor(worst, TARGET_MINIMIZED_RATIO, higher_is_better=False)))
+    return checks

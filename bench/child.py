@@ -1,0 +1,37 @@
+"""The measurement subprocess: ``python -m bench.child KIND PARAMS_JSON``.
+
+Every measurement runs in a fresh interpreter so that no engine inherits
+another's warm caches, imports or instrumentation, and so that the parent can
+run one per core and stop one at its cap by killing it.  A measurement reports
+by printing JSON objects, one per line, on stdout; the parent timestamps each
+line as it arrives (time-to-detect is measured by the parent, from launch,
+for every engine alike).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _kinds() -> dict:
+    """KIND -> function(emit, **params); imported here so the parent never loads the engines."""
+    from bench import engines, minimization, throughput
+    return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
+            "replay": throughput.replay_loop, "differential": throughput.differential_loop,
+            "profile": throughput.profile_loop, "minimize": minimization.minimize_one}
+
+
+def emit(record: dict) -> None:
+    """One report line; flushed at once, because the parent's clock reads it."""
+    print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def main(argv: list) -> int:
+    kind, params = argv[0], json.loads(argv[1])
+    _kinds()[kind](emit, **params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

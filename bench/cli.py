@@ -1,0 +1,140 @@
+"""``mmufuzz bench`` / ``python -m bench``: options, the run, the report.
+
+Exit codes: 0 measured and reported (a missed target is a result, not an
+error), 2 bad options, 3 a measurement process failed (its log is named), 130
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from harness import faults
+from fuzz.corpus import DEFAULT_TARGET, NO_FAULT
+from bench import report, suite
+from bench.procs import MeasurementFailed
+
+EXIT_OK, EXIT_BAD_OPTIONS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+DEFAULT_OUT = "bench-out"
+DEFAULT_REPORT = "docs/benchmarks.md"
+
+# (full, --quick) defaults.  The quick run is a smoke test of the whole pipeline in
+# under five minutes on two cores; its numbers are not for citing.
+DEFAULTS = {
+    "seeds": (5, 3),
+    "cap": (60.0, 10.0),
+    "campaign_time": (60.0, 10.0),
+    "loop_time": (20.0, 4.0),
+    "minimize_time": (120.0, 20.0),
+}
+QUICK_FAULTS = ("mmio-stale-generation", "pending-access-maps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmufuzz bench",
+        description="Measure throughput, time-to-detect (mmufuzz vs a random and a Hypothesis "
+                    "baseline), minimization and scaling; write a Markdown report with plots.")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run under 5 minutes: {len(QUICK_FAULTS)} faults, short "
+                             "caps and campaigns")
+    parser.add_argument("--faults", metavar="NAMES",
+                        help="comma-separated faults to detect, or 'none' for a target with a "
+                             "planted bug (default: the whole catalog; --quick: "
+                             f"{','.join(QUICK_FAULTS)})")
+    parser.add_argument("--target", default=DEFAULT_TARGET, metavar="NAME",
+                        help="system under test, as for mmufuzz fuzz (default tdp)")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="seeds 1..N per fault and engine (default 5; --quick 3)")
+    parser.add_argument("--cap", type=float, metavar="SECONDS",
+                        help="time-to-detect cap per trial (default 60; --quick 10)")
+    parser.add_argument("--campaign-time", type=float, metavar="SECONDS",
+                        help="length of the throughput and over-time campaigns "
+                             "(default 60; --quick 10)")
+    parser.add_argument("--loop-time", type=float, metavar="SECONDS",
+                        help="length of each replay/differential loop (default 20; --quick 4)")
+    parser.add_argument("--minimize-time", type=float, metavar="SECONDS",
+                        help="minimizer time limit per fault (default 120; --quick 20)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="measurements run at once, one per core (default: the CPU count)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"working folder and results.json (default {DEFAULT_OUT})")
+    parser.add_argument("--report", metavar="PATH",
+                        help=f"the Markdown report; plots go to bench/ beside it (default "
+                             f"{DEFAULT_REPORT}; --quick: DIR/benchmarks.md)")
+    parser.add_argument("--render", metavar="RESULTS",
+                        help="do not measure: redraw the report from a results.json")
+    return parser
+
+
+def _fault_names(text, quick: bool) -> tuple:
+    if text is None:
+        return QUICK_FAULTS if quick else tuple(faults.CATALOG)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names != (NO_FAULT,):
+        faults.check(names)
+    return names
+
+
+def config_from(args, argv: list) -> suite.Config:
+    def pick(name):
+        value = getattr(args, name)
+        return DEFAULTS[name][args.quick] if value is None else value
+
+    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
+        raise ValueError("--jobs and --seeds must be at least 1")
+    return suite.Config(command=shlex.join(["mmufuzz", "bench", *argv]), target=args.target,
+                        faults=_fault_names(args.faults, args.quick),
+                        seeds=tuple(range(1, pick("seeds") + 1)), cap=pick("cap"),
+                        jobs=args.jobs, campaign_time=pick("campaign_time"),
+                        loop_time=pick("loop_time"), minimize_time=pick("minimize_time"),
+                        out=Path(args.out), quick=args.quick)
+
+
+def _handle_sigint() -> None:
+    """Take Ctrl-C even when started in the background (``cmd &`` ignores SIGINT).
+
+    A campaign is stopped with SIGINT; a process started with SIGINT ignored
+    passes that on to every campaign it starts, which then could only be
+    killed.  With a handler here, children start with the default again.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _stopped(why: str, config: suite.Config, code: int) -> int:
+    print(f"mmufuzz bench: {why}; the phases done so far are in {config.out / suite.RESULTS} "
+          "(--render draws them)", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _handle_sigint()
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        path = Path(args.report or DEFAULT_REPORT)
+    else:
+        try:
+            config = config_from(args, argv)
+        except ValueError as error:  # faults.UnknownFault among them
+            print(f"mmufuzz bench: error: {error}", file=sys.stderr)
+            return EXIT_BAD_OPTIONS
+        try:
+            results = suite.run(config)
+        except MeasurementFailed as error:
+            return _stopped(f"measurement failed: {error}", config, EXIT_FAILED)
+        except KeyboardInterrupt:
+            return _stopped("interrupted", config, EXIT_INTERRUPTED)
+        path = Path(args.report) if args.report else \
+            (config.out / "benchmarks.md" if args.quick else Path(DEFAULT_REPORT))
+    drawn = report.write(results, path)
+    print(f"mmufuzz bench: report {path}" + "".join(f", {p}" for p in drawn), file=sys.stderr)
+    return EXIT_OK

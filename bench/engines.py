@@ -1,0 +1,100 @@
+"""The two baseline engines mmufuzz is compared with (child side).
+
+Both run the same differential oracle on the same target with the same fault
+as a campaign does; only the way programs are chosen differs:
+
+- ``random``: random bytes of a random length up to the campaign's
+  ``-max_len``, through the same total decoder, with no coverage feedback;
+  each input runs as a campaign worker runs it (:meth:`fuzz.worker.Worker.run`,
+  invariants sampled the same way).
+- ``hypothesis``: the Hypothesis state machine over the op vocabulary
+  (:func:`fuzz.stateful.machine_for`), generation only (no shrinking, no
+  example database, no deadline), seeded per run.
+
+Each reports ``{"event": "finding", ...}`` at its first finding that needs
+the fault (:func:`fault_needed`) and exits; the parent stops it at the cap.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Optional
+
+import hypothesis
+from hypothesis import HealthCheck, Phase, Verbosity, settings
+from hypothesis.stateful import get_state_machine_test
+
+from harness import faults
+from harness.ops import Program
+from fuzz.campaign import MAX_LEN, CampaignConfig
+from fuzz.corpus import NO_FAULT, injected_faults, replay
+from fuzz.encoding import Reproducer
+from fuzz.runner import Finding
+from fuzz.stateful import FindingError, machine_for
+from fuzz.worker import Worker
+
+# Hypothesis stops on its own after max_examples; the cap must stop it first.
+UNBOUNDED_EXAMPLES = 10**9
+
+
+def fault_needed(program: Program, target: str) -> bool:
+    """True if ``program`` runs clean without any fault: its finding is the fault's doing.
+
+    A finding the target also shows with no fault injected is a bug of the
+    target itself, not a detection of the injected fault; it does not count.
+    """
+    return replay(Reproducer(program), target, NO_FAULT).finding is None
+
+
+def _finding_record(finding: Finding, target: str, **counts) -> dict:
+    return {"event": "finding", "signature": finding.signature,
+            "summary": finding.summary(target), **counts}
+
+
+def random_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
+    """Random bytes -> decode -> differential run, until the first finding the fault causes."""
+    rng = random.Random(seed)
+    worker = Worker(CampaignConfig(target, inject))
+    while True:
+        data = rng.randbytes(rng.randint(1, MAX_LEN))
+        program, finding = worker.run(data)
+        if finding is None:
+            continue
+        if inject == NO_FAULT or fault_needed(program, target):
+            emit(_finding_record(finding, target, execs=worker.execs, ops=worker.ops))
+            return
+        emit({"event": "fault-free finding", "signature": finding.signature})
+
+
+def _finding_in(error: BaseException) -> Optional[FindingError]:
+    """The FindingError Hypothesis raised, possibly inside an exception group."""
+    if isinstance(error, FindingError):
+        return error
+    for inner in getattr(error, "exceptions", ()):
+        found = _finding_in(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
+    """The stateful machine's test, generate phase only, until it fails."""
+    test = get_state_machine_test(machine_for(target), settings=settings(
+        phases=[Phase.generate], database=None, deadline=None,
+        max_examples=UNBOUNDED_EXAMPLES, suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet))
+    test = hypothesis.seed(seed)(test)
+    with faults.injected(injected_faults(inject)):
+        try:
+            test()
+            emit({"event": "exhausted"})
+            return
+        except Exception as error:  # the test fails exactly when the target does
+            found = _finding_in(error)
+            if found is None:
+                raise
+    if inject != NO_FAULT and not fault_needed(found.program, target):
+        # Hypothesis stops at its first failure: it found the target's own bug, not the fault.
+        emit({"event": "stopped at a fault-free finding", "signature": found.finding.signature})
+        return
+    emit(_finding_record(found.finding, target, ops=len(found.program.ops)))

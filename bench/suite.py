@@ -1,0 +1,175 @@
+"""The whole benchmark, phase by phase, into one results document.
+
+Order matters for fairness: the throughput phase runs first and alone (one
+measurement at a time, so a rate is never shared with a neighbour; ``--jobs
+2`` gets both cores to itself); then the findings-over-time campaign, alone;
+then the time-to-detect trials and the minimizations, ``jobs`` at a time, one
+process per core.  Every phase leaves its raw numbers in the results, which
+``results.json`` keeps so the report can be redrawn without measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fuzz.campaign import StoredFinding
+from fuzz.corpus import NO_FAULT, write_atomic
+from bench import detect, machine, throughput
+from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
+
+# A campaign that overruns its --max-time by this much is stopped by the bench.
+CAMPAIGN_GRACE = 60.0
+THROUGHPUT_SEED = 1
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to measure and for how long; recorded in the report."""
+
+    command: str
+    target: str
+    faults: tuple
+    seeds: tuple
+    cap: float
+    jobs: int
+    campaign_time: float
+    loop_time: float
+    minimize_time: float
+    out: Path
+    quick: bool
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "out": str(self.out), "faults": list(self.faults),
+                "seeds": list(self.seeds)}
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _campaign(config: Config, name: str, inject: str, jobs: int = 1) -> tuple:
+    """A campaign of ``campaign_time`` seconds in ``work/NAME``, run to its end.
+
+    Returns its folder and, if it failed (libFuzzer died), what to tell the reader.
+    """
+    out = config.out / "work" / name
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["--target", config.target, "--inject", inject, "--seed", str(THROUGHPUT_SEED),
+            "--max-time", str(config.campaign_time)]
+    log = config.out / "work" / "logs" / f"{name}.log"
+    run = run_campaign(args, out, log, cap=config.campaign_time + CAMPAIGN_GRACE, jobs=jobs)
+    failure = "" if run.returncode in (0, 1) else \
+        f"the campaign failed after {run.seconds:.0f} s (exit {run.returncode}): see {out}/logs"
+    return out, failure
+
+
+def _throughput_campaign(config: Config, name: str, jobs: int) -> Path:
+    """A no-fault campaign whose rate is measured: a failed one has no rate to report."""
+    out, failure = _campaign(config, name, NO_FAULT, jobs)
+    if failure:
+        raise MeasurementFailed(f"throughput {failure}")
+    return out
+
+
+def _loop(config: Config, kind: str, corpus: Path) -> dict:
+    params = {"corpus": str(corpus), "target": config.target, "seconds": config.loop_time}
+    log = config.out / "work" / "logs" / f"{kind}.log"
+    run = run_child(kind, params, log)
+    if run.returncode != 0 or not run.records:
+        raise MeasurementFailed(f"{kind} loop failed (exit {run.returncode}): see {log}")
+    return run.result()
+
+
+def measure_throughput(config: Config) -> dict:
+    """Campaign (1 job, then 2), then replay and differential loops over its corpus."""
+    _say(f"throughput: campaign, 1 job, {config.campaign_time:g} s")
+    single = _throughput_campaign(config, "throughput-jobs1", 1)
+    results = {"campaign": throughput.campaign_rate(single / "stats.jsonl")}
+    if config.jobs >= 2:
+        _say(f"throughput: campaign, 2 jobs, {config.campaign_time:g} s")
+        double = _throughput_campaign(config, "throughput-jobs2", 2)
+        results["campaign_jobs2"] = throughput.campaign_rate(double / "stats.jsonl")
+    corpus = single / "corpus"
+    results["corpus_inputs"] = len(throughput.corpus_inputs(str(corpus)))
+    for kind in ("replay", "differential"):
+        _say(f"throughput: {kind} loop, {config.loop_time:g} s")
+        results[kind] = _loop(config, kind, corpus)
+    _say("throughput: profiling the differential loop")
+    results["profile"] = _loop(config, "profile", corpus)
+    return results
+
+
+def measure_campaign_over_time(config: Config) -> dict:
+    """One campaign with every benchmarked fault injected at once: coverage and findings."""
+    inject = ",".join(f for f in config.faults if f != NO_FAULT) or NO_FAULT
+    _say(f"campaign over time: inject {inject}, {config.campaign_time:g} s")
+    out, failure = _campaign(config, "over-time", inject)
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()
+               if line]
+    started = records[0]["time"] - records[0]["run_seconds"] if records else 0.0
+    findings = []
+    for path in sorted((out / "findings").glob("[!.]*")):
+        stored = StoredFinding(path)
+        findings.append({"signature": stored.signature, "summary": stored.summary(),
+                         "seconds": (path / "input.bin").stat().st_mtime - started})
+    findings.sort(key=lambda f: f["seconds"])
+    return {"inject": inject, "records": records, "findings": findings, "failure": failure}
+
+
+def measure_detection(config: Config) -> list:
+    planned = detect.trials(config.faults, config.seeds)
+    _say(f"time-to-detect: {len(planned)} trials, cap {config.cap:g} s, {config.jobs} at a time")
+    return detect.detect(planned, config.target, config.cap, config.out / "work", config.jobs)
+
+
+def _minimize_fault(config: Config, fault: str) -> dict:
+    row = {"fault": fault}
+    raw = detect.raw_finding(config.out / "work", fault, config.seeds)
+    if raw is None:
+        return row
+    output = config.out / "minimized" / f"{fault}.repro"
+    params = {"raw": str(raw), "target": config.target, "inject": fault,
+              "max_seconds": config.minimize_time, "output": str(output)}
+    result = run_child("minimize", params, config.out / "work" / "logs" / f"minimize-{fault}.log",
+                       cap=config.minimize_time + CAMPAIGN_GRACE)
+    if not result.records:
+        return {**row, "problem": f"minimizer exited {result.returncode}"}
+    row.update(result.result())
+    del row["event"]
+    return row
+
+
+def measure_minimization(config: Config) -> list:
+    _say(f"minimization: {len(config.faults)} faults, {config.jobs} at a time")
+    return run_parallel(lambda fault: _minimize_fault(config, fault), list(config.faults),
+                        config.jobs)
+
+
+PHASES = (("throughput", measure_throughput), ("over_time", measure_campaign_over_time),
+          ("detection", measure_detection), ("minimization", measure_minimization))
+
+
+def run(config: Config) -> dict:
+    """Every phase, in order; the results document.
+
+    ``results.json`` is rewritten after each phase (``complete`` false until
+    the last), so a run stopped early can still be reported with ``--render``.
+    The 1-minute load average before and after each phase is kept, so a
+    reader can tell a quiet machine from one that was shared.
+    """
+    config.out.mkdir(parents=True, exist_ok=True)
+    results = {"config": config.to_json(), "machine": machine.describe(), "load": {},
+               "complete": False}
+    for name, measure in PHASES:
+        before = os.getloadavg()[0]
+        results[name] = measure(config)
+        results["load"][name] = [round(before, 2), round(os.getloadavg()[0], 2)]
+        results["complete"] = name == PHASES[-1][0]
+        write_atomic(config.out / RESULTS, json.dumps(results, indent=1) + "\n")
+    return results

@@ -1,0 +1,138 @@
+"""The benchmark: its arithmetic, its engines, and one quick smoke run end to end.
+
+Nothing here asserts a speed: the smoke run checks that every phase reports
+and that the report has its sections, not what the numbers are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness import faults
+from harness.ops import Recover
+from fuzz.runner import ReferenceTarget
+from bench import analysis, cli, engines, throughput
+from bench.detect import ENGINES
+from bench.minimization import MINIMAL_DIR, check_minimal
+
+TESTS = Path(__file__).resolve().parent
+
+
+class RecoverCrashes(ReferenceTarget):
+    """A planted bug every engine meets within a few programs: ``recover`` raises."""
+
+    name = "recover-crashes"
+
+    def execute(self, op):
+        if isinstance(op, Recover):
+            raise RuntimeError("planted")
+        return super().execute(op)
+
+
+PLANTED = "test_bench:RecoverCrashes"
+
+
+def detection(fault, engine, seconds, found=True):
+    return {"fault": fault, "engine": engine, "seed": 1, "found": found, "seconds": seconds}
+
+
+# --- arithmetic ------------------------------------------------------------------
+
+def test_capped_runs_count_at_the_cap_in_the_median():
+    runs = [detection("f", "mmufuzz", 2.0), detection("f", "mmufuzz", 60.0, found=False),
+            detection("f", "mmufuzz", 60.0, found=False)]
+    (summary,) = analysis.summarize_detection(runs, cap=60.0)["f"].values()
+    assert summary.median == 60.0 and summary.capped_median and summary.found == 1
+
+
+def test_speedup_is_the_ratio_of_medians_and_the_geomean_combines_faults():
+    runs = [detection("a", "mmufuzz", 1.0), detection("a", "random", 40.0),
+            detection("b", "mmufuzz", 2.0), detection("b", "random", 5.0)]
+    summary = analysis.summarize_detection(runs, cap=60.0)
+    ratios = analysis.speedups(summary, "random")
+    assert ratios == {"a": 40.0, "b": 2.5}
+    assert analysis.geomean(ratios.values()) == pytest.approx(10.0)
+
+
+def test_a_missed_target_says_by_how_much():
+    results = {"config": {"cap": 60.0},
+               "detection": [detection("a", "mmufuzz", 1.0), detection("a", "random", 4.0)],
+               "throughput": {"campaign": {"execs": 10, "ops": 15000, "seconds": 1.0,
+                                           "workers": 1},
+                              "campaign_jobs2": {"execs": 19, "ops": 28000, "seconds": 1.0,
+                                                 "workers": 2}},
+               "minimization": [{"ratio": 1.5}]}
+    checks = {c.name: c for c in analysis.check_targets(results)}
+    assert checks["time-to-detect"].met
+    assert not checks["speed-up over random"].met
+    assert checks["speed-up over random"].shortfall == "missed by 2.5x"
+    assert checks["differential loop under coverage"].shortfall == "missed by 2.0x"
+    assert checks["scaling"].met
+    assert checks["minimization"].shortfall == "missed by 1.25x"
+
+
+def test_campaign_rate_leaves_start_up_out(tmp_path):
+    lines = [{"workers": 0, "execs": 0, "ops": 0, "run_seconds": 1.0},
+             {"workers": 1, "execs": 100, "ops": 1000, "run_seconds": 2.0},
+             {"workers": 1, "execs": 1100, "ops": 21000, "run_seconds": 12.0}]
+    for line in lines[1:]:
+        line.update(cov=1, ft=2, features=3, corpus=4)
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    measured = throughput.campaign_rate(stats)
+    assert analysis.rate(measured) == (100.0, 2000.0)
+
+
+def test_cli_rejects_an_unknown_fault(capsys):
+    assert cli.main(["--faults", "no-such-fault"]) == cli.EXIT_BAD_OPTIONS
+    assert "no-such-fault" in capsys.readouterr().err
+
+
+# --- engines and known minima ---------------------------------------------------------
+
+@pytest.mark.parametrize("engine", [engines.random_engine, engines.hypothesis_engine])
+def test_each_baseline_reports_the_planted_bug(engine):
+    reports = []
+    engine(reports.append, PLANTED, "none", 1)
+    (found,) = reports
+    assert found["event"] == "finding" and "crash" in found["summary"]
+
+
+@pytest.mark.parametrize("path", sorted(MINIMAL_DIR.glob("*.repro")), ids=lambda p: p.stem)
+def test_hand_minimal_reproducer_fails_only_with_its_fault(path):
+    known = check_minimal(path, "tdp")
+    assert known.path.stem in faults.CATALOG
+    assert known.verified, known.problem
+
+
+# --- the quick smoke run ----------------------------------------------------------------
+
+def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
+    # Campaign subprocesses run in their own folders: they find the planted target by path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS),
+                                                                   os.environ.get("PYTHONPATH")])))
+    report = tmp_path / "docs" / "benchmarks.md"
+    code = cli.main(["--quick", "--target", PLANTED, "--faults", "none", "--seeds", "1",
+                     "--cap", "8", "--campaign-time", "2", "--loop-time", "0.5",
+                     "--minimize-time", "5", "--jobs", "2", "--out", str(tmp_path / "out"),
+                     "--report", str(report)])
+    assert code == cli.EXIT_OK
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"replay", "differential", "campaign", "campaign_jobs2", "profile"} \
+        <= results["throughput"].keys()
+    assert all(results["throughput"][k]["ops"] > 0 for k in ("replay", "differential"))
+    assert sorted(d["engine"] for d in results["detection"]) == sorted(ENGINES)
+    assert results["over_time"]["records"]
+    text = report.read_text()
+    for heading in ("## The issue's targets", "## Throughput", "## Scaling", "## Time to detect",
+                    "## A campaign over time", "## Minimization", "## Method", "## Machine"):
+        assert heading in text
+    assert "Command: `mmufuzz bench --quick" in text
+    assert {p.name for p in (report.parent / "bench").glob("*.png")} == \
+        {"time_to_detect.png", "detected_over_time.png", "campaign_over_time.png"}
+    assert not psutil.Process().children(recursive=True), "a measurement process outlived the run"
