@@ -397,13 +397,13 @@ class Campaign:
         self._say(f"mmufuzz: fuzzing target {self.config.target}, inject {self.config.inject}, "
                   f"{self.options.jobs} job(s), {seeds} seeds, in {self.layout.root}")
         started = time.monotonic()
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
         fuzzer = self._start()
         monitor = Monitor(self.layout, psutil.Process(fuzzer.pid))
         # Rates over the last RATE_WINDOW snapshots: heartbeats come once a second, unaligned.
         first = monitor.snapshot(0)
         window = collections.deque([first], maxlen=RATE_WINDOW)
         reason, last_stats = None, None
-        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             while fuzzer.poll() is None:
                 time.sleep(PROGRESS_SECONDS)
@@ -422,6 +422,9 @@ class Campaign:
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
+        except Exception:
+            self._stop(fuzzer)  # a failing supervisor never leaves libFuzzer running
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -37,7 +37,7 @@ def cmd_show(args) -> int:
 def cmd_replay(args) -> int:
     """Replay reproducers; print the report of every one that fails."""
     if args.inject is not None:
-        faults.check(n for n in args.inject.split(",") if n != "none")
+        faults.check(injected_faults(args.inject))
     # Parse everything first: a bad file anywhere is reported before any replay output.
     loaded = [(path, load_reproducer(path)) for path in reproducer_files(args.files)]
     status = EXIT_CLEAN

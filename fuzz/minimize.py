@@ -107,7 +107,7 @@ def _cut_after_failure(program: Program, oracle: _Oracle) -> Program:
 
 # Fields holding guest-physical locations: gfns, and byte addresses (a gva is one with paging off).
 _GFN_FIELDS = ("base", "table", "target", "root")
-_ADDRESS_FIELDS = ("gpa", "addr")
+_ADDRESS_FIELDS = ("gpa", "gva", "addr")
 
 
 def _locations(op) -> set:
