@@ -111,13 +111,20 @@ class Layout:
         self.workers = self.root / "workers"
 
     def prepare(self) -> None:
-        """Create the folders; drop what only a running campaign may hold."""
+        """Create the folders; drop what only a running campaign may hold.
+
+        Seeds are re-encoded and logs rewritten by every run, so the previous
+        run's are dropped too: a seed removed from corpus/seeds, or the log of
+        a job a smaller --jobs no longer runs, must not feed this run.
+        """
         for path in (self.corpus, self.seeds, self.findings, self.logs, self.crashes):
             path.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.workers, ignore_errors=True)
         self.workers.mkdir()
         for leftover in self.findings.glob(".*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for stale in [*self.seeds.glob("*.bin"), *self.logs.glob("*.log")]:
+            stale.unlink()
 
 
 # --- findings ---------------------------------------------------------------------

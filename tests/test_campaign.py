@@ -300,3 +300,14 @@ def test_a_targets_own_features_reach_libfuzzer():
     keys = []
     run_program(CLEAN, CampaignTarget(Switching(), keys.append))
     assert keys.count("target:fault:12>zap:40") == len(CLEAN.ops)
+
+
+def test_prepare_drops_the_previous_runs_seeds_and_logs(tmp_path):
+    layout = Layout(tmp_path)
+    layout.prepare()
+    (layout.seeds / "removed_seed.bin").write_bytes(b"\x00")
+    (layout.logs / "fuzz-7.log").write_text("cov: 99999 ft: 99999\n")
+    (layout.corpus / "kept").write_bytes(b"\x01")
+    layout.prepare()
+    assert not list(layout.seeds.iterdir()) and not list(layout.logs.iterdir())
+    assert (layout.corpus / "kept").read_bytes() == b"\x01"
