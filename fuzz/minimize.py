@@ -94,14 +94,10 @@ class _Oracle:
         return finding is not None and finding.signature == self.signature
 
 
-def _with_ops(program: Program, ops) -> Program:
-    return Program(program.header, tuple(ops))
-
-
 # --- stages: each takes a failing program and returns a failing program ---------
 
 def _cut_after_failure(program: Program, oracle: _Oracle) -> Program:
-    cut = _with_ops(program, program.ops[:oracle.finding(program).op_index + 1])
+    cut = program.with_ops(program.ops[:oracle.finding(program).op_index + 1])
     return cut if cut != program and oracle.fails(cut) else program
 
 
@@ -168,14 +164,14 @@ def _slice(program: Program, oracle: _Oracle) -> Program:
             needed |= touched[index]
         else:
             keep[index] = False
-    candidate = _with_ops(program, (op for op, k in zip(program.ops, keep) if k))
+    candidate = program.with_ops((op for op, k in zip(program.ops, keep) if k))
     return candidate if candidate != program and oracle.fails(candidate) else program
 
 
 def _drop_single_ops(program: Program, oracle: _Oracle) -> Program:
     index = len(program.ops) - 1
     while index >= 0:
-        candidate = _with_ops(program, program.ops[:index] + program.ops[index + 1:])
+        candidate = program.with_ops(program.ops[:index] + program.ops[index + 1:])
         if oracle.fails(candidate):
             program = candidate
         index -= 1
@@ -190,7 +186,7 @@ def _ddmin(program: Program, oracle: _Oracle) -> Program:
         size = -(-len(ops) // chunks)
         for start in range(0, len(ops), size):
             complement = ops[:start] + ops[start + size:]
-            if oracle.fails(_with_ops(program, complement)):
+            if oracle.fails(program.with_ops(complement)):
                 ops = complement
                 chunks = max(chunks - 1, 2)
                 break
@@ -198,7 +194,7 @@ def _ddmin(program: Program, oracle: _Oracle) -> Program:
             if chunks >= len(ops):
                 break
             chunks = min(chunks * 2, len(ops))
-    return _with_ops(program, ops)
+    return program.with_ops(ops)
 
 
 def _relocated(op, source: int, image: int):
@@ -228,7 +224,7 @@ def _drop_relocated(program: Program, index: int, oracle: _Oracle) -> Optional[P
             if source != image:
                 later = (conform(_relocated(op, source, image), program.header)
                          for op in ops[index:])
-                candidate = _with_ops(program, ops[:index] + tuple(later))
+                candidate = program.with_ops(ops[:index] + tuple(later))
                 if oracle.fails(candidate):
                     return candidate
     return None
@@ -294,10 +290,10 @@ def _simplify_fields(program: Program, oracle: _Oracle) -> Program:
                 if variant == ops[index]:
                     continue
                 trial = ops[:index] + [variant] + ops[index + 1:]
-                if oracle.fails(_with_ops(program, trial)):
+                if oracle.fails(program.with_ops(trial)):
                     ops, improved = trial, True
                     break
-    return _with_ops(program, ops)
+    return program.with_ops(ops)
 
 
 def _renumber(program: Program, oracle: _Oracle) -> Program:

@@ -37,13 +37,9 @@ ByteMutate = Callable[[bytes, int], bytes]
 
 # --- helpers ------------------------------------------------------------------
 
-def _with_ops(program: Program, ops) -> Program:
-    return Program(program.header, tuple(ops))
-
-
 def _prefix_bytes(program: Program, index: int) -> bytes:
     """The canonical bytes of the header and ``program.ops[:index]``."""
-    return encode(_with_ops(program, program.ops[:index]))
+    return encode(program.with_ops(program.ops[:index]))
 
 
 def _decode_after(prefix: bytes, index: int, op_bytes: bytes):
@@ -67,7 +63,7 @@ def encode_within(program: Program, max_size: int) -> bytes:
     data = encode(head)
     if len(data) <= max_size:
         return data
-    return encode(_with_ops(head, head.ops[:-1]))
+    return encode(head.with_ops(head.ops[:-1]))
 
 
 # --- mutations: each returns a candidate program or None ----------------------
@@ -80,7 +76,7 @@ def insert_op(program: Program, rng: random.Random) -> Optional[Program]:
     op = _decode_after(_prefix_bytes(program, index), index, rng.randbytes(FRESH_OP_BYTES))
     if op is None:
         return None
-    return _with_ops(program, program.ops[:index] + (op,) + program.ops[index:])
+    return program.with_ops(program.ops[:index] + (op,) + program.ops[index:])
 
 
 def delete_op(program: Program, rng: random.Random) -> Optional[Program]:
@@ -88,7 +84,7 @@ def delete_op(program: Program, rng: random.Random) -> Optional[Program]:
     if not program.ops:
         return None
     index = rng.randrange(len(program.ops))
-    return _with_ops(program, program.ops[:index] + program.ops[index + 1:])
+    return program.with_ops(program.ops[:index] + program.ops[index + 1:])
 
 
 def duplicate_op(program: Program, rng: random.Random) -> Optional[Program]:
@@ -98,7 +94,7 @@ def duplicate_op(program: Program, rng: random.Random) -> Optional[Program]:
     source = rng.randrange(len(program.ops))
     index = rng.randint(source + 1, len(program.ops))
     ops = program.ops
-    return _with_ops(program, ops[:index] + (ops[source],) + ops[index:])
+    return program.with_ops(ops[:index] + (ops[source],) + ops[index:])
 
 
 def swap_ops(program: Program, rng: random.Random) -> Optional[Program]:
@@ -109,7 +105,7 @@ def swap_ops(program: Program, rng: random.Random) -> Optional[Program]:
     j = i + 1 if rng.random() < 0.5 else rng.randrange(i + 1, len(program.ops))
     ops = list(program.ops)
     ops[i], ops[j] = ops[j], ops[i]
-    return _with_ops(program, ops)
+    return program.with_ops(ops)
 
 
 def reselect_field(program: Program, rng: random.Random) -> Optional[Program]:
@@ -130,7 +126,7 @@ def reselect_field(program: Program, rng: random.Random) -> Optional[Program]:
     op = _decode_after(prefix, index, bytes(data))
     if op is None:
         return None
-    return _with_ops(program, program.ops[:index] + (op,) + program.ops[index + 1:])
+    return program.with_ops(program.ops[:index] + (op,) + program.ops[index + 1:])
 
 
 def _edit_field(program: Program, rng: random.Random, kinds: tuple,
@@ -152,7 +148,7 @@ def _edit_field(program: Program, rng: random.Random, kinds: tuple,
     if side:
         changed = dataclasses.replace(op, **{side: changed})
     changed = conform(changed, program.header)
-    return _with_ops(program, program.ops[:index] + (changed,) + program.ops[index + 1:])
+    return program.with_ops(program.ops[:index] + (changed,) + program.ops[index + 1:])
 
 
 def _nudged(value: int, dom, rng: random.Random) -> int:
@@ -199,14 +195,14 @@ def pair_ops(program: Program, rng: random.Random) -> Optional[Program]:
             return None
         pair = ops[index]
         sides = (pair.a, pair.b) if rng.random() < 0.5 else (pair.b, pair.a)
-        return _with_ops(program, ops[:index] + sides + ops[index + 1:])
+        return program.with_ops(ops[:index] + sides + ops[index + 1:])
     if index + 1 >= len(ops) or isinstance(ops[index + 1], Parallel):
         return None
     a, b = ops[index], ops[index + 1]
     if op_vcpu(a) is not None and op_vcpu(a) == op_vcpu(b):
         return None
     pair = Parallel(a, b, rng.getrandbits(rng.choice((4, 8, 64))))
-    return _with_ops(program, ops[:index] + (pair,) + ops[index + 2:])
+    return program.with_ops(ops[:index] + (pair,) + ops[index + 2:])
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:

@@ -344,6 +344,10 @@ class Program:
     header: VmHeader
     ops: tuple = ()
 
+    def with_ops(self, ops) -> "Program":
+        """The same VM running ``ops`` instead (what mutators and reducers build)."""
+        return Program(self.header, tuple(ops))
+
 
 # --- outcomes ---------------------------------------------------------------
 # The closed outcome vocabulary (SEMANTICS §A).  ``str()`` of an outcome is its
