@@ -1,14 +1,14 @@
 """``mmufuzz bench`` / ``python -m bench``: options, the run, the report.
 
 Exit codes: 0 measured and reported (a missed target is a result, not an
-error), 2 bad options, 3 a measurement process failed (its log is named), 130
-Ctrl-C.
+error), 2 bad options or a ``--render`` file that is missing or malformed (one
+line names the file and the field), 3 a measurement process failed (its log is
+named), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
@@ -119,7 +119,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _handle_sigint()
     if args.render:
-        results = json.loads(Path(args.render).read_text())
+        try:
+            results = report.load(Path(args.render))
+        except report.BadResults as error:
+            print(f"mmufuzz bench: error: {error}", file=sys.stderr)
+            return EXIT_BAD_OPTIONS
         path = Path(args.report or DEFAULT_REPORT)
     else:
         try:

@@ -6,6 +6,13 @@ the hand-written minimal reproducer in ``bench/minimal/FAULT.repro`` and, when
 the project keeps one, ``corpus/regressions/FAULT.repro``.  A hand-written
 minimum is only trusted after :func:`check_minimal` has replayed it: it must
 fail with its fault injected and run clean without.
+
+A fault can show several symptoms (signatures), and their minima differ in
+length: ``merge-by-zap`` refuses a 2m accept over a partly accepted range in 4
+ops, but over a fully accepted range split to 4K (another signature) only in 5.
+A minimized finding is compared with the hand minimum of its own signature when
+one is known: ``FAULT.repro`` is the fault's main one, ``FAULT.SYMPTOM.repro``
+those of its other signatures.
 """
 
 from __future__ import annotations
@@ -62,18 +69,27 @@ def check_minimal(path: Path, target: str) -> KnownMinimal:
                         not problem, problem)
 
 
-def known_minimal(fault: str, target: str, regressions: Path = REGRESSIONS) -> dict:
+def hand_minima(fault: str) -> list:
+    """The hand-written minima of ``fault``: the main one first, then one per other symptom."""
+    main = MINIMAL_DIR / f"{fault}.repro"
+    return ([main] if main.exists() else []) + sorted(MINIMAL_DIR.glob(f"{fault}.*.repro"))
+
+
+def known_minimal(fault: str, target: str, signature: Optional[str] = None,
+                  regressions: Path = REGRESSIONS) -> dict:
     """What is known about ``fault``'s minimum: the checked hand-written one, the regression's.
 
-    Computed when the report is drawn, not when the bench measures: these are
-    files of the project, and replaying them takes milliseconds.
+    The hand-written one is that of ``signature`` if one is verified to show
+    it, else the fault's main one.  Computed when the report is drawn, not
+    when the bench measures: these are files of the project, and replaying
+    them takes milliseconds.
     """
     known = {}
-    hand = MINIMAL_DIR / f"{fault}.repro"
-    if hand.exists():
-        checked = check_minimal(hand, target)
-        known.update(hand_ops=checked.ops, hand_verified=checked.verified,
-                     hand_problem=checked.problem, hand_signature=checked.signature)
+    checked = [check_minimal(path, target) for path in hand_minima(fault)]
+    if checked:
+        hand = next((c for c in checked if c.verified and c.signature == signature), checked[0])
+        known.update(hand_ops=hand.ops, hand_verified=hand.verified,
+                     hand_problem=hand.problem, hand_signature=hand.signature)
     regression = regressions / f"{fault}.repro"
     if regression.exists():
         try:
@@ -87,7 +103,7 @@ def with_known_minima(rows: list, target: str) -> list:
     """The minimization rows with the known minima and, where both exist, the ratio."""
     completed = []
     for row in rows:
-        row = {**row, **known_minimal(row["fault"], target)}
+        row = {**row, **known_minimal(row["fault"], target, row.get("signature"))}
         if row.get("hand_verified") and row.get("reproducible"):
             row["ratio"] = row["ops"] / row["hand_ops"]
         completed.append(row)

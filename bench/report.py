@@ -12,6 +12,57 @@ from bench.minimization import with_known_minima
 
 BASELINES = ("random", "hypothesis")
 
+# Fields the report reads, checked by ``load`` so that ``--render`` names a missing one
+# instead of failing halfway through drawing.  SECTIONS are in every results document
+# (a partial run's too); ENTRIES are in every element of a list section that was measured.
+SECTIONS = {
+    "config": ("command", "target", "seeds", "cap", "jobs", "campaign_time", "loop_time",
+               "minimize_time", "quick"),
+    "machine": ("date", "cpu", "logical_cpus", "physical_cores", "memory_gb", "os", "python",
+                "packages", "commit"),
+    "load": (),
+}
+ENTRIES = {
+    "detection": ("fault", "engine", "seed", "found", "seconds", "summary"),
+    "minimization": ("fault",),
+}
+
+
+class BadResults(ValueError):
+    """A results document that cannot be reported: unreadable, not JSON, or a field missing."""
+
+
+def load(path: Path) -> dict:
+    """The results document at ``path``, checked for the fields the report reads."""
+    try:
+        results = json.loads(path.read_text())
+    except OSError as error:
+        raise BadResults(f"{path}: cannot read: {error.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadResults(f"{path}: not JSON: {error}") from None
+    if not isinstance(results, dict):
+        raise BadResults(f"{path}: not a results document (a JSON object)")
+    for section, fields in SECTIONS.items():
+        if section not in results:
+            raise BadResults(f"{path}: field '{section}' is missing")
+        _require(results[section], section, fields, path)
+    for section, fields in ENTRIES.items():
+        entries = results.get(section, [])
+        if not isinstance(entries, list):
+            raise BadResults(f"{path}: field '{section}' is not a list")
+        for i, entry in enumerate(entries):
+            _require(entry, f"{section}[{i}]", fields, path)
+    return results
+
+
+def _require(obj, name: str, fields: tuple, path: Path) -> None:
+    """``obj``, the field ``name`` of the document at ``path``, is an object with ``fields``."""
+    if not isinstance(obj, dict):
+        raise BadResults(f"{path}: field '{name}' is not an object")
+    for field in fields:
+        if field not in obj:
+            raise BadResults(f"{path}: field '{name}.{field}' is missing")
+
 
 def _table(headers: list, rows: list) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

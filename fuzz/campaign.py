@@ -17,11 +17,13 @@ summary.  Everything lives in the directory, so running again on it resumes:
     DIR/logs/             libFuzzer's output, fuzz-N.log per job
     DIR/crashes/          libFuzzer artifacts: an exception that escaped the differential run
     DIR/workers/          heartbeats of the running workers (cleared every run)
+    DIR/campaign.lock     flock'ed by the running supervisor: one campaign per directory
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import math
 import os
@@ -109,6 +111,7 @@ class Layout:
         self.logs = self.root / "logs"
         self.crashes = self.root / "crashes"
         self.workers = self.root / "workers"
+        self.lock = self.root / "campaign.lock"
 
     def prepare(self) -> None:
         """Create the folders; drop what only a running campaign may hold.
@@ -125,6 +128,27 @@ class Layout:
             shutil.rmtree(leftover, ignore_errors=True)
         for stale in [*self.seeds.glob("*.bin"), *self.logs.glob("*.log")]:
             stale.unlink()
+
+
+def hold_lock(layout: Layout) -> TextIO:
+    """Lock the directory for this process: the returned file holds the lock while open.
+
+    Two campaigns on one directory would clear each other's heartbeats, seeds
+    and logs and mix their statistics, so the second is refused.  ``flock`` is
+    released by the kernel when the holder dies, so a killed campaign's
+    directory resumes without cleanup; the file is not inherited by libFuzzer
+    (Python opens files non-inheritable), so workers left behind by a killed
+    supervisor do not keep it locked.
+    """
+    layout.root.mkdir(parents=True, exist_ok=True)
+    lock = open(layout.lock, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise CampaignError(f"{layout.root} is in use by another campaign: wait for it to "
+                            "stop, or use another --out") from None
+    return lock
 
 
 # --- findings ---------------------------------------------------------------------
@@ -385,6 +409,7 @@ class Campaign:
         self.config = resolve_config(self.layout, options)
         faults.check(injected_faults(self.config.inject))
         make_target(self.config.target)  # fails here, with a clear message, if unknown
+        self.lock = hold_lock(self.layout)
         self.layout.prepare()
         self.config.save(self.layout.config)
         self.totals = Totals.resume(self.layout.stats)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from harness import faults
-from harness.ops import PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, domain, op_vcpu
+from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Parallel, Program,
+                         domain, op_gfns, op_vcpu)
 from fuzz.corpus import Replay
 from fuzz.encoding import Reproducer, conform
 from fuzz.runner import Finding, make_target, run_program
@@ -101,20 +102,6 @@ def _cut_after_failure(program: Program, oracle: _Oracle) -> Program:
     return cut if cut != program and oracle.fails(cut) else program
 
 
-# Fields holding guest-physical locations: gfns, and byte addresses (a gva is one with paging off).
-_GFN_FIELDS = ("base", "table", "target", "root")
-_ADDRESS_FIELDS = ("gpa", "gva", "addr")
-
-
-def _locations(op) -> set:
-    """The gfns an op names."""
-    if isinstance(op, Parallel):
-        return _locations(op.a) | _locations(op.b)
-    gfns = {getattr(op, n) for n in _GFN_FIELDS if getattr(op, n, None) is not None}
-    return gfns | {getattr(op, n) >> PAGE_SHIFT for n in _ADDRESS_FIELDS
-                   if getattr(op, n, None) is not None}
-
-
 def _resources(op, slot_ranges: dict) -> Optional[frozenset]:
     """What an op touches: slots, vCPUs and 2M frames; None for VM-wide ops."""
     if isinstance(op, Parallel):
@@ -129,7 +116,7 @@ def _resources(op, slot_ranges: dict) -> Optional[frozenset]:
     if slot is not None:
         tokens.add(("slot", slot))
     npages = getattr(op, "npages", None) or 1
-    spans += [(gfn, npages) for gfn in sorted(_locations(op))]
+    spans += [(gfn, npages) for gfn in sorted(op_gfns(op))]
     for base, count in spans:
         frames = _frames(base, count)
         if frames is None:
@@ -203,7 +190,7 @@ def _relocated(op, source: int, image: int):
         return dataclasses.replace(op, a=_relocated(op.a, source, image),
                                    b=_relocated(op.b, source, image))
     changes = {}
-    for names, shift in ((_GFN_FIELDS, 0), (_ADDRESS_FIELDS, PAGE_SHIFT)):
+    for names, shift in ((GFN_FIELDS, 0), (ADDRESS_FIELDS, PAGE_SHIFT)):
         for name in names:
             value = getattr(op, name, None)
             if value is not None and source <= value >> shift < source + PAGES_PER_2M:
@@ -218,8 +205,8 @@ def _drop_relocated(program: Program, index: int, oracle: _Oracle) -> Optional[P
     images are the locations ops before it name (the slot's old base).
     """
     ops = program.ops[:index] + program.ops[index + 1:]
-    images = sorted(set().union(*map(_locations, program.ops[:index])))
-    for source in sorted(_locations(program.ops[index])):
+    images = sorted(set().union(*map(op_gfns, program.ops[:index])))
+    for source in sorted(op_gfns(program.ops[index])):
         for image in images:
             if source != image:
                 later = (conform(_relocated(op, source, image), program.header)

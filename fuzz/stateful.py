@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from harness.ops import OP_NAMES, PAGE_SHIFT, Parallel, Program, VmHeader, VmType, domain
+from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT, Parallel, Program,
+                         VmHeader, VmType, domain)
 from fuzz.encoding import conform, format_program
 from fuzz.runner import Differential, make_target
 
@@ -42,14 +43,10 @@ class Known:
     index: int
 
 
-_GFN_FIELDS = ("base", "table", "target", "root")
-_ADDRESS_FIELDS = ("addr", "gpa", "gva")
-
-
 def field_strategy(cls, name: str):
     """Values for one field: its domain; gfns and addresses may be :class:`Known`."""
     dom = domain(cls, name)
-    if name in _GFN_FIELDS or name in _ADDRESS_FIELDS:
+    if name in GFN_FIELDS or name in ADDRESS_FIELDS:
         gfns = st.builds(Known, st.integers(0, 63)) | st.integers(0, SMALL_GFN)
         return st.none() | gfns if dom.kind == "root" else gfns
     if name == "npages":
@@ -100,7 +97,7 @@ def build_op(raw, header: VmHeader, known: tuple):
     for item, value in zip(dataclasses.fields(cls), values):
         if type(value) is Known:
             value = known[value.index % len(known)]
-        if item.name in _ADDRESS_FIELDS:
+        if item.name in ADDRESS_FIELDS:
             value <<= PAGE_SHIFT
         resolved.append(value)
     return conform(cls(*resolved), header)

@@ -143,6 +143,22 @@ def domain(cls, name: str) -> Domain:
     return _DOMAINS[cls][name]
 
 
+# The op fields that name guest memory: gfns, and page-aligned byte addresses (an access's
+# ``addr`` may be a gva, the same number as a gpa with paging off).  Generators bias them
+# toward locations a program already uses; the minimizer follows them to slice and relocate.
+GFN_FIELDS = ("base", "table", "target", "root")
+ADDRESS_FIELDS = ("gpa", "gva", "addr")
+
+
+def op_gfns(op) -> set:
+    """The gfns an op names (both sides of a ``parallel``)."""
+    if isinstance(op, Parallel):
+        return op_gfns(op.a) | op_gfns(op.b)
+    gfns = {getattr(op, n) for n in GFN_FIELDS if getattr(op, n, None) is not None}
+    return gfns | {getattr(op, n) >> PAGE_SHIFT for n in ADDRESS_FIELDS
+                   if getattr(op, n, None) is not None}
+
+
 # --- the program header -----------------------------------------------------
 
 @dataclass(frozen=True)

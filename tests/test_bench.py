@@ -18,7 +18,7 @@ from harness.ops import Recover
 from fuzz.runner import ReferenceTarget
 from bench import analysis, cli, engines, throughput
 from bench.detect import ENGINES
-from bench.minimization import MINIMAL_DIR, check_minimal
+from bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
 TESTS = Path(__file__).resolve().parent
 
@@ -93,6 +93,42 @@ def test_cli_rejects_an_unknown_fault(capsys):
     assert "no-such-fault" in capsys.readouterr().err
 
 
+def _render_error(capsys, path: Path) -> str:
+    """The one stderr line of ``bench --render path``, which must exit 2."""
+    assert cli.main(["--render", str(path), "--report", str(path.parent / "r.md")]) == \
+        cli.EXIT_BAD_OPTIONS
+    (line,) = capsys.readouterr().err.splitlines()
+    return line
+
+
+def test_render_names_a_missing_results_file(tmp_path, capsys):
+    line = _render_error(capsys, tmp_path / "results.json")
+    assert str(tmp_path / "results.json") in line and "cannot read" in line
+
+
+def test_render_names_a_file_that_is_not_json(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text('{"config": ')
+    line = _render_error(capsys, path)
+    assert str(path) in line and "not JSON" in line
+
+
+@pytest.mark.parametrize("breakage, field", [
+    (lambda r: r.pop("machine"), "'machine'"),
+    (lambda r: r["config"].pop("cap"), "'config.cap'"),
+    (lambda r: r["detection"][2].pop("seconds"), "'detection[2].seconds'"),
+    (lambda r: r.update(load=[]), "'load'"),
+])
+def test_render_names_the_malformed_field(tmp_path, capsys, breakage, field):
+    results = json.loads((TESTS.parent / "docs" / "bench" / "results.json").read_text())
+    breakage(results)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    line = _render_error(capsys, path)
+    assert str(path) in line and field in line
+    assert not (tmp_path / "r.md").exists()
+
+
 # --- engines and known minima ---------------------------------------------------------
 
 @pytest.mark.parametrize("engine", [engines.random_engine, engines.hypothesis_engine])
@@ -106,8 +142,17 @@ def test_each_baseline_reports_the_planted_bug(engine):
 @pytest.mark.parametrize("path", sorted(MINIMAL_DIR.glob("*.repro")), ids=lambda p: p.stem)
 def test_hand_minimal_reproducer_fails_only_with_its_fault(path):
     known = check_minimal(path, "tdp")
-    assert known.path.stem in faults.CATALOG
+    assert path.name.split(".")[0] in faults.CATALOG  # FAULT.repro or FAULT.SYMPTOM.repro
     assert known.verified, known.problem
+
+
+def test_a_minimized_finding_is_compared_with_the_hand_minimum_of_its_signature():
+    main, other = (check_minimal(MINIMAL_DIR / name, "tdp")
+                   for name in ("merge-by-zap.repro", "merge-by-zap.already-accepted.repro"))
+    assert main.signature != other.signature and other.ops == main.ops + 1
+    assert known_minimal("merge-by-zap", "tdp", other.signature)["hand_ops"] == other.ops
+    for signature in (main.signature, None):
+        assert known_minimal("merge-by-zap", "tdp", signature)["hand_ops"] == main.ops
 
 
 # --- the quick smoke run ----------------------------------------------------------------

@@ -311,3 +311,37 @@ def test_prepare_drops_the_previous_runs_seeds_and_logs(tmp_path):
     layout.prepare()
     assert not list(layout.seeds.iterdir()) and not list(layout.logs.iterdir())
     assert (layout.corpus / "kept").read_bytes() == b"\x01"
+
+
+# --- one campaign per directory ------------------------------------------------------
+
+def test_a_second_campaign_on_a_locked_directory_is_refused(tmp_path):
+    with campaign.hold_lock(Layout(tmp_path)):
+        done = subprocess.run(fuzz_command(tmp_path, "--max-execs", "1"), env=ENV,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line == (f"mmufuzz: error: {tmp_path.resolve()} is in use by another campaign: "
+                    "wait for it to stop, or use another --out")
+    assert not (tmp_path / "workers").exists()
+
+
+HOLD_LOCK = """import sys, time
+from fuzz.campaign import Layout, hold_lock
+lock = hold_lock(Layout(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_leaves_the_directory_unlocked(tmp_path):
+    """As a killed campaign does: the kernel releases the lock of a process that dies."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(CampaignError, match="in use by another campaign"):
+        campaign.hold_lock(Layout(tmp_path))
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+    campaign.hold_lock(Layout(tmp_path)).close()
