@@ -22,6 +22,10 @@ class MemoryAttributes:
         i = bisect_right(self._starts, gfn) - 1
         return i >= 0 and gfn < self._ends[i]
 
+    def any_private(self) -> bool:
+        """Some gfn is private (never, outside a TD)."""
+        return bool(self._starts)
+
     def private_ranges(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """The private parts of [lo, hi), in order."""
         i = max(bisect_right(self._starts, lo) - 1, 0)

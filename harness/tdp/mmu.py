@@ -11,6 +11,7 @@ flush and an RCU grace period, so no walker can read a freed page.
 from __future__ import annotations
 
 from functools import partial
+from itertools import compress
 
 from harness import faults
 from harness.ops import PG_LEVEL_4K
@@ -28,6 +29,7 @@ from harness.tdp.spte import (
     make_nonleaf_spte,
     mark_spte_for_write_protect,
     pages_per_level,
+    spte_index,
     spte_to_pfn,
 )
 
@@ -52,6 +54,17 @@ class TdpMmu:
 
     def root(self, private: bool) -> TablePage:
         return self.mirror_root if private else self.direct_root
+
+    def walk_depth(self, root: TablePage, gfn: int) -> tuple[int, bool]:
+        """``(level, is_leaf)`` of the deepest present SPTE on ``gfn``'s walk; (0, False) if none."""
+        page, level, deepest = root, ROOT_LEVEL, 0
+        while True:
+            spte = page.spt[spte_index(gfn, level)]
+            if not is_shadow_present_pte(spte):
+                return deepest, False
+            if is_last_spte(spte, level):
+                return level, True
+            page, level, deepest = self.alloc.child(spte), level - 1, level
 
     def iter(self, root: TablePage, start: int, end: int, min_level: int = PG_LEVEL_4K):
         return TdpIter(self.alloc, root, start, end, min_level)
@@ -105,18 +118,30 @@ class TdpMmu:
 
         A child some other thread has frozen is waited for: that thread will
         write its final value into this (unlinked) table first.
+
+        Tables are sparse, and an entry still SHADOW_NONPRESENT_VALUE needs no
+        wait, no yield and no book-keeping: each run of them is frozen with one
+        slice write, and only the other entries go through the loop body.  The
+        scan is lazy, so it reads an entry only once every entry before it is
+        done, exactly when KVM's loop reads it (a yield before that may let
+        another thread write into this table).
         """
         step = pages_per_level(pt.level)
-        for i in range(SPTE_ENT_PER_PAGE):
-            old = pt.spt[i]
+        spt = pt.spt  # only this function frees pt, after the loop: the list stays pt's
+        frozen_up_to = 0
+        for i in compress(range(SPTE_ENT_PER_PAGE), map(SHADOW_NONPRESENT_VALUE.__ne__, spt)):
+            spt[frozen_up_to:i] = [FROZEN_SPTE] * (i - frozen_up_to)
+            old = spt[i]
             while is_frozen_spte(old):
                 yield
-                old = pt.spt[i]
-            pt.spt[i] = FROZEN_SPTE
+                old = spt[i]
+            spt[i] = FROZEN_SPTE
+            frozen_up_to = i + 1
             if is_shadow_present_pte(old):
                 yield
                 yield from self.handle_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
                                                     pt.level, external)
+        spt[frozen_up_to:] = [FROZEN_SPTE] * (SPTE_ENT_PER_PAGE - frozen_up_to)
         if faults.active("free-before-flush"):
             self.alloc.free(pt)  # walkers that still hold it read poison
         else:

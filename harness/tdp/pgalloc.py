@@ -34,7 +34,7 @@ class _FreedTable:
         raise self._violation(index)
 
     def __iter__(self):
-        raise self._violation("*")
+        raise self._violation(0)  # an iteration's first read is entry 0
 
 
 class TablePage:
