@@ -125,6 +125,7 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
             trial = state.copy()
             expect = trial.step(x, ox) or trial.step(y, oy)
             if expect is None:
+                trial.settle(op, actual, state)
                 if trial not in survivors:
                     survivors.append(trial)
             elif first is None:

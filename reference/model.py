@@ -193,6 +193,35 @@ class Reference:
             effect()
         return outcome
 
+    def settle(self, pair, actual, before: "Reference") -> None:
+        """Apply what a ``parallel`` may leave beyond either order of its sides.
+
+        KVM logs a gfn when a fault installs a writable SPTE, before the access
+        that fault serves completes.  The other side can act in between: a
+        ``get_dirty_log`` reports the gfn and write-protects it (the retried
+        write faults and logs it again), a conversion or memslot change zaps
+        the SPTE (the retried access exits).  Either way the gfn stays logged
+        whatever the access's outcome, so a guest access or PTE write of a
+        pair leaves its gpa touched for the next get if its slot (found in
+        ``before``, the state the pair started from, else after it) still logs.
+        See docs/semantics.md, "Concurrency".
+        """
+        for side, outcome in ((pair.a, actual.a), (pair.b, actual.b)):
+            if op_name(side) == "write_pte":
+                gfn = side.table
+            elif op_name(side) == "access" and not side.private:
+                if side.virtual and not isinstance(outcome, Ok):
+                    continue  # no gpa was reached
+                gfn = (outcome.gpa if side.virtual else side.addr) >> PAGE_SHIFT
+            else:
+                continue
+            slot = before._slot_at(gfn) or self._slot_at(gfn)
+            if slot is None:
+                continue
+            if any(s.backing == slot.backing and s.flags & MemslotFlag.DIRTY_LOG
+                   for s in self._slots.values()):
+                self._dirty.setdefault((slot.backing, gfn - slot.base), False)
+
     # --- memslots (kvm_set_memory_region) -------------------------------------
 
     def _slot_at(self, gfn: int):

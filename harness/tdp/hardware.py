@@ -153,15 +153,30 @@ class Vcpu:
         return self._physical_hit(addr, op.kind, op.value, op.private, op.virtual)
 
     def access(self, op: Access):
-        """Generator: a guest load/store/fetch at ``op.addr`` (a gva when ``op.virtual``)."""
+        """Generator: a guest load/store/fetch at ``op.addr`` (a gva when ``op.virtual``).
+
+        The instruction is atomic to a flush as a whole, as :meth:`translate`
+        says of its walk: if a flush came after the walk and the data access
+        then exits, the re-executed instruction walks again (the flush took the
+        translation the walk cached), so no exit comes of a half-old, half-new
+        access.
+        """
         addr = op.addr + 8 * op.word
-        if op.virtual:
-            addr = yield from self.translate(addr, op.kind)
-            if type(addr) is not int:
-                return addr
-        if op.private and not self.kvm.tdx:
-            return UNSUPPORTED
-        return (yield from self.physical(addr, op.kind, op.value, op.private, op.virtual))
+        if not op.virtual:
+            if op.private and not self.kvm.tdx:
+                return UNSUPPORTED
+            return (yield from self.physical(addr, op.kind, op.value, op.private, False))
+        while True:
+            epoch = self.flush_epoch
+            gpa = yield from self.translate(addr, op.kind)
+            if type(gpa) is not int:
+                return gpa
+            if op.private and not self.kvm.tdx:
+                return UNSUPPORTED
+            out = yield from self.physical(gpa, op.kind, op.value, op.private, True)
+            if type(out) is Ok or self.flush_epoch == epoch:
+                return out
+            self._drop_linear(addr)  # INVEPT took the combined mapping the walk made
 
     # --- physical accesses --------------------------------------------------------
 
