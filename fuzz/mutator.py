@@ -21,7 +21,8 @@ import dataclasses
 import random
 from typing import Callable, Optional
 
-from harness.ops import Parallel, Program, VmHeader, VmType, domain, op_vcpu
+from harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Accept, Access, Parallel, Program, VmHeader,
+                         VmType, domain, op_gfns, op_vcpu)
 from fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
@@ -201,8 +202,63 @@ def pair_ops(program: Program, rng: random.Random) -> Optional[Program]:
     a, b = ops[index], ops[index + 1]
     if op_vcpu(a) is not None and op_vcpu(a) == op_vcpu(b):
         return None
-    pair = Parallel(a, b, rng.getrandbits(rng.choice((4, 8, 64))))
+    pair = Parallel(a, b, _random_schedule(rng))
     return program.with_ops(ops[:index] + (pair,) + ops[index + 2:])
+
+
+def collide(program: Program, rng: random.Random) -> Optional[Program]:
+    """Run a guest op concurrently with a conflicting op (syzkaller's "collide").
+
+    The op is a guest access or accept by gpa: the MMU's concurrent paths
+    are the faults they take.  Its partner is another op of the program that
+    names the same 2M frame, or one that names no memory at all (like
+    ``zap_all``): races need shared state.  Each kind of partner is equally
+    likely, however many ops of a kind the program has.  Half the time a guest partner
+    moves to a page of the frame no op has named yet, so that two vCPUs
+    fault, accept or convert fresh pages side by side.  The partner runs on
+    another vCPU (the VM gets a second one if needed).
+    """
+    ops = program.ops
+    guests = [i for i, op in enumerate(ops) if _gpa_field(op)]
+    if not guests:
+        return None
+    index = rng.choice(guests)
+    frame = getattr(ops[index], _gpa_field(ops[index])) >> PAGE_SHIFT
+    frame -= frame % PAGES_PER_2M
+    partners: dict = {}  # by kind: each kind of conflicting op is as likely as any other
+    for i, op in enumerate(ops):
+        if i != index and not isinstance(op, Parallel) \
+                and all(g - g % PAGES_PER_2M == frame for g in op_gfns(op)):
+            partners.setdefault(type(op), []).append(op)
+    if not partners:
+        return None
+    partner = rng.choice(rng.choice(list(partners.values())))
+    field = _gpa_field(partner)
+    if field and rng.random() < 0.5:
+        named = set().union(*map(op_gfns, ops))
+        fresh = [g for g in range(frame, frame + PAGES_PER_2M) if g not in named]
+        if fresh:
+            gfn = fresh[0] if rng.random() < 0.5 else rng.choice(fresh)
+            partner = dataclasses.replace(partner, **{field: gfn << PAGE_SHIFT})
+    header = program.header
+    if header.vcpus == 1 and op_vcpu(partner) is not None:
+        header = dataclasses.replace(header, vcpus=2)
+    pair = conform(Parallel(ops[index], partner, _random_schedule(rng)), header)
+    return Program(header, ops[:index] + (pair,) + ops[index + 1:])
+
+
+def _gpa_field(op) -> Optional[str]:
+    """The guest-physical address field of an access by gpa or an accept, else None."""
+    if isinstance(op, Accept):
+        return "gpa"
+    if isinstance(op, Access) and not op.virtual:
+        return "addr"
+    return None
+
+
+def _random_schedule(rng: random.Random) -> int:
+    """A schedule for a new ``parallel``: short or long random bit patterns."""
+    return rng.getrandbits(rng.choice((4, 8, 64)))
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:
@@ -226,7 +282,8 @@ def _max_vcpu(op) -> int:
 # Weighted: field edits dominate, as in libFuzzer's own mutator mix.
 MUTATIONS = (
     (insert_op, 4), (delete_op, 3), (duplicate_op, 2), (swap_ops, 2),
-    (reselect_field, 5), (nudge_field, 3), (recast_field, 3), (pair_ops, 1), (change_header, 1),
+    (reselect_field, 5), (nudge_field, 3), (recast_field, 3), (pair_ops, 1), (collide, 3),
+    (change_header, 1),
 )
 _FUNCTIONS = tuple(f for f, _ in MUTATIONS)
 _WEIGHTS = tuple(w for _, w in MUTATIONS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import sys
@@ -27,8 +28,9 @@ from harness import faults
 from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
 from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
 from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults, write_atomic
-from fuzz.encoding import Reproducer, decode
+from fuzz.encoding import Reproducer, decode, encode
 from fuzz.runner import Finding, make_target, run_program
+from fuzz.schedules import ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
 _JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
@@ -50,20 +52,26 @@ class CampaignTarget:
     line coverage of ``harness/`` cannot tell apart (the same lines return
     ``ok`` and ``mmio_exit``).  A target may add its own through an optional
     ``features()`` (tdp: the context switches of a ``parallel``, which line
-    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
+    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer
+    and returns True if the key is new.  Each ``parallel`` is noted, with the
+    steps its sides took (the target's ``taken``) and whether it showed a new
+    feature, for schedule exploration (:mod:`fuzz.schedules`).
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
     (:meth:`begin`); a finding is then rerun with every check, as replay does.
     """
 
-    def __init__(self, target, sink: Optional[Callable[[str], None]] = None):
+    def __init__(self, target, sink: Optional[Callable[[str], Optional[bool]]] = None):
         self.target, self.sink = target, sink
         self.name = target.name
         self._features = getattr(target, "features", None) if sink is not None else None
         self.executed = 0
         self._previous = "start"
         self._check_from = 0
+        # (op index, steps each side took, whether a feature was new) of each parallel
+        # of this program: the candidates for schedule exploration.
+        self.parallels: list = []
 
     def begin(self, ops: int, every_op: bool) -> None:
         """Set how the next program checks invariants: after every op, or only after its last."""
@@ -73,18 +81,25 @@ class CampaignTarget:
         self.target.reset(header)
         self.executed = 0
         self._previous = "start"
+        self.parallels = []
 
     def execute(self, op):
         self.executed += 1
         outcome = self.target.execute(op)
         if self.sink is not None:
             kind = _outcome_feature(outcome, coarse=True)
-            self.sink(f"{_op_feature(op)}->{_outcome_feature(outcome)}")
-            self.sink(f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}")
+            keys = [f"{_op_feature(op)}->{_outcome_feature(outcome)}",
+                    f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}"]
             self._previous = f"{op_name(op)}->{kind}"
             if self._features is not None:
-                for feature in self._features():
-                    self.sink(f"target:{feature}")
+                keys += [f"target:{feature}" for feature in self._features()]
+            novel = False
+            for key in keys:
+                if self.sink(key):
+                    novel = True
+            taken = getattr(self.target, "taken", None)
+            if taken is not None and type(op) is Parallel:
+                self.parallels.append((self.executed - 1, tuple(taken), novel))
         return outcome
 
     def check_invariants(self) -> None:
@@ -122,11 +137,14 @@ class CounterSink:
         self.reserve, self.trace = reserve, trace
         self.counters: dict[str, int] = {}
 
-    def __call__(self, key: str) -> None:
+    def __call__(self, key: str) -> bool:
+        """Count ``key``; True if it is the first time."""
         counter = self.counters.get(key)
-        if counter is None:
+        novel = counter is None
+        if novel:
             counter = self.counters[key] = self.reserve()
         self.trace(counter)
+        return novel
 
 
 class Worker:
@@ -138,6 +156,7 @@ class Worker:
         self.inject = injected_faults(config.inject)
         self.target = CampaignTarget(make_target(config.target), sink)
         self.store = FindingStore(layout.findings) if layout else None
+        self.explorer = ScheduleExplorer() if sink is not None else None
         self.execs = self.ops = 0
         self.started = time.time()
         self._next_heartbeat = 0.0
@@ -157,25 +176,42 @@ class Worker:
         return rate >= 1 or (zlib.crc32(data) % 1000) < rate * 1000
 
     def run(self, data: bytes):
-        """Decode and run one input; return ``(program, finding)``."""
+        """Decode and run one input; return ``(program, finding)``.
+
+        Under coverage, the program's ``parallel`` ops have other bounded
+        schedules explored (:mod:`fuzz.schedules`); a finding there comes
+        back as that variant program.
+        """
         program = decode(data)
         every_op = self._checks_every_op(data)
         with faults.injected(self.inject):
-            self.target.begin(len(program.ops), every_op)
-            finding = run_program(program, self.target)
-            self.ops += self.target.executed
+            finding = self._run_program(program, every_op)
+            parallels = self.target.parallels
+            if finding is None and parallels and self.explorer is not None:
+                found = self.explorer.explore(program, parallels,
+                                              lambda variant: self._run_program(variant, every_op),
+                                              random.Random(zlib.crc32(data)))
+                if found is not None:
+                    program, finding = found
             if finding is not None and not every_op:
                 # Replay checks invariants after every op: report what a replay will see.
-                self.target.begin(len(program.ops), True)
-                finding = run_program(program, self.target)
+                finding = self._run_program(program, True)
         self.execs += 1
         return program, finding
+
+    def _run_program(self, program, every_op: bool):
+        self.target.begin(len(program.ops), every_op)
+        finding = run_program(program, self.target)
+        self.ops += self.target.executed
+        return finding
 
     def test_one_input(self, data: bytes) -> None:
         """libFuzzer's callback."""
         program, finding = self.run(data)
         if finding is not None:
-            self.on_finding(data, program, finding)
+            # A finding of schedule exploration is a variant: its own bytes are its raw input.
+            raw = data if program == decode(data) else encode(program)
+            self.on_finding(raw, program, finding)
         if time.monotonic() >= self._next_heartbeat:
             self.heartbeat()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import faults
-from harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_name
+from harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_gfns, op_name, op_vcpu
 from fuzz import mutator
 from fuzz.encoding import MAX_OPS, decode, encode, format_program, load_reproducer, parse_reproducer
 
@@ -98,6 +98,34 @@ def test_pair_ops_joins_neighbours_on_different_vcpus_and_splits_pairs():
         joined += pairs_after > pairs_before
         split += pairs_after < pairs_before
     assert joined and split
+
+
+def test_collide_races_a_guest_op_with_an_op_on_its_2m_frame_on_another_vcpu():
+    text = """vm type=tdx vcpus=1
+    memslot_add slot=0 base=0x200 npages=0x200 flags=private,host_huge host_offset=0
+    set_attributes base=0x200 npages=0x200 private=1
+    accept vcpu=0 gpa=0x200000 level=4k
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=1
+    access vcpu=0 gpa=0x600000 word=0 kind=read private=0
+    zap_all"""
+    program = parse_reproducer(text).program
+    rng = random.Random(5)
+    seen = Counter()
+    for _ in range(300):
+        candidate = mutator.collide(program, rng)
+        index = next(i for i, op in enumerate(candidate.ops) if isinstance(op, Parallel))
+        pair = candidate.ops[index]
+        assert valid(candidate)
+        assert candidate.header.vcpus == (2 if op_vcpu(pair.b) is not None else 1)
+        assert program.ops[index] == pair.a  # the guest op stays in place, the partner joins
+        assert candidate.ops[:index] + candidate.ops[index + 1:] == \
+            program.ops[:index] + program.ops[index + 1:]
+        frames = {g // 512 for g in op_gfns(pair.a)}
+        assert not op_gfns(pair.b) or {g // 512 for g in op_gfns(pair.b)} == frames
+        seen[op_name(pair.b)] += 1
+        seen["fresh page"] += not (op_gfns(pair.b) & set().union(
+            *map(op_gfns, program.ops))) and bool(op_gfns(pair.b))
+    assert {"accept", "access", "set_attributes", "zap_all", "fresh page"} <= set(seen)
 
 
 def test_header_change_never_drops_a_vcpu_in_use():

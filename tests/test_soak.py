@@ -5,11 +5,14 @@ Not in CI (minutes to hours); run before a release or after touching harness/tdp
     MMUFUZZ_SOAK=100000 python3 -m pytest -m slow tests/test_soak.py -s
 
 Each program is ``decode`` of seeded random bytes, so a failure names a seed
-that reproduces it anywhere.
+that reproduces it anywhere.  The ``explored`` mode also reruns each program
+with some of every ``parallel``'s bounded schedules (:mod:`fuzz.schedules`),
+as a campaign's schedule exploration does: a variant counts as a program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
@@ -19,9 +22,11 @@ import pytest
 from harness.ops import Parallel
 from fuzz.encoding import decode, format_program
 from fuzz.runner import make_target, run_program
+from fuzz.schedules import bounded_schedules
 
 PROGRAMS = int(os.environ.get("MMUFUZZ_SOAK", "100000"))
 CHUNK = 500
+EXPLORED_PER_PARALLEL = 16  # bounded schedules tried per parallel in the explored mode
 
 
 def _program(seed: int, parallel_only: bool):
@@ -32,27 +37,45 @@ def _program(seed: int, parallel_only: bool):
             return program
 
 
-def _run_chunk(first: int, parallel_only: bool):
+def _variants(program, target, rng: random.Random):
+    """``program`` with each parallel's schedule replaced by some of its bounded schedules."""
+    for index, op in enumerate(program.ops):
+        if not isinstance(op, Parallel):
+            continue
+        target.reset(program.header)
+        for earlier in program.ops[:index + 1]:
+            target.execute(earlier)
+        schedules = list(bounded_schedules(*target.taken))
+        for schedule in rng.sample(schedules, min(EXPLORED_PER_PARALLEL, len(schedules))):
+            yield program.with_ops(program.ops[:index] + (dataclasses.replace(
+                op, schedule=schedule),) + program.ops[index + 1:])
+
+
+def _run_chunk(first: int, mode: str):
     """(programs run, ops run, the first failing seed's report or None)."""
-    target, ops = make_target("tdp"), 0
+    target, ops, runs = make_target("tdp"), 0, 0
     for seed in range(first, first + CHUNK):
-        program = _program(seed, parallel_only)
-        ops += len(program.ops)
-        finding = run_program(program, target)
-        if finding is not None:
-            report = format_program(program, finding.op_index, {"seed": seed})
-            return seed - first + 1, ops, f"{finding.summary('tdp')}\n{report}"
-    return CHUNK, ops, None
+        program = _program(seed, mode != "any")
+        programs = [program]
+        if mode == "explored":
+            programs += list(_variants(program, target, random.Random(seed)))
+        for variant in programs:
+            runs += 1
+            ops += len(variant.ops)
+            finding = run_program(variant, target)
+            if finding is not None:
+                report = format_program(variant, finding.op_index, {"seed": seed})
+                return runs, ops, f"{finding.summary('tdp')}\n{report}"
+    return runs, ops, None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel_only", [False, True], ids=["any", "with-parallel"])
-def test_random_programs_run_clean(parallel_only):
+@pytest.mark.parametrize("mode", ["any", "with-parallel", "explored"])
+def test_random_programs_run_clean(mode):
     starts = range(0, PROGRAMS, CHUNK)
     programs = ops = 0
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for done, chunk_ops, failure in pool.map(_run_chunk, starts,
-                                                 [parallel_only] * len(starts)):
+        for done, chunk_ops, failure in pool.map(_run_chunk, starts, [mode] * len(starts)):
             programs, ops = programs + done, ops + chunk_ops
             assert failure is None, failure
     print(f"\n{programs} programs, {ops} ops, zero findings")

@@ -140,3 +140,18 @@ def test_mixed_flag_follows_conversions():
     assert vm.leaf(0x301, private=True)[0] == PG_LEVEL_4K
     vm.do(SetAttributes(0x300, 1, True))
     assert 1 not in slot.lpage_mixed
+
+
+def test_features_name_the_mapping_an_access_or_accept_left_behind():
+    """op x mapping level: the same outcome over a 2M, a 4K or no mapping is other coverage."""
+    vm = private_vm()
+    vm.read(0x200, private=True)
+    assert vm.target.features() == ["map:access:private:2", "sept:access:2:pending"]
+    accept(vm, 0x203, PG_LEVEL_4K)
+    assert vm.target.features() == ["map:accept:private:1", "sept:accept:1:accepted"]
+    vm.read(0x204, private=True)
+    assert vm.target.features() == ["map:access:private:1", "sept:access:1:pending"]
+    vm.read(0x100)  # no slot there: nothing mapped
+    assert vm.target.features() == ["map:access:shared:0"]
+    vm.do(ZapAll())
+    assert vm.target.features() == []

@@ -7,9 +7,10 @@ data access whose translations are all cached skips the generator machinery.
 
 from __future__ import annotations
 
-from harness.ops import Access, PairOutcome, Parallel, VmHeader
+from harness.ops import OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel, VmHeader
 from harness.tdp.invariants import check_invariants
 from harness.tdp.kvm import Kvm
+from harness.tdp.lpage import max_mapping_level
 from harness.tdp.sched import interleave, run
 
 
@@ -21,20 +22,28 @@ class TdpTarget:
     def __init__(self):
         self.kvm = None
         self._switches: set = set()
+        self._last = None
+        self._start = ""  # the pair: feature of the last parallel
+        self.taken = [0, 0]  # steps each side of the last parallel took (schedule exploration)
 
     def reset(self, header: VmHeader) -> None:
         self.kvm = Kvm(header)
         self._switches.clear()
+        self._last = None
 
     def execute(self, op):
         kvm = self.kvm
+        self._last = op
         if type(op) is Access:
             outcome = kvm.vcpus[op.vcpu].try_fast(op)
             if outcome is not None:
                 return outcome
         if type(op) is Parallel:
+            self._start = "pair:" + "|".join(sorted((self._start_state(op.a),
+                                                    self._start_state(op.b))))
+            self.taken = [0, 0]
             a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce,
-                              self._note_switch)
+                              self._note_switch, self.taken)
             outcome = PairOutcome(a, b)
         else:
             outcome = run(kvm.run(op))
@@ -48,15 +57,69 @@ class TdpTarget:
         self._switches.add(f"{parked}>{resumed}")
 
     def features(self) -> list:
-        """The context switches of the last op: yield point parked > yield point resumed.
+        """Coverage of the last op that neither line coverage nor its outcome shows.
 
-        A schedule that preempts one side at a new place is new interleaving
-        coverage, which line coverage cannot see (the same lines run in either
-        order).  Sorted, so consumers see them in a deterministic order.
+        - The context switches of a ``parallel``: yield point parked > yield
+          point resumed.  A schedule that preempts one side at a new place is
+          new interleaving coverage (the same lines run in either order).
+        - The mapping an access or accept left behind for its gpa: the level of
+          the leaf in the root it used and, for a private gpa of a TD, the
+          secure-EPT leaf's level and accept state.  The same outcome over a
+          4K, a 2M or no mapping are different MMU states (op x outcome x
+          mapping level); a huge private mapping with some pages accepted is
+          how the merge paths are reached.
+        - For a ``parallel``, the state its two sides started from: for each
+          side that names a gpa, how deep its walk went and the largest level
+          the fault may map.  Two faults racing into a 4K table under a
+          2M-capable range are another race than two faults into empty tables.
+        Sorted switches first, so consumers see them in a deterministic order.
         """
-        switches = sorted(self._switches)
+        features = sorted(self._switches)
         self._switches.clear()
-        return switches
+        op = self._last
+        if type(op) is Parallel:
+            features.append(self._start)
+            features += [f"a.{f}" for f in self._mapping(op.a) or ()]
+            features += [f"b.{f}" for f in self._mapping(op.b) or ()]
+        else:
+            features += self._mapping(op) or ()
+        return features
 
+    @staticmethod
+    def _gpa(op):
+        """``(gfn, private)`` of an access by gpa or an accept, else None."""
+        if type(op) is Accept:
+            return op.gpa >> PAGE_SHIFT, True
+        if type(op) is Access and not op.virtual:
+            return op.addr >> PAGE_SHIFT, op.private
+        return None
 
-__all__ = ["TdpTarget"]
+    def _mapping(self, op):
+        """``op``'s mapping features (see :meth:`features`), or None for other ops."""
+        where = self._gpa(op)
+        if where is None:
+            return None
+        kvm = self.kvm
+        gfn, private = where[0], where[1] and kvm.tdx
+        name = OP_NAMES[type(op)]
+        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        features = [f"map:{name}:{'private' if private else 'shared'}:{level if leaf else 0}"]
+        if private:
+            leaf = kvm.sept.lookup(gfn)
+            state = f"{leaf.level}:{'accepted' if leaf.accepted else 'pending'}" if leaf else "none"
+            features.append(f"sept:{name}:{state}")
+        return features
+
+    def _start_state(self, op) -> str:
+        """One side's starting state for the ``pair:`` feature (see :meth:`features`)."""
+        name = OP_NAMES[type(op)]
+        where = self._gpa(op)
+        if where is None:
+            return name
+        kvm = self.kvm
+        gfn, private = where[0], where[1] and kvm.tdx
+        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        slot = kvm.memslots.lookup(gfn)
+        usable = slot is not None and (slot.gmem is not None or not private)
+        most = max_mapping_level(slot, gfn, private) if usable else 0
+        return f"{name}:{'private' if private else 'shared'}:{'leaf' if leaf else 'walk'}{level}:max{most}"

@@ -45,7 +45,7 @@ def yield_point(gen) -> str:
     return "done" if frame is None else f"{frame.f_code.co_name}:{frame.f_lineno}"
 
 
-def interleave(a, b, schedule: int, after_step=None, on_switch=None):
+def interleave(a, b, schedule: int, after_step=None, on_switch=None, taken=None):
     """Run generators ``a`` and ``b`` interleaved; return their values ``(ra, rb)``.
 
     Bit i of ``schedule`` (LSB first) picks who takes step i (0 = a, 1 = b);
@@ -54,6 +54,8 @@ def interleave(a, b, schedule: int, after_step=None, on_switch=None):
     RCU grace-period machinery hangs off it).  ``on_switch(parked, resumed)``
     hears of every context switch: the yield point where the side that stops
     is parked and the one where the other resumes (interleaving coverage).
+    ``taken``, a two-element list, receives how many steps each side took:
+    the range of preemption points a schedule explorer can choose from.
     """
     sides, waits, done, results = [a, b], [None, None], [False, False], [None, None]
     last = schedule.bit_length()
@@ -69,6 +71,8 @@ def interleave(a, b, schedule: int, after_step=None, on_switch=None):
                 and not done[previous]:
             on_switch(yield_point(sides[previous]), yield_point(sides[want]))
         previous = want
+        if taken is not None:
+            taken[want] += 1
         try:
             waits[want] = next(sides[want])
         except StopIteration as stop:

@@ -1,0 +1,140 @@
+"""Preemption-bounded schedule exploration: the schedules, the budget, and a race it finds."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+from harness import faults
+from harness.ops import Parallel
+from harness.tdp.sched import interleave
+from fuzz.campaign import CampaignConfig
+from fuzz.encoding import encode, load_reproducer, parse_reproducer
+from fuzz.runner import make_target, run_program
+from fuzz.schedules import TAIL, ScheduleExplorer, bounded_schedules, conflicting
+from fuzz.worker import CounterSink, Worker
+
+REGRESSIONS = Path(__file__).resolve().parent.parent / "corpus" / "regressions"
+
+
+def _trace(steps_a: int, steps_b: int, schedule: int) -> str:
+    """Who took each step when sides of ``steps_a`` and ``steps_b`` steps interleave.
+
+    A side's last step is the one that finishes it (the code after its last yield).
+    """
+    log = []
+
+    def side(name, steps):
+        for _ in range(steps - 1):
+            log.append(name)
+            yield
+        log.append(name)
+    interleave(side("a", steps_a), side("b", steps_b), schedule)
+    return "".join(log)
+
+
+def test_bounded_schedules_are_every_one_and_two_preemption_interleaving_once():
+    steps = {"a": 6, "b": 4}
+    schedules = list(bounded_schedules(steps["a"], steps["b"]))
+    traces = [_trace(steps["a"], steps["b"], s) for s in schedules]
+    assert len(traces) == len(set(traces))
+    expected_one, expected_two = set(), set()
+    for first, second in ("ab", "ba"):
+        n1, n2 = steps[first], steps[second]
+        for k in range(1, n1):
+            expected_one.add(first * k + second * n2 + first * (n1 - k))
+            for m in range(1, n2):
+                expected_two.add(first * k + second * m + first * (n1 - k) + second * (n2 - m))
+    # Every interleaving with one preemption, then every one with two.
+    assert set(traces[:len(expected_one)]) == expected_one
+    assert set(traces[len(expected_one):]) == expected_two
+
+
+def _regression(name: str):
+    """The regression's program with its race's schedule made sequential: no finding."""
+    program = load_reproducer(REGRESSIONS / f"{name}.repro").program
+    index = next(i for i, op in enumerate(program.ops) if isinstance(op, Parallel))
+    ops = program.ops
+    calm = program.with_ops(ops[:index] + (dataclasses.replace(ops[index], schedule=0),)
+                            + ops[index + 1:])
+    with faults.injected({name}):
+        assert run_program(calm, make_target("tdp")) is None
+    return calm, index
+
+
+def test_exploration_finds_a_race_that_needs_one_exact_preemption():
+    program, index = _regression("merge-frozen-child")
+    target = make_target("tdp")
+    target.reset(program.header)
+    for op in program.ops[:index + 1]:
+        target.execute(op)
+
+    def run(variant):
+        with faults.injected({"merge-frozen-child"}):
+            return run_program(variant, make_target("tdp"))
+    variant, finding = ScheduleExplorer(clock=lambda: 0.0).explore(
+        program, [(index, tuple(target.taken), True)], run, random.Random(0))
+    assert finding.invariant == "mirror_sept_mismatch"
+    assert variant.ops[index].schedule != program.ops[index].schedule
+    with faults.injected({"merge-frozen-child"}):  # the variant alone reproduces it
+        assert run_program(variant, make_target("tdp")).signature == finding.signature
+
+
+def test_exploration_stops_at_its_share_of_the_time():
+    now = [0.0]
+    explorer = ScheduleExplorer(share=0.5, per_input=1.0, clock=lambda: now[0])
+    program, index = _regression("free-before-flush")
+    runs = []
+
+    def run(variant):
+        runs.append(variant)
+        now[0] += 0.25
+
+    def explore_at(time):
+        now[0] = time
+        runs.clear()
+        explorer.explore(program, [(index, (40, 40), True)], run, random.Random(0))
+        return len(runs)
+    assert explore_at(0.0) == 4  # the first input may take one per-input allowance (1 s)
+    assert explore_at(2.0) == 4  # 1 s of 2 s spent: capped by the per-input allowance
+    assert explore_at(3.5) == 3  # half of 3.5 s, minus 2 s spent, plus the allowance
+
+
+def test_a_worker_explores_a_parallel_with_new_behaviour_and_reports_the_variant():
+    program, index = _regression("merge-frozen-child")
+    reserved = []
+    sink = CounterSink(lambda: reserved.append(len(reserved)) or reserved[-1], lambda c: None)
+    worker = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0), sink=sink)
+    found, finding = worker.run(encode(program))
+    assert finding is not None and finding.invariant == "mirror_sept_mismatch"
+    assert found.ops[index].schedule != program.ops[index].schedule
+    assert worker.explorer.runs > 0
+    # Without coverage (replay, the bench's plain loops) nothing is explored.
+    plain = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0))
+    assert plain.run(encode(program))[1] is None and plain.explorer is None
+
+
+def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_tail():
+    program = parse_reproducer("""vm type=default vcpus=2
+    memslot_add slot=0 base=0x0 npages=0x400 flags=host_huge host_offset=0
+    parallel a=(access vcpu=0 gpa=0x0 word=0 kind=read private=0) b=(access vcpu=1 gpa=0x200000 word=0 kind=read private=0) schedule=0x0
+    parallel a=(access vcpu=0 gpa=0x0 word=0 kind=read private=0) b=(access vcpu=1 gpa=0x1000 word=0 kind=read private=0) schedule=0x0
+    parallel a=(access vcpu=0 gpa=0x0 word=0 kind=read private=0) b=(zap_all) schedule=0x0
+    flush_tlb vcpu=0
+    flush_tlb vcpu=0
+    flush_tlb vcpu=0
+    flush_tlb vcpu=0""").program
+    assert [conflicting(op) for op in program.ops[1:4]] == [False, True, True]
+    explored = []
+
+    def run(variant):
+        index = next(i for i, (x, y) in enumerate(zip(variant.ops, program.ops)) if x != y)
+        explored.append(index)
+        assert len(variant.ops) == min(len(program.ops), index + 1 + TAIL)
+    explorer = ScheduleExplorer(clock=lambda: 0.0)
+    explorer.explore(program, [(i, (3, 3), False) for i in (1, 2, 3)], run, random.Random(0))
+    assert set(explored) == {2, 3}  # the pair on two different 2M frames is left alone
+    explored.clear()
+    explorer.explore(program, [(1, (3, 3), True)], run, random.Random(0))
+    assert explored == [1] * len(list(bounded_schedules(3, 3)))  # novel: up to two preemptions
