@@ -79,11 +79,15 @@ class SecureEpt:
         """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf.
 
         The removed pages lose their contents and accept state: a later AUG
-        brings them back zeroed and pending (why a merge must not zap).
+        brings them back zeroed and pending (why a merge must not zap).  TRACK
+        kicks every vCPU out of the guest (tdx_track), so none keeps a private
+        translation of the page when REMOVE clears it.
         """
         leaf = self.leaves.pop((level, gfn), None)
         if leaf is None:
             raise self._sync_error("remove of missing leaf", gfn, level)
+        for vcpu in self.kvm.vcpus:
+            vcpu.flush_guest_physical()
         slot = self.kvm.memslots.lookup(gfn)
         first, n = gfn - slot.base_gfn, pages_per_level(level)
         slot.accepted.difference_update(range(first, first + n))
