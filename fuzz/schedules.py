@@ -79,9 +79,9 @@ class ScheduleExplorer:
 
     A ``parallel`` with new behaviour gets every schedule with up to two
     preemptions, any other whose sides can conflict a sample of the
-    one-preemption ones, as long as the budget lasts.  A variant runs the program up to the
-    ``parallel`` and :data:`TAIL` ops after it: a race shows at the pair or
-    soon after, and the tail is where most of a program's time would go.
+    one-preemption ones, as long as the budget lasts.  A variant runs the
+    program up to the ``parallel`` and :data:`TAIL` ops after it: a race
+    shows at the pair or soon after, and cutting the rest keeps variants cheap.
 
     The budget is time, not runs: a variant costs what its program costs,
     and one slow program explored 100 times must not stall the worker
