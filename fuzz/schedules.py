@@ -22,6 +22,7 @@ replays from its reproducer.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import time
 from typing import Callable, Iterator
@@ -74,6 +75,24 @@ def bounded_schedules(taken_a: int, taken_b: int, preemptions: int = 2) -> Itera
                 yield two_preemptions(b_first, k, total - k)
 
 
+def sampled_preemptions(taken_a: int, taken_b: int, rng: random.Random) -> list:
+    """The one-preemption schedules in a random order that alternates the preempted side.
+
+    Either side is as likely to be the one preempted first, however long the
+    other runs (a side spinning on a frozen SPTE takes hundreds of steps,
+    which would otherwise crowd out the other side's few preemption points).
+    """
+    limit = HORIZON - 1
+    orders = []
+    for b_first, steps in ((False, taken_a), (True, taken_b)):
+        order = [one_preemption(b_first, k) for k in range(1, min(steps, limit))]
+        rng.shuffle(order)
+        orders.append(order)
+    if rng.random() < 0.5:
+        orders.reverse()
+    return [s for pair in itertools.zip_longest(*orders) for s in pair if s is not None]
+
+
 class ScheduleExplorer:
     """A worker's schedule exploration, within its share of the worker's time.
 
@@ -106,8 +125,8 @@ class ScheduleExplorer:
         behaviour.  Novel pairs go first, in order, through every schedule
         with up to two preemptions; then the pairs whose sides can conflict
         (:func:`conflicting`) through their one-preemption schedules in an
-        order ``rng`` draws, so that explorations the budget cuts short
-        still sample the whole range.  ``run`` executes a program and returns
+        order ``rng`` draws (:func:`sampled_preemptions`), so that
+        explorations the budget cuts short still sample the whole range.  ``run`` executes a program and returns
         its finding or None.  Returns ``(variant, finding)`` for the first
         variant with a finding, else None.
         """
@@ -118,9 +137,7 @@ class ScheduleExplorer:
                 if novel]
         for index, taken, novel in parallels:
             if not novel and conflicting(program.ops[index]):
-                schedules = list(bounded_schedules(*taken, preemptions=1))
-                rng.shuffle(schedules)
-                plan.append((index, schedules))
+                plan.append((index, sampled_preemptions(*taken, rng)))
         try:
             for index, schedules in plan:
                 pair, ops = program.ops[index], program.ops

@@ -12,7 +12,8 @@ from harness.tdp.sched import interleave
 from fuzz.campaign import CampaignConfig
 from fuzz.encoding import encode, load_reproducer, parse_reproducer
 from fuzz.runner import make_target, run_program
-from fuzz.schedules import TAIL, ScheduleExplorer, bounded_schedules, conflicting
+from fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
+                            sampled_preemptions)
 from fuzz.worker import CounterSink, Worker
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "corpus" / "regressions"
@@ -138,3 +139,12 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     explored.clear()
     explorer.explore(program, [(1, (3, 3), True)], run, random.Random(0))
     assert explored == [1] * len(list(bounded_schedules(3, 3)))  # novel: up to two preemptions
+
+
+def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_preempted_side():
+    schedules = sampled_preemptions(40, 3, random.Random(1))
+    assert sorted(schedules) == sorted(bounded_schedules(40, 3, preemptions=1))
+    # b (3 steps: 2 preemption points) is preempted first in one of the first two runs,
+    # and in both of the first four: the long side does not crowd it out.
+    b_first = [_trace(40, 3, s).startswith("b") for s in schedules]
+    assert sum(b_first[:4]) == 2 and b_first[0] != b_first[1]
