@@ -48,6 +48,8 @@ class Target(Protocol):
     # Optional: ``features() -> list[str]``, coverage of the last op that the
     # guest cannot see (e.g. interleaving: which yield points of a parallel's
     # two sides were switched between).  Campaigns feed them to libFuzzer.
+    # Optional: ``taken``, the steps each side of the last ``parallel`` took;
+    # campaigns explore that pair's other schedules (fuzz/schedules.py).
 
 
 # name -> "module:factory"; imported lazily so that a broken or heavy target
