@@ -21,8 +21,8 @@ import dataclasses
 import random
 from typing import Callable, Optional
 
-from harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Accept, Access, Parallel, Program, VmHeader,
-                         VmType, domain, op_gfns, op_vcpu)
+from harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, VmHeader, VmType, domain,
+                         gpa_field, op_gfns, op_vcpu)
 from fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
@@ -219,11 +219,11 @@ def collide(program: Program, rng: random.Random) -> Optional[Program]:
     another vCPU (the VM gets a second one if needed).
     """
     ops = program.ops
-    guests = [i for i, op in enumerate(ops) if _gpa_field(op)]
+    guests = [i for i, op in enumerate(ops) if gpa_field(op)]
     if not guests:
         return None
     index = rng.choice(guests)
-    frame = getattr(ops[index], _gpa_field(ops[index])) >> PAGE_SHIFT
+    frame = getattr(ops[index], gpa_field(ops[index])) >> PAGE_SHIFT
     frame -= frame % PAGES_PER_2M
     partners: dict = {}  # by kind: each kind of conflicting op is as likely as any other
     for i, op in enumerate(ops):
@@ -233,7 +233,7 @@ def collide(program: Program, rng: random.Random) -> Optional[Program]:
     if not partners:
         return None
     partner = rng.choice(rng.choice(list(partners.values())))
-    field = _gpa_field(partner)
+    field = gpa_field(partner)
     if field and rng.random() < 0.5:
         named = set().union(*map(op_gfns, ops))
         fresh = [g for g in range(frame, frame + PAGES_PER_2M) if g not in named]
@@ -245,15 +245,6 @@ def collide(program: Program, rng: random.Random) -> Optional[Program]:
         header = dataclasses.replace(header, vcpus=2)
     pair = conform(Parallel(ops[index], partner, _random_schedule(rng)), header)
     return Program(header, ops[:index] + (pair,) + ops[index + 1:])
-
-
-def _gpa_field(op) -> Optional[str]:
-    """The guest-physical address field of an access by gpa or an accept, else None."""
-    if isinstance(op, Accept):
-        return "gpa"
-    if isinstance(op, Access) and not op.virtual:
-        return "addr"
-    return None
 
 
 def _random_schedule(rng: random.Random) -> int:

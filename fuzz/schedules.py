@@ -52,23 +52,29 @@ def two_preemptions(b_first: bool, k: int, m: int) -> int:
     return ((1 << m) - 1) << k | 1 << (HORIZON - 1)
 
 
-def bounded_schedules(taken_a: int, taken_b: int, preemptions: int = 2) -> Iterator[int]:
+def _one_preemptions(b_first: bool, steps: int) -> list:
+    """One-preemption schedules of the side that goes first and took ``steps``, earliest first.
+
+    Its last step is the one that finishes it, so it can be preempted after
+    1 .. steps-1 of them; steps past the horizon are out of a schedule's reach.
+    """
+    return [one_preemption(b_first, k) for k in range(1, min(steps, HORIZON - 1))]
+
+
+def _alternate(first: list, second: list) -> list:
+    """``first[0], second[0], first[1], ...``, the longer list's rest at the end."""
+    return [s for pair in itertools.zip_longest(first, second) for s in pair if s is not None]
+
+
+def bounded_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
     """Every distinct schedule with one preemption, then with two; earliest preemptions first.
 
-    ``taken_a`` and ``taken_b`` are the steps each side took in a run (its
-    last step is the one that finishes it, so a side that took n steps can be
-    preempted after 1 .. n-1 of them).  Steps past the horizon are not
-    reachable by a schedule and are left out.
+    ``taken_a`` and ``taken_b`` are the steps each side took in a run.
     """
+    yield from _alternate(_one_preemptions(False, taken_a), _one_preemptions(True, taken_b))
     limit = HORIZON - 1
     firsts = ((False, min(taken_a, limit), min(taken_b, limit)),
               (True, min(taken_b, limit), min(taken_a, limit)))
-    for k in range(1, limit):
-        for b_first, n_first, _ in firsts:
-            if k < n_first:
-                yield one_preemption(b_first, k)
-    if preemptions < 2:
-        return
     for total in range(2, limit):
         for b_first, n_first, n_second in firsts:
             for k in range(max(1, total - n_second + 1), min(n_first, total)):
@@ -82,15 +88,12 @@ def sampled_preemptions(taken_a: int, taken_b: int, rng: random.Random) -> list:
     other runs (a side spinning on a frozen SPTE takes hundreds of steps,
     which would otherwise crowd out the other side's few preemption points).
     """
-    limit = HORIZON - 1
-    orders = []
-    for b_first, steps in ((False, taken_a), (True, taken_b)):
-        order = [one_preemption(b_first, k) for k in range(1, min(steps, limit))]
+    orders = [_one_preemptions(False, taken_a), _one_preemptions(True, taken_b)]
+    for order in orders:
         rng.shuffle(order)
-        orders.append(order)
     if rng.random() < 0.5:
         orders.reverse()
-    return [s for pair in itertools.zip_longest(*orders) for s in pair if s is not None]
+    return _alternate(*orders)
 
 
 class ScheduleExplorer:

@@ -159,6 +159,15 @@ def op_gfns(op) -> set:
                    if getattr(op, n, None) is not None}
 
 
+def gpa_field(op) -> Optional[str]:
+    """The field of a guest op that faults on a gpa: an accept's, an access's by gpa; else None."""
+    if isinstance(op, Accept):
+        return "gpa"
+    if isinstance(op, Access) and not op.virtual:
+        return "addr"
+    return None
+
+
 # --- the program header -----------------------------------------------------
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from fuzz.campaign import CampaignConfig
 from fuzz.encoding import encode, load_reproducer, parse_reproducer
 from fuzz.runner import make_target, run_program
 from fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
-                            sampled_preemptions)
+                            one_preemption, sampled_preemptions)
 from fuzz.worker import CounterSink, Worker
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "corpus" / "regressions"
@@ -143,7 +143,8 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
 
 def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_preempted_side():
     schedules = sampled_preemptions(40, 3, random.Random(1))
-    assert sorted(schedules) == sorted(bounded_schedules(40, 3, preemptions=1))
+    assert sorted(schedules) == sorted([one_preemption(False, k) for k in range(1, 40)]
+                                       + [one_preemption(True, k) for k in (1, 2)])
     # b (3 steps: 2 preemption points) is preempted first in one of the first two runs,
     # and in both of the first four: the long side does not crowd it out.
     b_first = [_trace(40, 3, s).startswith("b") for s in schedules]

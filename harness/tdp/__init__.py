@@ -7,7 +7,8 @@ data access whose translations are all cached skips the generator machinery.
 
 from __future__ import annotations
 
-from harness.ops import OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel, VmHeader
+from harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel, VmHeader,
+                         gpa_field)
 from harness.tdp.invariants import check_invariants
 from harness.tdp.kvm import Kvm
 from harness.tdp.lpage import max_mapping_level
@@ -85,41 +86,43 @@ class TdpTarget:
             features += self._mapping(op) or ()
         return features
 
-    @staticmethod
-    def _gpa(op):
-        """``(gfn, private)`` of an access by gpa or an accept, else None."""
-        if type(op) is Accept:
-            return op.gpa >> PAGE_SHIFT, True
-        if type(op) is Access and not op.virtual:
-            return op.addr >> PAGE_SHIFT, op.private
-        return None
+    def _walk(self, op):
+        """``(name, gfn, private, level, leaf)`` of an op faulting on a gpa, else None.
+
+        ``level`` and ``leaf`` are :meth:`TdpMmu.walk_depth` in the root the gpa uses.
+        """
+        field = gpa_field(op)
+        if field is None:
+            return None
+        kvm = self.kvm
+        gfn = getattr(op, field) >> PAGE_SHIFT
+        private = kvm.tdx and (type(op) is Accept or op.private)
+        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        return OP_NAMES[type(op)], gfn, private, level, leaf
 
     def _mapping(self, op):
         """``op``'s mapping features (see :meth:`features`), or None for other ops."""
-        where = self._gpa(op)
-        if where is None:
+        walk = self._walk(op)
+        if walk is None:
             return None
-        kvm = self.kvm
-        gfn, private = where[0], where[1] and kvm.tdx
-        name = OP_NAMES[type(op)]
-        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        name, gfn, private, level, leaf = walk
         features = [f"map:{name}:{'private' if private else 'shared'}:{level if leaf else 0}"]
         if private:
-            leaf = kvm.sept.lookup(gfn)
+            leaf = self.kvm.sept.lookup(gfn)
             state = f"{leaf.level}:{'accepted' if leaf.accepted else 'pending'}" if leaf else "none"
             features.append(f"sept:{name}:{state}")
         return features
 
     def _start_state(self, op) -> str:
         """One side's starting state for the ``pair:`` feature (see :meth:`features`)."""
-        name = OP_NAMES[type(op)]
-        where = self._gpa(op)
-        if where is None:
-            return name
-        kvm = self.kvm
-        gfn, private = where[0], where[1] and kvm.tdx
-        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
-        slot = kvm.memslots.lookup(gfn)
+        walk = self._walk(op)
+        if walk is None:
+            return OP_NAMES[type(op)]
+        name, gfn, private, level, leaf = walk
+        slot = self.kvm.memslots.lookup(gfn)
         usable = slot is not None and (slot.gmem is not None or not private)
         most = max_mapping_level(slot, gfn, private) if usable else 0
         return f"{name}:{'private' if private else 'shared'}:{'leaf' if leaf else 'walk'}{level}:max{most}"
+
+
+__all__ = ["TdpTarget"]
