@@ -8,19 +8,19 @@ tries, and only when the rest of the program is right too.
 
 Most concurrency bugs need one or two preemptions (Musuvathi and Qadeer,
 "Iterative context bounding for systematic testing of multithreaded
-programs", PLDI 2007), and an MMU op takes a handful of steps, so every
-schedule of a pair with at most two preemptions is a few dozen to a few
-hundred runs.  A campaign worker spends a bounded share of its time here, on
-the ``parallel`` ops whose run showed behaviour the worker had not seen (a new
-coverage feature): the pair is doing something new, so its other
-interleavings are the likeliest new races; the other pairs get their
-one-preemption schedules while the budget lasts.  Every variant is an
-ordinary program with one schedule changed (and its tail cut), so a finding
-replays from its reproducer.
+programs", PLDI 2007), and an MMU op takes a handful of steps: a pair has a
+few dozen schedules with one preemption and a few hundred with two.  A
+campaign worker spends a bounded share of its time here, on the pairs whose
+starting state (the target's ``pair_start``) it has seen least: a pair from
+a state never raced before is the likeliest new race, and a state reached
+once in thousands of programs is where a deep race hides.  Every variant is
+an ordinary program with one schedule changed (and its tail cut), so a
+finding replays from its reproducer.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import random
@@ -34,6 +34,8 @@ HORIZON = SCHEDULE_LIMIT.bit_length() - 1  # schedule bits; after them the sides
 SHARE = 0.5
 MAX_SECONDS_PER_INPUT = 1.0
 TAIL = 3  # ops a variant keeps after its parallel
+CAPACITY = 256  # pairs each queue keeps
+TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
 
 
 def one_preemption(b_first: bool, k: int) -> int:
@@ -66,12 +68,11 @@ def _alternate(first: list, second: list) -> list:
     return [s for pair in itertools.zip_longest(first, second) for s in pair if s is not None]
 
 
-def bounded_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
-    """Every distinct schedule with one preemption, then with two; earliest preemptions first.
+def two_preemption_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
+    """Every distinct schedule with two preemptions, earliest preemptions first.
 
     ``taken_a`` and ``taken_b`` are the steps each side took in a run.
     """
-    yield from _alternate(_one_preemptions(False, taken_a), _one_preemptions(True, taken_b))
     limit = HORIZON - 1
     firsts = ((False, min(taken_a, limit), min(taken_b, limit)),
               (True, min(taken_b, limit), min(taken_a, limit)))
@@ -79,6 +80,12 @@ def bounded_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
         for b_first, n_first, n_second in firsts:
             for k in range(max(1, total - n_second + 1), min(n_first, total)):
                 yield two_preemptions(b_first, k, total - k)
+
+
+def bounded_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
+    """Every distinct schedule with one preemption, then with two; earliest preemptions first."""
+    yield from _alternate(_one_preemptions(False, taken_a), _one_preemptions(True, taken_b))
+    yield from two_preemption_schedules(taken_a, taken_b)
 
 
 def sampled_preemptions(taken_a: int, taken_b: int, rng: random.Random) -> list:
@@ -96,68 +103,135 @@ def sampled_preemptions(taken_a: int, taken_b: int, rng: random.Random) -> list:
     return _alternate(*orders)
 
 
+def sampled_two_preemptions(taken_a: int, taken_b: int, rng: random.Random,
+                            count: int = TWO_PREEMPTION_SAMPLE) -> Iterator[int]:
+    """``count`` of the two-preemption schedules, drawn when first asked for.
+
+    There are about ``2 * taken_a * taken_b`` of them: all of them for every
+    pair would leave no time for any but the first few pairs, while a sample
+    per pair reaches many pairs, and a state seen again gets another sample.
+    """
+    schedules = list(two_preemption_schedules(taken_a, taken_b))
+    yield from rng.sample(schedules, min(count, len(schedules)))
+
+
+def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
+    """``program`` up to its ``parallel`` at ``index`` and :data:`TAIL` ops after it, the
+    parallel's schedule replaced by each of ``schedules`` (but its own)."""
+    pair, ops = program.ops[index], program.ops
+    for schedule in schedules:
+        if schedule != pair.schedule:
+            yield program.with_ops(ops[:index] + (dataclasses.replace(pair, schedule=schedule),)
+                                   + ops[index + 1:index + 1 + TAIL])
+
+
 class ScheduleExplorer:
-    """A worker's schedule exploration, within its share of the worker's time.
+    """A worker's schedule exploration: two queues of pairs, served within a share of its time.
 
-    A ``parallel`` with new behaviour gets every schedule with up to two
-    preemptions, any other whose sides can conflict a sample of the
-    one-preemption ones, as long as the budget lasts.  A variant runs the
-    program up to the ``parallel`` and :data:`TAIL` ops after it: a race
-    shows at the pair or soon after, and cutting the rest keeps variants cheap.
+    :meth:`offer` queues the ``parallel`` ops of each program the worker
+    ran.  A pair's rarity is how many pairs have started from the state it
+    started from (1: it is the first); pairs from new states and pairs whose
+    sides can conflict (:func:`conflicting`) go on both queues: their
+    one-preemption schedules, a few dozen, on one, and a sample of their
+    two-preemption schedules on the other; both rarest first, newest first
+    among equals.  (Weighting the second by the number of schedules, to
+    prefer short pairs, lost races: a side spinning on a frozen SPTE has
+    hundreds of steps, and as many equivalent places to be preempted.)  :meth:`work` runs variants from
+    the queues, the one that has had less time first, until the budget is
+    spent; a pair cut short keeps its place.  Deferring is what makes the
+    budget count: new behaviour comes in bursts (at the start of a campaign,
+    after a breakthrough) faster than its schedules can be run, and a pair
+    that cannot be explored at once waits instead of being skipped.  A full
+    queue drops its commonest pairs, oldest first.
 
-    The budget is time, not runs: a variant costs what its program costs,
-    and one slow program explored 100 times must not stall the worker
-    (libFuzzer would report a slow unit).  Which variants run therefore
-    depends on the machine, but every finding is a complete program that
-    replays on its own.
+    A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
+    after it: a race shows at the pair or soon after, and cutting the rest
+    keeps variants cheap.  The budget is time, not runs: a variant costs what
+    its program costs, and one slow program explored 100 times must not stall
+    the worker (libFuzzer would report a slow unit).  Which variants run
+    therefore depends on the machine, but every finding is a complete program
+    that replays on its own.
     """
 
     def __init__(self, share: float = SHARE, per_input: float = MAX_SECONDS_PER_INPUT,
-                 clock: Callable[[], float] = time.monotonic):
-        self.share, self.per_input, self.clock = share, per_input, clock
+                 capacity: int = CAPACITY, clock: Callable[[], float] = time.monotonic):
+        self.share, self.per_input, self.capacity, self.clock = share, per_input, capacity, clock
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
+        # Sorted lists of (rarity, -arrival, (variants, run)): the one- and
+        # two-preemption work.
+        self._queues: tuple[list, list] = ([], [])
+        self._queue_spent = [0.0, 0.0]
+        self._arrivals = 0
 
-    def explore(self, program: Program, parallels: list, run: Callable[[Program], object],
-                rng: random.Random):
-        """Run variants of ``program`` with a parallel's schedule replaced by bounded ones.
+    def offer(self, program: Program, parallels: list, run: Callable[[Program], object],
+              rng: random.Random) -> None:
+        """Queue the ``parallel`` ops of ``program``, which just ran.
 
-        ``parallels`` lists ``(index, taken, novel)``: the op index of each
-        parallel, the steps its sides took, and whether it showed new
-        behaviour.  Novel pairs go first, in order, through every schedule
-        with up to two preemptions; then the pairs whose sides can conflict
-        (:func:`conflicting`) through their one-preemption schedules in an
-        order ``rng`` draws (:func:`sampled_preemptions`), so that
-        explorations the budget cuts short still sample the whole range.  ``run`` executes a program and returns
-        its finding or None.  Returns ``(variant, finding)`` for the first
-        variant with a finding, else None.
+        ``parallels`` lists ``(index, taken, rarity)``: the op index of each
+        parallel, the steps its sides took, and how many pairs have started
+        from the state it started from.  ``run`` executes a variant and
+        returns its finding or None; ``rng`` orders the one-preemption
+        schedules (:func:`sampled_preemptions`), so that a pair the budget
+        cuts short has still sampled the whole range, and draws the
+        two-preemption sample (:func:`sampled_two_preemptions`).
+        """
+        for index, taken, rarity in parallels:
+            if rarity > 1 and not conflicting(program.ops[index]):
+                continue
+            self._arrivals += 1
+            later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
+            for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
+                                     (1, sampled_two_preemptions(*taken, later))):
+                self._push(queue, (rarity, -self._arrivals,
+                                   (_variants(program, index, schedules), run)))
+
+    def _push(self, queue: int, entry: tuple) -> None:
+        pairs = self._queues[queue]
+        bisect.insort(pairs, entry, key=_priority)
+        if len(pairs) > self.capacity:
+            pairs.pop()
+
+    def work(self):
+        """Run queued variants while the budget lasts.
+
+        The budget: at most :attr:`share` of the worker's time so far, and
+        :attr:`per_input` per call.  It accrues as the worker runs, so a
+        campaign starts with its seeds and first mutants, which find the
+        shallow bugs, rather than with exploring the first seed's pairs.
+        Returns ``(variant, finding)`` for the first variant with a finding
+        (its pair is done), else None.
         """
         start = self.clock()
-        deadline = start + min(self.per_input,
-                               self.share * (start - self.started) - self.spent + self.per_input)
-        plan = [(index, list(bounded_schedules(*taken))) for index, taken, novel in parallels
-                if novel]
-        for index, taken, novel in parallels:
-            if not novel and conflicting(program.ops[index]):
-                plan.append((index, sampled_preemptions(*taken, rng)))
+        deadline = start + min(self.per_input, self.share * (start - self.started) - self.spent)
         try:
-            for index, schedules in plan:
-                pair, ops = program.ops[index], program.ops
-                for schedule in schedules:
-                    if self.clock() >= deadline:
-                        return None
-                    if schedule == pair.schedule:
-                        continue
-                    self.runs += 1
-                    variant = program.with_ops(ops[:index] + (
-                        dataclasses.replace(pair, schedule=schedule),) + ops[index + 1:index + 1 + TAIL])
-                    finding = run(variant)
-                    if finding is not None:
-                        return variant, finding
+            while self.clock() < deadline:
+                waiting = [queue for queue in (0, 1) if self._queues[queue]]
+                if not waiting:
+                    return None
+                queue = min(waiting, key=self._queue_spent.__getitem__)
+                entry = self._queues[queue].pop(0)
+                began = self.clock()
+                try:
+                    variants, run = entry[-1]
+                    for variant in variants:
+                        self.runs += 1
+                        finding = run(variant)
+                        if finding is not None:
+                            return variant, finding
+                        if self.clock() >= deadline:
+                            self._push(queue, entry)  # cut short: it resumes where it stopped
+                            break
+                finally:
+                    self._queue_spent[queue] += self.clock() - began
             return None
         finally:
             self.spent += self.clock() - start
+
+
+def _priority(entry: tuple) -> tuple:
+    return entry[:2]
 
 
 def conflicting(pair: Parallel) -> bool:

@@ -53,23 +53,26 @@ class CampaignTarget:
     ``ok`` and ``mmio_exit``).  A target may add its own through an optional
     ``features()`` (tdp: the context switches of a ``parallel``, which line
     coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer
-    and returns True if the key is new.  Each ``parallel`` is noted, with the
-    steps its sides took (the target's ``taken``) and whether it showed a new
-    feature, for schedule exploration (:mod:`fuzz.schedules`).
+    and returns how many times the key has been seen, this time included.
+    For a target that tells (``taken`` and ``pair_start``), each ``parallel``
+    is noted with the steps its sides took and how often a pair has started
+    from the state it started from (a feature too; 1: never before), for
+    schedule exploration (:mod:`fuzz.schedules`).
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
     (:meth:`begin`); a finding is then rerun with every check, as replay does.
     """
 
-    def __init__(self, target, sink: Optional[Callable[[str], Optional[bool]]] = None):
+    def __init__(self, target, sink: Optional[Callable[[str], int]] = None):
         self.target, self.sink = target, sink
         self.name = target.name
         self._features = getattr(target, "features", None) if sink is not None else None
+        self._explorable = hasattr(target, "taken")
         self.executed = 0
         self._previous = "start"
         self._check_from = 0
-        # (op index, steps each side took, whether a feature was new) of each parallel
+        # (op index, steps each side took, count of its start state) of each parallel
         # of this program: the candidates for schedule exploration.
         self.parallels: list = []
 
@@ -93,13 +96,11 @@ class CampaignTarget:
             self._previous = f"{op_name(op)}->{kind}"
             if self._features is not None:
                 keys += [f"target:{feature}" for feature in self._features()]
-            novel = False
             for key in keys:
-                if self.sink(key):
-                    novel = True
-            taken = getattr(self.target, "taken", None)
-            if taken is not None and type(op) is Parallel:
-                self.parallels.append((self.executed - 1, tuple(taken), novel))
+                self.sink(key)
+            if type(op) is Parallel and self._explorable:
+                rarity = self.sink(f"pair:{self.target.pair_start}")
+                self.parallels.append((self.executed - 1, tuple(self.target.taken), rarity))
         return outcome
 
     def check_invariants(self) -> None:
@@ -130,21 +131,24 @@ class CounterSink:
 
     ``reserve`` and ``trace`` are atheris's counter hooks; a counter's hit
     count is bucketed by libFuzzer, so "seen once" and "seen many times in one
-    input" are different features, as for branch coverage.
+    input" are different features, as for branch coverage.  The sink also
+    counts every key over the whole campaign: how rare a behaviour is steers
+    schedule exploration.
     """
 
     def __init__(self, reserve: Callable[[], int], trace: Callable[[int], None]):
         self.reserve, self.trace = reserve, trace
         self.counters: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
 
-    def __call__(self, key: str) -> bool:
-        """Count ``key``; True if it is the first time."""
+    def __call__(self, key: str) -> int:
+        """Count ``key``; return how many times it has been seen (1: the first time)."""
         counter = self.counters.get(key)
-        novel = counter is None
-        if novel:
+        if counter is None:
             counter = self.counters[key] = self.reserve()
         self.trace(counter)
-        return novel
+        seen = self.seen[key] = self.seen.get(key, 0) + 1
+        return seen
 
 
 class Worker:
@@ -178,21 +182,23 @@ class Worker:
     def run(self, data: bytes):
         """Decode and run one input; return ``(program, finding)``.
 
-        Under coverage, the program's ``parallel`` ops have other bounded
-        schedules explored (:mod:`fuzz.schedules`); a finding there comes
-        back as that variant program.
+        Under coverage, the program's ``parallel`` ops are queued for
+        schedule exploration and the explorer then takes its share of time
+        (:mod:`fuzz.schedules`); a finding there is a variant of this or an
+        earlier input, and comes back as that variant program.
         """
         program = decode(data)
         every_op = self._checks_every_op(data)
         with faults.injected(self.inject):
             finding = self._run_program(program, every_op)
-            parallels = self.target.parallels
-            if finding is None and parallels and self.explorer is not None:
-                found = self.explorer.explore(program, parallels,
-                                              lambda variant: self._run_program(variant, every_op),
-                                              random.Random(zlib.crc32(data)))
-                if found is not None:
-                    program, finding = found
+            if finding is None and self.explorer is not None:
+                self.explorer.offer(program, self.target.parallels,
+                                    lambda variant: self._run_program(variant, every_op),
+                                    random.Random(zlib.crc32(data)))
+                explored = self.explorer.work()
+                if explored is not None:
+                    program, finding = explored
+                    every_op = False  # it may come from an input that checked after its last op
             if finding is not None and not every_op:
                 # Replay checks invariants after every op: report what a replay will see.
                 finding = self._run_program(program, True)

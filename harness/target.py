@@ -48,8 +48,10 @@ class Target(Protocol):
     # Optional: ``features() -> list[str]``, coverage of the last op that the
     # guest cannot see (e.g. interleaving: which yield points of a parallel's
     # two sides were switched between).  Campaigns feed them to libFuzzer.
-    # Optional: ``taken``, the steps each side of the last ``parallel`` took;
-    # campaigns explore that pair's other schedules (fuzz/schedules.py).
+    # Optional, together: ``taken``, the steps each side of the last ``parallel``
+    # took, and ``pair_start``, a string naming the state its sides started from.
+    # Campaigns explore that pair's other schedules, pairs from the states they
+    # have seen least first (fuzz/schedules.py).
 
 
 # name -> "module:factory"; imported lazily so that a broken or heavy target

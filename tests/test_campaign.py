@@ -298,7 +298,7 @@ def test_a_targets_own_features_reach_libfuzzer():
             return ["fault:12>zap:40"]
 
     keys = []
-    run_program(CLEAN, CampaignTarget(Switching(), keys.append))
+    run_program(CLEAN, CampaignTarget(Switching(), lambda key: keys.append(key) or 1))
     assert keys.count("target:fault:12>zap:40") == len(CLEAN.ops)
 
 

@@ -13,7 +13,8 @@ from fuzz.campaign import CampaignConfig
 from fuzz.encoding import encode, load_reproducer, parse_reproducer
 from fuzz.runner import make_target, run_program
 from fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
-                            one_preemption, sampled_preemptions)
+                            one_preemption, sampled_preemptions, sampled_two_preemptions,
+                            two_preemption_schedules)
 from fuzz.worker import CounterSink, Worker
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "corpus" / "regressions"
@@ -64,6 +65,18 @@ def _regression(name: str):
     return calm, index
 
 
+def _running_explorer(**options):
+    """An explorer 10 s into its worker's life, and its clock (a one-element list).
+
+    Half of 10 s accrued: the per-call limit (1 s) is the budget; the clock
+    stands still unless a test moves it.
+    """
+    now = [0.0]
+    explorer = ScheduleExplorer(clock=lambda: now[0], **options)
+    now[0] = 10.0
+    return explorer, now
+
+
 def test_exploration_finds_a_race_that_needs_one_exact_preemption():
     program, index = _regression("merge-frozen-child")
     target = make_target("tdp")
@@ -74,39 +87,45 @@ def test_exploration_finds_a_race_that_needs_one_exact_preemption():
     def run(variant):
         with faults.injected({"merge-frozen-child"}):
             return run_program(variant, make_target("tdp"))
-    variant, finding = ScheduleExplorer(clock=lambda: 0.0).explore(
-        program, [(index, tuple(target.taken), True)], run, random.Random(0))
+    explorer, _ = _running_explorer()
+    explorer.offer(program, [(index, tuple(target.taken), 1)], run, random.Random(0))
+    variant, finding = explorer.work()
     assert finding.invariant == "mirror_sept_mismatch"
     assert variant.ops[index].schedule != program.ops[index].schedule
     with faults.injected({"merge-frozen-child"}):  # the variant alone reproduces it
         assert run_program(variant, make_target("tdp")).signature == finding.signature
 
 
-def test_exploration_stops_at_its_share_of_the_time():
+def test_exploration_stops_at_its_share_of_the_time_and_resumes_a_pair_it_cut_short():
     now = [0.0]
     explorer = ScheduleExplorer(share=0.5, per_input=1.0, clock=lambda: now[0])
     program, index = _regression("free-before-flush")
-    runs = []
+    schedules = []
 
     def run(variant):
-        runs.append(variant)
+        schedules.append(variant.ops[index].schedule)
         now[0] += 0.25
 
-    def explore_at(time):
+    def work_at(time):
         now[0] = time
-        runs.clear()
-        explorer.explore(program, [(index, (40, 40), True)], run, random.Random(0))
-        return len(runs)
-    assert explore_at(0.0) == 4  # the first input may take one per-input allowance (1 s)
-    assert explore_at(2.0) == 4  # 1 s of 2 s spent: capped by the per-input allowance
-    assert explore_at(3.5) == 3  # half of 3.5 s, minus 2 s spent, plus the allowance
+        before = len(schedules)
+        explorer.work()
+        return len(schedules) - before
+    explorer.offer(program, [(index, (40, 40), 1)], run, random.Random(0))
+    assert work_at(0.0) == 0  # nothing accrued yet
+    assert work_at(2.0) == 4  # half of 2 s
+    assert work_at(3.5) == 3  # half of 3.5 s, minus 1 s spent
+    assert work_at(10.0) == 4  # 3.25 s accrued, capped by the per-call limit (1 s)
+    # Cut short three times, the pair resumed where it stopped: no schedule ran twice.
+    assert len(set(schedules)) == len(schedules) == 11
 
 
-def test_a_worker_explores_a_parallel_with_new_behaviour_and_reports_the_variant():
+def test_a_worker_explores_a_parallel_from_a_new_state_and_reports_the_variant():
     program, index = _regression("merge-frozen-child")
     reserved = []
     sink = CounterSink(lambda: reserved.append(len(reserved)) or reserved[-1], lambda c: None)
     worker = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0), sink=sink)
+    worker.explorer, _ = _running_explorer()
     found, finding = worker.run(encode(program))
     assert finding is not None and finding.invariant == "mirror_sept_mismatch"
     assert found.ops[index].schedule != program.ops[index].schedule
@@ -116,8 +135,9 @@ def test_a_worker_explores_a_parallel_with_new_behaviour_and_reports_the_variant
     assert plain.run(encode(program))[1] is None and plain.explorer is None
 
 
-def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_tail():
-    program = parse_reproducer("""vm type=default vcpus=2
+def _program_with_three_pairs():
+    """Pairs on two 2M frames, on one 2M frame, and against host work; a tail of flushes."""
+    return parse_reproducer("""vm type=default vcpus=2
     memslot_add slot=0 base=0x0 npages=0x400 flags=host_huge host_offset=0
     parallel a=(access vcpu=0 gpa=0x0 word=0 kind=read private=0) b=(access vcpu=1 gpa=0x200000 word=0 kind=read private=0) schedule=0x0
     parallel a=(access vcpu=0 gpa=0x0 word=0 kind=read private=0) b=(access vcpu=1 gpa=0x1000 word=0 kind=read private=0) schedule=0x0
@@ -126,19 +146,59 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     flush_tlb vcpu=0
     flush_tlb vcpu=0
     flush_tlb vcpu=0""").program
-    assert [conflicting(op) for op in program.ops[1:4]] == [False, True, True]
+
+
+def _explored_pairs(program, now=None):
+    """A variant runner for an explorer: the op index of the parallel each variant changed.
+
+    With ``now``, a one-element clock, each variant takes 10 ms.
+    """
     explored = []
 
     def run(variant):
         index = next(i for i, (x, y) in enumerate(zip(variant.ops, program.ops)) if x != y)
         explored.append(index)
         assert len(variant.ops) == min(len(program.ops), index + 1 + TAIL)
-    explorer = ScheduleExplorer(clock=lambda: 0.0)
-    explorer.explore(program, [(i, (3, 3), False) for i in (1, 2, 3)], run, random.Random(0))
+        if now is not None:
+            now[0] += 0.01
+    return explored, run
+
+
+def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_tail():
+    program = _program_with_three_pairs()
+    assert [conflicting(op) for op in program.ops[1:4]] == [False, True, True]
+    explorer, _ = _running_explorer()
+    explored, run = _explored_pairs(program)
+    explorer.offer(program, [(i, (3, 3), 5) for i in (1, 2, 3)], run, random.Random(0))
+    explorer.work()
     assert set(explored) == {2, 3}  # the pair on two different 2M frames is left alone
     explored.clear()
-    explorer.explore(program, [(1, (3, 3), True)], run, random.Random(0))
-    assert explored == [1] * len(list(bounded_schedules(3, 3)))  # novel: up to two preemptions
+    explorer.offer(program, [(1, (3, 3), 1)], run, random.Random(0))
+    explorer.work()
+    # A new state: every schedule with up to two preemptions, one-preemption ones first.
+    assert explored == [1] * len(list(bounded_schedules(3, 3)))
+
+
+def test_rarer_pairs_go_first_and_a_full_queue_drops_the_commonest():
+    program = _program_with_three_pairs()
+    explorer, now = _running_explorer(capacity=2)
+    explored, run = _explored_pairs(program, now)
+    explorer.offer(program, [(2, (3, 3), 9), (3, (3, 3), 4), (1, (3, 3), 1)], run,
+                   random.Random(0))
+    explorer.work()
+    one = len(sampled_preemptions(3, 3, random.Random(0)))
+    two = len(list(two_preemption_schedules(3, 3)))
+    # Rarest first, the queue that has had less time first (one-preemption work, then
+    # two-preemption work); the pair seen 9 times did not fit.
+    assert explored == [1] * one + [1] * two + [3] * one + [3] * two
+
+
+def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
+    full = set(two_preemption_schedules(20, 9))
+    sample = list(sampled_two_preemptions(20, 9, random.Random(3), count=32))
+    assert len(sample) == len(set(sample)) == 32 and set(sample) <= full
+    assert set(sampled_two_preemptions(3, 3, random.Random(3), count=32)) == set(
+        two_preemption_schedules(3, 3))  # fewer than the count: all of them
 
 
 def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_preempted_side():

@@ -24,8 +24,10 @@ class TdpTarget:
         self.kvm = None
         self._switches: set = set()
         self._last = None
-        self._start = ""  # the pair: feature of the last parallel
-        self.taken = [0, 0]  # steps each side of the last parallel took (schedule exploration)
+        # The last parallel, for schedule exploration: the state its sides started from
+        # (see :meth:`_start_state`) and the steps each side took.
+        self.pair_start = ""
+        self.taken = [0, 0]
 
     def reset(self, header: VmHeader) -> None:
         self.kvm = Kvm(header)
@@ -40,8 +42,7 @@ class TdpTarget:
             if outcome is not None:
                 return outcome
         if type(op) is Parallel:
-            self._start = "pair:" + "|".join(sorted((self._start_state(op.a),
-                                                    self._start_state(op.b))))
+            self.pair_start = "|".join(sorted((self._start_state(op.a), self._start_state(op.b))))
             self.taken = [0, 0]
             a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce,
                               self._note_switch, self.taken)
@@ -69,17 +70,13 @@ class TdpTarget:
           4K, a 2M or no mapping are different MMU states (op x outcome x
           mapping level); a huge private mapping with some pages accepted is
           how the merge paths are reached.
-        - For a ``parallel``, the state its two sides started from: for each
-          side that names a gpa, how deep its walk went and the largest level
-          the fault may map.  Two faults racing into a 4K table under a
-          2M-capable range are another race than two faults into empty tables.
         Sorted switches first, so consumers see them in a deterministic order.
+        (The state a ``parallel`` started from is :attr:`pair_start`.)
         """
         features = sorted(self._switches)
         self._switches.clear()
         op = self._last
         if type(op) is Parallel:
-            features.append(self._start)
             features += [f"a.{f}" for f in self._mapping(op.a) or ()]
             features += [f"b.{f}" for f in self._mapping(op.b) or ()]
         else:
@@ -114,13 +111,23 @@ class TdpTarget:
         return features
 
     def _start_state(self, op) -> str:
-        """One side's starting state for the ``pair:`` feature (see :meth:`features`)."""
+        """One side's part of :attr:`pair_start`.
+
+        For a side that names a gpa: how deep its walk went and the largest
+        level the fault may map (0: none, it exits).  Two faults racing into
+        a 4K table under a 2M-capable range are another race than two faults
+        into empty tables.
+        """
         walk = self._walk(op)
         if walk is None:
             return OP_NAMES[type(op)]
         name, gfn, private, level, leaf = walk
-        slot = self.kvm.memslots.lookup(gfn)
-        usable = slot is not None and (slot.gmem is not None or not private)
+        kvm = self.kvm
+        slot = kvm.memslots.lookup(gfn)
+        # As kvm_mmu_faultin_pfn: a fault whose private-ness the attributes contradict
+        # exits to userspace, and so does a private one outside a guest_memfd slot.
+        usable = (slot is not None and kvm.attributes.is_private(gfn) == private
+                  and (slot.gmem is not None or not private))
         most = max_mapping_level(slot, gfn, private) if usable else 0
         return f"{name}:{'private' if private else 'shared'}:{'leaf' if leaf else 'walk'}{level}:max{most}"
 
