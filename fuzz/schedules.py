@@ -129,8 +129,8 @@ class ScheduleExplorer:
     """A worker's schedule exploration: two queues of pairs, served within a share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker
-    ran.  A pair's rarity is how many pairs have started from the state it
-    started from (1: it is the first); pairs from new states and pairs whose
+    ran.  A pair's rarity is how many of the programs run have started a
+    pair from the state it started from (1: it is the first); pairs from new states and pairs whose
     sides can conflict (:func:`conflicting`) go on both queues: their
     one-preemption schedules, a few dozen, on one, and a sample of their
     two-preemption schedules on the other; both rarest first, newest first
@@ -170,8 +170,8 @@ class ScheduleExplorer:
         """Queue the ``parallel`` ops of ``program``, which just ran.
 
         ``parallels`` lists ``(index, taken, rarity)``: the op index of each
-        parallel, the steps its sides took, and how many pairs have started
-        from the state it started from.  ``run`` executes a variant and
+        parallel, the steps its sides took, and how many programs have
+        started a pair from the state it started from.  ``run`` executes a variant and
         returns its finding or None; ``rng`` orders the one-preemption
         schedules (:func:`sampled_preemptions`), so that a pair the budget
         cuts short has still sampled the whole range, and draws the

@@ -13,6 +13,7 @@ reference is rebuilt per input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -57,7 +58,8 @@ class CampaignTarget:
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
     is noted with the steps its sides took and how often a pair has started
     from the state it started from (a feature too; 1: never before), for
-    schedule exploration (:mod:`fuzz.schedules`).
+    schedule exploration (:mod:`fuzz.schedules`).  While :meth:`quiet`, ops
+    feed nothing: a schedule variant's coverage is not its input's.
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
@@ -75,6 +77,7 @@ class CampaignTarget:
         # (op index, steps each side took, count of its start state) of each parallel
         # of this program: the candidates for schedule exploration.
         self.parallels: list = []
+        self._quiet = False
 
     def begin(self, ops: int, every_op: bool) -> None:
         """Set how the next program checks invariants: after every op, or only after its last."""
@@ -86,21 +89,39 @@ class CampaignTarget:
         self._previous = "start"
         self.parallels = []
 
+    @contextlib.contextmanager
+    def quiet(self):
+        """Run ops without feeding the sink.
+
+        libFuzzer credits every counter hit during a callback to that
+        callback's input, so schedule variants run quiet: fed, the
+        interleavings a variant reached would keep its input in the corpus
+        for behaviour the input does not have, and count its pairs' states
+        as seen more often than programs start from them.  (Line coverage
+        of the variants still reaches libFuzzer: atheris traces all code.)
+        """
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
+
     def execute(self, op):
         self.executed += 1
         outcome = self.target.execute(op)
-        if self.sink is not None:
-            kind = _outcome_feature(outcome, coarse=True)
-            keys = [f"{_op_feature(op)}->{_outcome_feature(outcome)}",
-                    f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}"]
-            self._previous = f"{op_name(op)}->{kind}"
-            if self._features is not None:
-                keys += [f"target:{feature}" for feature in self._features()]
-            for key in keys:
-                self.sink(key)
-            if type(op) is Parallel and self._explorable:
-                rarity = self.sink(f"pair:{self.target.pair_start}")
-                self.parallels.append((self.executed - 1, tuple(self.target.taken), rarity))
+        if self.sink is None or self._quiet:
+            return outcome
+        kind = _outcome_feature(outcome, coarse=True)
+        keys = [f"{_op_feature(op)}->{_outcome_feature(outcome)}",
+                f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}"]
+        self._previous = f"{op_name(op)}->{kind}"
+        if self._features is not None:
+            keys += [f"target:{feature}" for feature in self._features()]
+        for key in keys:
+            self.sink(key)
+        if type(op) is Parallel and self._explorable:
+            rarity = self.sink(f"pair:{self.target.pair_start}")
+            self.parallels.append((self.executed - 1, tuple(self.target.taken), rarity))
         return outcome
 
     def check_invariants(self) -> None:
@@ -184,8 +205,9 @@ class Worker:
 
         Under coverage, the program's ``parallel`` ops are queued for
         schedule exploration and the explorer then takes its share of time
-        (:mod:`fuzz.schedules`); a finding there is a variant of this or an
-        earlier input, and comes back as that variant program.
+        (:mod:`fuzz.schedules`), its variants run quiet
+        (:meth:`CampaignTarget.quiet`); a finding there is a variant of this
+        or an earlier input, and comes back as that variant program.
         """
         program = decode(data)
         every_op = self._checks_every_op(data)
@@ -195,7 +217,8 @@ class Worker:
                 self.explorer.offer(program, self.target.parallels,
                                     lambda variant: self._run_program(variant, every_op),
                                     random.Random(zlib.crc32(data)))
-                explored = self.explorer.work()
+                with self.target.quiet():
+                    explored = self.explorer.work()
                 if explored is not None:
                     program, finding = explored
                     every_op = False  # it may come from an input that checked after its last op

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from harness import faults
 from harness.ops import Parallel
 from harness.tdp.sched import interleave
 from fuzz.campaign import CampaignConfig
+from fuzz.corpus import NO_FAULT
 from fuzz.encoding import encode, load_reproducer, parse_reproducer
 from fuzz.runner import make_target, run_program
 from fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
@@ -133,6 +135,20 @@ def test_a_worker_explores_a_parallel_from_a_new_state_and_reports_the_variant()
     # Without coverage (replay, the bench's plain loops) nothing is explored.
     plain = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0))
     assert plain.run(encode(program))[1] is None and plain.explorer is None
+
+
+def test_schedule_variants_feed_no_coverage_to_the_input_that_queued_them():
+    data = encode(_regression("merge-frozen-child")[0])
+
+    def features_fed(explore: bool) -> dict:
+        sink = CounterSink(itertools.count().__next__, lambda counter: None)
+        worker = Worker(CampaignConfig("tdp", NO_FAULT), sink=sink)
+        worker.explorer = _running_explorer()[0] if explore else None
+        for _ in range(2):  # nothing a variant reached leaks into the next input either
+            assert worker.run(data)[1] is None
+        assert not explore or worker.explorer.runs > 0
+        return sink.seen
+    assert features_fed(explore=True) == features_fed(explore=False)
 
 
 def _program_with_three_pairs():
