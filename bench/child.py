@@ -16,10 +16,11 @@ import sys
 
 def _kinds() -> dict:
     """KIND -> function(emit, **params); imported here so the parent never loads the engines."""
-    from bench import engines, minimization, throughput
+    from bench import engines, minimization, soak, throughput
     return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
             "replay": throughput.replay_loop, "differential": throughput.differential_loop,
-            "profile": throughput.profile_loop, "minimize": minimization.minimize_one}
+            "profile": throughput.profile_loop, "minimize": minimization.minimize_one,
+            "soak": soak.soak_one}
 
 
 def emit(record: dict) -> None:

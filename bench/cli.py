@@ -1,9 +1,9 @@
 """``mmufuzz bench`` / ``python -m bench``: options, the run, the report.
 
 Exit codes: 0 measured and reported (a missed target is a result, not an
-error), 2 bad options or a ``--render`` file that is missing or malformed (one
-line names the file and the field), 3 a measurement process failed (its log is
-named), 130 Ctrl-C.
+error), 2 bad options, a ``--render`` file that is missing or malformed or a
+``--resume`` of another configuration (one line names the file and the
+field), 3 a measurement process failed (its log is named), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from harness import faults
 from fuzz.corpus import DEFAULT_TARGET, NO_FAULT
 from bench import report, suite
 from bench.procs import MeasurementFailed
+from bench.resume import CannotResume
 
 EXIT_OK, EXIT_BAD_OPTIONS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 DEFAULT_OUT = "bench-out"
@@ -32,6 +33,7 @@ DEFAULTS = {
     "campaign_time": (60.0, 10.0),
     "loop_time": (20.0, 4.0),
     "minimize_time": (120.0, 20.0),
+    "soak_programs": (50_000, 500),
 }
 QUICK_FAULTS = ("mmio-stale-generation", "pending-access-maps")
 
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="length of each replay/differential loop (default 20; --quick 4)")
     parser.add_argument("--minimize-time", type=float, metavar="SECONDS",
                         help="minimizer time limit per fault (default 120; --quick 20)")
+    parser.add_argument("--soak-programs", type=int, metavar="N",
+                        help="random programs with parallel ops run on the fault-free target "
+                             "(default 50000; --quick 500)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="measurements run at once, one per core (default: the CPU count)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="PATH",
                         help=f"the Markdown report; plots go to bench/ beside it (default "
                              f"{DEFAULT_REPORT}; --quick: DIR/benchmarks.md)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in --out (same options): keep its "
+                             "finished phases and trials, measure the rest")
     parser.add_argument("--render", metavar="RESULTS",
                         help="do not measure: redraw the report from a results.json")
     return parser
@@ -87,13 +95,14 @@ def config_from(args, argv: list) -> suite.Config:
         value = getattr(args, name)
         return DEFAULTS[name][args.quick] if value is None else value
 
-    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
-        raise ValueError("--jobs and --seeds must be at least 1")
+    if args.jobs < 1 or any(n is not None and n < 1 for n in (args.seeds, args.soak_programs)):
+        raise ValueError("--jobs, --seeds and --soak-programs must be at least 1")
     return suite.Config(command=shlex.join(["mmufuzz", "bench", *argv]), target=args.target,
                         faults=_fault_names(args.faults, args.quick),
                         seeds=tuple(range(1, pick("seeds") + 1)), cap=pick("cap"),
                         jobs=args.jobs, campaign_time=pick("campaign_time"),
                         loop_time=pick("loop_time"), minimize_time=pick("minimize_time"),
+                        soak_programs=pick("soak_programs"),
                         out=Path(args.out), quick=args.quick)
 
 
@@ -110,7 +119,7 @@ def _handle_sigint() -> None:
 
 def _stopped(why: str, config: suite.Config, code: int) -> int:
     print(f"mmufuzz bench: {why}; the phases done so far are in {config.out / suite.RESULTS} "
-          "(--render draws them)", file=sys.stderr)
+          "(--render draws them, --resume continues)", file=sys.stderr)
     return code
 
 
@@ -132,7 +141,10 @@ def main(argv=None) -> int:
             print(f"mmufuzz bench: error: {error}", file=sys.stderr)
             return EXIT_BAD_OPTIONS
         try:
-            results = suite.run(config)
+            results = suite.run(config, resume=args.resume)
+        except CannotResume as error:
+            print(f"mmufuzz bench: error: {error}", file=sys.stderr)
+            return EXIT_BAD_OPTIONS
         except MeasurementFailed as error:
             return _stopped(f"measurement failed: {error}", config, EXIT_FAILED)
         except KeyboardInterrupt:

@@ -27,6 +27,7 @@ from fuzz.corpus import NO_FAULT
 from fuzz.encoding import ReproError, load_reproducer
 from bench.engines import fault_needed
 from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
+from bench.resume import Done
 
 ENGINES = ("mmufuzz", "random", "hypothesis")
 
@@ -66,7 +67,9 @@ def _fault_needed(folder: Path, target: str) -> bool:
 def _campaign_trial(trial: Trial, target: str, cap: float, work: Path) -> Detection:
     name = f"{trial.fault}-seed{trial.seed}"
     out = work / "campaigns" / name
+    raw = work / "raw" / f"{name}.repro"
     shutil.rmtree(out, ignore_errors=True)
+    raw.unlink(missing_ok=True)  # a stopped attempt's: this trial's finding is the next one
     args = ["--target", target, "--inject", trial.fault, "--seed", str(trial.seed),
             "--max-time", str(cap)]
     log = work / "logs" / f"mmufuzz-{name}.log"
@@ -84,7 +87,6 @@ def _campaign_trial(trial: Trial, target: str, cap: float, work: Path) -> Detect
         shutil.rmtree(out, ignore_errors=True)
         return Detection(trial.fault, trial.engine, trial.seed, False, cap)
     stored = StoredFinding(run.finding)
-    raw = work / "raw" / f"{name}.repro"
     raw.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(stored.raw, raw)
     detection = Detection(trial.fault, trial.engine, trial.seed, True, run.first_finding,
@@ -116,17 +118,18 @@ def run_trial(trial: Trial, target: str, cap: float, work: Path) -> Detection:
     return measure(trial, target, cap, work)
 
 
-def detect(planned: list, target: str, cap: float, work: Path, jobs: int) -> list:
-    """Run every trial, ``jobs`` at a time; results in the order planned."""
-    finished = itertools.count(1)
+def detect(planned: list, target: str, cap: float, work: Path, jobs: int, done: Done) -> list:
+    """Run every trial not already ``done``, ``jobs`` at a time; results in the order planned."""
+    finished = itertools.count(done.kept() + 1)
 
     def one(trial: Trial) -> dict:
-        result = run_trial(trial, target, cap, work)
-        done = next(finished)
-        shown = f"{result.seconds:6.1f}s" if result.found else f" >{cap:g}s"
-        print(f"bench: [{done}/{len(planned)}] {trial.fault} {trial.engine} seed {trial.seed}: "
-              f"{shown}", file=sys.stderr, flush=True)
-        return asdict(result)
+        key = f"{trial.fault}-{trial.engine}-seed{trial.seed}"
+        result, kept = done.measure(key, lambda: asdict(run_trial(trial, target, cap, work)))
+        if not kept:
+            shown = f"{result['seconds']:6.1f}s" if result["found"] else f" >{cap:g}s"
+            print(f"bench: [{next(finished)}/{len(planned)}] {trial.fault} {trial.engine} seed "
+                  f"{trial.seed}: {shown}", file=sys.stderr, flush=True)
+        return result
 
     return run_parallel(one, planned, jobs)
 

@@ -199,16 +199,24 @@ def _signal(process: psutil.Process, signum: int) -> None:
 
 
 
+# Set while a run_parallel is being stopped.  The measurements still running then end early,
+# cut short by the same Ctrl-C (or by the failure's cause): what they return is not a result.
+stopping = threading.Event()
+
+
 def run_parallel(measure: Callable, items: list, jobs: int) -> list:
     """``measure(item)`` for every item, ``jobs`` at a time (each starts one process).
 
     If one fails, or on Ctrl-C (which the terminal delivers to the running
-    measurements' processes too), the queued ones are cancelled, not started.
+    measurements' processes too), the queued ones are cancelled, not started,
+    and :data:`stopping` is set while the running ones end.
     """
+    stopping.clear()
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         results = list(pool.map(measure, items))
     except BaseException:
+        stopping.set()
         pool.shutdown(cancel_futures=True)
         raise
     pool.shutdown()

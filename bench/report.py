@@ -14,13 +14,17 @@ BASELINES = ("random", "hypothesis")
 
 # Fields the report reads, checked by ``load`` so that ``--render`` names a missing one
 # instead of failing halfway through drawing.  SECTIONS are in every results document
-# (a partial run's too); ENTRIES are in every element of a list section that was measured.
+# (a partial run's too); OPTIONAL ones where they were measured; ENTRIES are in every
+# element of a list section that was measured.
 SECTIONS = {
     "config": ("command", "target", "seeds", "cap", "jobs", "campaign_time", "loop_time",
                "minimize_time", "quick"),
     "machine": ("date", "cpu", "logical_cpus", "physical_cores", "memory_gb", "os", "python",
                 "packages", "commit"),
     "load": (),
+}
+OPTIONAL = {
+    "soak": ("programs", "parallel_ops", "ops", "seconds", "findings", "reproducers"),
 }
 ENTRIES = {
     "detection": ("fault", "engine", "seed", "found", "seconds", "summary"),
@@ -46,6 +50,9 @@ def load(path: Path) -> dict:
         if section not in results:
             raise BadResults(f"{path}: field '{section}' is missing")
         _require(results[section], section, fields, path)
+    for section, fields in OPTIONAL.items():
+        if section in results:
+            _require(results[section], section, fields, path)
     for section, fields in ENTRIES.items():
         entries = results.get(section, [])
         if not isinstance(entries, list):
@@ -124,6 +131,24 @@ def _profile(profile) -> str:
             + _table(["function", "self", "cumulative", "calls"],
                      [(f"`{f['function']}`", f"{f['share']:.1%}", f"{f['cumulative_share']:.0%}",
                        f"{f['calls']:,}") for f in profile["functions"]]))
+    return text
+
+
+def _soak(results: dict) -> str:
+    soaked = results.get("soak")
+    if not soaked:
+        return ""
+    text = ("## Clean soak\n\nRandom programs (random bytes through the campaign's decoder, as "
+            "the random baseline makes them) with at least one `parallel` op, run on the target "
+            "with no fault injected, invariants checked after every op, "
+            f"{results['config']['jobs']} processes: every finding is a false positive of "
+            "mmufuzz or a bug of the target.\n\n")
+    text += _table(["programs", "`parallel` ops", "guest ops", "seconds", "findings"],
+                   [(f"{soaked['programs']:,}", f"{soaked['parallel_ops']:,}", f"{soaked['ops']:,}",
+                     f"{soaked['seconds']:.0f}", soaked["findings"])])
+    if soaked["reproducers"]:
+        text += "\nKept reproducers:\n\n" + "".join(
+            f"- `{r['path']}`: {r['summary']}\n" for r in soaked["reproducers"])
     return text
 
 
@@ -304,8 +329,12 @@ def render(results: dict, plots: list) -> str:
             f"({m['logical_cpus']} CPUs){' — quick smoke run, not for citing' if config['quick'] else ''}."
             f"\n\nCommand: `{config['command']}`\n\n")
     if not results.get("complete", True):
-        head += ("**Partial run**: stopped after the "
-                 f"{', '.join(results['load'])} phase(s); the other sections are missing.\n\n")
+        done = (f"after the {', '.join(results['load'])} phase(s)" if results["load"]
+                else "before its first phase ended")
+        head += f"**Partial run**: stopped {done}; the other sections are missing.\n\n"
+    for resumed in results.get("resumed", []):
+        head += (f"Resumed {resumed['date']} at commit {resumed['commit']} after a stop "
+                 "(`--resume`): the phases and measurements finished before it were kept.\n\n")
     busiest = max((load for pair in results.get("load", {}).values() for load in pair), default=0)
     if busiest > config["jobs"] + 0.5:
         head += (f"**The machine was shared**: the 1-minute load average reached {busiest:g} on "
@@ -313,7 +342,7 @@ def render(results: dict, plots: list) -> str:
                  "so rates read low and times long (see Machine).\n\n")
     parts = [head, _targets(results), _throughput(results), _scaling(results),
              _detection(results, plots), _over_time(results, plots), _minimization(results),
-             _method(results), _machine(results)]
+             _soak(results), _method(results), _machine(results)]
     return "\n".join(p for p in parts if p)
 
 

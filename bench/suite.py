@@ -3,9 +3,10 @@
 Order matters for fairness: the throughput phase runs first and alone (one
 measurement at a time, so a rate is never shared with a neighbour; ``--jobs
 2`` gets both cores to itself); then the findings-over-time campaign, alone;
-then the time-to-detect trials and the minimizations, ``jobs`` at a time, one
-process per core.  Every phase leaves its raw numbers in the results, which
-``results.json`` keeps so the report can be redrawn without measuring again.
+then the time-to-detect trials, the minimizations and the clean soak, ``jobs``
+at a time, one process per core.  Every phase leaves its raw numbers in the
+results, which ``results.json`` keeps so the report can be redrawn without
+measuring again.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from fuzz.campaign import StoredFinding
 from fuzz.corpus import NO_FAULT, write_atomic
-from bench import detect, machine, throughput
+from bench import detect, machine, soak, throughput
 from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
+from bench.resume import Done, clear, stored_results
 
 # A campaign that overruns its --max-time by this much is stopped by the bench.
 CAMPAIGN_GRACE = 60.0
@@ -41,6 +43,7 @@ class Config:
     campaign_time: float
     loop_time: float
     minimize_time: float
+    soak_programs: int
     out: Path
     quick: bool
 
@@ -122,10 +125,18 @@ def measure_campaign_over_time(config: Config) -> dict:
     return {"inject": inject, "records": records, "findings": findings, "failure": failure}
 
 
+def _done(config: Config, phase: str) -> Done:
+    done = Done(config.out, phase)
+    if done.kept():
+        _say(f"{phase}: {done.kept()} measurements kept from the stopped run")
+    return done
+
+
 def measure_detection(config: Config) -> list:
     planned = detect.trials(config.faults, config.seeds)
     _say(f"time-to-detect: {len(planned)} trials, cap {config.cap:g} s, {config.jobs} at a time")
-    return detect.detect(planned, config.target, config.cap, config.out / "work", config.jobs)
+    return detect.detect(planned, config.target, config.cap, config.out / "work", config.jobs,
+                         _done(config, "detection"))
 
 
 def _minimize_fault(config: Config, fault: str) -> dict:
@@ -147,29 +158,53 @@ def _minimize_fault(config: Config, fault: str) -> dict:
 
 def measure_minimization(config: Config) -> list:
     _say(f"minimization: {len(config.faults)} faults, {config.jobs} at a time")
-    return run_parallel(lambda fault: _minimize_fault(config, fault), list(config.faults),
-                        config.jobs)
+    done = _done(config, "minimization")
+
+    def one(fault: str) -> dict:
+        return done.measure(fault, lambda: _minimize_fault(config, fault))[0]
+
+    return run_parallel(one, list(config.faults), config.jobs)
+
+
+def measure_soak(config: Config) -> dict:
+    _say(f"clean soak: {config.soak_programs:,} random programs with parallel ops, "
+         f"{config.jobs} at a time")
+    return soak.soak(config.target, config.soak_programs, config.jobs, config.out)
 
 
 PHASES = (("throughput", measure_throughput), ("over_time", measure_campaign_over_time),
-          ("detection", measure_detection), ("minimization", measure_minimization))
+          ("detection", measure_detection), ("minimization", measure_minimization),
+          ("soak", measure_soak))
 
 
-def run(config: Config) -> dict:
-    """Every phase, in order; the results document.
+def run(config: Config, resume: bool = False) -> dict:
+    """Every phase, in order (with ``resume``, those not finished yet); the results document.
 
     ``results.json`` is rewritten after each phase (``complete`` false until
-    the last), so a run stopped early can still be reported with ``--render``.
-    The 1-minute load average before and after each phase is kept, so a
-    reader can tell a quiet machine from one that was shared.
+    the last), so a run stopped early can still be reported with ``--render``
+    and continued with ``resume`` (see :mod:`bench.resume`).  The 1-minute
+    load average before and after each phase is kept, so a reader can tell a
+    quiet machine from one that was shared.
     """
-    config.out.mkdir(parents=True, exist_ok=True)
-    results = {"config": config.to_json(), "machine": machine.describe(), "load": {},
-               "complete": False}
+    path = config.out / RESULTS
+    if resume:
+        results = stored_results(path, config.to_json())
+        if any(name not in results for name, _ in PHASES):
+            now = machine.describe()
+            results.setdefault("resumed", []).append({k: now[k] for k in ("date", "commit")})
+            results["complete"] = False
+    else:
+        clear(config.out)
+        results = {"config": config.to_json(), "machine": machine.describe(), "load": {},
+                   "complete": False}
+    write_atomic(path, json.dumps(results, indent=1) + "\n")
     for name, measure in PHASES:
+        if name in results:
+            _say(f"{name}: kept from the stopped run")
+            continue
         before = os.getloadavg()[0]
         results[name] = measure(config)
         results["load"][name] = [round(before, 2), round(os.getloadavg()[0], 2)]
         results["complete"] = name == PHASES[-1][0]
-        write_atomic(config.out / RESULTS, json.dumps(results, indent=1) + "\n")
+        write_atomic(path, json.dumps(results, indent=1) + "\n")
     return results

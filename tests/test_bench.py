@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -15,8 +16,10 @@ import pytest
 
 from harness import faults
 from harness.ops import Recover
+from fuzz.corpus import replay
+from fuzz.encoding import load_reproducer
 from fuzz.runner import ReferenceTarget
-from bench import analysis, cli, engines, throughput
+from bench import analysis, cli, detect, engines, procs, soak, suite, throughput
 from bench.detect import ENGINES
 from bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
@@ -118,6 +121,7 @@ def test_render_names_a_file_that_is_not_json(tmp_path, capsys):
     (lambda r: r["config"].pop("cap"), "'config.cap'"),
     (lambda r: r["detection"][2].pop("seconds"), "'detection[2].seconds'"),
     (lambda r: r.update(load=[]), "'load'"),
+    (lambda r: r.update(soak={"programs": 1}), "'soak.parallel_ops'"),
 ])
 def test_render_names_the_malformed_field(tmp_path, capsys, breakage, field):
     results = json.loads((TESTS.parent / "docs" / "bench" / "results.json").read_text())
@@ -155,6 +159,105 @@ def test_a_minimized_finding_is_compared_with_the_hand_minimum_of_its_signature(
         assert known_minimal("merge-by-zap", "tdp", signature)["hand_ops"] == main.ops
 
 
+# --- the clean soak ---------------------------------------------------------------------
+
+def test_soak_on_clean_code_counts_programs_with_pairs_and_finds_nothing():
+    records = []
+    soak.soak_one(records.append, "tdp", seed=7, programs=20)
+    (result,) = records
+    assert result == {**result, "event": "result", "programs": 20, "findings": 0}
+    assert result["parallel_ops"] >= 20 and result["ops"] >= result["parallel_ops"]
+
+
+def test_soak_keeps_the_reproducers_of_what_it_finds(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS),
+                                                                   os.environ.get("PYTHONPATH")])))
+    totals = soak.soak(PLANTED, programs=30, jobs=2, out=tmp_path)
+    assert totals["programs"] == 30 and totals["findings"] > 0
+    assert 0 < len(totals["reproducers"]) <= 2 * soak.KEPT_FINDINGS
+    for kept in totals["reproducers"]:
+        finding = replay(load_reproducer(kept["path"]), PLANTED, "none").finding
+        assert finding is not None and finding.signature == kept["signature"]
+
+
+# --- stopping and resuming ------------------------------------------------------------
+
+def _stopped_by_ctrl_c_in_third_trial(monkeypatch) -> list:
+    """Trials that cost nothing; the trials started, in order.
+
+    The third is stopped as a Ctrl-C stops a real one: the signal reaches the
+    bench, and the trial's process ends early but normally, so the trial
+    returns a result (here once the bench is stopping) that is no result.
+    """
+    started = []
+
+    def run_trial(trial, target, cap, work):
+        started.append(trial)
+        if len(started) == 3:
+            signal.raise_signal(signal.SIGINT)
+            assert procs.stopping.wait(10)
+        return detect.Detection(trial.fault, trial.engine, trial.seed, True, float(len(started)))
+
+    monkeypatch.setattr(detect, "run_trial", run_trial)
+    phases = [("throughput", lambda config: {"trials_started": len(started)}),
+              ("detection", suite.measure_detection)]
+    monkeypatch.setattr(suite, "PHASES", phases)
+    return started
+
+
+def _config(tmp_path, seeds=2):
+    args = ["--faults", "mmio-stale-generation,pending-access-maps", "--seeds", str(seeds),
+            "--jobs", "1", "--out", str(tmp_path / "out")]
+    return cli.config_from(cli.build_parser().parse_args(args), args)
+
+
+def test_a_stopped_bench_resumes_with_what_it_had_measured(tmp_path, monkeypatch):
+    started = _stopped_by_ctrl_c_in_third_trial(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run(_config(tmp_path))
+    before_stop = len(started)  # 3, or 4 if the next trial began before the stop cancelled it
+    results = suite.run(_config(tmp_path), resume=True)
+    planned = detect.trials(_config(tmp_path).faults, _config(tmp_path).seeds)
+    # A trial's seconds are its start's number: the two finished before the stop are kept,
+    # every other one (the stopped one included) is measured after the resume.
+    seconds = [d["seconds"] for d in results["detection"]]
+    assert seconds[:2] == [1.0, 2.0] and all(s > before_stop for s in seconds[2:])
+    assert len(started) == before_stop + len(planned) - 2
+    assert results["throughput"] == {"trials_started": 0} and len(results["resumed"]) == 1
+    assert results["complete"]
+    fresh = suite.run(_config(tmp_path))
+    assert len(started) == before_stop + 2 * len(planned) - 2 and "resumed" not in fresh
+
+
+def test_resume_measures_a_phase_added_since_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "PHASES", [("throughput", lambda config: {"old": True})])
+    suite.run(_config(tmp_path))
+    path = tmp_path / "out" / "results.json"
+    older = json.loads(path.read_text())
+    del older["config"]["soak_programs"]  # the option came with the phase
+    path.write_text(json.dumps(older))
+    monkeypatch.setattr(suite, "PHASES", [("throughput", lambda config: {"old": False}),
+                                          ("newer", lambda config: {"measured": True})])
+    results = suite.run(_config(tmp_path), resume=True)
+    assert results["throughput"] == {"old": True} and results["newer"] == {"measured": True}
+    assert results["config"]["soak_programs"] == _config(tmp_path).soak_programs
+    assert len(results["resumed"]) == 1 and results["complete"]
+    # A complete run has nothing to resume: no new entry.
+    assert suite.run(_config(tmp_path), resume=True)["resumed"] == results["resumed"]
+
+
+def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys):
+    _stopped_by_ctrl_c_in_third_trial(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run(_config(tmp_path))
+    capsys.readouterr()
+    args = ["--resume", "--faults", "mmio-stale-generation,pending-access-maps", "--seeds", "3",
+            "--jobs", "1", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == cli.EXIT_BAD_OPTIONS
+    (line,) = capsys.readouterr().err.splitlines()
+    assert str(tmp_path / "out" / "results.json") in line and "'config.seeds'" in line
+
+
 # --- the quick smoke run ----------------------------------------------------------------
 
 def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
@@ -164,7 +267,8 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
     report = tmp_path / "docs" / "benchmarks.md"
     code = cli.main(["--quick", "--target", PLANTED, "--faults", "none", "--seeds", "1",
                      "--cap", "8", "--campaign-time", "2", "--loop-time", "0.5",
-                     "--minimize-time", "5", "--jobs", "2", "--out", str(tmp_path / "out"),
+                     "--minimize-time", "5", "--soak-programs", "20", "--jobs", "2",
+                     "--out", str(tmp_path / "out"),
                      "--report", str(report)])
     assert code == cli.EXIT_OK
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -173,9 +277,11 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
     assert all(results["throughput"][k]["ops"] > 0 for k in ("replay", "differential"))
     assert sorted(d["engine"] for d in results["detection"]) == sorted(ENGINES)
     assert results["over_time"]["records"]
+    assert results["soak"]["programs"] == 20 and results["soak"]["findings"] > 0  # planted
     text = report.read_text()
     for heading in ("## The issue's targets", "## Throughput", "## Scaling", "## Time to detect",
-                    "## A campaign over time", "## Minimization", "## Method", "## Machine"):
+                    "## A campaign over time", "## Minimization", "## Clean soak", "## Method",
+                    "## Machine"):
         assert heading in text
     assert "Command: `mmufuzz bench --quick" in text
     assert {p.name for p in (report.parent / "bench").glob("*.png")} == \
