@@ -182,19 +182,28 @@ def test_soak_keeps_the_reproducers_of_what_it_finds(tmp_path, monkeypatch):
 
 # --- stopping and resuming ------------------------------------------------------------
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the test runner ignores it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _stopped_by_ctrl_c_in_third_trial(monkeypatch) -> list:
     """Trials that cost nothing; the trials started, in order.
 
-    The third is stopped as a Ctrl-C stops a real one: the signal reaches the
-    bench, and the trial's process ends early but normally, so the trial
-    returns a result (here once the bench is stopping) that is no result.
+    The third is stopped as a Ctrl-C stops a real one: SIGINT to the process
+    (which the kernel gives its main thread), and the trial's own process ends
+    early but normally, so the trial returns a result (here once the bench is
+    stopping) that is no result.
     """
     started = []
 
     def run_trial(trial, target, cap, work):
         started.append(trial)
         if len(started) == 3:
-            signal.raise_signal(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
             assert procs.stopping.wait(10)
         return detect.Detection(trial.fault, trial.engine, trial.seed, True, float(len(started)))
 
@@ -211,7 +220,7 @@ def _config(tmp_path, seeds=2):
     return cli.config_from(cli.build_parser().parse_args(args), args)
 
 
-def test_a_stopped_bench_resumes_with_what_it_had_measured(tmp_path, monkeypatch):
+def test_a_stopped_bench_resumes_with_what_it_had_measured(tmp_path, monkeypatch, ctrl_c_raises):
     started = _stopped_by_ctrl_c_in_third_trial(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         suite.run(_config(tmp_path))
@@ -246,7 +255,7 @@ def test_resume_measures_a_phase_added_since_the_run(tmp_path, monkeypatch):
     assert suite.run(_config(tmp_path), resume=True)["resumed"] == results["resumed"]
 
 
-def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys):
+def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
     _stopped_by_ctrl_c_in_third_trial(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         suite.run(_config(tmp_path))
