@@ -198,7 +198,6 @@ def _signal(process: psutil.Process, signum: int) -> None:
         pass
 
 
-
 # Set while a run_parallel is being stopped.  The measurements still running then end early,
 # cut short by the same Ctrl-C (or by the failure's cause): what they return is not a result.
 stopping = threading.Event()

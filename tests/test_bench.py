@@ -214,8 +214,8 @@ def _stopped_by_ctrl_c_in_third_trial(monkeypatch) -> list:
     return started
 
 
-def _config(tmp_path, seeds=2):
-    args = ["--faults", "mmio-stale-generation,pending-access-maps", "--seeds", str(seeds),
+def _config(tmp_path):
+    args = ["--faults", "mmio-stale-generation,pending-access-maps", "--seeds", "2",
             "--jobs", "1", "--out", str(tmp_path / "out")]
     return cli.config_from(cli.build_parser().parse_args(args), args)
 
