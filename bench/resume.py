@@ -12,10 +12,10 @@ seed set or fault list would be mixed silently into a report that names one
 configuration (options that did not exist when the stopped run began belong
 to phases added since, and are taken from the resume).  The code may have
 changed in between (a resume is how a phase added later is measured into an
-existing run), so each resume records its commit and the report names them.  A fresh run clears what an earlier
-one left (:data:`OUTPUTS`) and writes its own ``results.json`` before
-measuring anything, so a resume never picks up the phases of a run before
-the one it continues.
+existing run), so each resume records its commit and the report names them.
+A fresh run clears what an earlier one left (:data:`OUTPUTS`) and writes its
+own ``results.json`` before measuring anything, so a resume never picks up
+the phases of a run before the one it continues.
 """
 
 from __future__ import annotations
