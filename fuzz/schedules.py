@@ -130,15 +130,16 @@ class ScheduleExplorer:
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker
     ran.  A pair's rarity is how many of the programs run have started a
-    pair from the state it started from (1: it is the first); pairs from new states and pairs whose
-    sides can conflict (:func:`conflicting`) go on both queues: their
-    one-preemption schedules, a few dozen, on one, and a sample of their
-    two-preemption schedules on the other; both rarest first, newest first
-    among equals.  (Weighting the second by the number of schedules, to
-    prefer short pairs, lost races: a side spinning on a frozen SPTE has
-    hundreds of steps, and as many equivalent places to be preempted.)  :meth:`work` runs variants from
-    the queues, the one that has had less time first, until the budget is
-    spent; a pair cut short keeps its place.  Deferring is what makes the
+    pair from the state it started from (1: it is the first); pairs from new
+    states and pairs whose sides can conflict (:func:`conflicting`) go on
+    both queues: their one-preemption schedules, a few dozen, on one, and a
+    sample of their two-preemption schedules on the other; both rarest
+    first, newest first among equals.  (Weighting the second by the number
+    of schedules, to prefer short pairs, lost races: a side spinning on a
+    frozen SPTE has hundreds of steps, and as many equivalent places to be
+    preempted.)  :meth:`work` runs variants from the queues, the one that
+    has had less time first, until the budget is spent; a pair cut short
+    keeps its place.  Deferring is what makes the
     budget count: new behaviour comes in bursts (at the start of a campaign,
     after a breakthrough) faster than its schedules can be run, and a pair
     that cannot be explored at once waits instead of being skipped.  A full
