@@ -51,13 +51,17 @@ def _finding_record(finding: Finding, target: str, **counts) -> dict:
             "summary": finding.summary(target), **counts}
 
 
+def random_input(rng: random.Random) -> bytes:
+    """The random baseline's input: random bytes of a random length up to ``-max_len``."""
+    return rng.randbytes(rng.randint(1, MAX_LEN))
+
+
 def random_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
     """Random bytes -> decode -> differential run, until the first finding the fault causes."""
     rng = random.Random(seed)
     worker = Worker(CampaignConfig(target, inject))
     while True:
-        data = rng.randbytes(rng.randint(1, MAX_LEN))
-        program, finding = worker.run(data)
+        program, finding = worker.run(random_input(rng))
         if finding is None:
             continue
         if inject == NO_FAULT or fault_needed(program, target):

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from harness.ops import Parallel
-from fuzz.campaign import MAX_LEN
 from fuzz.corpus import write_atomic
 from fuzz.encoding import decode, format_program
 from fuzz.runner import make_target, run_program
+from bench.engines import random_input
 from bench.procs import MeasurementFailed, run_child, run_parallel
 
 # Reproducers a child reports in full; past these it only counts findings.
@@ -40,7 +40,7 @@ def soak_one(emit: Callable, target: str, seed: int, programs: int) -> None:
     system = make_target(target)
     run = parallel_ops = ops = findings = 0
     while run < programs:
-        program = decode(rng.randbytes(rng.randint(1, MAX_LEN)))
+        program = decode(random_input(rng))
         count = sum(isinstance(op, Parallel) for op in program.ops)
         if not count:
             continue

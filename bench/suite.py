@@ -127,8 +127,9 @@ def measure_campaign_over_time(config: Config) -> dict:
 
 def _done(config: Config, phase: str) -> Done:
     done = Done(config.out, phase)
-    if done.kept():
-        _say(f"{phase}: {done.kept()} measurements kept from the stopped run")
+    kept = done.kept()
+    if kept:
+        _say(f"{phase}: {kept} measurements kept from the stopped run")
     return done
 
 
