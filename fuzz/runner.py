@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
+from typing import Optional
 
 from harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
 from harness.target import (InvariantViolation, Target, UnknownTarget,
@@ -76,6 +77,12 @@ class ReferenceTarget:
     def check_invariants(self) -> None:
         """The reference has no structure to break."""
 
+    def snapshot(self):
+        return self._ref.copy()
+
+    def restore(self, snapshot) -> None:
+        self._ref = snapshot.copy()
+
 
 def make_target(name: str) -> Target:
     """A registered harness target, ``reference`` (which only ``fuzz/`` may build), or an
@@ -133,6 +140,16 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     return survivors[:MAX_CANDIDATES], first
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A :class:`Differential` between two ops: the target's snapshot, the candidate
+    reference states and the index of the next op (see :meth:`Differential.checkpoint`)."""
+
+    target: object
+    candidates: tuple
+    index: int
+
+
 class Differential:
     """One program's differential execution, an op at a time.
 
@@ -146,7 +163,28 @@ class Differential:
         self.target, self.invariants = target, invariants
         self.candidates = [Reference(header)]
         self.index = 0
-        self.outcome = None  # the target's outcome of the last op
+        self.outcome = None  # the target's outcome of the last op (None: it raised)
+
+    def checkpoint(self) -> Checkpoint:
+        """Where this run stands, for :meth:`resume` (the target must support snapshots)."""
+        return Checkpoint(self.target.snapshot(), tuple(c.copy() for c in self.candidates),
+                          self.index)
+
+    @classmethod
+    def resume(cls, checkpoint: Checkpoint, target: Target, *,
+               invariants: bool = True) -> "Differential":
+        """A run of the same program continuing from ``checkpoint``, on ``target``.
+
+        Equivalent to rerunning the ops before it, at the cost of a restore:
+        schedule exploration runs many variants of one pair from one prefix.
+        """
+        self = cls.__new__(cls)
+        target.restore(checkpoint.target)
+        self.target, self.invariants = target, invariants
+        self.candidates = [c.copy() for c in checkpoint.candidates]
+        self.index = checkpoint.index
+        self.outcome = None
+        return self
 
     def step(self, op):
         """Run one op on the target, judge it; return a Finding or None.
@@ -157,6 +195,7 @@ class Differential:
         reference is a bug in mmufuzz and propagates.
         """
         index, self.index = self.index, self.index + 1
+        self.outcome = None
         try:
             actual = self.outcome = self.target.execute(op)
         except Exception as error:
@@ -174,10 +213,19 @@ class Differential:
         return None
 
 
-def run_program(program: Program, target: Target, *, invariants: bool = True):
-    """Run ``program`` on ``target`` and the reference; return the first Finding or None."""
-    step = Differential(program.header, target, invariants=invariants).step
-    for op in program.ops:
+def run_program(program: Program, target: Target, *, invariants: bool = True,
+                checkpoint: Optional[Checkpoint] = None):
+    """Run ``program`` on ``target`` and the reference; return the first Finding or None.
+
+    With ``checkpoint``, taken in a run of a program with the same ops up to
+    its index, only the ops from there on run.
+    """
+    if checkpoint is None:
+        run = Differential(program.header, target, invariants=invariants)
+    else:
+        run = Differential.resume(checkpoint, target, invariants=invariants)
+    step = run.step
+    for op in program.ops[run.index:]:
         finding = step(op)
         if finding is not None:
             return finding

@@ -15,7 +15,9 @@ starting state (the target's ``pair_start``) it has seen least: a pair from
 a state never raced before is the likeliest new race, and a state reached
 once in thousands of programs is where a deep race hides.  Every variant is
 an ordinary program with one schedule changed (and its tail cut), so a
-finding replays from its reproducer.
+finding replays from its reproducer.  Where the target can snapshot, the ops
+before the pair run once and each variant resumes from that checkpoint: it
+runs the pair and its tail only.
 """
 
 from __future__ import annotations
@@ -166,14 +168,16 @@ class ScheduleExplorer:
         self._queue_spent = [0.0, 0.0]
         self._arrivals = 0
 
-    def offer(self, program: Program, parallels: list, run: Callable[[Program], object],
-              rng: random.Random) -> None:
+    def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
         """Queue the ``parallel`` ops of ``program``, which just ran.
 
         ``parallels`` lists ``(index, taken, rarity)``: the op index of each
         parallel, the steps its sides took, and how many programs have
-        started a pair from the state it started from.  ``run`` executes a variant and
-        returns its finding or None; ``rng`` orders the one-preemption
+        started a pair from the state it started from.  ``start(program,
+        index)``, called when the pair's first variant is due, returns what
+        runs its variants: a callable that takes a variant and returns its
+        finding or None (it may set up what the variants share, such as a
+        checkpoint before the pair).  ``rng`` orders the one-preemption
         schedules (:func:`sampled_preemptions`), so that a pair the budget
         cuts short has still sampled the whole range, and draws the
         two-preemption sample (:func:`sampled_two_preemptions`).
@@ -183,10 +187,11 @@ class ScheduleExplorer:
                 continue
             self._arrivals += 1
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
+            runner = _Runner(start, program, index)  # one per pair: both queues share it
             for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
                                      (1, sampled_two_preemptions(*taken, later))):
                 self._push(queue, (rarity, -self._arrivals,
-                                   (_variants(program, index, schedules), run)))
+                                   (_variants(program, index, schedules), runner)))
 
     def _push(self, queue: int, entry: tuple) -> None:
         pairs = self._queues[queue]
@@ -229,6 +234,20 @@ class ScheduleExplorer:
             return None
         finally:
             self.spent += self.clock() - start
+
+
+class _Runner:
+    """Runs one pair's variants; set up (``start``) when the first of them is due."""
+
+    def __init__(self, start: Callable, program: Program, index: int):
+        self._start, self._program, self._index = start, program, index
+        self._run = None
+
+    def __call__(self, variant: Program):
+        if self._run is None:
+            self._run = self._start(self._program, self._index)
+            self._start = self._program = None  # what the variants need, _run holds
+        return self._run(variant)
 
 
 def _priority(entry: tuple) -> tuple:

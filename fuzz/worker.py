@@ -30,7 +30,7 @@ from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
 from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
 from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults, write_atomic
 from fuzz.encoding import Reproducer, decode, encode
-from fuzz.runner import Finding, make_target, run_program
+from fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
 from fuzz.schedules import ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
@@ -71,6 +71,7 @@ class CampaignTarget:
         self.name = target.name
         self._features = getattr(target, "features", None) if sink is not None else None
         self._explorable = hasattr(target, "taken")
+        self.forkable = hasattr(target, "snapshot")
         self.executed = 0
         self._previous = "start"
         self._check_from = 0
@@ -87,6 +88,14 @@ class CampaignTarget:
         self.target.reset(header)
         self.executed = 0
         self._previous = "start"
+        self.parallels = []
+
+    def snapshot(self):
+        return self.target.snapshot(), self.executed, self._previous
+
+    def restore(self, snapshot) -> None:
+        target, self.executed, self._previous = snapshot
+        self.target.restore(target)
         self.parallels = []
 
     @contextlib.contextmanager
@@ -215,7 +224,7 @@ class Worker:
             finding = self._run_program(program, every_op)
             if finding is None and self.explorer is not None:
                 self.explorer.offer(program, self.target.parallels,
-                                    lambda variant: self._run_program(variant, every_op),
+                                    lambda *pair: self._pair_runner(*pair, every_op),
                                     random.Random(zlib.crc32(data)))
                 with self.target.quiet():
                     explored = self.explorer.work()
@@ -228,11 +237,29 @@ class Worker:
         self.execs += 1
         return program, finding
 
-    def _run_program(self, program, every_op: bool):
+    def _run_program(self, program, every_op: bool, checkpoint: Optional[Checkpoint] = None):
         self.target.begin(len(program.ops), every_op)
-        finding = run_program(program, self.target)
-        self.ops += self.target.executed
+        finding = run_program(program, self.target, checkpoint=checkpoint)
+        self.ops += self.target.executed - (checkpoint.index if checkpoint else 0)
         return finding
+
+    def _pair_runner(self, program, index: int, every_op: bool):
+        """What runs the schedule variants of ``program``'s parallel at ``index``.
+
+        Where the target can snapshot, the ops before the pair run once and
+        every variant resumes from their checkpoint (a variant's prefix is
+        the program's); else each variant runs whole.
+        """
+        checkpoint = None
+        if self.target.forkable:
+            run = Differential(program.header, self.target, invariants=False)
+            for op in program.ops[:index]:
+                if run.step(op) is not None:  # only an unsampled check could hide one
+                    break
+            else:
+                checkpoint = run.checkpoint()
+            self.ops += self.target.executed
+        return lambda variant: self._run_program(variant, every_op, checkpoint)
 
     def test_one_input(self, data: bytes) -> None:
         """libFuzzer's callback."""

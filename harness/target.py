@@ -52,6 +52,11 @@ class Target(Protocol):
     # took, and ``pair_start``, a string naming the state its sides started from.
     # Campaigns explore that pair's other schedules, pairs from the states they
     # have seen least first (fuzz/schedules.py).
+    # Optional, together: ``snapshot() -> object``, the whole state after the last
+    # op, and ``restore(snapshot)``, which makes the target continue from it
+    # exactly as if the ops before it had been rerun (the same snapshot may be
+    # restored many times).  Schedule exploration then runs a pair's variants
+    # from one prefix instead of rerunning it for each.
 
 
 # name -> "module:factory"; imported lazily so that a broken or heavy target

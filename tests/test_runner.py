@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -142,3 +143,50 @@ get_dirty_log slot=0
         return DirtyLog((0x200,)) if op == program.ops[-1] else outcome
 
     assert run_program(program, Planted(read_raced_the_get)) is None
+
+
+def _programs_with_faults():
+    """Every seed and regression program, with the faults its header asks for."""
+    from fuzz.corpus import injected_faults
+    from fuzz.encoding import load_reproducer
+    root = Path(__file__).resolve().parent.parent / "corpus"
+    for path in sorted(root.glob("*/*.repro")):
+        repro = load_reproducer(path)
+        yield path.name, repro.program, injected_faults(repro.meta.get("inject", "none"))
+
+
+@pytest.mark.parametrize("target_name", ["tdp", "reference"])
+def test_a_run_resumed_from_a_checkpoint_is_the_whole_run(target_name):
+    """Outcomes, findings and (tdp) coverage features after a checkpoint are those of
+    rerunning every op before it, on a fresh target, and one checkpoint serves many runs."""
+    from harness import faults
+    from fuzz.runner import Differential, make_target
+
+    def step(run, op):
+        """A finding or None, and what a campaign reads after the op."""
+        finding = run.step(op)
+        features = run.target.features() if hasattr(run.target, "features") else None
+        return finding, (repr(run.outcome), features)
+
+    def rest(run, program):
+        trace = []
+        for op in program.ops[run.index:]:
+            finding, seen = step(run, op)
+            trace.append(seen)
+            if finding is not None:
+                return trace, finding
+        return trace, None
+    resumed = 0
+    for name, program, inject in _programs_with_faults():
+        with faults.injected(inject):
+            for index in range(len(program.ops)):
+                whole = Differential(program.header, make_target(target_name))
+                if any(step(whole, op)[0] for op in program.ops[:index]):
+                    break  # the finding comes before: nothing after it to compare
+                checkpoint = whole.checkpoint()
+                expected = rest(whole, program)
+                for _ in range(2):
+                    run = Differential.resume(checkpoint, make_target(target_name))
+                    assert rest(run, program) == expected, (name, index)
+                    resumed += 1
+    assert resumed > 300

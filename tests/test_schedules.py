@@ -90,7 +90,7 @@ def test_exploration_finds_a_race_that_needs_one_exact_preemption():
         with faults.injected({"merge-frozen-child"}):
             return run_program(variant, make_target("tdp"))
     explorer, _ = _running_explorer()
-    explorer.offer(program, [(index, tuple(target.taken), 1)], run, random.Random(0))
+    explorer.offer(program, [(index, tuple(target.taken), 1)], lambda *pair: run, random.Random(0))
     variant, finding = explorer.work()
     assert finding.invariant == "mirror_sept_mismatch"
     assert variant.ops[index].schedule != program.ops[index].schedule
@@ -113,7 +113,7 @@ def test_exploration_stops_at_its_share_of_the_time_and_resumes_a_pair_it_cut_sh
         before = len(schedules)
         explorer.work()
         return len(schedules) - before
-    explorer.offer(program, [(index, (40, 40), 1)], run, random.Random(0))
+    explorer.offer(program, [(index, (40, 40), 1)], lambda *pair: run, random.Random(0))
     assert work_at(0.0) == 0  # nothing accrued yet
     assert work_at(2.0) == 4  # half of 2 s
     assert work_at(3.5) == 3  # half of 3.5 s, minus 1 s spent
@@ -185,11 +185,12 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     assert [conflicting(op) for op in program.ops[1:4]] == [False, True, True]
     explorer, _ = _running_explorer()
     explored, run = _explored_pairs(program)
-    explorer.offer(program, [(i, (3, 3), 5) for i in (1, 2, 3)], run, random.Random(0))
+    explorer.offer(program, [(i, (3, 3), 5) for i in (1, 2, 3)], lambda *pair: run,
+                   random.Random(0))
     explorer.work()
     assert set(explored) == {2, 3}  # the pair on two different 2M frames is left alone
     explored.clear()
-    explorer.offer(program, [(1, (3, 3), 1)], run, random.Random(0))
+    explorer.offer(program, [(1, (3, 3), 1)], lambda *pair: run, random.Random(0))
     explorer.work()
     # A new state: every schedule with up to two preemptions, one-preemption ones first.
     assert explored == [1] * len(list(bounded_schedules(3, 3)))
@@ -199,7 +200,7 @@ def test_rarer_pairs_go_first_and_a_full_queue_drops_the_commonest():
     program = _program_with_three_pairs()
     explorer, now = _running_explorer(capacity=2)
     explored, run = _explored_pairs(program, now)
-    explorer.offer(program, [(2, (3, 3), 9), (3, (3, 3), 4), (1, (3, 3), 1)], run,
+    explorer.offer(program, [(2, (3, 3), 9), (3, (3, 3), 4), (1, (3, 3), 1)], lambda *pair: run,
                    random.Random(0))
     explorer.work()
     one = len(sampled_preemptions(3, 3, random.Random(0)))
@@ -225,3 +226,23 @@ def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_pr
     # and in both of the first four: the long side does not crowd it out.
     b_first = [_trace(40, 3, s).startswith("b") for s in schedules]
     assert sum(b_first[:4]) == 2 and b_first[0] != b_first[1]
+
+
+def test_a_pairs_variants_resume_from_one_run_of_the_ops_before_it():
+    program, index = _regression("free-before-flush")
+    worker = Worker(CampaignConfig("tdp", NO_FAULT),
+                    sink=CounterSink(itertools.count().__next__, lambda counter: None))
+    worker.explorer, _ = _running_explorer()  # a clock standing still: every variant runs
+    tdp = worker.target.target
+    runs = {"first op": 0, "pair": 0}
+    execute = tdp.execute
+
+    def counting(op):
+        runs["first op"] += op == program.ops[0]  # (the first op occurs once)
+        runs["pair"] += isinstance(op, Parallel)
+        return execute(op)
+    tdp.execute = counting
+    assert worker.run(encode(program))[1] is None
+    variants = worker.explorer.runs
+    assert variants > 20 and runs["pair"] == 1 + variants
+    assert runs["first op"] == 2  # the input's run, and the checkpoint's
