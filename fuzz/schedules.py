@@ -10,10 +10,12 @@ Most concurrency bugs need one or two preemptions (Musuvathi and Qadeer,
 "Iterative context bounding for systematic testing of multithreaded
 programs", PLDI 2007), and an MMU op takes a handful of steps: a pair has a
 few dozen schedules with one preemption and a few hundred with two.  A
-campaign worker spends a bounded share of its time here, on the pairs whose
-starting state (the target's ``pair_start``) it has seen least: a pair from
-a state never raced before is the likeliest new race, and a state reached
-once in thousands of programs is where a deep race hides.  Every variant is
+campaign worker spends a bounded share of its time here, shared out evenly
+among the pairs' starting states (the target's ``pair_start``): a pair from a
+state never raced before is the likeliest new race and goes first, and after
+that each state gets its turn however often programs reach it, because the
+state says how deep each side goes, not which entries they touch: the races
+of a common state hide in a few of its thousands of pairs.  Every variant is
 an ordinary program with one schedule changed (and its tail cut), so a
 finding replays from its reproducer.  Where the target can snapshot, the ops
 before the pair run once and each variant resumes from that checkpoint: it
@@ -22,7 +24,6 @@ runs the pair and its tail only.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import random
@@ -131,21 +132,24 @@ class ScheduleExplorer:
     """A worker's schedule exploration: two queues of pairs, served within a share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker
-    ran.  A pair's rarity is how many of the programs run have started a
-    pair from the state it started from (1: it is the first); pairs from new
-    states and pairs whose sides can conflict (:func:`conflicting`) go on
-    both queues: their one-preemption schedules, a few dozen, on one, and a
-    sample of their two-preemption schedules on the other; both rarest
-    first, newest first among equals.  (Weighting the second by the number
-    of schedules, to prefer short pairs, lost races: a side spinning on a
+    ran: pairs from a state no program started a pair from before and pairs
+    whose sides can conflict (:func:`conflicting`) go on both queues, their
+    one-preemption schedules, a few dozen, on one, and a sample of their
+    two-preemption schedules on the other.  Each queue serves first the
+    pair whose state it has explored fewest pairs of, newest first among
+    equals.  (Serving the states programs reach least, instead, starved
+    the common ones, and there the merge and free races were: in 60-s
+    campaigns that missed them, their corpora held pairs that race, from
+    states reached 400 to 2,000 times.  Weighting by the number of
+    schedules, to prefer short pairs, lost races too: a side spinning on a
     frozen SPTE has hundreds of steps, and as many equivalent places to be
     preempted.)  :meth:`work` runs variants from the queues, the one that
     has had less time first, until the budget is spent; a pair cut short
-    keeps its place.  Deferring is what makes the
-    budget count: new behaviour comes in bursts (at the start of a campaign,
-    after a breakthrough) faster than its schedules can be run, and a pair
-    that cannot be explored at once waits instead of being skipped.  A full
-    queue drops its commonest pairs, oldest first.
+    is the next that queue serves.  Deferring is what makes the budget
+    count: new behaviour comes in bursts (at the start of a campaign, after
+    a breakthrough) faster than its schedules can be run, and a pair that
+    cannot be explored at once waits instead of being skipped.  A full
+    queue drops the pair it would serve last.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -162,18 +166,21 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # Sorted lists of (rarity, -arrival, (variants, run)): the one- and
-        # two-preemption work.
+        # The one- and two-preemption work: lists of (state, -arrival, (variants, run)),
+        # each with its pair cut short (or None), and how many pairs of each state it began.
         self._queues: tuple[list, list] = ([], [])
+        self._cut_short: list = [None, None]
+        self._explored: tuple[dict, dict] = ({}, {})
         self._queue_spent = [0.0, 0.0]
+        self._seen: dict = {}  # state -> pairs offered from it
         self._arrivals = 0
 
     def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
         """Queue the ``parallel`` ops of ``program``, which just ran.
 
-        ``parallels`` lists ``(index, taken, rarity)``: the op index of each
-        parallel, the steps its sides took, and how many programs have
-        started a pair from the state it started from.  ``start(program,
+        ``parallels`` lists ``(index, taken, state)``: the op index of each
+        parallel, the steps its sides took, and the state it started from
+        (the target's ``pair_start``).  ``start(program,
         index)``, called when the pair's first variant is due, returns what
         runs its variants: a callable that takes a variant and returns its
         finding or None (it may set up what the variants share, such as a
@@ -182,22 +189,36 @@ class ScheduleExplorer:
         cuts short has still sampled the whole range, and draws the
         two-preemption sample (:func:`sampled_two_preemptions`).
         """
-        for index, taken, rarity in parallels:
-            if rarity > 1 and not conflicting(program.ops[index]):
+        for index, taken, state in parallels:
+            seen = self._seen[state] = self._seen.get(state, 0) + 1
+            if seen > 1 and not conflicting(program.ops[index]):
                 continue
             self._arrivals += 1
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
             runner = _Runner(start, program, index)  # one per pair: both queues share it
             for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
                                      (1, sampled_two_preemptions(*taken, later))):
-                self._push(queue, (rarity, -self._arrivals,
-                                   (_variants(program, index, schedules), runner)))
+                pairs = self._queues[queue]
+                pairs.append((state, -self._arrivals,
+                              (_variants(program, index, schedules), runner)))
+                if len(pairs) > self.capacity:
+                    pairs.remove(max(pairs, key=self._priority(queue)))
 
-    def _push(self, queue: int, entry: tuple) -> None:
-        pairs = self._queues[queue]
-        bisect.insort(pairs, entry, key=_priority)
-        if len(pairs) > self.capacity:
-            pairs.pop()
+    def _priority(self, queue: int) -> Callable[[tuple], tuple]:
+        """A queue's order: pairs of the states it explored least first, newest first."""
+        explored = self._explored[queue]
+        return lambda entry: (explored.get(entry[0], 0), entry[1])
+
+    def _next(self, queue: int) -> tuple:
+        """The pair ``queue`` serves now, taken off it."""
+        entry, self._cut_short[queue] = self._cut_short[queue], None
+        if entry is None:
+            pairs = self._queues[queue]
+            entry = min(pairs, key=self._priority(queue))
+            pairs.remove(entry)
+            explored = self._explored[queue]
+            explored[entry[0]] = explored.get(entry[0], 0) + 1
+        return entry
 
     def work(self):
         """Run queued variants while the budget lasts.
@@ -213,11 +234,12 @@ class ScheduleExplorer:
         deadline = start + min(self.per_input, self.share * (start - self.started) - self.spent)
         try:
             while self.clock() < deadline:
-                waiting = [queue for queue in (0, 1) if self._queues[queue]]
+                waiting = [queue for queue in (0, 1)
+                           if self._queues[queue] or self._cut_short[queue]]
                 if not waiting:
                     return None
                 queue = min(waiting, key=self._queue_spent.__getitem__)
-                entry = self._queues[queue].pop(0)
+                entry = self._next(queue)
                 began = self.clock()
                 try:
                     variants, run = entry[-1]
@@ -227,7 +249,7 @@ class ScheduleExplorer:
                         if finding is not None:
                             return variant, finding
                         if self.clock() >= deadline:
-                            self._push(queue, entry)  # cut short: it resumes where it stopped
+                            self._cut_short[queue] = entry  # it resumes where it stopped
                             break
                 finally:
                     self._queue_spent[queue] += self.clock() - began
@@ -248,10 +270,6 @@ class _Runner:
             self._run = self._start(self._program, self._index)
             self._start = self._program = None  # what the variants need, _run holds
         return self._run(variant)
-
-
-def _priority(entry: tuple) -> tuple:
-    return entry[:2]
 
 
 def conflicting(pair: Parallel) -> bool:

@@ -53,12 +53,10 @@ class CampaignTarget:
     line coverage of ``harness/`` cannot tell apart (the same lines return
     ``ok`` and ``mmio_exit``).  A target may add its own through an optional
     ``features()`` (tdp: the context switches of a ``parallel``, which line
-    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer
-    and returns how many times the key has been seen, this time included.
+    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
-    is noted with the steps its sides took and how often a pair has started
-    from the state it started from (a feature too; 1: never before), for
-    schedule exploration (:mod:`fuzz.schedules`).  While :meth:`quiet`, ops
+    is noted with the steps its sides took and the state it started from (a
+    feature too), for schedule exploration (:mod:`fuzz.schedules`).  While :meth:`quiet`, ops
     feed nothing: a schedule variant's coverage is not its input's.
 
     Invariant checks cost several times an op, so a campaign checks after
@@ -75,7 +73,7 @@ class CampaignTarget:
         self.executed = 0
         self._previous = "start"
         self._check_from = 0
-        # (op index, steps each side took, count of its start state) of each parallel
+        # (op index, steps each side took, its start state) of each parallel
         # of this program: the candidates for schedule exploration.
         self.parallels: list = []
         self._quiet = False
@@ -105,8 +103,7 @@ class CampaignTarget:
         libFuzzer credits every counter hit during a callback to that
         callback's input, so schedule variants run quiet: fed, the
         interleavings a variant reached would keep its input in the corpus
-        for behaviour the input does not have, and count its pairs' states
-        as seen more often than programs start from them.  (Line coverage
+        for behaviour the input does not have.  (Line coverage
         of the variants still reaches libFuzzer: atheris traces all code.)
         """
         self._quiet = True
@@ -129,8 +126,9 @@ class CampaignTarget:
         for key in keys:
             self.sink(key)
         if type(op) is Parallel and self._explorable:
-            rarity = self.sink(f"pair:{self.target.pair_start}")
-            self.parallels.append((self.executed - 1, tuple(self.target.taken), rarity))
+            state = self.target.pair_start
+            self.sink(f"pair:{state}")
+            self.parallels.append((self.executed - 1, tuple(self.target.taken), state))
         return outcome
 
     def check_invariants(self) -> None:
@@ -161,24 +159,18 @@ class CounterSink:
 
     ``reserve`` and ``trace`` are atheris's counter hooks; a counter's hit
     count is bucketed by libFuzzer, so "seen once" and "seen many times in one
-    input" are different features, as for branch coverage.  The sink also
-    counts every key over the whole campaign: how rare a behaviour is steers
-    schedule exploration.
+    input" are different features, as for branch coverage.
     """
 
     def __init__(self, reserve: Callable[[], int], trace: Callable[[int], None]):
         self.reserve, self.trace = reserve, trace
         self.counters: dict[str, int] = {}
-        self.seen: dict[str, int] = {}
 
-    def __call__(self, key: str) -> int:
-        """Count ``key``; return how many times it has been seen (1: the first time)."""
+    def __call__(self, key: str) -> None:
         counter = self.counters.get(key)
         if counter is None:
             counter = self.counters[key] = self.reserve()
         self.trace(counter)
-        seen = self.seen[key] = self.seen.get(key, 0) + 1
-        return seen
 
 
 class Worker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import random
@@ -90,7 +91,8 @@ def test_exploration_finds_a_race_that_needs_one_exact_preemption():
         with faults.injected({"merge-frozen-child"}):
             return run_program(variant, make_target("tdp"))
     explorer, _ = _running_explorer()
-    explorer.offer(program, [(index, tuple(target.taken), 1)], lambda *pair: run, random.Random(0))
+    explorer.offer(program, [(index, tuple(target.taken), target.pair_start)], lambda *pair: run,
+                   random.Random(0))
     variant, finding = explorer.work()
     assert finding.invariant == "mirror_sept_mismatch"
     assert variant.ops[index].schedule != program.ops[index].schedule
@@ -113,7 +115,7 @@ def test_exploration_stops_at_its_share_of_the_time_and_resumes_a_pair_it_cut_sh
         before = len(schedules)
         explorer.work()
         return len(schedules) - before
-    explorer.offer(program, [(index, (40, 40), 1)], lambda *pair: run, random.Random(0))
+    explorer.offer(program, [(index, (40, 40), "state")], lambda *pair: run, random.Random(0))
     assert work_at(0.0) == 0  # nothing accrued yet
     assert work_at(2.0) == 4  # half of 2 s
     assert work_at(3.5) == 3  # half of 3.5 s, minus 1 s spent
@@ -140,14 +142,15 @@ def test_a_worker_explores_a_parallel_from_a_new_state_and_reports_the_variant()
 def test_schedule_variants_feed_no_coverage_to_the_input_that_queued_them():
     data = encode(_regression("merge-frozen-child")[0])
 
-    def features_fed(explore: bool) -> dict:
-        sink = CounterSink(itertools.count().__next__, lambda counter: None)
+    def features_fed(explore: bool) -> tuple:
+        traced = collections.Counter()
+        sink = CounterSink(itertools.count().__next__, lambda counter: traced.update((counter,)))
         worker = Worker(CampaignConfig("tdp", NO_FAULT), sink=sink)
         worker.explorer = _running_explorer()[0] if explore else None
         for _ in range(2):  # nothing a variant reached leaks into the next input either
             assert worker.run(data)[1] is None
         assert not explore or worker.explorer.runs > 0
-        return sink.seen
+        return sink.counters, traced
     assert features_fed(explore=True) == features_fed(explore=False)
 
 
@@ -185,29 +188,43 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     assert [conflicting(op) for op in program.ops[1:4]] == [False, True, True]
     explorer, _ = _running_explorer()
     explored, run = _explored_pairs(program)
-    explorer.offer(program, [(i, (3, 3), 5) for i in (1, 2, 3)], lambda *pair: run,
-                   random.Random(0))
-    explorer.work()
-    assert set(explored) == {2, 3}  # the pair on two different 2M frames is left alone
-    explored.clear()
-    explorer.offer(program, [(1, (3, 3), 1)], lambda *pair: run, random.Random(0))
-    explorer.work()
-    # A new state: every schedule with up to two preemptions, one-preemption ones first.
-    assert explored == [1] * len(list(bounded_schedules(3, 3)))
+
+    def explore(states):
+        explored.clear()
+        explorer.offer(program, [(i, (3, 3), state) for i, state in zip((1, 2, 3), states)],
+                       lambda *pair: run, random.Random(0))
+        explorer.work()
+        return explored
+    # From a new state, every pair: every schedule with up to two preemptions.
+    every = len(list(bounded_schedules(3, 3)))
+    assert sorted(explore(["a", "b", "c"])) == sorted([1, 2, 3] * every)
+    # From a state seen before, the pair on two different 2M frames is left alone.
+    assert set(explore(["a", "a", "a"])) == {2, 3}
 
 
-def test_rarer_pairs_go_first_and_a_full_queue_drops_the_commonest():
+def test_the_least_explored_state_goes_first_and_a_full_queue_drops_the_last_in_line():
     program = _program_with_three_pairs()
     explorer, now = _running_explorer(capacity=2)
     explored, run = _explored_pairs(program, now)
-    explorer.offer(program, [(2, (3, 3), 9), (3, (3, 3), 4), (1, (3, 3), 1)], lambda *pair: run,
-                   random.Random(0))
-    explorer.work()
     one = len(sampled_preemptions(3, 3, random.Random(0)))
     two = len(list(two_preemption_schedules(3, 3)))
-    # Rarest first, the queue that has had less time first (one-preemption work, then
-    # two-preemption work); the pair seen 9 times did not fit.
-    assert explored == [1] * one + [1] * two + [3] * one + [3] * two
+
+    def explore(*offers):
+        explored.clear()
+        for pairs in offers:
+            explorer.offer(program, pairs, lambda *pair: run, random.Random(0))
+        now[0] += 1.0  # a fresh second of budget
+        explorer.work()
+        return explored
+    # New states, newest first; of three the oldest did not fit.  Each pair runs on the
+    # queue that has had less time first: its one-preemption work, then its two-preemption.
+    assert explore([(2, (3, 3), "a"), (3, (3, 3), "b"), (1, (3, 3), "c")]) == (
+        [1] * one + [1] * two + [3] * one + [3] * two)
+    # On each queue a state explored once waits behind one never explored, however new it
+    # is, and however often programs reach it.  (The one-preemption queue, behind on time,
+    # runs both of its pairs first.)
+    assert explore([(2, (3, 3), "a")], [(3, (3, 3), "b")] * 5) == (
+        [2] * one + [3] * one + [2] * two + [3] * two)
 
 
 def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
