@@ -14,8 +14,7 @@ campaign worker spends a bounded share of its time here, shared out evenly
 among the pairs' starting states (the target's ``pair_start``): a pair from a
 state never raced before is the likeliest new race and goes first, and after
 that each state gets its turn however often programs reach it, because the
-state says how deep each side goes, not which entries they touch: the races
-of a common state hide in a few of its thousands of pairs.  Every variant is
+state says how deep each side goes, not which entries they touch.  Every variant is
 an ordinary program with one schedule changed (and its tail cut), so a
 finding replays from its reproducer.  Where the target can snapshot, the ops
 before the pair run once and each variant resumes from that checkpoint: it
@@ -136,14 +135,17 @@ class ScheduleExplorer:
     whose sides can conflict (:func:`conflicting`) go on both queues, their
     one-preemption schedules, a few dozen, on one, and a sample of their
     two-preemption schedules on the other.  Each queue serves first the
-    pair whose state it has explored fewest pairs of, newest first among
-    equals.  (Serving the states programs reach least, instead, starved
-    the common ones, and there the merge and free races were: in 60-s
-    campaigns that missed them, their corpora held pairs that race, from
-    states reached 400 to 2,000 times.  Weighting by the number of
-    schedules, to prefer short pairs, lost races too: a side spinning on a
-    frozen SPTE has hundreds of steps, and as many equivalent places to be
-    preempted.)  :meth:`work` runs variants from the queues, the one that
+    pair whose state it has explored fewest pairs of, then pairs whose
+    sides can conflict, then the newest.  (Serving the states programs
+    reach least, instead, put a state behind every rarer one once a few
+    programs had reached it: a 60-s campaign that missed the merge race
+    held ten pairs from its state in its corpus, nine of which race.  In a
+    60-s campaign nearly every pair explored is its state's first; serving
+    the pairs that can conflict first, among those, took a table freed
+    under a walker from 5 to 9 seeds in 10 (``docs/campaigns.md``).
+    Weighting by the number of schedules, to prefer short pairs, lost
+    races: a side spinning on a frozen SPTE has hundreds of steps, and as
+    many equivalent places to be preempted.)  :meth:`work` runs variants from the queues, the one that
     has had less time first, until the budget is spent; a pair cut short
     is the next that queue serves.  Deferring is what makes the budget
     count: new behaviour comes in bursts (at the start of a campaign, after
@@ -166,7 +168,7 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: lists of (state, -arrival, (variants, run)),
+        # The one- and two-preemption work: lists of (state, apart, -arrival, (variants, run)),
         # each with its pair cut short (or None), and how many pairs of each state it began.
         self._queues: tuple[list, list] = ([], [])
         self._cut_short: list = [None, None]
@@ -191,7 +193,8 @@ class ScheduleExplorer:
         """
         for index, taken, state in parallels:
             seen = self._seen[state] = self._seen.get(state, 0) + 1
-            if seen > 1 and not conflicting(program.ops[index]):
+            apart = not conflicting(program.ops[index])
+            if seen > 1 and apart:
                 continue
             self._arrivals += 1
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
@@ -199,15 +202,16 @@ class ScheduleExplorer:
             for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
                                      (1, sampled_two_preemptions(*taken, later))):
                 pairs = self._queues[queue]
-                pairs.append((state, -self._arrivals,
+                pairs.append((state, apart, -self._arrivals,
                               (_variants(program, index, schedules), runner)))
                 if len(pairs) > self.capacity:
                     pairs.remove(max(pairs, key=self._priority(queue)))
 
     def _priority(self, queue: int) -> Callable[[tuple], tuple]:
-        """A queue's order: pairs of the states it explored least first, newest first."""
+        """A queue's order: pairs of the states it explored least first, then those whose
+        sides can conflict, then the newest."""
         explored = self._explored[queue]
-        return lambda entry: (explored.get(entry[0], 0), entry[1])
+        return lambda entry: (explored.get(entry[0], 0), entry[1], entry[2])
 
     def _next(self, queue: int) -> tuple:
         """The pair ``queue`` serves now, taken off it."""

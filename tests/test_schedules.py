@@ -202,8 +202,8 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     assert set(explore(["a", "a", "a"])) == {2, 3}
 
 
-def test_the_least_explored_state_goes_first_and_a_full_queue_drops_the_last_in_line():
-    program = _program_with_three_pairs()
+def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
+    program = _program_with_three_pairs()  # the pair at 1 is on two 2M frames: apart
     explorer, now = _running_explorer(capacity=2)
     explored, run = _explored_pairs(program, now)
     one = len(sampled_preemptions(3, 3, random.Random(0)))
@@ -216,15 +216,16 @@ def test_the_least_explored_state_goes_first_and_a_full_queue_drops_the_last_in_
         now[0] += 1.0  # a fresh second of budget
         explorer.work()
         return explored
-    # New states, newest first; of three the oldest did not fit.  Each pair runs on the
-    # queue that has had less time first: its one-preemption work, then its two-preemption.
+    # New states: conflicting pairs before apart ones, newest first; the queue holds two,
+    # so the pair served last is dropped.  Each pair runs on the queue that has had less
+    # time first: its one-preemption work, then its two-preemption work.
     assert explore([(2, (3, 3), "a"), (3, (3, 3), "b"), (1, (3, 3), "c")]) == (
-        [1] * one + [1] * two + [3] * one + [3] * two)
-    # On each queue a state explored once waits behind one never explored, however new it
-    # is, and however often programs reach it.  (The one-preemption queue, behind on time,
-    # runs both of its pairs first.)
-    assert explore([(2, (3, 3), "a")], [(3, (3, 3), "b")] * 5) == (
-        [2] * one + [3] * one + [2] * two + [3] * two)
+        [3] * one + [3] * two + [2] * one + [2] * two)
+    # A state explored once waits behind one never explored, apart, older, and however
+    # often programs reach it.  (The one-preemption queue, behind on time, runs both of
+    # its pairs first.)
+    assert explore([(1, (3, 3), "d")], [(3, (3, 3), "b")] * 5) == (
+        [1] * one + [3] * one + [1] * two + [3] * two)
 
 
 def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
