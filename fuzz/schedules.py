@@ -24,6 +24,7 @@ runs the pair and its tail only.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import random
 import time
@@ -150,8 +151,8 @@ class ScheduleExplorer:
     is the next that queue serves.  Deferring is what makes the budget
     count: new behaviour comes in bursts (at the start of a campaign, after
     a breakthrough) faster than its schedules can be run, and a pair that
-    cannot be explored at once waits instead of being skipped.  A full
-    queue drops the pair it would serve last.
+    cannot be explored at once waits instead of being skipped.  A queue a
+    quarter over its capacity drops the pairs it would serve last.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -168,8 +169,10 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: lists of (state, apart, -arrival, (variants, run)),
-        # each with its pair cut short (or None), and how many pairs of each state it began.
+        # The one- and two-preemption work: heaps of (explored, apart, -arrival, state,
+        # (variants, run)), ``explored`` the count of the state's pairs the queue had begun
+        # when the entry was (re)pushed; each with its pair cut short (or None), and how
+        # many pairs of each state it began.
         self._queues: tuple[list, list] = ([], [])
         self._cut_short: list = [None, None]
         self._explored: tuple[dict, dict] = ({}, {})
@@ -202,26 +205,38 @@ class ScheduleExplorer:
             for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
                                      (1, sampled_two_preemptions(*taken, later))):
                 pairs = self._queues[queue]
-                pairs.append((state, apart, -self._arrivals,
-                              (_variants(program, index, schedules), runner)))
-                if len(pairs) > self.capacity:
-                    pairs.remove(max(pairs, key=self._priority(queue)))
+                heapq.heappush(pairs, (self._explored[queue].get(state, 0), apart,
+                                       -self._arrivals, state,
+                                       (_variants(program, index, schedules), runner)))
+                if len(pairs) > self.capacity + self.capacity // 4:
+                    self._trim(queue)
 
-    def _priority(self, queue: int) -> Callable[[tuple], tuple]:
-        """A queue's order: pairs of the states it explored least first, then those whose
-        sides can conflict, then the newest."""
-        explored = self._explored[queue]
-        return lambda entry: (explored.get(entry[0], 0), entry[1], entry[2])
+    # A queue's order: pairs of the states it explored least first, then those whose sides
+    # can conflict, then the newest.  Explored counts only grow, so an entry's key is at
+    # worst too small: it is brought up to date when it comes to the top (or at a trim).
+
+    def _current(self, queue: int, entry: tuple) -> tuple:
+        """``entry`` keyed by its state's explored count now."""
+        explored = self._explored[queue].get(entry[3], 0)
+        return entry if entry[0] == explored else (explored,) + entry[1:]
+
+    def _trim(self, queue: int) -> None:
+        """Drop the pairs ``queue`` would serve last, down to its capacity.
+
+        Trimming a quarter over capacity at a time keeps offers O(log n).
+        """
+        pairs = self._queues[queue]
+        pairs[:] = heapq.nsmallest(self.capacity, (self._current(queue, e) for e in pairs))
 
     def _next(self, queue: int) -> tuple:
         """The pair ``queue`` serves now, taken off it."""
         entry, self._cut_short[queue] = self._cut_short[queue], None
         if entry is None:
             pairs = self._queues[queue]
-            entry = min(pairs, key=self._priority(queue))
-            pairs.remove(entry)
-            explored = self._explored[queue]
-            explored[entry[0]] = explored.get(entry[0], 0) + 1
+            entry = heapq.heappop(pairs)
+            while (current := self._current(queue, entry)) is not entry:
+                entry = heapq.heappushpop(pairs, current)  # its state was explored since
+            self._explored[queue][entry[3]] = entry[0] + 1
         return entry
 
     def work(self):
