@@ -11,14 +11,16 @@ from __future__ import annotations
 from harness.ops import PG_LEVEL_4K
 from harness.tdp.pgalloc import PageTableAllocator, TablePage
 from harness.tdp.spte import (
+    LEVEL_SHIFT,
+    PAGES_PER_LEVEL,
+    PT_PAGE_SIZE_MASK,
     ROOT_LEVEL,
     SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
     gfn_round_for_level,
-    is_last_spte,
-    is_shadow_present_pte,
-    pages_per_level,
-    spte_index,
 )
+
+_LAST_INDEX = SPTE_ENT_PER_PAGE - 1
 
 
 class TdpIter:
@@ -63,7 +65,7 @@ class TdpIter:
         return self.pt_path[self.level]
 
     def _refresh(self) -> None:
-        self.index = spte_index(self.gfn, self.level)
+        self.index = (self.gfn >> LEVEL_SHIFT[self.level]) & _LAST_INDEX  # spte_index
         self.old_spte = self.pt_path[self.level].spt[self.index]
 
     def read(self) -> int:
@@ -71,27 +73,31 @@ class TdpIter:
         self.old_spte = self.pt_path[self.level].spt[self.index]
         return self.old_spte
 
+    # The moves test SPTE bits inline (is_shadow_present_pte, is_last_spte): a walk
+    # makes one per entry it visits, and zaps visit whole slots.
+
     def _try_step_down(self) -> bool:
-        if self.level == self.min_level:
+        level = self.level
+        if level == self.min_level:
             return False
         # Re-read before stepping down: the table may have been unlinked meanwhile.
-        self.old_spte = self.pt_path[self.level].spt[self.index]
-        if not is_shadow_present_pte(self.old_spte) or is_last_spte(self.old_spte, self.level):
+        spte = self.old_spte = self.pt_path[level].spt[self.index]
+        if not spte & SPTE_MMU_PRESENT_MASK or level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
             return False
-        child = self.alloc.child(self.old_spte)
-        self.level -= 1
-        self.pt_path[self.level] = child
-        self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
+        child = self.alloc.child(spte)
+        self.level = level = level - 1
+        self.pt_path[level] = child
+        self.gfn = gfn_round_for_level(self.next_last_level_gfn, level)
         self._refresh()
         return True
 
     def _try_step_side(self) -> bool:
-        if self.index == SPTE_ENT_PER_PAGE - 1:
+        index = self.index
+        if index == _LAST_INDEX:
             return False
-        self.gfn += pages_per_level(self.level)
-        self.next_last_level_gfn = self.gfn
-        self.index += 1
-        self.old_spte = self.pt_path[self.level].spt[self.index]
+        self.gfn = self.next_last_level_gfn = self.gfn + PAGES_PER_LEVEL[self.level]
+        self.index = index = index + 1
+        self.old_spte = self.pt_path[self.level].spt[index]
         return True
 
     def _try_step_up(self) -> bool:
@@ -99,7 +105,7 @@ class TdpIter:
             return False
         self.level += 1
         self.gfn = gfn_round_for_level(self.gfn, self.level)
-        self.index = spte_index(self.gfn, self.level)
+        self.index = (self.gfn >> LEVEL_SHIFT[self.level]) & _LAST_INDEX  # spte_index
         return True
 
     def next(self) -> None:

@@ -19,9 +19,13 @@ from harness.tdp.iter import TdpIter
 from harness.tdp.pgalloc import TablePage
 from harness.tdp.spte import (
     FROZEN_SPTE,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
     ROOT_LEVEL,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_BASE_ADDR_MASK,
     SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
     is_frozen_spte,
     is_last_spte,
     is_shadow_present_pte,
@@ -79,9 +83,13 @@ class TdpMmu:
         """
         if old == new:
             return
-        was_present, now_present = is_shadow_present_pte(old), is_shadow_present_pte(new)
-        was_leaf = was_present and is_last_spte(old, level)
-        now_leaf = now_present and is_last_spte(new, level)
+        # The spte.h tests inline (is_shadow_present_pte, is_last_spte, spte_to_pfn):
+        # every SPTE change comes through here.
+        was_present = old & SPTE_MMU_PRESENT_MASK != 0
+        now_present = new & SPTE_MMU_PRESENT_MASK != 0
+        was_leaf = was_present and (level == PG_LEVEL_4K or old & PT_PAGE_SIZE_MASK != 0)
+        now_leaf = now_present and (level == PG_LEVEL_4K or new & PT_PAGE_SIZE_MASK != 0)
+        same_pfn = not (old ^ new) & SPTE_BASE_ADDR_MASK
         if was_present != now_present:
             page.refcount += 1 if now_present else -1
         if was_leaf:
@@ -91,16 +99,15 @@ class TdpMmu:
             # make_spte's mark_page_dirty_in_slot: 4K only, as kvm_mmu_hugepage_adjust
             # never maps huge in a logging slot; a huge leaf that raced the enable
             # belongs to the old, unlogged slot and is split by the enable after it.
-            if level == PG_LEVEL_4K and is_writable_pte(new) and not (
-                    was_leaf and is_writable_pte(old) and spte_to_pfn(old) == spte_to_pfn(new)):
+            if level == PG_LEVEL_4K and new & PT_WRITABLE_MASK and not (
+                    was_leaf and old & PT_WRITABLE_MASK and same_pfn):
                 self.kvm.dirty_log.mark_page_dirty_in_slot(gfn)
-        elif now_present and not (was_present and spte_to_pfn(old) == spte_to_pfn(new)):
+        elif now_present and not (was_present and same_pfn):
             # A table just linked: its children (none, or a split's leaves) count now.
             self.stats[level - 1] += self.alloc.child(new).refcount
         if page.mirror and external:
             self._notify_external(gfn, old, new, level, was_leaf, now_present, now_leaf)
-        if was_present and not was_leaf and (not now_present or now_leaf
-                                             or spte_to_pfn(old) != spte_to_pfn(new)):
+        if was_present and not was_leaf and (not now_present or now_leaf or not same_pfn):
             yield from self.handle_removed_pt(self.alloc.child(old), external)
 
     def _notify_external(self, gfn, old, new, level, was_leaf, now_present, now_leaf):
@@ -157,12 +164,12 @@ class TdpMmu:
         Other threads see the frozen entry meanwhile and must not use it.
         """
         yield
-        page, index = it.page, it.index
+        page, index = it.pt_path[it.level], it.index  # it.page, without the property call
         current = page.spt[index]
         if current != it.old_spte:
             it.old_spte = current
             return False
-        if page.mirror and is_shadow_present_pte(new):
+        if page.mirror and new & SPTE_MMU_PRESENT_MASK:
             page.spt[index] = FROZEN_SPTE
             yield
             yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)

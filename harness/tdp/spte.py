@@ -59,6 +59,12 @@ def pages_per_level(level: int) -> int:
     return 1 << (SPTE_LEVEL_BITS * (level - 1))
 
 
+# pages_per_level by level (index 0 unused) and the gfn shift of an entry at each level:
+# table lookups for the walks that step entry by entry.
+PAGES_PER_LEVEL = (0,) + tuple(pages_per_level(level) for level in range(1, ROOT_LEVEL + 1))
+LEVEL_SHIFT = (0,) + tuple(SPTE_LEVEL_BITS * (level - 1) for level in range(1, ROOT_LEVEL + 1))
+
+
 def gfn_round_for_level(gfn: int, level: int) -> int:
     """The first gfn of the ``level`` entry covering ``gfn``."""
     return gfn & -pages_per_level(level)
