@@ -14,10 +14,10 @@ campaign worker spends a bounded share of its time here, shared out evenly
 among the pairs' starting states (the target's ``pair_start``): a pair from a
 state never raced before is the likeliest new race and goes first, and after
 that each state gets its turn however often programs reach it, because the
-state says how deep each side goes, not which entries they touch.  Every variant is
-an ordinary program with one schedule changed (and its tail cut), so a
-finding replays from its reproducer.  Where the target can snapshot, the ops
-before the pair run once and each variant resumes from that checkpoint: it
+state says how deep each side goes, not which entries they touch.  Every
+variant is an ordinary program with one schedule changed (and its tail cut),
+so a finding replays from its reproducer.  Where the target can snapshot, the
+ops before the pair run once and each variant resumes from that checkpoint: it
 runs the pair and its tail only.
 """
 
@@ -131,28 +131,28 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
 class ScheduleExplorer:
     """A worker's schedule exploration: two queues of pairs, served within a share of its time.
 
-    :meth:`offer` queues the ``parallel`` ops of each program the worker
-    ran: pairs from a state no program started a pair from before and pairs
-    whose sides can conflict (:func:`conflicting`) go on both queues, their
+    :meth:`offer` queues the ``parallel`` ops of each program the worker ran:
+    pairs from a state no program started a pair from before and pairs whose
+    sides can conflict (:func:`conflicting`) go on both queues, their
     one-preemption schedules, a few dozen, on one, and a sample of their
-    two-preemption schedules on the other.  Each queue serves first the
-    pair whose state it has explored fewest pairs of, then pairs whose
-    sides can conflict, then the newest.  (Serving the states programs
-    reach least, instead, put a state behind every rarer one once a few
-    programs had reached it: a 60-s campaign that missed the merge race
-    held ten pairs from its state in its corpus, nine of which race.  In a
-    60-s campaign nearly every pair explored is its state's first; serving
-    the pairs that can conflict first, among those, took a table freed
-    under a walker from 5 to 9 seeds in 10 (``docs/campaigns.md``).
-    Weighting by the number of schedules, to prefer short pairs, lost
-    races: a side spinning on a frozen SPTE has hundreds of steps, and as
-    many equivalent places to be preempted.)  :meth:`work` runs variants from the queues, the one that
-    has had less time first, until the budget is spent; a pair cut short
-    is the next that queue serves.  Deferring is what makes the budget
-    count: new behaviour comes in bursts (at the start of a campaign, after
-    a breakthrough) faster than its schedules can be run, and a pair that
-    cannot be explored at once waits instead of being skipped.  A queue a
-    quarter over its capacity drops the pairs it would serve last.
+    two-preemption schedules on the other.  Each queue serves first the pair
+    whose state it has explored fewest pairs of, then pairs whose sides can
+    conflict, then the newest.  (Serving the states programs reach least,
+    instead, put a state behind every rarer one once a few programs had
+    reached it: a 60-s campaign that missed the merge race held ten pairs from
+    its state in its corpus, nine of which race.  In a 60-s campaign nearly
+    every pair explored is its state's first; serving the pairs that can
+    conflict first, among those, took a table freed under a walker from 5 to 9
+    seeds in 10 (``docs/campaigns.md``).  Weighting by the number of
+    schedules, to prefer short pairs, lost races: a side spinning on a frozen
+    SPTE has hundreds of steps, and as many equivalent places to be
+    preempted.)  :meth:`work` runs variants from the queues, the one that has
+    had less time first, until the budget is spent; a pair cut short is the
+    next that queue serves.  Deferring is what makes the budget count: new
+    behaviour comes in bursts (at the start of a campaign, after a
+    breakthrough) faster than its schedules can be run, and a pair that cannot
+    be explored at once waits instead of being skipped.  A queue a quarter
+    over its capacity drops the pairs it would serve last.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest

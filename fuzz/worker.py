@@ -56,8 +56,9 @@ class CampaignTarget:
     coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
     is noted with the steps its sides took and the state it started from (a
-    feature too), for schedule exploration (:mod:`fuzz.schedules`).  While :meth:`quiet`, ops
-    feed nothing: a schedule variant's coverage is not its input's.
+    feature too), for schedule exploration (:mod:`fuzz.schedules`).  While
+    :meth:`quiet`, ops feed nothing: a schedule variant's coverage is not its
+    input's.
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
