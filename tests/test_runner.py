@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
+from harness import faults
 from harness.ops import (Access, AccessKind, DirtyLog, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
                          PairOutcome, Program, VmHeader, VmType, ZapAll)
 from harness.target import InvariantViolation
-from fuzz.encoding import parse_reproducer
-from fuzz.runner import Finding, ReferenceTarget, run_program
+from fuzz.corpus import injected_faults
+from fuzz.encoding import load_reproducer, parse_reproducer
+from fuzz.runner import Differential, Finding, ReferenceTarget, make_target, run_program
 
 HEADER = VmHeader(VmType.DEFAULT, 2)
 SLOT = MemslotAdd(0, 0x100, 0x10, MemslotFlag(0), 0)
@@ -147,8 +149,6 @@ get_dirty_log slot=0
 
 def _programs_with_faults():
     """Every seed and regression program, with the faults its header asks for."""
-    from fuzz.corpus import injected_faults
-    from fuzz.encoding import load_reproducer
     root = Path(__file__).resolve().parent.parent / "corpus"
     for path in sorted(root.glob("*/*.repro")):
         repro = load_reproducer(path)
@@ -159,9 +159,6 @@ def _programs_with_faults():
 def test_a_run_resumed_from_a_checkpoint_is_the_whole_run(target_name):
     """Outcomes, findings and (tdp) coverage features after a checkpoint are those of
     rerunning every op before it, on a fresh target, and one checkpoint serves many runs."""
-    from harness import faults
-    from fuzz.runner import Differential, make_target
-
     def step(run, op):
         """A finding or None, and what a campaign reads after the op."""
         finding = run.step(op)
