@@ -10,11 +10,14 @@ the stages run cheapest first and repeat to a fixpoint:
    2M frame, transitively; VM-wide ops always stay), tried as one candidate;
 3. drop single ops, last to first (most ops are unrelated to the failure);
 4. ddmin over the remaining ops (removes groups that only matter together);
-5. drop an op that relocates memory (a slot move) while moving the later ops'
+5. take private memory out as a whole: no ``set_attributes`` or ``accept``,
+   no private slots or accesses, in a default VM if the finding keeps there
+   (one at a time, each of these breaks the private path the others build);
+6. drop an op that relocates memory (a slot move) while moving the later ops'
    addresses back to where the memory was;
-6. simplify fields toward the smallest value of their domain (0, fewer pages,
+7. simplify fields toward the smallest value of their domain (0, fewer pages,
    4k instead of 2m, vcpu 0, no flags, schedule 0, one side of a parallel);
-7. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
+8. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
 
 Every candidate stays valid by construction (:func:`fuzz.encoding.conform`),
 is accepted only if it keeps the signature, and results are cached per program,
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from harness import faults
-from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Parallel, Program,
+from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Accept, Access,
+                         MemslotAdd, MemslotFlag, Parallel, Program, SetAttributes, VmType,
                          domain, op_gfns, op_vcpu)
 from fuzz.corpus import Replay
 from fuzz.encoding import Reproducer, conform
@@ -228,6 +232,32 @@ def _drop_and_relocate(program: Program, oracle: _Oracle) -> Program:
     return program
 
 
+def _shared(op):
+    """``op`` with private memory taken out; None for an op that only serves it."""
+    if isinstance(op, Parallel):
+        a, b = _shared(op.a), _shared(op.b)
+        return dataclasses.replace(op, a=a, b=b) if a and b else a or b
+    if isinstance(op, (SetAttributes, Accept)):
+        return None
+    if isinstance(op, Access) and op.private:
+        return dataclasses.replace(op, private=False)
+    if isinstance(op, MemslotAdd) and op.flags & MemslotFlag.PRIVATE:
+        return dataclasses.replace(op, flags=op.flags & ~MemslotFlag.PRIVATE)
+    return op
+
+
+def _shared_only(program: Program, oracle: _Oracle) -> Program:
+    """The program on shared memory alone, in a default VM if it fails there too."""
+    ops = tuple(op for op in map(_shared, program.ops) if op is not None)
+    if ops == program.ops:
+        return program
+    for vm_type in (VmType.DEFAULT, program.header.type):
+        candidate = Program(dataclasses.replace(program.header, type=vm_type), ops)
+        if oracle.fails(candidate):
+            return candidate
+    return program
+
+
 def _simpler_values(value, dom) -> list:
     """Candidate replacements for one field value, simplest first, all inside the domain."""
     if dom.kind == "int":
@@ -304,8 +334,8 @@ def _renumber(program: Program, oracle: _Oracle) -> Program:
     return program
 
 
-STAGES = (_cut_after_failure, _slice, _drop_single_ops, _ddmin, _drop_and_relocate,
-          _simplify_fields, _renumber)
+STAGES = (_cut_after_failure, _slice, _drop_single_ops, _ddmin, _shared_only,
+          _drop_and_relocate, _simplify_fields, _renumber)
 
 
 def minimize(program: Program, target: str, inject=(), signature: Optional[str] = None,

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from harness.ops import (Access, AccessKind, DirtyLog, FlushTlb, GetDirtyLog, HostInvalidate,
-                         Invlpg, MemslotAdd, MemslotDelete, MemslotFlag, MemslotMove,
-                         MemslotSetFlags, Ok, Paging, Program, Recover, SetAttributes, Split,
-                         VmHeader, VmType, ZapAll)
+from harness.ops import (PG_LEVEL_2M, Accept, Access, AccessKind, DirtyLog, FlushTlb, GetDirtyLog,
+                         HostInvalidate, Invlpg, MemslotAdd, MemslotDelete, MemslotFlag,
+                         MemslotMove, MemslotSetFlags, Ok, Paging, Program, Recover,
+                         SetAttributes, Split, VmHeader, VmType, ZapAll)
 from harness.target import InvariantViolation
 import fuzz.minimize
 from fuzz.cli import main
 from fuzz.encoding import encode, format_program, load_reproducer
 from fuzz.minimize import minimize, report
 from fuzz.runner import ReferenceTarget, make_target, run_program
-from planted import ZapForgets
+from planted import FetchForgets, ZapForgets
 
 NO_FLAGS = MemslotFlag(0)
 
@@ -123,6 +123,22 @@ def test_each_planted_case_reaches_its_known_minimal_size_with_the_same_signatur
         assert len(result.program.ops) <= 1.2 * len(core), (kind, format_program(result.program))
         assert run_program(result.program, cls()).signature == before.signature
         assert result.original_ops == len(program.ops) > 3 * len(core)
+
+
+def test_private_memory_comes_out_as_a_whole_when_the_finding_does_not_need_it():
+    """The slot's private flag, set_attributes, the accept and the accesses' private bits
+    each hold up the private path alone: no one-op change removes any of them, together
+    they leave the shared minimum (slot, write, fetch) in a default VM."""
+    gpa = 0x201000
+    program = Program(VmHeader(VmType.TDX, 1), (
+        MemslotAdd(0, 0, 0x400, MemslotFlag.PRIVATE, 0), SetAttributes(0x200, 0x200, True),
+        Accept(0, 0x200000, PG_LEVEL_2M), Access(0, gpa, False, 0, AccessKind.WRITE, 1, True),
+        Access(0, gpa, False, 0, AccessKind.FETCH, None, True)))
+    before = run_program(program, FetchForgets())
+    result = minimize(program, spec(FetchForgets))
+    assert result.signature == before.signature
+    assert result.program.header.type is VmType.DEFAULT and len(result.program.ops) == 3, \
+        format_program(result.program)
 
 
 def test_a_slot_move_is_dropped_together_with_the_address_change_it_forced():
