@@ -158,33 +158,28 @@ class Differential:
     whole program; the Hypothesis engine (``fuzz.stateful``) drives it op by op.
     """
 
-    def __init__(self, header, target: Target, *, invariants: bool = True):
-        target.reset(header)
+    def __init__(self, header, target: Target, *, invariants: bool = True,
+                 checkpoint: Optional[Checkpoint] = None):
+        """Start a run of a program with ``header``, or, with ``checkpoint``, continue one.
+
+        Continuing is equivalent to rerunning the ops before the checkpoint, at
+        the cost of a restore: schedule exploration runs many variants of one
+        pair from one prefix.
+        """
         self.target, self.invariants = target, invariants
-        self.candidates = [Reference(header)]
-        self.index = 0
+        if checkpoint is None:
+            target.reset(header)
+            self.candidates, self.index = [Reference(header)], 0
+        else:
+            target.restore(checkpoint.target)
+            self.candidates = [c.copy() for c in checkpoint.candidates]
+            self.index = checkpoint.index
         self.outcome = None  # the target's outcome of the last op (None: it raised)
 
     def checkpoint(self) -> Checkpoint:
-        """Where this run stands, for :meth:`resume` (the target must support snapshots)."""
+        """Where this run stands, to continue from (the target must support snapshots)."""
         return Checkpoint(self.target.snapshot(), tuple(c.copy() for c in self.candidates),
                           self.index)
-
-    @classmethod
-    def resume(cls, checkpoint: Checkpoint, target: Target, *,
-               invariants: bool = True) -> "Differential":
-        """A run of the same program continuing from ``checkpoint``, on ``target``.
-
-        Equivalent to rerunning the ops before it, at the cost of a restore:
-        schedule exploration runs many variants of one pair from one prefix.
-        """
-        self = cls.__new__(cls)
-        target.restore(checkpoint.target)
-        self.target, self.invariants = target, invariants
-        self.candidates = [c.copy() for c in checkpoint.candidates]
-        self.index = checkpoint.index
-        self.outcome = None
-        return self
 
     def step(self, op):
         """Run one op on the target, judge it; return a Finding or None.
@@ -220,10 +215,7 @@ def run_program(program: Program, target: Target, *, invariants: bool = True,
     With ``checkpoint``, taken in a run of a program with the same ops up to
     its index, only the ops from there on run.
     """
-    if checkpoint is None:
-        run = Differential(program.header, target, invariants=invariants)
-    else:
-        run = Differential.resume(checkpoint, target, invariants=invariants)
+    run = Differential(program.header, target, invariants=invariants, checkpoint=checkpoint)
     step = run.step
     for op in program.ops[run.index:]:
         finding = step(op)

@@ -183,7 +183,7 @@ def test_a_run_resumed_from_a_checkpoint_is_the_whole_run(target_name):
                 checkpoint = whole.checkpoint()
                 expected = rest(whole, program)
                 for _ in range(2):
-                    run = Differential.resume(checkpoint, make_target(target_name))
+                    run = Differential(program.header, make_target(target_name), checkpoint=checkpoint)
                     assert rest(run, program) == expected, (name, index)
                     resumed += 1
     assert resumed > 300
