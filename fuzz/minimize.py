@@ -236,7 +236,9 @@ def _shared(op):
     """``op`` with private memory taken out; None for an op that only serves it."""
     if isinstance(op, Parallel):
         a, b = _shared(op.a), _shared(op.b)
-        return dataclasses.replace(op, a=a, b=b) if a and b else a or b
+        if a is None or b is None:
+            return b if a is None else a
+        return dataclasses.replace(op, a=a, b=b)
     if isinstance(op, (SetAttributes, Accept)):
         return None
     if isinstance(op, Access) and op.private:

@@ -18,6 +18,7 @@ from harness.tdp.spte import (
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     gfn_round_for_level,
+    spte_index,
 )
 
 _LAST_INDEX = SPTE_ENT_PER_PAGE - 1
@@ -105,7 +106,7 @@ class TdpIter:
             return False
         self.level += 1
         self.gfn = gfn_round_for_level(self.gfn, self.level)
-        self.index = (self.gfn >> LEVEL_SHIFT[self.level]) & _LAST_INDEX  # spte_index
+        self.index = spte_index(self.gfn, self.level)
         return True
 
     def next(self) -> None:
