@@ -11,6 +11,7 @@ import pytest
 from test_tdp_mmu import HUGE, PRIVATE, Vm
 
 from harness.ops import (
+    PG_LEVEL_2M,
     PG_LEVEL_4K,
     Accept,
     Access,
@@ -135,12 +136,15 @@ def test_a_pair_names_the_state_its_sides_started_from():
     assert vm.target.pair_start == "access:shared:walk0:max2|zap_all"
     vm.do(Accept(0, 0x200000, PG_LEVEL_4K))  # a 4K table with one leaf under 0x200-0x3ff
     vm.do(Parallel(read(0x202, private=True), Accept(1, 0x203000, PG_LEVEL_4K), 0))
-    assert vm.target.pair_start == "accept:private:walk2:max2|access:private:walk2:max2"
+    assert vm.target.pair_start == "accept.4k:private:walk2:max2|access:private:walk2:max2"
     vm.do(Parallel(read(0x100), read(0x200, vcpu=1, private=True), 0))  # no slot at 0x100
     assert vm.target.pair_start == "access:private:leaf1:max2|access:shared:walk3:max0"
     # 0x400 is shared: a private access there exits, it maps nothing.
     vm.do(Parallel(read(0x400, private=True), Accept(1, 0x210000, PG_LEVEL_4K), 0))
-    assert vm.target.pair_start == "accept:private:leaf1:max2|access:private:walk3:max0"
+    assert vm.target.pair_start == "accept.4k:private:leaf1:max2|access:private:walk3:max0"
+    # An accept names its level: a 2M accept of a range races a fault there another way.
+    vm.do(Parallel(read(0x400, private=True), Accept(1, 0x400000, PG_LEVEL_2M), 0))
+    assert vm.target.pair_start == "accept.2m:private:walk3:max0|access:private:walk3:max0"
 
 
 def test_sequential_ops_report_no_context_switches():

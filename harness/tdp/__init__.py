@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pickle
 
-from harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel, VmHeader,
-                         gpa_field)
+from harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel,
+                         VmHeader, gpa_field)
 from harness.tdp.invariants import check_invariants
 from harness.tdp.kvm import Kvm
 from harness.tdp.lpage import max_mapping_level
 from harness.tdp.sched import interleave, run
+
+LEVEL_NAME = {level: name for name, level in LEVEL_NAMES.items()}
 
 
 class TdpTarget:
@@ -130,12 +132,16 @@ class TdpTarget:
         For a side that names a gpa: how deep its walk went and the largest
         level the fault may map (0: none, it exits).  Two faults racing into
         a 4K table under a 2M-capable range are another race than two faults
-        into empty tables.
+        into empty tables.  An accept also names the level it accepts at:
+        a 4K accept inside a 2M-capable range races a fault there in another
+        way than a 2M accept of the range, which maps it whole.
         """
         walk = self._walk(op)
         if walk is None:
             return OP_NAMES[type(op)]
         name, gfn, private, level, leaf = walk
+        if type(op) is Accept:
+            name += f".{LEVEL_NAME[op.level]}"
         kvm = self.kvm
         slot = kvm.memslots.lookup(gfn)
         # As kvm_mmu_faultin_pfn: a fault whose private-ness the attributes contradict
