@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, VmHeader, VmType, domain,
                          gpa_field, op_gfns, op_vcpu)
@@ -206,45 +206,83 @@ def pair_ops(program: Program, rng: random.Random) -> Optional[Program]:
     return program.with_ops(ops[:index] + (pair,) + ops[index + 2:])
 
 
+def _fault_frame(op) -> int:
+    """The first gfn of the 2M frame a guest op faults on."""
+    gfn = getattr(op, gpa_field(op)) >> PAGE_SHIFT
+    return gfn - gfn % PAGES_PER_2M
+
+
+def _frame_partners(ops: tuple, index: int) -> dict:
+    """The ops that can race the guest op at ``index``, by kind: every other op that names
+    only its 2M frame, or no memory at all (like ``zap_all``); races need shared state."""
+    frame = _fault_frame(ops[index])
+    partners: dict = {}
+    for i, op in enumerate(ops):
+        if i != index and not isinstance(op, Parallel) \
+                and all(g - g % PAGES_PER_2M == frame for g in op_gfns(op)):
+            partners.setdefault(type(op), []).append(op)
+    return partners
+
+
+def _collision(program: Program, index: int, partner, schedule: int) -> Program:
+    """``program`` with its op at ``index`` run in parallel with ``partner`` on another vCPU
+    (the VM gets a second one if needed)."""
+    header = program.header
+    if header.vcpus == 1 and op_vcpu(partner) is not None:
+        header = dataclasses.replace(header, vcpus=2)
+    ops = program.ops
+    pair = conform(Parallel(ops[index], partner, schedule), header)
+    return Program(header, ops[:index] + (pair,) + ops[index + 1:])
+
+
 def collide(program: Program, rng: random.Random) -> Optional[Program]:
     """Run a guest op concurrently with a conflicting op (syzkaller's "collide").
 
     The op is a guest access or accept by gpa: the MMU's concurrent paths
     are the faults they take.  Its partner is another op of the program that
-    names the same 2M frame, or one that names no memory at all (like
-    ``zap_all``): races need shared state.  Each kind of partner is equally
+    can race it (:func:`_frame_partners`).  Each kind of partner is equally
     likely, however many ops of a kind the program has.  Half the time a guest partner
     moves to a page of the frame no op has named yet, so that two vCPUs
-    fault, accept or convert fresh pages side by side.  The partner runs on
-    another vCPU (the VM gets a second one if needed).
+    fault, accept or convert fresh pages side by side.
     """
     ops = program.ops
     guests = [i for i, op in enumerate(ops) if gpa_field(op)]
     if not guests:
         return None
     index = rng.choice(guests)
-    frame = getattr(ops[index], gpa_field(ops[index])) >> PAGE_SHIFT
-    frame -= frame % PAGES_PER_2M
-    partners: dict = {}  # by kind: each kind of conflicting op is as likely as any other
-    for i, op in enumerate(ops):
-        if i != index and not isinstance(op, Parallel) \
-                and all(g - g % PAGES_PER_2M == frame for g in op_gfns(op)):
-            partners.setdefault(type(op), []).append(op)
+    partners = _frame_partners(ops, index)
     if not partners:
         return None
     partner = rng.choice(rng.choice(list(partners.values())))
     field = gpa_field(partner)
     if field and rng.random() < 0.5:
+        frame = _fault_frame(ops[index])
         named = set().union(*map(op_gfns, ops))
         fresh = [g for g in range(frame, frame + PAGES_PER_2M) if g not in named]
         if fresh:
             gfn = fresh[0] if rng.random() < 0.5 else rng.choice(fresh)
             partner = dataclasses.replace(partner, **{field: gfn << PAGE_SHIFT})
-    header = program.header
-    if header.vcpus == 1 and op_vcpu(partner) is not None:
-        header = dataclasses.replace(header, vcpus=2)
-    pair = conform(Parallel(ops[index], partner, _random_schedule(rng)), header)
-    return Program(header, ops[:index] + (pair,) + ops[index + 1:])
+    return _collision(program, index, partner, _random_schedule(rng))
+
+
+def collisions(program: Program, tail: int) -> Iterator[Program]:
+    """Every :func:`collide` of ``program`` without a moved page, in a fixed order, each
+    cut ``tail`` ops after its ``parallel``.
+
+    AFL runs deterministic stages on each new input; this is ours for races:
+    each guest op with each distinct op that can race it, schedule 0 (the
+    schedule explorer varies it).  A race may need the one pairing among
+    dozens that a random collide rarely draws: in a seed that accepts a
+    range at 2M and then at 4K, only the fault paired with the 4K accept
+    races.
+    """
+    ops = program.ops
+    for index, op in enumerate(ops):
+        if gpa_field(op):
+            cut = program.with_ops(ops[:index + 1 + tail])
+            partners = _frame_partners(ops, index).values()
+            for partner in dict.fromkeys(p for kind in partners for p in kind):
+                yield _collision(cut, index, partner, 0)
 
 
 def _random_schedule(rng: random.Random) -> int:

@@ -18,11 +18,14 @@ state says how deep each side goes, not which entries they touch.  Every
 variant is an ordinary program with one schedule changed (and its tail cut),
 so a finding replays from its reproducer.  Where the target can snapshot, the
 ops before the pair run once and each variant resumes from that checkpoint: it
-runs the pair and its tail only.
+runs the pair and its tail only.  The pairs come from the programs the worker
+runs, and from the collisions of each input that showed new behaviour: its
+ops run in parallel with the ops that can race them, pairing by pairing.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -34,11 +37,14 @@ from harness.ops import PAGES_PER_2M, SCHEDULE_LIMIT, Parallel, Program, op_gfns
 
 HORIZON = SCHEDULE_LIMIT.bit_length() - 1  # schedule bits; after them the sides alternate
 # Share of a worker's time that may go to exploration, and the most one input gets.
-SHARE = 0.5
+SHARE = 0.65
 MAX_SECONDS_PER_INPUT = 1.0
 TAIL = 3  # ops a variant keeps after its parallel
 CAPACITY = 256  # pairs each queue keeps
 TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
+# Relative shares of the exploration time: one-preemption schedules, two-preemption
+# schedules, collisions.
+SOURCE_WEIGHTS = (2, 2, 1)
 
 
 def one_preemption(b_first: bool, k: int) -> int:
@@ -129,7 +135,8 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
 
 
 class ScheduleExplorer:
-    """A worker's schedule exploration: two queues of pairs, served within a share of its time.
+    """A worker's race exploration: two queues of pairs and one of collisions, served within a
+    share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker ran:
     pairs from a state no program started a pair from before and pairs whose
@@ -146,13 +153,25 @@ class ScheduleExplorer:
     seeds in 10 (``docs/campaigns.md``).  Weighting by the number of
     schedules, to prefer short pairs, lost races: a side spinning on a frozen
     SPTE has hundreds of steps, and as many equivalent places to be
-    preempted.)  :meth:`work` runs variants from the queues, the one that has
-    had less time first, until the budget is spent; a pair cut short is the
-    next that queue serves.  Deferring is what makes the budget count: new
+    preempted.)  :meth:`work` runs variants from the queues and collisions
+    (below), the one furthest below its share of the time
+    (:data:`SOURCE_WEIGHTS`) first, until the budget is spent; work cut short
+    is the next its source serves.  Deferring is what makes the budget count: new
     behaviour comes in bursts (at the start of a campaign, after a
     breakthrough) faster than its schedules can be run, and a pair that cannot
     be explored at once waits instead of being skipped.  A queue a quarter
     over its capacity drops the pairs it would serve last.
+
+    :meth:`offer_collisions` queues the collisions of an input that showed
+    new behaviour (:func:`fuzz.mutator.collisions`: each of its guest ops in
+    parallel with each op that can race it), a third source of work served
+    oldest input first; each collision that runs offers its pair like any
+    program.  A race may need one pairing among the dozens a program allows,
+    which random mutation draws rarely.  In 60-s campaigns the collisions
+    took a race of a fault with a 4K accept from 2 seeds in 5 to 9 in 10;
+    with a third of the time they also took a table freed under a walker from
+    12 seeds in 15 to 6 in 10 (more states, less time for each), and with a
+    fifth 4 in 5 (``docs/faults.md``).
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -171,12 +190,15 @@ class ScheduleExplorer:
         self.runs = 0
         # The one- and two-preemption work: heaps of (explored, apart, -arrival, state,
         # (variants, run)), ``explored`` the count of the state's pairs the queue had begun
-        # when the entry was (re)pushed; each with its pair cut short (or None), and how
-        # many pairs of each state it began.
+        # when the entry was (re)pushed; each with how many pairs of each state it began.
         self._queues: tuple[list, list] = ([], [])
-        self._cut_short: list = [None, None]
         self._explored: tuple[dict, dict] = ({}, {})
-        self._queue_spent = [0.0, 0.0]
+        # The collisions of new inputs, oldest input first: (programs, run).
+        self._collisions: collections.deque = collections.deque()
+        # Per source (one-preemption, two-preemption, collisions): the work it cut short
+        # ((variants, run) or None) and the time it has had.
+        self._cut_short: list = [None, None, None]
+        self._spent = [0.0, 0.0, 0.0]
         self._seen: dict = {}  # state -> pairs offered from it
         self._arrivals = 0
 
@@ -228,16 +250,35 @@ class ScheduleExplorer:
         pairs = self._queues[queue]
         pairs[:] = heapq.nsmallest(self.capacity, (self._current(queue, e) for e in pairs))
 
-    def _next(self, queue: int) -> tuple:
-        """The pair ``queue`` serves now, taken off it."""
-        entry, self._cut_short[queue] = self._cut_short[queue], None
-        if entry is None:
-            pairs = self._queues[queue]
-            entry = heapq.heappop(pairs)
-            while (current := self._current(queue, entry)) is not entry:
-                entry = heapq.heappushpop(pairs, current)  # its state was explored since
-            self._explored[queue][entry[3]] = entry[0] + 1
-        return entry
+    def offer_collisions(self, programs: Iterator[Program], run: Callable) -> None:
+        """Queue the collisions of an input that showed new behaviour, to run with ``run``.
+
+        ``programs`` (:func:`fuzz.mutator.collisions`) is drawn when its turn
+        comes; ``run`` takes one and returns its finding or None, and offers
+        its ``parallel`` to the schedule queues.  Inputs beyond the capacity
+        wait for none: the oldest are served first.
+        """
+        if len(self._collisions) < self.capacity:
+            self._collisions.append((programs, run))
+
+    def _waiting(self, source: int) -> bool:
+        if self._cut_short[source] is not None:
+            return True
+        return bool(self._queues[source] if source < 2 else self._collisions)
+
+    def _next(self, source: int) -> tuple:
+        """``(variants, run)`` of the work ``source`` serves now, taken off it."""
+        work, self._cut_short[source] = self._cut_short[source], None
+        if work is not None:
+            return work
+        if source == 2:
+            return self._collisions.popleft()
+        pairs = self._queues[source]
+        entry = heapq.heappop(pairs)
+        while (current := self._current(source, entry)) is not entry:
+            entry = heapq.heappushpop(pairs, current)  # its state was explored since
+        self._explored[source][entry[3]] = entry[0] + 1
+        return entry[-1]
 
     def work(self):
         """Run queued variants while the budget lasts.
@@ -253,25 +294,24 @@ class ScheduleExplorer:
         deadline = start + min(self.per_input, self.share * (start - self.started) - self.spent)
         try:
             while self.clock() < deadline:
-                waiting = [queue for queue in (0, 1)
-                           if self._queues[queue] or self._cut_short[queue]]
+                waiting = [source for source in (0, 1, 2) if self._waiting(source)]
                 if not waiting:
                     return None
-                queue = min(waiting, key=self._queue_spent.__getitem__)
-                entry = self._next(queue)
+                source = min(waiting, key=lambda s: self._spent[s] / SOURCE_WEIGHTS[s])
+                work = self._next(source)
                 began = self.clock()
                 try:
-                    variants, run = entry[-1]
+                    variants, run = work
                     for variant in variants:
                         self.runs += 1
                         finding = run(variant)
                         if finding is not None:
                             return variant, finding
                         if self.clock() >= deadline:
-                            self._cut_short[queue] = entry  # it resumes where it stopped
+                            self._cut_short[source] = work  # it resumes where it stopped
                             break
                 finally:
-                    self._queue_spent[queue] += self.clock() - began
+                    self._spent[source] += self.clock() - began
             return None
         finally:
             self.spent += self.clock() - start

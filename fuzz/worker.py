@@ -30,8 +30,9 @@ from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
 from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
 from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults, write_atomic
 from fuzz.encoding import Reproducer, decode, encode
+from fuzz.mutator import collisions
 from fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
-from fuzz.schedules import ScheduleExplorer
+from fuzz.schedules import TAIL, ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
 _JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
@@ -116,6 +117,10 @@ class CampaignTarget:
     def execute(self, op):
         self.executed += 1
         outcome = self.target.execute(op)
+        pair = type(op) is Parallel and self._explorable
+        if pair:
+            self.parallels.append((self.executed - 1, tuple(self.target.taken),
+                                   self.target.pair_start))
         if self.sink is None or self._quiet:
             return outcome
         kind = _outcome_feature(outcome, coarse=True)
@@ -124,12 +129,10 @@ class CampaignTarget:
         self._previous = f"{op_name(op)}->{kind}"
         if self._features is not None:
             keys += [f"target:{feature}" for feature in self._features()]
+        if pair:
+            keys.append(f"pair:{self.target.pair_start}")
         for key in keys:
             self.sink(key)
-        if type(op) is Parallel and self._explorable:
-            state = self.target.pair_start
-            self.sink(f"pair:{state}")
-            self.parallels.append((self.executed - 1, tuple(self.target.taken), state))
         return outcome
 
     def check_invariants(self) -> None:
@@ -206,7 +209,8 @@ class Worker:
         """Decode and run one input; return ``(program, finding)``.
 
         Under coverage, the program's ``parallel`` ops are queued for
-        schedule exploration and the explorer then takes its share of time
+        schedule exploration, and so are its collisions if it showed a
+        feature no input had before; the explorer then takes its share of time
         (:mod:`fuzz.schedules`), its variants run quiet
         (:meth:`CampaignTarget.quiet`); a finding there is a variant of this
         or an earlier input, and comes back as that variant program.
@@ -214,11 +218,13 @@ class Worker:
         program = decode(data)
         every_op = self._checks_every_op(data)
         with faults.injected(self.inject):
+            known = len(self.sink.counters) if self.sink is not None else 0
             finding = self._run_program(program, every_op)
             if finding is None and self.explorer is not None:
-                self.explorer.offer(program, self.target.parallels,
-                                    lambda *pair: self._pair_runner(*pair, every_op),
-                                    random.Random(zlib.crc32(data)))
+                self._offer(program, data, every_op)
+                if len(self.sink.counters) > known:
+                    self.explorer.offer_collisions(collisions(program, TAIL),
+                                                   lambda variant: self._collide(variant, every_op))
                 with self.target.quiet():
                     explored = self.explorer.work()
                 if explored is not None:
@@ -234,6 +240,19 @@ class Worker:
         self.target.begin(len(program.ops), every_op)
         finding = run_program(program, self.target, checkpoint=checkpoint)
         self.ops += self.target.executed - (checkpoint.index if checkpoint else 0)
+        return finding
+
+    def _offer(self, program, data: bytes, every_op: bool) -> None:
+        """Queue the ``parallel`` ops of ``program`` (encoded: ``data``), which just ran."""
+        self.explorer.offer(program, self.target.parallels,
+                            lambda *pair: self._pair_runner(*pair, every_op),
+                            random.Random(zlib.crc32(data)))
+
+    def _collide(self, program, every_op: bool):
+        """Run a collision of a new input; its pair goes to schedule exploration."""
+        finding = self._run_program(program, every_op)
+        if finding is None:
+            self._offer(program, encode(program), every_op)
         return finding
 
     def _pair_runner(self, program, index: int, every_op: bool):

@@ -128,6 +128,32 @@ def test_collide_races_a_guest_op_with_an_op_on_its_2m_frame_on_another_vcpu():
     assert {"accept", "access", "set_attributes", "zap_all", "fresh page"} <= set(seen)
 
 
+def test_collisions_pair_each_guest_op_with_each_op_that_can_race_it_once():
+    text = """vm type=tdx vcpus=1
+    memslot_add slot=0 base=0x0 npages=0x400 flags=private,host_huge host_offset=0
+    accept vcpu=0 gpa=0x200000 level=4k
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=1
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=1
+    access vcpu=0 gpa=0x600000 word=0 kind=read private=0
+    zap_all"""
+    program = parse_reproducer(text).program
+    pairs = list(mutator.collisions(program, tail=1))
+    found = []
+    for candidate in pairs:
+        index = next(i for i, op in enumerate(candidate.ops) if isinstance(op, Parallel))
+        pair = candidate.ops[index]
+        assert valid(candidate) and candidate.header.vcpus == (1 if op_vcpu(pair.b) is None else 2)
+        assert pair.a == program.ops[index] and pair.schedule == 0
+        assert candidate.ops[:index] == program.ops[:index]
+        assert candidate.ops[index + 1:] == program.ops[index + 1:index + 2]  # the tail kept
+        found.append((index, op_name(pair.b), op_gfns(pair.b) and min(op_gfns(pair.b))))
+    # The slot is named by its base, in another frame; the two equal reads pair once each.
+    assert found == [(1, "access", 0x201), (1, "zap_all", set()),
+                     (2, "accept", 0x200), (2, "access", 0x201), (2, "zap_all", set()),
+                     (3, "accept", 0x200), (3, "access", 0x201), (3, "zap_all", set()),
+                     (4, "zap_all", set())]
+
+
 def test_header_change_never_drops_a_vcpu_in_use():
     rng = random.Random(5)
     program = SEEDS[0]  # uses vcpus 0 and 1

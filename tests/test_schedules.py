@@ -264,3 +264,23 @@ def test_a_pairs_variants_resume_from_one_run_of_the_ops_before_it():
     variants = worker.explorer.runs
     assert variants > 20 and runs["pair"] == 1 + variants
     assert runs["first op"] == 2  # the input's run, and the checkpoint's
+
+
+def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
+    """The merge race from sequential ops: the input's collisions pair the private read
+    with the 4K accept, and schedule exploration of that pair finds the race."""
+    program = parse_reproducer("""vm type=tdx vcpus=2
+    memslot_add slot=0 base=0x0 npages=0x400 flags=private,host_huge host_offset=0
+    set_attributes base=0x200 npages=0x200 private=1
+    access vcpu=0 gpa=0x200000 word=0 kind=read private=1
+    accept vcpu=1 gpa=0x200000 level=2m
+    accept vcpu=1 gpa=0x200000 level=4k""").program
+    sink = CounterSink(itertools.count().__next__, lambda c: None)
+    worker = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0), sink=sink)
+    worker.explorer, _ = _running_explorer()
+    found, finding = worker.run(encode(program))
+    assert finding is not None and finding.invariant == "mirror_sept_mismatch"
+    pair = next(op for op in found.ops if isinstance(op, Parallel))
+    assert {type(pair.a).__name__, type(pair.b).__name__} == {"Access", "Accept"}
+    assert run_program(program, make_target("tdp")) is None  # the input alone is clean
+
