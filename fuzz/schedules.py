@@ -167,11 +167,11 @@ class ScheduleExplorer:
     parallel with each op that can race it), a third source of work served
     oldest input first; each collision that runs offers its pair like any
     program.  A race may need one pairing among the dozens a program allows,
-    which random mutation draws rarely.  In 60-s campaigns the collisions
-    took a race of a fault with a 4K accept from 2 seeds in 5 to 9 in 10;
-    with a third of the time they also took a table freed under a walker from
-    12 seeds in 15 to 6 in 10 (more states, less time for each), and with a
-    fifth 4 in 5 (``docs/faults.md``).
+    which random mutation draws rarely.  In 60-s campaigns (seeds 1-15) the
+    collisions took a fault racing a 4K accept from 6 seeds to 13.  They
+    take time from the schedule queues and add states to share it, which a
+    larger share for exploration (65%, was 50%) makes up for in part: a
+    table freed under a walker went from 12 seeds to 11 (``docs/faults.md``).
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -255,8 +255,8 @@ class ScheduleExplorer:
 
         ``programs`` (:func:`fuzz.mutator.collisions`) is drawn when its turn
         comes; ``run`` takes one and returns its finding or None, and offers
-        its ``parallel`` to the schedule queues.  Inputs beyond the capacity
-        wait for none: the oldest are served first.
+        its ``parallel`` to the schedule queues.  The oldest input is served
+        first; while :attr:`capacity` inputs wait, a new one is not queued.
         """
         if len(self._collisions) < self.capacity:
             self._collisions.append((programs, run))
