@@ -283,4 +283,3 @@ def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     pair = next(op for op in found.ops if isinstance(op, Parallel))
     assert {type(pair.a).__name__, type(pair.b).__name__} == {"Access", "Accept"}
     assert run_program(program, make_target("tdp")) is None  # the input alone is clean
-
