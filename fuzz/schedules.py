@@ -42,9 +42,11 @@ MAX_SECONDS_PER_INPUT = 1.0
 TAIL = 3  # ops a variant keeps after its parallel
 CAPACITY = 256  # pairs each queue keeps
 TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
-# Relative shares of the exploration time: one-preemption schedules, two-preemption
-# schedules, collisions.
+# Relative shares of the exploration time of its sources: the one-preemption queue, the
+# two-preemption queue, collisions.
 SOURCE_WEIGHTS = (2, 2, 1)
+_COLLISIONS = 2  # the source that is not a queue of pairs
+_SOURCES = range(len(SOURCE_WEIGHTS))
 
 
 def one_preemption(b_first: bool, k: int) -> int:
@@ -197,8 +199,8 @@ class ScheduleExplorer:
         self._collisions: collections.deque = collections.deque()
         # Per source (one-preemption, two-preemption, collisions): the work it cut short
         # ((variants, run) or None) and the time it has had.
-        self._cut_short: list = [None, None, None]
-        self._spent = [0.0, 0.0, 0.0]
+        self._cut_short: list = [None] * len(_SOURCES)
+        self._spent = [0.0] * len(_SOURCES)
         self._seen: dict = {}  # state -> pairs offered from it
         self._arrivals = 0
 
@@ -264,14 +266,14 @@ class ScheduleExplorer:
     def _waiting(self, source: int) -> bool:
         if self._cut_short[source] is not None:
             return True
-        return bool(self._queues[source] if source < 2 else self._collisions)
+        return bool(self._collisions if source == _COLLISIONS else self._queues[source])
 
     def _next(self, source: int) -> tuple:
         """``(variants, run)`` of the work ``source`` serves now, taken off it."""
         work, self._cut_short[source] = self._cut_short[source], None
         if work is not None:
             return work
-        if source == 2:
+        if source == _COLLISIONS:
             return self._collisions.popleft()
         pairs = self._queues[source]
         entry = heapq.heappop(pairs)
@@ -294,7 +296,7 @@ class ScheduleExplorer:
         deadline = start + min(self.per_input, self.share * (start - self.started) - self.spent)
         try:
             while self.clock() < deadline:
-                waiting = [source for source in (0, 1, 2) if self._waiting(source)]
+                waiting = [source for source in _SOURCES if self._waiting(source)]
                 if not waiting:
                     return None
                 source = min(waiting, key=lambda s: self._spent[s] / SOURCE_WEIGHTS[s])
