@@ -11,10 +11,11 @@ Most concurrency bugs need one or two preemptions (Musuvathi and Qadeer,
 programs", PLDI 2007), and an MMU op takes a handful of steps: a pair has a
 few dozen schedules with one preemption and a few hundred with two.  A
 campaign worker spends a bounded share of its time here, shared out evenly
-among the pairs' starting states (the target's ``pair_start``): a pair from a
-state never raced before is the likeliest new race and goes first, and after
-that each state gets its turn however often programs reach it, because the
-state says how deep each side goes, not which entries they touch.  Every
+among the kinds of pairs (:func:`pair_kind`: the target's ``pair_start`` and
+how many steps each side took): a pair of a kind never raced before is the
+likeliest new race and goes first, and after that each kind gets its turn
+however often programs reach it, because the kind says how deep each side
+goes and how much it does, not which entries they touch.  Every
 variant is an ordinary program with one schedule changed (and its tail cut),
 so a finding replays from its reproducer.  Where the target can snapshot, the
 ops before the pair run once and each variant resumes from that checkpoint: it
@@ -141,11 +142,11 @@ class ScheduleExplorer:
     share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker ran:
-    pairs from a state no program started a pair from before and pairs whose
+    pairs of a kind (:func:`pair_kind`) no program ran before and pairs whose
     sides can conflict (:func:`conflicting`) go on both queues, their
     one-preemption schedules, a few dozen, on one, and a sample of their
     two-preemption schedules on the other.  Each queue serves first the pair
-    whose state it has explored fewest pairs of, then pairs whose sides can
+    whose kind it has explored fewest pairs of, then pairs whose sides can
     conflict, then the newest.  (Serving the states programs reach least,
     instead, put a state behind every rarer one once a few programs had
     reached it: a 60-s campaign that missed the merge race held ten pairs from
@@ -190,9 +191,9 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: heaps of (explored, apart, -arrival, state,
-        # (variants, run)), ``explored`` the count of the state's pairs the queue had begun
-        # when the entry was (re)pushed; each with how many pairs of each state it began.
+        # The one- and two-preemption work: heaps of (explored, apart, -arrival, kind,
+        # (variants, run)), ``explored`` the count of the kind's pairs the queue had begun
+        # when the entry was (re)pushed; each with how many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
         # The collisions of new inputs, oldest input first: (programs, run).
@@ -201,7 +202,7 @@ class ScheduleExplorer:
         # ((variants, run) or None) and the time it has had.
         self._cut_short: list = [None] * len(_SOURCES)
         self._spent = [0.0] * len(_SOURCES)
-        self._seen: dict = {}  # state -> pairs offered from it
+        self._seen: dict = {}  # pair kind -> pairs offered of it
         self._arrivals = 0
 
     def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
@@ -218,8 +219,9 @@ class ScheduleExplorer:
         cuts short has still sampled the whole range, and draws the
         two-preemption sample (:func:`sampled_two_preemptions`).
         """
-        for index, taken, state in parallels:
-            seen = self._seen[state] = self._seen.get(state, 0) + 1
+        for index, taken, start_state in parallels:
+            kind = pair_kind(start_state, taken)
+            seen = self._seen[kind] = self._seen.get(kind, 0) + 1
             apart = not conflicting(program.ops[index])
             if seen > 1 and apart:
                 continue
@@ -229,18 +231,18 @@ class ScheduleExplorer:
             for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
                                      (1, sampled_two_preemptions(*taken, later))):
                 pairs = self._queues[queue]
-                heapq.heappush(pairs, (self._explored[queue].get(state, 0), apart,
-                                       -self._arrivals, state,
+                heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart,
+                                       -self._arrivals, kind,
                                        (_variants(program, index, schedules), runner)))
                 if len(pairs) > self.capacity + self.capacity // 4:
                     self._trim(queue)
 
-    # A queue's order: pairs of the states it explored least first, then those whose sides
+    # A queue's order: pairs of the kinds it explored least first, then those whose sides
     # can conflict, then the newest.  Explored counts only grow, so an entry's key is at
     # worst too small: it is brought up to date when it comes to the top (or at a trim).
 
     def _current(self, queue: int, entry: tuple) -> tuple:
-        """``entry`` keyed by its state's explored count now."""
+        """``entry`` keyed by its kind's explored count now."""
         explored = self._explored[queue].get(entry[3], 0)
         return entry if entry[0] == explored else (explored,) + entry[1:]
 
@@ -278,7 +280,7 @@ class ScheduleExplorer:
         pairs = self._queues[source]
         entry = heapq.heappop(pairs)
         while (current := self._current(source, entry)) is not entry:
-            entry = heapq.heappushpop(pairs, current)  # its state was explored since
+            entry = heapq.heappushpop(pairs, current)  # its kind was explored since
         self._explored[source][entry[3]] = entry[0] + 1
         return entry[-1]
 
@@ -317,6 +319,21 @@ class ScheduleExplorer:
             return None
         finally:
             self.spent += self.clock() - start
+
+
+def pair_kind(start_state: str, taken) -> tuple:
+    """What the explorer shares its time by: the pair's start state and the magnitude
+    (the bit length, as libFuzzer buckets hit counts) of the steps each side took.
+
+    The start state says how deep each side goes; how many steps a side took
+    says how much it did there.  A zap_all that removes one table with no
+    yield between the free and the flush has no window for a walker, one that
+    goes on to the table's siblings has: same start state, other steps
+    (``docs/faults.md``).  Keyed by start state alone, the first such pair
+    to arrive spent its state's turn, and a later one that could race waited
+    behind every state not yet explored.
+    """
+    return (start_state, *sorted(steps.bit_length() for steps in taken))
 
 
 class _Runner:

@@ -202,20 +202,28 @@ def test_only_novel_or_conflicting_pairs_are_explored_and_variants_keep_a_short_
     assert set(explore(["a", "a", "a"])) == {2, 3}
 
 
-def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
-    program = _program_with_three_pairs()  # the pair at 1 is on two 2M frames: apart
-    explorer, now = _running_explorer(capacity=2)
+def _serving(program, **options):
+    """``explore(*offers)``: the op indexes of the pairs an explorer runs, variant by variant,
+    in a fresh second of budget after the ``offers`` (each a list of ``(index, taken,
+    state)``) of ``program``."""
+    explorer, now = _running_explorer(**options)
     explored, run = _explored_pairs(program, now)
-    one = len(sampled_preemptions(3, 3, random.Random(0)))
-    two = len(list(two_preemption_schedules(3, 3)))
 
     def explore(*offers):
         explored.clear()
         for pairs in offers:
             explorer.offer(program, pairs, lambda *pair: run, random.Random(0))
-        now[0] += 1.0  # a fresh second of budget
+        now[0] += 1.0
         explorer.work()
         return explored
+    return explore
+
+
+def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
+    program = _program_with_three_pairs()  # the pair at 1 is on two 2M frames: apart
+    explore = _serving(program, capacity=2)
+    one = len(sampled_preemptions(3, 3, random.Random(0)))
+    two = len(list(two_preemption_schedules(3, 3)))
     # New states: conflicting pairs before apart ones, newest first; the queue holds two,
     # so the pair served last is dropped.  Each pair runs on the queue that has had less
     # time first: its one-preemption work, then its two-preemption work.
@@ -226,6 +234,21 @@ def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
     # its pairs first.)
     assert explore([(1, (3, 3), "d")], [(3, (3, 3), "b")] * 5) == (
         [1] * one + [3] * one + [1] * two + [3] * two)
+
+
+def test_a_pair_whose_side_took_steps_of_another_magnitude_is_a_state_of_its_own():
+    program = _program_with_three_pairs()
+    explore = _serving(program)
+    explore([(3, (3, 3), "b")])
+    # From the explored start state, a pair whose second side took 8 steps (not 3) goes
+    # before a newer one whose sides took 3 steps again, which waits as "b" was explored.
+    served = explore([(3, (3, 8), "b"), (2, (3, 3), "b")])
+    one, two = len(sampled_preemptions(3, 8, random.Random(0))), len(list(
+        two_preemption_schedules(3, 8)))
+    assert served[:one] == [3] * one and served.count(3) == one + two
+    assert served.index(2) > served.index(3)
+    # Steps of the same magnitude (2 and 3: bit length 2) are the same kind of pair.
+    assert explore([(3, (2, 3), "b"), (2, (3, 3), "c")])[0] == 2
 
 
 def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
