@@ -39,7 +39,9 @@ def at_libfuzzer_exit(callback):
 # branches would partly reward that sample; spte.py is spte.h's bit helpers, run on every
 # SPTE touched, whose few branches repeat their callers'.  Instrumenting them cost a
 # quarter of the instrumented run time, for no more edges or features in 60-s campaigns.
-NOT_INSTRUMENTED = {"harness.tdp.invariants", "harness.tdp.spte"}
+# pgalloc.py is table-page bookkeeping: its branches are poison and double-free checks (the
+# oracle again) and the scans of a table's used entries for snapshots and checkpoints.
+NOT_INSTRUMENTED = {"harness.tdp.invariants", "harness.tdp.pgalloc", "harness.tdp.spte"}
 
 
 def _instrument_branches(packages: list):

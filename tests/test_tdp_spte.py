@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from harness.ops import PG_LEVEL_2M, PG_LEVEL_4K
 from harness.target import InvariantViolation
 from harness.tdp.hostmem import Backing, HostMemory
 from harness.tdp.iter import TdpIter
-from harness.tdp.pgalloc import PageTableAllocator
+from harness.tdp.pgalloc import PageTableAllocator, used_entries
 from harness.tdp.sched import Hang, Rcu, RwLock, interleave, run
 from harness.tdp.spte import (
     ACC_ALL,
@@ -144,6 +146,32 @@ def test_reading_a_freed_table_is_walker_read_freed_table():
             it.next()
     assert error.value.name == "walker_read_freed_table"
     assert l1 not in alloc.live_pages()
+
+
+def test_used_entries_are_the_entries_not_shadow_nonpresent_in_order():
+    spt = [SHADOW_NONPRESENT_VALUE] * 512
+    for i in (511, 0, 64, 63, 200):
+        spt[i] = FROZEN_SPTE if i == 200 else make_nonleaf_spte(0x1000 + i)
+    assert used_entries(spt) == [0, 63, 64, 200, 511]
+    assert used_entries([SHADOW_NONPRESENT_VALUE] * 512) == []
+    assert used_entries(list(range(512))) == list(range(512))
+
+
+def test_table_pages_pickle_with_their_entries_refcounts_and_poison():
+    """Checkpoints pickle the tables compactly; a restored tree is the same tree."""
+    alloc, root, l1 = _tree()
+    root.refcount = 1
+    alloc.free(l1)
+    copy = pickle.loads(pickle.dumps(alloc, pickle.HIGHEST_PROTOCOL))
+    for pfn, page in alloc.pages.items():
+        twin = copy.pages[pfn]
+        assert (twin.level, twin.gfn, twin.mirror, twin.refcount, twin.freed) == \
+            (page.level, page.gfn, page.mirror, page.refcount, page.freed)
+        if not page.freed:
+            assert twin.spt == page.spt
+    with pytest.raises(InvariantViolation) as error:
+        copy.pages[l1.pfn].spt[0]
+    assert error.value.name == "walker_read_freed_table"
 
 
 # --- host memory -------------------------------------------------------------------

@@ -13,10 +13,9 @@ from operator import itemgetter
 
 from harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
 from harness.target import InvariantViolation
+from harness.tdp.pgalloc import used_entries
 from harness.tdp.spte import (
     ROOT_LEVEL,
-    SHADOW_NONPRESENT_VALUE,
-    SPTE_ENT_PER_PAGE,
     check_mmio_spte,
     get_mmio_spte_gfn,
     is_last_spte,
@@ -54,9 +53,7 @@ def take_snapshot(kvm) -> Snapshot:
         snap.pages.append(page)
         step = pages_per_level(page.level)
         children, present = [], 0
-        # Tables are sparse: find the few used entries first, with no bytecode per entry.
-        used = compress(range(SPTE_ENT_PER_PAGE), map(SHADOW_NONPRESENT_VALUE.__ne__, page.spt))
-        for i in used:
+        for i in used_entries(page.spt):
             spte, gfn = page.spt[i], page.gfn + i * step
             if not is_shadow_present_pte(spte):
                 snap.nonpresent.append((page, gfn, spte))

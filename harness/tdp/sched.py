@@ -159,7 +159,12 @@ class Rcu:
         self._seq += 1
 
     def process(self) -> None:
-        """Run every callback whose grace period has elapsed (a quiescent point)."""
+        """Run every callback whose grace period has elapsed (a quiescent point).
+
+        Called after every step of a ``parallel``, nearly always with nothing queued.
+        """
+        if not self._callbacks:
+            return
         oldest = min(self._readers.values(), default=self._seq)
         while self._callbacks and self._callbacks[0][0] < oldest:
             self._callbacks.popleft()[1]()
