@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from fuzz.corpus import write_atomic
-from bench.analysis import (check_targets, geomean, rate, speedups, summarize_detection)
+from bench.analysis import (check_targets, geomean, machine_scaling, rate, speedups,
+                            summarize_detection)
 from bench.detect import ENGINES
 from bench.minimization import with_known_minima
 
@@ -162,11 +163,17 @@ def _scaling(results: dict) -> str:
     rows = [("1", f"{execs1:,.0f}", "1.00x", f"{ops1:,.0f}", "1.00x"),
             ("2", f"{execs2:,.0f}", f"{execs2 / execs1:.2f}x", f"{ops2:,.0f}",
              f"{ops2 / ops1:.2f}x")]
-    return ("## Scaling\n\nThe same campaign (no fault, seed 1) for the same time with "
+    text = ("## Scaling\n\nThe same campaign (no fault, seed 1) for the same time with "
             "`--jobs 1` and `--jobs 2`, each alone on the machine.  The target is stated in "
             "execs/s; guest ops/s is shown beside it because the two campaigns' corpora grow "
             "apart, and a program's length is part of its cost.\n\n"
             + _table(["--jobs", "execs/s", "speed-up", "guest ops/s", "speed-up"], rows))
+    ceiling = machine_scaling(measured)
+    if ceiling is not None:
+        text += ("\nThe machine's own ceiling: two plain replay loops over the same corpus, run "
+                 f"at once as two processes that share nothing, together get {ceiling:.2f}x "
+                 "the execs/s of one loop alone.\n")
+    return text
 
 
 def _median_cell(summary, cap: float, times: list) -> str:
@@ -305,7 +312,8 @@ def _method(results: dict) -> str:
   stopped at the cap.
 - Parallelism: at most {config['jobs']} measurements at once, one process per core, trials
   queued fault -> seed -> engine so each engine's neighbour is a mix of all three.  The
-  throughput phase and the over-time campaign ran alone, one measurement at a time.
+  throughput phase and the over-time campaign ran alone, one measurement at a time (but for
+  the two replay loops that measure the machine's ceiling, which run together).
 - Throughput rates leave start-up out: the loops time themselves; campaign rates come from
   `stats.jsonl`, from its first line with a running worker to its last.
 - Seeds {', '.join(map(str, config['seeds']))}; cap {config['cap']:g} s; campaigns

@@ -2,7 +2,7 @@
 
 Order matters for fairness: the throughput phase runs first and alone (one
 measurement at a time, so a rate is never shared with a neighbour; ``--jobs
-2`` gets both cores to itself); then the findings-over-time campaign, alone;
+2`` and the pair of replay loops get both cores to themselves); then the findings-over-time campaign, alone;
 then the time-to-detect trials, the minimizations and the clean soak, ``jobs``
 at a time, one process per core.  Every phase leaves its raw numbers in the
 results, which ``results.json`` keeps so the report can be redrawn without
@@ -80,9 +80,9 @@ def _throughput_campaign(config: Config, name: str, jobs: int) -> Path:
     return out
 
 
-def _loop(config: Config, kind: str, corpus: Path) -> dict:
+def _loop(config: Config, kind: str, corpus: Path, name: str = "") -> dict:
     params = {"corpus": str(corpus), "target": config.target, "seconds": config.loop_time}
-    log = config.out / "work" / "logs" / f"{kind}.log"
+    log = config.out / "work" / "logs" / f"{name or kind}.log"
     run = run_child(kind, params, log)
     if run.returncode != 0 or not run.records:
         raise MeasurementFailed(f"{kind} loop failed (exit {run.returncode}): see {log}")
@@ -90,7 +90,12 @@ def _loop(config: Config, kind: str, corpus: Path) -> dict:
 
 
 def measure_throughput(config: Config) -> dict:
-    """Campaign (1 job, then 2), then replay and differential loops over its corpus."""
+    """Campaign (1 job, then 2), then replay and differential loops over its corpus.
+
+    With 2 jobs, two replay loops also run at once: two identical processes
+    that share nothing, whose summed rate over one loop's is what this machine
+    gives a second process at best, the ceiling for the campaigns' scaling.
+    """
     _say(f"throughput: campaign, 1 job, {config.campaign_time:g} s")
     single = _throughput_campaign(config, "throughput-jobs1", 1)
     results = {"campaign": throughput.campaign_rate(single / "stats.jsonl")}
@@ -103,6 +108,10 @@ def measure_throughput(config: Config) -> dict:
     for kind in ("replay", "differential"):
         _say(f"throughput: {kind} loop, {config.loop_time:g} s")
         results[kind] = _loop(config, kind, corpus)
+    if config.jobs >= 2:
+        _say(f"throughput: two replay loops at once, {config.loop_time:g} s")
+        results["replay_pair"] = run_parallel(
+            lambda i: _loop(config, "replay", corpus, f"replay-pair-{i}"), [1, 2], 2)
     _say("throughput: profiling the differential loop")
     results["profile"] = _loop(config, "profile", corpus)
     return results

@@ -79,6 +79,20 @@ def test_a_missed_target_says_by_how_much():
     assert checks["minimization"].shortfall == "missed by 1.25x"
 
 
+def test_missed_scaling_names_the_machines_own_ceiling():
+    loop = {"execs": 100, "ops": 1000, "seconds": 1.0}
+    results = {"config": {"cap": 60.0},
+               "throughput": {"campaign": {"execs": 10, "ops": 15000, "seconds": 1.0},
+                              "campaign_jobs2": {"execs": 17, "ops": 26000, "seconds": 1.0},
+                              "replay": loop,
+                              "replay_pair": [{**loop, "execs": 85}, {**loop, "execs": 90}]}}
+    assert analysis.machine_scaling(results["throughput"]) == pytest.approx(1.75)
+    (check,) = [c for c in analysis.check_targets(results) if c.name == "scaling"]
+    assert not check.met
+    assert check.shortfall == ("missed by 1.06x; two independent replay processes get 1.75x "
+                               "on this machine")
+
+
 def test_campaign_rate_leaves_start_up_out(tmp_path):
     lines = [{"workers": 0, "execs": 0, "ops": 0, "run_seconds": 1.0},
              {"workers": 1, "execs": 100, "ops": 1000, "run_seconds": 2.0},
@@ -281,8 +295,9 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
                      "--report", str(report)])
     assert code == cli.EXIT_OK
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert {"replay", "differential", "campaign", "campaign_jobs2", "profile"} \
+    assert {"replay", "differential", "campaign", "campaign_jobs2", "profile", "replay_pair"} \
         <= results["throughput"].keys()
+    assert [loop["execs"] > 0 for loop in results["throughput"]["replay_pair"]] == [True, True]
     assert all(results["throughput"][k]["ops"] > 0 for k in ("replay", "differential"))
     assert sorted(d["engine"] for d in results["detection"]) == sorted(ENGINES)
     assert results["over_time"]["records"]
@@ -293,6 +308,7 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
                     "## Machine"):
         assert heading in text
     assert "Command: `mmufuzz bench --quick" in text
+    assert "The machine's own ceiling: two plain replay loops" in text
     assert {p.name for p in (report.parent / "bench").glob("*.png")} == \
         {"time_to_detect.png", "detected_over_time.png", "campaign_over_time.png"}
     assert not psutil.Process().children(recursive=True), "a measurement process outlived the run"
