@@ -59,6 +59,24 @@ def speedups(summary: dict, baseline: str, engine: str = "mmufuzz") -> dict:
             if baseline in engines and engine in engines and engines[engine].median > 0}
 
 
+def speedup_bound(summary: dict, baseline: str, engine: str = "mmufuzz") -> Optional[tuple]:
+    """``(geomean, start_up)``: the most ``engine`` could be faster than ``baseline`` on these faults.
+
+    No campaign finds anything before it has started, so its fastest median
+    over the faults (``start_up``) is what it needs at least for any of them;
+    with every fault found at that moment, the speed-ups would be the
+    baseline's medians over it.  Faults a baseline finds within start-up cap
+    the geomean whatever the search does.  None when not measured.
+    """
+    mine = [engines[engine].median for engines in summary.values() if engine in engines]
+    theirs = [engines[baseline].median for engines in summary.values()
+              if baseline in engines and engine in engines]
+    if not theirs or min(mine) <= 0:
+        return None
+    start_up = min(mine)
+    return geomean(median / start_up for median in theirs), start_up
+
+
 def rate(measurement: dict) -> tuple:
     """``(execs/s, ops/s)`` of a throughput measurement."""
     seconds = measurement["seconds"] or float("nan")
@@ -117,20 +135,25 @@ def check_targets(results: dict) -> list:
     for baseline in ("random", "hypothesis"):
         ratios = speedups(summary, baseline)
         value = geomean(ratios.values())
-        if value is not None:
-            checks.append(TargetCheck(f"speed-up over {baseline}",
-                                      f"geomean ≥ {TARGET_SPEEDUP:g}x", f"{value:.1f}x",
-                                      value >= TARGET_SPEEDUP,
-                                      "" if value >= TARGET_SPEEDUP else
-                                      _factor(value, TARGET_SPEEDUP)))
+        if value is None:
+            continue
+        shortfall = ""
+        if value < TARGET_SPEEDUP:
+            best, start_up = speedup_bound(summary, baseline)
+            shortfall = (f"{_factor(value, TARGET_SPEEDUP)}; at most {best:.1f}x had every "
+                         f"fault been found at start-up ({start_up:.1f} s, the fastest median)")
+        checks.append(TargetCheck(f"speed-up over {baseline}", f"geomean ≥ {TARGET_SPEEDUP:g}x",
+                                  f"{value:.1f}x", value >= TARGET_SPEEDUP, shortfall))
     throughput = results.get("throughput", {})
     if "campaign" in throughput:
         ops = rate(throughput["campaign"])[1] / throughput["campaign"].get("workers", 1)
+        shortfall = "" if ops >= TARGET_OPS_PER_CORE else _factor(ops, TARGET_OPS_PER_CORE) + (
+            f"; the target alone replays {rate(throughput['replay'])[1]:,.0f} ops/s"
+            if "replay" in throughput else "")
         checks.append(TargetCheck("differential loop under coverage",
                                   f"≥ {TARGET_OPS_PER_CORE / 1000:g}k guest ops/s/core",
                                   f"{ops:,.0f} ops/s/core", ops >= TARGET_OPS_PER_CORE,
-                                  "" if ops >= TARGET_OPS_PER_CORE else
-                                  _factor(ops, TARGET_OPS_PER_CORE)))
+                                  shortfall))
     if "campaign" in throughput and "campaign_jobs2" in throughput:
         scale = rate(throughput["campaign_jobs2"])[0] / rate(throughput["campaign"])[0]
         ceiling = machine_scaling(throughput)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fuzz.corpus import write_atomic
+from fuzz.schedules import SHARE
 from bench.analysis import (check_targets, geomean, machine_scaling, rate, speedups,
                             summarize_detection)
 from bench.detect import ENGINES
@@ -118,8 +119,11 @@ def _throughput(results: dict) -> str:
     if "differential" in measured and "campaign" in measured:
         diff, camp = rate(measured["differential"])[1], rate(measured["campaign"])[1]
         text += (f"\nThe reference, invariant sampling and decoding cost "
-                 f"{base / diff:.1f}x over the target alone; coverage instrumentation and "
-                 f"libFuzzer cost a further {diff / camp:.1f}x.\n")
+                 f"{base / diff:.1f}x over the target alone; coverage instrumentation, "
+                 f"libFuzzer and schedule exploration cost a further {diff / camp:.1f}x.  "
+                 f"Exploration may take {SHARE:.0%} of a worker's time: its variants resume "
+                 "from a checkpoint before a `parallel` op and run the pair, interleaved, and "
+                 "a short tail, so their ops are the dearest a campaign counts.\n")
     return text + _profile(measured.get("profile"))
 
 

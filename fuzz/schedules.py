@@ -147,7 +147,16 @@ class ScheduleExplorer:
     one-preemption schedules, a few dozen, on one, and a sample of their
     two-preemption schedules on the other.  Each queue serves first the pair
     whose kind it has explored fewest pairs of, then pairs whose sides can
-    conflict, then the newest.  (Serving the states programs reach least,
+    conflict; then the one-preemption queue serves the kind the campaign met
+    first, and the two-preemption queue the newest pair.  New kinds come
+    faster than their schedules run (about 800 in a 60-s campaign, of which
+    each queue begins about 250), and newest first alone starved a kind met
+    early and seldom offered again: in a traced miss the merge race's kind came
+    at 2.9 s and had its two-preemption sample, which missed, and never its
+    one-preemption turn, which finds it.  Met-first on one queue, one kind
+    after another, took that race from 13 seeds in 20 to 17 (median 21 s;
+    ``docs/faults.md``), while the newest pairs still go first on the other.
+    (Serving the states programs reach least,
     instead, put a state behind every rarer one once a few programs had
     reached it: a 60-s campaign that missed the merge race held ten pairs from
     its state in its corpus, nine of which race.  In a 60-s campaign nearly
@@ -191,9 +200,10 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: heaps of (explored, apart, -arrival, kind,
+        # The one- and two-preemption work: heaps of (explored, apart, order, kind,
         # (variants, run)), ``explored`` the count of the kind's pairs the queue had begun
-        # when the entry was (re)pushed; each with how many pairs of each kind it began.
+        # when the entry was (re)pushed, ``order`` (met, -arrival) on the one-preemption
+        # queue and -arrival on the other; each with how many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
         # The collisions of new inputs, oldest input first: (programs, run).
@@ -203,6 +213,7 @@ class ScheduleExplorer:
         self._cut_short: list = [None] * len(_SOURCES)
         self._spent = [0.0] * len(_SOURCES)
         self._seen: dict = {}  # pair kind -> pairs offered of it
+        self._met: dict = {}  # pair kind -> the arrival number of its first pair
         self._arrivals = 0
 
     def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
@@ -226,20 +237,22 @@ class ScheduleExplorer:
             if seen > 1 and apart:
                 continue
             self._arrivals += 1
+            met = self._met.setdefault(kind, self._arrivals)
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
             runner = _Runner(start, program, index)  # one per pair: both queues share it
-            for queue, schedules in ((0, iter(sampled_preemptions(*taken, rng))),
-                                     (1, sampled_two_preemptions(*taken, later))):
+            for queue, schedules, order in (
+                    (0, iter(sampled_preemptions(*taken, rng)), (met, -self._arrivals)),
+                    (1, sampled_two_preemptions(*taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
-                heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart,
-                                       -self._arrivals, kind,
+                heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,
                                        (_variants(program, index, schedules), runner)))
                 if len(pairs) > self.capacity + self.capacity // 4:
                     self._trim(queue)
 
     # A queue's order: pairs of the kinds it explored least first, then those whose sides
-    # can conflict, then the newest.  Explored counts only grow, so an entry's key is at
-    # worst too small: it is brought up to date when it comes to the top (or at a trim).
+    # can conflict, then (one-preemption) the kind the campaign met first, its newest pair,
+    # or (two-preemption) the newest pair.  Explored counts only grow, so an entry's key is
+    # at worst too small: it is brought up to date when it comes to the top (or at a trim).
 
     def _current(self, queue: int, entry: tuple) -> tuple:
         """``entry`` keyed by its kind's explored count now."""

@@ -62,19 +62,32 @@ def test_speedup_is_the_ratio_of_medians_and_the_geomean_combines_faults():
     assert analysis.geomean(ratios.values()) == pytest.approx(10.0)
 
 
+def test_the_speedup_bound_finds_every_fault_at_the_engines_fastest_median():
+    runs = [detection("easy", "mmufuzz", 0.5), detection("easy", "random", 0.25),
+            detection("hard", "mmufuzz", 30.0), detection("hard", "random", 60.0, found=False)]
+    summary = analysis.summarize_detection(runs, cap=60.0)
+    best, start_up = analysis.speedup_bound(summary, "random")
+    assert start_up == 0.5
+    assert best == pytest.approx((0.25 / 0.5 * 60.0 / 0.5) ** 0.5)
+
+
 def test_a_missed_target_says_by_how_much():
     results = {"config": {"cap": 60.0},
                "detection": [detection("a", "mmufuzz", 1.0), detection("a", "random", 4.0)],
                "throughput": {"campaign": {"execs": 10, "ops": 15000, "seconds": 1.0,
                                            "workers": 1},
                               "campaign_jobs2": {"execs": 19, "ops": 28000, "seconds": 1.0,
-                                                 "workers": 2}},
+                                                 "workers": 2},
+                              "replay": {"execs": 50, "ops": 20000, "seconds": 1.0}},
                "minimization": [{"ratio": 1.5}]}
     checks = {c.name: c for c in analysis.check_targets(results)}
     assert checks["time-to-detect"].met
     assert not checks["speed-up over random"].met
-    assert checks["speed-up over random"].shortfall == "missed by 2.5x"
-    assert checks["differential loop under coverage"].shortfall == "missed by 2.0x"
+    assert checks["speed-up over random"].shortfall == (
+        "missed by 2.5x; at most 4.0x had every fault been found at start-up (1.0 s, the "
+        "fastest median)")
+    assert checks["differential loop under coverage"].shortfall == (
+        "missed by 2.0x; the target alone replays 20,000 ops/s")
     assert checks["scaling"].met
     assert checks["minimization"].shortfall == "missed by 1.25x"
 

@@ -224,16 +224,29 @@ def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
     explore = _serving(program, capacity=2)
     one = len(sampled_preemptions(3, 3, random.Random(0)))
     two = len(list(two_preemption_schedules(3, 3)))
-    # New states: conflicting pairs before apart ones, newest first; the queue holds two,
-    # so the pair served last is dropped.  Each pair runs on the queue that has had less
-    # time first: its one-preemption work, then its two-preemption work.
+    # New states: conflicting pairs before apart ones; the queues hold two, so the pair
+    # each serves last is dropped.  The one-preemption queue serves the kind met first
+    # ("a"), the two-preemption queue the newest pair ("b"); the sources take turns by
+    # the time each has had.
     assert explore([(2, (3, 3), "a"), (3, (3, 3), "b"), (1, (3, 3), "c")]) == (
-        [3] * one + [3] * two + [2] * one + [2] * two)
+        [2] * one + [3] * two + [3] * one + [2] * two)
     # A state explored once waits behind one never explored, apart, older, and however
     # often programs reach it.  (The one-preemption queue, behind on time, runs both of
     # its pairs first.)
     assert explore([(1, (3, 3), "d")], [(3, (3, 3), "b")] * 5) == (
         [1] * one + [3] * one + [1] * two + [3] * two)
+
+
+def test_the_one_preemption_queue_serves_kinds_in_the_order_the_campaign_met_them():
+    """However many newer kinds arrive, and however often: none starves on that queue."""
+    program = _program_with_three_pairs()
+    explore = _serving(program, capacity=4)
+    one = len(sampled_preemptions(3, 3, random.Random(0)))
+    two = len(list(two_preemption_schedules(3, 3)))
+    newer = [[(3, (3, 3), f"new{i % 3}")] for i in range(12)]
+    served = explore([(2, (3, 3), "first")], *newer)
+    # The two-preemption queue, its turn second, serves the newest pair.
+    assert served[:one + two] == [2] * one + [3] * two
 
 
 def test_a_pair_whose_side_took_steps_of_another_magnitude_is_a_state_of_its_own():
