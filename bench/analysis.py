@@ -60,7 +60,7 @@ def speedups(summary: dict, baseline: str, engine: str = "mmufuzz") -> dict:
 
 
 def speedup_bound(summary: dict, baseline: str, engine: str = "mmufuzz") -> Optional[tuple]:
-    """``(geomean, start_up)``: the most ``engine`` could be faster than ``baseline`` on these faults.
+    """``(geomean, start_up)``: the most ``engine`` could gain over ``baseline`` on these faults.
 
     No campaign finds anything before it has started, so its fastest median
     over the faults (``start_up``) is what it needs at least for any of them;

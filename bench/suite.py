@@ -2,11 +2,11 @@
 
 Order matters for fairness: the throughput phase runs first and alone (one
 measurement at a time, so a rate is never shared with a neighbour; ``--jobs
-2`` and the pair of replay loops get both cores to themselves); then the findings-over-time campaign, alone;
-then the time-to-detect trials, the minimizations and the clean soak, ``jobs``
-at a time, one process per core.  Every phase leaves its raw numbers in the
-results, which ``results.json`` keeps so the report can be redrawn without
-measuring again.
+2`` and the pair of replay loops get both cores to themselves); then the
+findings-over-time campaign, alone; then the time-to-detect trials, the
+minimizations and the clean soak, ``jobs`` at a time, one process per core.
+Every phase leaves its raw numbers in the results, which ``results.json``
+keeps so the report can be redrawn without measuring again.
 """
 
 from __future__ import annotations

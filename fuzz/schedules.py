@@ -156,10 +156,10 @@ class ScheduleExplorer:
     one-preemption turn, which finds it.  Met-first on one queue, one kind
     after another, took that race from 13 seeds in 20 to 17 (median 21 s;
     ``docs/faults.md``), while the newest pairs still go first on the other.
-    (Serving the states programs reach least,
-    instead, put a state behind every rarer one once a few programs had
-    reached it: a 60-s campaign that missed the merge race held ten pairs from
-    its state in its corpus, nine of which race.  In a 60-s campaign nearly
+    (Serving the states programs reach least, instead, put a state behind
+    every rarer one once a few programs had reached it: a 60-s campaign that
+    missed the merge race held ten pairs from its state in its corpus, nine of
+    which race.  In a 60-s campaign nearly
     every pair explored is its state's first; serving the pairs that can
     conflict first, among those, took a table freed under a walker from 5 to 9
     seeds in 10 (``docs/campaigns.md``).  Weighting by the number of
