@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from fuzz.corpus import NO_FAULT, injected_faults, replay, write_atomic
+from fuzz.atomic import write_atomic
+from fuzz.corpus import NO_FAULT, injected_faults, replay
 from fuzz.encoding import ReproError, load_reproducer
 from fuzz.minimize import minimize, report
 

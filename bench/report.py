@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fuzz.corpus import write_atomic
+from fuzz.atomic import write_atomic
 from fuzz.schedules import SHARE
 from bench.analysis import (check_targets, geomean, machine_scaling, rate, speedups,
                             summarize_detection)

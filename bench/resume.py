@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from fuzz.corpus import write_atomic
+from fuzz.atomic import write_atomic
 from bench import report
 from bench.procs import stopping
 

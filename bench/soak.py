@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.ops import Parallel
-from fuzz.corpus import write_atomic
+from fuzz.atomic import write_atomic
 from fuzz.encoding import decode, format_program
 from fuzz.runner import make_target, run_program
 from bench.engines import random_input

@@ -18,8 +18,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fuzz.atomic import write_atomic
 from fuzz.campaign import StoredFinding
-from fuzz.corpus import NO_FAULT, write_atomic
+from fuzz.corpus import NO_FAULT
 from bench import detect, machine, soak, throughput
 from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
 from bench.resume import Done, clear, stored_results

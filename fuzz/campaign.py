@@ -41,7 +41,8 @@ from typing import Optional, TextIO
 import psutil
 
 from harness import faults
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults, write_atomic
+from fuzz.atomic import write_atomic
+from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults
 from fuzz.encoding import encode, load_reproducer, parse_reproducer
 from fuzz.runner import make_target
 

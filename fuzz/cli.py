@@ -13,9 +13,9 @@ from pathlib import Path
 
 from harness import faults
 from harness.target import TARGETS, UnknownTarget
+from fuzz.atomic import write_atomic
 from fuzz.campaign import DEFAULT_OUT, Campaign, CampaignError, Options
-from fuzz.corpus import (DEFAULT_TARGET, NO_FAULT, injected_faults, replay, reproducer_files,
-                         write_atomic)
+from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults, replay, reproducer_files
 from fuzz.encoding import Reproducer, ReproError, decode, format_program, load_reproducer
 from fuzz.minimize import minimize, report
 

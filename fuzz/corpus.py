@@ -1,4 +1,4 @@
-"""Reproducer files on disk: finding, replay, regression expectations, atomic writes.
+"""Reproducer files on disk: finding, replay, regression expectations.
 
 A reproducer file is self-contained: its header comments name the target,
 the injected fault and the expectation, so replaying it needs nothing else.
@@ -6,8 +6,6 @@ the injected fault and the expectation, so replaying it needs nothing else.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +17,6 @@ DEFAULT_TARGET = "tdp"
 NO_FAULT = "none"
 # Header comments that describe one replay's result; a new replay writes its own.
 _RESULT_META = ("finding", "signature", "expected", "actual", "result")
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write ``data`` (str or bytes) so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def reproducer_files(paths) -> list[Path]:

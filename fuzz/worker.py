@@ -28,7 +28,8 @@ from typing import Callable, Optional
 from harness import faults
 from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
 from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults, write_atomic
+from fuzz.atomic import write_atomic
+from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults
 from fuzz.encoding import Reproducer, decode, encode
 from fuzz.mutator import collisions
 from fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
