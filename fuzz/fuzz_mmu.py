@@ -13,14 +13,17 @@ in the MMU and the model; the invariant checks and SPTE bit helpers left out)
 plus one extra libFuzzer counter per generic outcome feature
 (:class:`fuzz.worker.CampaignTarget`).
 The encoder, mutator and runner are not instrumented: their branches say
-nothing about the system under test.
+nothing about the system under test.  The instrumented code is cached
+between processes (:mod:`fuzz.instrument`), so a worker starts in a fraction
+of the time instrumenting takes.
 """
 
 import ctypes
 import sys
 
 import atheris
-from atheris.import_hook import HookManager
+
+from fuzz.instrument import instrument_branches
 
 
 def at_libfuzzer_exit(callback):
@@ -44,29 +47,16 @@ def at_libfuzzer_exit(callback):
 NOT_INSTRUMENTED = {"harness.tdp.invariants", "harness.tdp.pgalloc", "harness.tdp.spte"}
 
 
-def _instrument_branches(packages: list):
-    """``atheris.instrument_imports`` of ``packages`` (but NOT_INSTRUMENTED), branches only.
-
-    instrument_imports also turns every comparison into a call that records
-    its operands (data-flow tracing).  libFuzzer uses those only for its value
-    profile, which campaigns leave off, and as words for its own byte
-    mutations, which run on few inputs (the custom mutator's
-    ``BYTE_MUTATION_RATE``) and whose bytes decode to pooled values anyway.
-    This is the HookManager instrument_imports returns, with data-flow
-    tracing switched off.
-    """
-    return HookManager(set(packages), NOT_INSTRUMENTED, enable_loader_override=True,
-                       trace_dataflow=False)
-
-
 def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
     # Everything that imports harness/ or reference/ (the target too) happens in here.
-    with _instrument_branches(["harness", "reference"]):
+    with instrument_branches({"harness", "reference"}, NOT_INSTRUMENTED) as cache:
         from fuzz.mutator import custom_crossover, custom_mutator
         from fuzz.worker import CounterSink, Worker
         worker = Worker.from_environment(CounterSink(atheris._reserve_counter,
                                                      atheris._trace_branch))
+    print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, {cache.misses} anew",
+          file=sys.stderr)
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         return custom_mutator(data, max_size, seed, atheris.Mutate)

@@ -1,0 +1,75 @@
+"""The instrumentation cache: a later process gets the code a fresh instrumentation gives."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import atheris
+from atheris.instrument_bytecode import patch_code
+
+from fuzz.instrument import freeze, thaw
+
+SIGN = textwrap.dedent("""\
+    def sign(x):
+        if x < 0:
+            return -1
+        return 1 if x else 0
+""")
+
+# Imports the probe package under the cached hook in a process of its own, as a worker does.
+IMPORT = textwrap.dedent("""\
+    import hashlib, json, sys
+    from pathlib import Path
+    import atheris
+    from fuzz.instrument import freeze, instrument_branches
+    with instrument_branches({"mmufuzz_probe"}, set(), Path(sys.argv[1])) as cache:
+        import mmufuzz_probe
+    print(json.dumps({
+        "hits": cache.hits, "misses": cache.misses,
+        "next_counter": atheris._reserve_counter(),
+        "code": hashlib.sha256(freeze(mmufuzz_probe.sign.__code__)).hexdigest(),
+        "signs": [mmufuzz_probe.sign(x) for x in (-3, 0, 3)],
+    }))
+""")
+
+
+def _import_probe(tmp_path, source: str) -> dict:
+    package = tmp_path / "src" / "mmufuzz_probe"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(source)
+    done = subprocess.run([sys.executable, "-c", IMPORT, str(tmp_path / "cache")],
+                          cwd=package.parent, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_instrumented_code_survives_freeze_and_thaw():
+    code = patch_code(compile(SIGN, "<probe>", "exec"), trace_dataflow=False)
+    sign = next(c for c in code.co_consts if getattr(c, "co_name", "") == "sign")
+    assert atheris in sign.co_consts  # the constant marshal cannot store
+    assert thaw(freeze(code)) == code
+
+
+def test_a_second_process_takes_the_cached_code_and_the_same_counters(tmp_path):
+    first = _import_probe(tmp_path, SIGN)
+    second = _import_probe(tmp_path, SIGN)
+    assert (first["hits"], first["misses"]) == (0, 1)
+    assert (second["hits"], second["misses"]) == (1, 0)
+    assert second["code"] == first["code"]
+    assert second["next_counter"] == first["next_counter"]
+    assert second["signs"] == first["signs"] == [-1, 0, 1]
+
+
+def test_an_edited_module_is_instrumented_again(tmp_path):
+    _import_probe(tmp_path, SIGN)
+    edited = _import_probe(tmp_path, SIGN.replace("return -1", "return -2"))
+    assert (edited["hits"], edited["misses"]) == (0, 1)
+    assert edited["signs"] == [-2, 0, 1]
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_instrumentation(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    for _ in range(2):
+        run = _import_probe(tmp_path, SIGN)
+        assert (run["hits"], run["misses"]) == (0, 1)
+        assert run["signs"] == [-1, 0, 1]
