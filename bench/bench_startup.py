@@ -33,16 +33,16 @@ def _launch(cache: Path, corpus: Path) -> float:
 def main(launches: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        corpus, warm = root / "corpus", root / "warm"
+        corpus, warm_cache = root / "corpus", root / "warm"
         corpus.mkdir()
-        _launch(warm, corpus)  # fills the warm cache
+        _launch(warm_cache, corpus)  # fills it
         cold_times, warm_times = [], []
         for launch in range(launches):  # interleaved, so both see the same machine
             cold_times.append(_launch(root / f"cold{launch}", corpus))
-            warm_times.append(_launch(warm, corpus))
-    cold, hot = statistics.median(cold_times), statistics.median(warm_times)
+            warm_times.append(_launch(warm_cache, corpus))
+    cold, warm = statistics.median(cold_times), statistics.median(warm_times)
     print(f"worker start-up, median of {launches}: cold cache {cold:.3f} s, "
-          f"warm cache {hot:.3f} s, {cold / hot:.1f}x faster warm")
+          f"warm cache {warm:.3f} s, {cold / warm:.1f}x faster warm")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ Two things make instrumented code more than a function of its source:
   branch hook), which marshal cannot store: the stored code has a placeholder
   there, put back on load.
 
-A cache that cannot be read or written (another user's, a read-only home)
+atheris numbers a module's blocks within its counter range in an order that
+changes from process to process; cached code is one such numbering, and now
+every worker that takes it agrees on it.
+
+A cache that cannot be read or written (another user's, a read-only home,
+no home at all, a frozen build whose atheris has no source files to key on)
 costs the instrumentation, nothing else.
 """
 
@@ -30,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.machinery
-import importlib.metadata
 import importlib.util
 import marshal
 import os
@@ -41,21 +45,42 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import atheris
-from atheris import import_hook
-from atheris.instrument_bytecode import patch_code
+from atheris import import_hook, instrument_bytecode, version_dependent
 
 from fuzz.atomic import write_atomic
 
 # Stands for the atheris module in stored code; no source string of ours looks like it.
 _ATHERIS_PLACEHOLDER = "<mmufuzz instrument: the atheris module>"
-# An entry: the key's SHA-256, the module's counter count, then the marshalled code.
-_HEADER = struct.Struct("<32sI")
+# An entry: its key, the SHA-256 of its body, the module's counter count; then the body,
+# the marshalled code.
+_HEADER = struct.Struct("<32s32sI")
 
 
-def cache_dir() -> Path:
+def cache_dir() -> Optional[Path]:
     """``$XDG_CACHE_HOME/mmufuzz/instrumented`` (``~/.cache`` when unset), as pip and others do."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home directory to be found
+        return None
     return Path(base) / "mmufuzz" / "instrumented"
+
+
+def _salt() -> Optional[str]:
+    """What instrumented code depends on besides its source, or None if that cannot be read.
+
+    The bytecode format, the optimization level (``-O`` drops asserts, and
+    ``.pyc`` files are kept per level too), and atheris's rewriting: the text
+    of its two modules that do it, which a version number would not tell
+    apart for an atheris built from a checkout.
+    """
+    rewriting = hashlib.sha256()
+    try:
+        for module in (instrument_bytecode, version_dependent):
+            rewriting.update(Path(module.__file__).read_bytes())
+    except (OSError, TypeError):  # a frozen build: no source file, or no __file__
+        return None
+    return (f"{importlib.util.MAGIC_NUMBER.hex()} optimize {sys.flags.optimize} "
+            f"atheris {rewriting.hexdigest()} branches only")
 
 
 def _replace_consts(code: types.CodeType, matches: Callable[[object], bool],
@@ -75,40 +100,55 @@ def freeze(code: types.CodeType) -> bytes:
 
 def thaw(data: bytes) -> types.CodeType:
     """The code :func:`freeze` stored, calling into this process's atheris."""
-    return _replace_consts(marshal.loads(data),
-                           lambda c: isinstance(c, str) and c == _ATHERIS_PLACEHOLDER, atheris)
+    code = marshal.loads(data)
+    if not isinstance(code, types.CodeType):
+        raise ValueError(f"not code but {type(code).__name__}")
+    return _replace_consts(code, lambda c: isinstance(c, str) and c == _ATHERIS_PLACEHOLDER,
+                           atheris)
 
 
 class InstrumentedCache:
-    """One file per module, ``NAME.atheris``, holding its latest instrumentation."""
+    """A file per module and checkout, ``NAME.PATHHASH.atheris``: its latest instrumentation.
 
-    def __init__(self, folder: Path):
+    Off (every load a miss, nothing stored) without a ``folder`` or a salt.
+    """
+
+    def __init__(self, folder: Optional[Path]):
         self.folder = folder
-        # What else instrumented code depends on: the bytecode format and atheris's rewriting.
-        self._salt = (f"{importlib.util.MAGIC_NUMBER.hex()} atheris "
-                      f"{importlib.metadata.version('atheris')} branches only")
+        self._salt = _salt() if folder is not None else None
         self.hits = self.misses = 0
 
     def key(self, path: str, source: bytes, first_marker: int) -> bytes:
+        """What a module's instrumentation is a function of: all of it goes into the key."""
         digest = hashlib.sha256(f"{self._salt} {path} {first_marker}\n".encode())
         digest.update(source)
         return digest.digest()
 
-    def load(self, fullname: str, key: bytes) -> Optional[tuple]:
-        """``(counters, code)`` stored under ``key``, or None."""
+    def _entry(self, fullname: str, path: str) -> Path:
+        return self.folder / f"{fullname}.{hashlib.sha256(path.encode()).hexdigest()[:12]}.atheris"
+
+    def load(self, fullname: str, path: str, key: bytes) -> Optional[tuple]:
+        """``(counters, code)`` stored under ``key``, or None (also for a damaged entry)."""
+        if self._salt is None:
+            return None
         try:
-            data = (self.folder / f"{fullname}.atheris").read_bytes()
-            stored_key, counters = _HEADER.unpack_from(data)
-            if stored_key != key:
+            data = self._entry(fullname, path).read_bytes()
+            stored_key, body_digest, counters = _HEADER.unpack_from(data)
+            body = data[_HEADER.size:]
+            if stored_key != key or hashlib.sha256(body).digest() != body_digest:
                 return None
-            return counters, thaw(data[_HEADER.size:])
+            return counters, thaw(body)
         except (OSError, struct.error, ValueError, EOFError, TypeError):
             return None
 
-    def store(self, fullname: str, key: bytes, counters: int, code: types.CodeType) -> None:
+    def store(self, fullname: str, path: str, key: bytes, counters: int,
+              code: types.CodeType) -> None:
+        if self._salt is None:
+            return
+        body = freeze(code)
         with contextlib.suppress(OSError):
-            write_atomic(self.folder / f"{fullname}.atheris",
-                         _HEADER.pack(key, counters) + freeze(code))
+            write_atomic(self._entry(fullname, path),
+                         _HEADER.pack(key, hashlib.sha256(body).digest(), counters) + body)
 
 
 class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
@@ -124,7 +164,7 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
             return None
         first_marker = atheris._reserve_counter()
         key = self._cache.key(self.path, self.get_data(self.path), first_marker)
-        cached = self._cache.load(fullname, key)
+        cached = self._cache.load(fullname, self.path, key)
         if cached is not None:
             self._cache.hits += 1
             counters, instrumented = cached
@@ -132,9 +172,10 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
                 atheris._reserve_counter()
             return instrumented
         self._cache.misses += 1
-        instrumented = patch_code(code, trace_dataflow=False)
+        instrumented = instrument_bytecode.patch_code(code, trace_dataflow=False)
         closing_marker = atheris._reserve_counter()
-        self._cache.store(fullname, key, closing_marker - first_marker - 1, instrumented)
+        self._cache.store(fullname, self.path, key, closing_marker - first_marker - 1,
+                          instrumented)
         return instrumented
 
 
@@ -164,7 +205,7 @@ def instrument_branches(packages: set, exclude: set, folder: Optional[Path] = No
     ``BYTE_MUTATION_RATE``) and whose bytes decode to pooled values anyway; so
     it is off here.  Yields the cache (its ``hits`` and ``misses``).
     """
-    cache = InstrumentedCache(folder or cache_dir())
+    cache = InstrumentedCache(folder if folder is not None else cache_dir())
     finder = _CachedMetaPathFinder(set(packages), set(exclude), cache)
     # Where atheris's HookManager puts its finder: after the built-in and frozen importers.
     position = 0

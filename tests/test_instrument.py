@@ -1,4 +1,4 @@
-"""The instrumentation cache: a later process gets the code a fresh instrumentation gives."""
+"""The instrumentation cache: a later process takes the stored code and the same counters."""
 
 import json
 import subprocess
@@ -23,6 +23,8 @@ IMPORT = textwrap.dedent("""\
     from pathlib import Path
     import atheris
     from fuzz.instrument import freeze, instrument_branches
+    for _ in range(int(sys.argv[2])):  # counters taken before, as by an earlier import
+        atheris._reserve_counter()
     with instrument_branches({"mmufuzz_probe"}, set(), Path(sys.argv[1])) as cache:
         import mmufuzz_probe
     print(json.dumps({
@@ -34,11 +36,12 @@ IMPORT = textwrap.dedent("""\
 """)
 
 
-def _import_probe(tmp_path, source: str) -> dict:
+def _import_probe(tmp_path, source: str, counters_before: int = 0) -> dict:
     package = tmp_path / "src" / "mmufuzz_probe"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text(source)
-    done = subprocess.run([sys.executable, "-c", IMPORT, str(tmp_path / "cache")],
+    done = subprocess.run([sys.executable, "-c", IMPORT, str(tmp_path / "cache"),
+                           str(counters_before)],
                           cwd=package.parent, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -67,9 +70,35 @@ def test_an_edited_module_is_instrumented_again(tmp_path):
     assert edited["signs"] == [-2, 0, 1]
 
 
+def test_a_module_whose_counters_would_start_elsewhere_is_instrumented_again(tmp_path):
+    first = _import_probe(tmp_path, SIGN)
+    shifted = _import_probe(tmp_path, SIGN, counters_before=1)
+    assert (shifted["hits"], shifted["misses"]) == (0, 1)
+    assert shifted["next_counter"] == first["next_counter"] + 1
+
+
+def test_a_damaged_entry_is_instrumented_again(tmp_path):
+    _import_probe(tmp_path, SIGN)
+    (entry,) = (tmp_path / "cache").iterdir()
+    data = bytearray(entry.read_bytes())
+    data[-8] ^= 0xFF  # a flipped bit in the stored code
+    entry.write_bytes(bytes(data))
+    damaged = _import_probe(tmp_path, SIGN)
+    assert (damaged["hits"], damaged["misses"]) == (0, 1)
+    assert damaged["signs"] == [-1, 0, 1]
+
+
 def test_a_cache_that_cannot_be_written_costs_only_the_instrumentation(tmp_path):
     (tmp_path / "cache").write_text("a file where the cache folder would be")
     for _ in range(2):
         run = _import_probe(tmp_path, SIGN)
         assert (run["hits"], run["misses"]) == (0, 1)
         assert run["signs"] == [-1, 0, 1]
+
+
+def test_the_fuzz_target_imports_no_system_under_test_before_its_hook():
+    """What is imported before the hook is in place stays uninstrumented: no coverage from it."""
+    done = subprocess.run([sys.executable, "-c", "import sys, fuzz.fuzz_mmu; print(sorted("
+                           "m for m in sys.modules if m.split('.')[0] in ('harness', 'reference')))"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
