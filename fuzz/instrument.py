@@ -102,7 +102,7 @@ def thaw(data: bytes) -> types.CodeType:
     """The code :func:`freeze` stored, calling into this process's atheris."""
     code = marshal.loads(data)
     if not isinstance(code, types.CodeType):
-        raise ValueError(f"not code but {type(code).__name__}")
+        raise TypeError(f"not code but {type(code).__name__}")
     return _replace_consts(code, lambda c: isinstance(c, str) and c == _ATHERIS_PLACEHOLDER,
                            atheris)
 

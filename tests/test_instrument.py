@@ -98,7 +98,8 @@ def test_a_cache_that_cannot_be_written_costs_only_the_instrumentation(tmp_path)
 
 def test_the_fuzz_target_imports_no_system_under_test_before_its_hook():
     """What is imported before the hook is in place stays uninstrumented: no coverage from it."""
-    done = subprocess.run([sys.executable, "-c", "import sys, fuzz.fuzz_mmu; print(sorted("
-                           "m for m in sys.modules if m.split('.')[0] in ('harness', 'reference')))"],
-                          capture_output=True, text=True, check=True)
+    script = ("import sys, fuzz.fuzz_mmu; print(sorted("
+              "m for m in sys.modules if m.split('.')[0] in ('harness', 'reference')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
     assert done.stdout.strip() == "[]"
