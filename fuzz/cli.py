@@ -8,6 +8,7 @@ naming the file, line and field, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fuzz.encoding import Reproducer, ReproError, decode, format_program, load_r
 from fuzz.minimize import minimize, report
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, in the shell's words
 
 TARGET_NAMES = sorted(TARGETS) + ["reference"]
 
@@ -185,6 +187,11 @@ def main(argv=None) -> int:
     except (ReproError, faults.UnknownFault, UnknownTarget, CampaignError) as error:
         print(f"mmufuzz: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader left (``mmufuzz replay DIR | head``): stop quietly, as a shell tool
+        # does on SIGPIPE, and keep the interpreter's final flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

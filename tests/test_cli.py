@@ -152,3 +152,15 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stdout == "" and len(done.stderr.splitlines()) == 1
     assert f"{path}:2:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_reader_that_leaves_early_stops_quietly(tmp_path):
+    """``mmufuzz show BIG | head -1``: exit as SIGPIPE would, no traceback."""
+    many_ops = GOOD + GOOD.splitlines(keepends=True)[-1] * 20_000  # far more than a pipe holds
+    show = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "show",
+                             str(write(tmp_path, many_ops))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    show.stdout.readline()
+    show.stdout.close()  # the reader leaves while most of it is still to be written
+    assert show.wait(timeout=60) == 141
+    assert "Traceback" not in show.stderr.read()
