@@ -300,9 +300,9 @@ def _method(results: dict) -> str:
     return f"""## Method
 
 - Every measurement is a process of its own: a real `mmufuzz fuzz` campaign for mmufuzz,
-  `python -m bench.child` for everything else, so no engine inherits another's imports.  The
-  one thing kept between measurements is a user's too: campaign workers load their
-  instrumented code from `~/.cache/mmufuzz/instrumented`, filled by the first campaign
+  `python -m bench.child` for everything else, so no engine inherits another's imports.  One
+  thing is kept between measurements, as it is for a user: campaign workers load their
+  instrumented code from `~/.cache/mmufuzz/instrumented`, which the first campaign filled
   (`python bench/bench_startup.py` measures a worker's start-up cold against warm).
 - Time-to-detect is timed by the bench's clock from launch to the first finding, for every
   engine alike (start-up included): for mmufuzz, the moment the campaign publishes the
