@@ -17,7 +17,9 @@ the stages run cheapest first and repeat to a fixpoint:
    addresses back to where the memory was;
 7. simplify fields toward the smallest value of their domain (0, fewer pages,
    4k instead of 2m, vcpu 0, no flags, schedule 0, one side of a parallel);
-8. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
+8. move an op earlier where that lets another op go (a smaller program in
+   another order, which deletions alone never reach);
+9. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
 
 Every candidate stays valid by construction (:func:`fuzz.encoding.conform`),
 is accepted only if it keeps the signature, and results are cached per program,
@@ -43,6 +45,8 @@ REPRO_RUNS = 3
 MAX_ROUNDS = 16
 # A range op names at most this many 2M frames in a slice; wider ranges touch "everything".
 MAX_SLICE_FRAMES = 64
+# Reordering is tried on programs of at most this many ops (about 12^3 / 2 candidates).
+MAX_REORDER_OPS = 12
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,32 @@ def _simplify_fields(program: Program, oracle: _Oracle) -> Program:
     return program.with_ops(ops)
 
 
+def _move_earlier_and_drop(program: Program, oracle: _Oracle) -> Program:
+    """An op moved earlier, if that lets another op go: one op shorter, or unchanged.
+
+    Deletions stop at a program no single op of which can go (1-minimal), but
+    a smaller one may be the same ops in another order: a table built by an
+    access to a slot-less gfn before the slot exists, instead of by a mapping
+    the slot's own ops make and later split.  A move alone is never taken
+    (no progress, and it could undo another move); only when, after it, an op
+    can be dropped.  Tried on short programs only: the candidates grow as the
+    cube of the length.
+    """
+    ops = program.ops
+    if len(ops) > MAX_REORDER_OPS:
+        return program
+    for index in range(1, len(ops)):
+        for position in range(index):
+            moved = ops[:position] + (ops[index],) + ops[position:index] + ops[index + 1:]
+            if not oracle.fails(program.with_ops(moved)):
+                continue
+            for drop in range(len(moved) - 1, -1, -1):
+                candidate = program.with_ops(moved[:drop] + moved[drop + 1:])
+                if oracle.fails(candidate):
+                    return candidate
+    return program
+
+
 def _renumber(program: Program, oracle: _Oracle) -> Program:
     """Slots and vCPUs renumbered densely in order of first use; fewer vCPUs in the VM."""
     maps = {"slot": {}, "vcpu": {}}
@@ -337,7 +367,7 @@ def _renumber(program: Program, oracle: _Oracle) -> Program:
 
 
 STAGES = (_cut_after_failure, _slice, _drop_single_ops, _ddmin, _shared_only,
-          _drop_and_relocate, _simplify_fields, _renumber)
+          _drop_and_relocate, _simplify_fields, _move_earlier_and_drop, _renumber)
 
 
 def minimize(program: Program, target: str, inject=(), signature: Optional[str] = None,
