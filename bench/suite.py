@@ -216,6 +216,6 @@ def run(config: Config, resume: bool = False) -> dict:
         before = os.getloadavg()[0]
         results[name] = measure(config)
         results["load"][name] = [round(before, 2), round(os.getloadavg()[0], 2)]
-        results["complete"] = name == PHASES[-1][0]
+        results["complete"] = all(phase in results for phase, _ in PHASES)
         write_atomic(path, json.dumps(results, indent=1) + "\n")
     return results

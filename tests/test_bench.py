@@ -282,6 +282,20 @@ def test_resume_measures_a_phase_added_since_the_run(tmp_path, monkeypatch):
     assert suite.run(_config(tmp_path), resume=True)["resumed"] == results["resumed"]
 
 
+def test_a_run_whose_middle_phase_is_measured_again_ends_complete(tmp_path, monkeypatch):
+    """A phase taken out of a finished run (a fix to what it measures) is redone alone."""
+    phases = [(name, lambda config, name=name: {"measured": name}) for name in "abc"]
+    monkeypatch.setattr(suite, "PHASES", phases)
+    suite.run(_config(tmp_path))
+    path = tmp_path / "out" / "results.json"
+    stored = json.loads(path.read_text())
+    del stored["b"]
+    path.write_text(json.dumps(stored))
+    results = suite.run(_config(tmp_path), resume=True)
+    assert [results[name] for name in "abc"] == [{"measured": name} for name in "abc"]
+    assert results["complete"] and json.loads(path.read_text())["complete"]
+
+
 def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
     _stopped_by_ctrl_c_in_third_trial(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
