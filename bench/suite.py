@@ -200,9 +200,11 @@ def run(config: Config, resume: bool = False) -> dict:
     path = config.out / RESULTS
     if resume:
         results = stored_results(path, config.to_json())
-        if any(name not in results for name, _ in PHASES):
+        missing = [name for name, _ in PHASES if name not in results]
+        if missing:
             now = machine.describe()
-            results.setdefault("resumed", []).append({k: now[k] for k in ("date", "commit")})
+            results.setdefault("resumed", []).append(
+                {"date": now["date"], "commit": now["commit"], "phases": missing})
             results["complete"] = False
     else:
         clear(config.out)

@@ -19,7 +19,7 @@ from harness.ops import Recover
 from fuzz.corpus import replay
 from fuzz.encoding import load_reproducer
 from fuzz.runner import ReferenceTarget
-from bench import analysis, cli, detect, engines, procs, soak, suite, throughput
+from bench import analysis, cli, detect, engines, procs, report, soak, suite, throughput
 from bench.detect import ENGINES
 from bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
@@ -294,6 +294,8 @@ def test_a_run_whose_middle_phase_is_measured_again_ends_complete(tmp_path, monk
     results = suite.run(_config(tmp_path), resume=True)
     assert [results[name] for name in "abc"] == [{"measured": name} for name in "abc"]
     assert results["complete"] and json.loads(path.read_text())["complete"]
+    assert results["resumed"][-1]["phases"] == ["b"]
+    assert "the b phase(s) measured then" in report.render(results, plots=[])
 
 
 def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
