@@ -353,10 +353,10 @@ def render(results: dict, plots: list) -> str:
         head += f"**Partial run**: stopped {done}; the other sections are missing.\n\n"
     for resumed in results.get("resumed", []):
         # Runs resumed before resumes named their phases said only that something was left.
-        left = (f"the {', '.join(resumed['phases'])} phase(s) measured then, "
-                if "phases" in resumed else "")
+        measured = (f"measured the {', '.join(resumed['phases'])} phase(s); "
+                    if "phases" in resumed else "")
         head += (f"Resumed {resumed['date']} at commit {resumed['commit']} (`--resume`): "
-                 f"{left}the phases and measurements finished before it kept.\n\n")
+                 f"{measured}what was finished before was kept.\n\n")
     busiest = max((load for pair in results.get("load", {}).values() for load in pair), default=0)
     if busiest > config["jobs"] + 0.5:
         head += (f"**The machine was shared**: the 1-minute load average reached {busiest:g} on "

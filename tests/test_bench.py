@@ -295,7 +295,7 @@ def test_a_run_whose_middle_phase_is_measured_again_ends_complete(tmp_path, monk
     assert [results[name] for name in "abc"] == [{"measured": name} for name in "abc"]
     assert results["complete"] and json.loads(path.read_text())["complete"]
     assert results["resumed"][-1]["phases"] == ["b"]
-    assert "the b phase(s) measured then" in report.render(results, plots=[])
+    assert "measured the b phase(s)" in report.render(results, plots=[])
 
 
 def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
