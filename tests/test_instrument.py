@@ -81,7 +81,7 @@ def test_a_damaged_entry_is_instrumented_again(tmp_path):
     _import_probe(tmp_path, SIGN)
     (entry,) = (tmp_path / "cache").iterdir()
     data = bytearray(entry.read_bytes())
-    data[-8] ^= 0xFF  # a flipped bit in the stored code
+    data[-8] ^= 0xFF  # flipped bits in the stored code
     entry.write_bytes(bytes(data))
     damaged = _import_probe(tmp_path, SIGN)
     assert (damaged["hits"], damaged["misses"]) == (0, 1)
