@@ -320,7 +320,7 @@ def _simplify_fields(program: Program, oracle: _Oracle) -> Program:
 
 
 def _move_earlier_and_drop(program: Program, oracle: _Oracle) -> Program:
-    """An op moved earlier, if that lets another op go: one op shorter, or unchanged.
+    """An op moved earlier, if that lets other ops go: shorter, or unchanged.
 
     Deletions stop at a program no single op of which can go (1-minimal), but
     a smaller one may be the same ops in another order: a table built by an
@@ -335,13 +335,12 @@ def _move_earlier_and_drop(program: Program, oracle: _Oracle) -> Program:
         return program
     for index in range(1, len(ops)):
         for position in range(index):
-            moved = ops[:position] + (ops[index],) + ops[position:index] + ops[index + 1:]
-            if not oracle.fails(program.with_ops(moved)):
-                continue
-            for drop in range(len(moved) - 1, -1, -1):
-                candidate = program.with_ops(moved[:drop] + moved[drop + 1:])
-                if oracle.fails(candidate):
-                    return candidate
+            moved = program.with_ops(
+                ops[:position] + (ops[index],) + ops[position:index] + ops[index + 1:])
+            if oracle.fails(moved):
+                shorter = _drop_single_ops(moved, oracle)
+                if len(shorter.ops) < len(ops):
+                    return shorter
     return program
 
 
