@@ -1,7 +1,7 @@
 """Collect every ``corpus/regressions/*.repro`` as test items.
 
 Each file yields one item per replay its ``# expect:`` line asks for (with its
-fault and without, see :func:`fuzz.corpus.regression_checks`); a failing item
+fault and without, see :func:`mmufuzz.fuzz.corpus.regression_checks`); a failing item
 reports the replayed reproducer, not a Python traceback.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from fuzz.corpus import check_regression, regression_checks
-from fuzz.encoding import ReproError, load_reproducer
+from mmufuzz.fuzz.corpus import check_regression, regression_checks
+from mmufuzz.fuzz.encoding import ReproError, load_reproducer
 
 
 def pytest_collect_file(parent, file_path):

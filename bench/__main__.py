@@ -1,7 +1,7 @@
-"""``python -m bench [--quick]``: the same as ``mmufuzz bench``."""
+"""``python -m mmufuzz.bench [--quick]``: the same as ``mmufuzz bench``."""
 
 import sys
 
-from bench.cli import main
+from mmufuzz.bench.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 A campaign's first findings (every shallow fault's) come at start-up, and so
 does every ``--jobs`` worker's first exec.  Each launch here is the campaign
-worker, ``python -m fuzz.fuzz_mmu -runs=1`` on an empty corpus: interpreter,
+worker, ``python -m mmufuzz.fuzz.fuzz_mmu -runs=1`` on an empty corpus: interpreter,
 instrumented imports, libFuzzer set-up and one exec.  Cold launches get an
 empty cache each; warm ones share one the first launch filled.  Prints the
 median seconds of each and their ratio.
@@ -24,7 +24,7 @@ from pathlib import Path
 def _launch(cache: Path, corpus: Path) -> float:
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fuzz.fuzz_mmu", "-runs=1", str(corpus)], env=env,
+    subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu", "-runs=1", str(corpus)], env=env,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - started

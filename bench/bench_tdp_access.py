@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
-from harness.ops import Access, AccessKind, MemslotAdd, MemslotFlag, VmHeader, VmType
-from harness.tdp import TdpTarget
+from mmufuzz.harness.ops import Access, AccessKind, MemslotAdd, MemslotFlag, VmHeader, VmType
+from mmufuzz.harness.tdp import TdpTarget
 
 BASE = 0x1000
 

@@ -1,4 +1,4 @@
-"""The measurement subprocess: ``python -m bench.child KIND PARAMS_JSON``.
+"""The measurement subprocess: ``python -m mmufuzz.bench.child KIND PARAMS_JSON``.
 
 Every measurement runs in a fresh interpreter so that no engine inherits
 another's warm caches, imports or instrumentation, and so that the parent can
@@ -16,7 +16,7 @@ import sys
 
 def _kinds() -> dict:
     """KIND -> function(emit, **params); imported here so the parent never loads the engines."""
-    from bench import engines, minimization, soak, throughput
+    from mmufuzz.bench import engines, minimization, soak, throughput
     return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
             "replay": throughput.replay_loop, "differential": throughput.differential_loop,
             "profile": throughput.profile_loop, "minimize": minimization.minimize_one,

@@ -1,4 +1,4 @@
-"""``mmufuzz bench`` / ``python -m bench``: options, the run, the report.
+"""``mmufuzz bench`` / ``python -m mmufuzz.bench``: options, the run, the report.
 
 Exit codes: 0 measured and reported (a missed target is a result, not an
 error), 2 bad options, a ``--render`` file that is missing or malformed or a
@@ -15,11 +15,11 @@ import signal
 import sys
 from pathlib import Path
 
-from harness import faults
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT
-from bench import report, suite
-from bench.procs import MeasurementFailed
-from bench.resume import CannotResume
+from mmufuzz.harness import faults
+from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT
+from mmufuzz.bench import report, suite
+from mmufuzz.bench.procs import MeasurementFailed
+from mmufuzz.bench.resume import CannotResume
 
 EXIT_OK, EXIT_BAD_OPTIONS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 DEFAULT_OUT = "bench-out"

@@ -3,7 +3,7 @@
 A trial is one (fault, engine, seed).  ``mmufuzz`` is a real ``mmufuzz fuzz
 --inject F --seed S --max-time CAP`` campaign whose first finding is the
 moment its folder appears under ``findings/``; the baselines are
-:mod:`bench.engines` children whose first finding is the moment their report
+:mod:`mmufuzz.bench.engines` children whose first finding is the moment their report
 line arrives.  Every clock starts at launch, so start-up counts for everyone.
 Only a finding that needs the fault counts (one the target also shows
 without it is the target's own bug).  A trial that finds nothing by the cap
@@ -22,12 +22,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fuzz.campaign import StoredFinding
-from fuzz.corpus import NO_FAULT
-from fuzz.encoding import ReproError, load_reproducer
-from bench.engines import fault_needed
-from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
-from bench.resume import Done
+from mmufuzz.fuzz.campaign import StoredFinding
+from mmufuzz.fuzz.corpus import NO_FAULT
+from mmufuzz.fuzz.encoding import ReproError, load_reproducer
+from mmufuzz.bench.engines import fault_needed
+from mmufuzz.bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
+from mmufuzz.bench.resume import Done
 
 ENGINES = ("mmufuzz", "random", "hypothesis")
 

@@ -8,7 +8,7 @@ as a campaign does; only the way programs are chosen differs:
   each input runs as a campaign worker runs it (:meth:`fuzz.worker.Worker.run`,
   invariants sampled the same way).
 - ``hypothesis``: the Hypothesis state machine over the op vocabulary
-  (:func:`fuzz.stateful.machine_for`), generation only (no shrinking, no
+  (:func:`mmufuzz.fuzz.stateful.machine_for`), generation only (no shrinking, no
   example database, no deadline), seeded per run.
 
 Each reports ``{"event": "finding", ...}`` at its first finding that needs
@@ -24,14 +24,14 @@ import hypothesis
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.stateful import get_state_machine_test
 
-from harness import faults
-from harness.ops import Program
-from fuzz.campaign import MAX_LEN, CampaignConfig
-from fuzz.corpus import NO_FAULT, injected_faults, replay
-from fuzz.encoding import Reproducer
-from fuzz.runner import Finding
-from fuzz.stateful import FindingError, machine_for
-from fuzz.worker import Worker
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import Program
+from mmufuzz.fuzz.campaign import MAX_LEN, CampaignConfig
+from mmufuzz.fuzz.corpus import NO_FAULT, injected_faults, replay
+from mmufuzz.fuzz.encoding import Reproducer
+from mmufuzz.fuzz.runner import Finding
+from mmufuzz.fuzz.stateful import FindingError, machine_for
+from mmufuzz.fuzz.worker import Worker
 
 # Hypothesis stops on its own after max_examples; the cap must stop it first.
 UNBOUNDED_EXAMPLES = 10**9

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from fuzz.atomic import write_atomic
-from fuzz.corpus import NO_FAULT, injected_faults, replay
-from fuzz.encoding import ReproError, load_reproducer
-from fuzz.minimize import minimize, report
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.corpus import NO_FAULT, injected_faults, replay
+from mmufuzz.fuzz.encoding import ReproError, load_reproducer
+from mmufuzz.fuzz.minimize import minimize, report
 
 MINIMAL_DIR = Path(__file__).resolve().parent / "minimal"
 REGRESSIONS = MINIMAL_DIR.parent.parent / "corpus" / "regressions"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.analysis import summarize_detection
-from bench.detect import ENGINES
+from mmufuzz.bench.analysis import summarize_detection
+from mmufuzz.bench.detect import ENGINES
 
 COLORS = {"mmufuzz": "#1f77b4", "random": "#ff7f0e", "hypothesis": "#2ca02c"}
 

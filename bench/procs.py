@@ -1,6 +1,6 @@
 """Starting, timing and stopping measurement processes (the parent's side).
 
-Two kinds of process: a :mod:`bench.child` measurement, which reports JSON
+Two kinds of process: a :mod:`mmufuzz.bench.child` measurement, which reports JSON
 lines on stdout, and a real ``mmufuzz fuzz`` campaign, which reports through
 its directory.  Both are timed by the parent's monotonic clock from the moment
 they are launched, so every engine pays its own start-up and is timed the same
@@ -51,7 +51,7 @@ class ChildRun:
 
 
 def child_command(kind: str, params: dict) -> list:
-    return [sys.executable, "-m", "bench.child", kind, json.dumps(params, sort_keys=True)]
+    return [sys.executable, "-m", "mmufuzz.bench.child", kind, json.dumps(params, sort_keys=True)]
 
 
 def run_child(kind: str, params: dict, log: Path, cap: Optional[float] = None,
@@ -120,7 +120,7 @@ def run_campaign(args: list, out: Path, log: Path, cap: Optional[float] = None,
     finding that counts: the moment its folder is published under
     ``OUT/findings`` (the campaign's own record of it), seen by polling.
     """
-    command = [sys.executable, "-m", "fuzz.cli", "fuzz", *args, "--jobs", str(jobs),
+    command = [sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", *args, "--jobs", str(jobs),
                "--out", str(out)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as output:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fuzz.atomic import write_atomic
-from fuzz.schedules import SHARE
-from bench.analysis import (check_targets, geomean, machine_scaling, rate, speedups,
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.schedules import SHARE
+from mmufuzz.bench.analysis import (check_targets, geomean, machine_scaling, rate, speedups,
                             summarize_detection)
-from bench.detect import ENGINES
-from bench.minimization import with_known_minima
+from mmufuzz.bench.detect import ENGINES
+from mmufuzz.bench.minimization import with_known_minima
 
 BASELINES = ("random", "hypothesis")
 
@@ -300,7 +300,7 @@ def _method(results: dict) -> str:
     return f"""## Method
 
 - Every measurement is a process of its own: a real `mmufuzz fuzz` campaign for mmufuzz,
-  `python -m bench.child` for everything else, so no engine inherits another's imports.  One
+  `python -m mmufuzz.bench.child` for everything else, so no engine inherits another's imports.  One
   thing is kept between measurements, as it is for a user: campaign workers load their
   instrumented code from `~/.cache/mmufuzz/instrumented`, which the first campaign filled
   (`python bench/bench_startup.py` measures a worker's start-up cold against warm).
@@ -326,7 +326,7 @@ def _method(results: dict) -> str:
 - Seeds {', '.join(map(str, config['seeds']))}; cap {config['cap']:g} s; campaigns
   {config['campaign_time']:g} s; loops {config['loop_time']:g} s; minimization limit
   {config['minimize_time']:g} s.  Raw numbers: [`bench/results.json`](bench/results.json)
-  (`python -m bench --render docs/bench/results.json` redraws this report).
+  (`python -m mmufuzz.bench --render docs/bench/results.json` redraws this report).
 """
 
 
@@ -374,7 +374,7 @@ def write(results: dict, report: Path) -> list:
     Returns the plot files.  The raw numbers go along so that the committed
     report can always be redrawn (``--render``).
     """
-    from bench import plots as drawing
+    from mmufuzz.bench import plots as drawing
     shown = {**results, "minimization": with_known_minima(results.get("minimization", []),
                                                          results["config"]["target"])}
     folder = report.parent / "bench"

@@ -25,9 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from fuzz.atomic import write_atomic
-from bench import report
-from bench.procs import stopping
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.bench import report
+from mmufuzz.bench.procs import stopping
 
 DONE = "done"
 # What a fresh run clears: its measurements and raw findings, minimized and soak reproducers.

@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from harness.ops import Parallel
-from fuzz.atomic import write_atomic
-from fuzz.encoding import decode, format_program
-from fuzz.runner import make_target, run_program
-from bench.engines import random_input
-from bench.procs import MeasurementFailed, run_child, run_parallel
+from mmufuzz.harness.ops import Parallel
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.encoding import decode, format_program
+from mmufuzz.fuzz.runner import make_target, run_program
+from mmufuzz.bench.engines import random_input
+from mmufuzz.bench.procs import MeasurementFailed, run_child, run_parallel
 
 # Reproducers a child reports in full; past these it only counts findings.
 KEPT_FINDINGS = 5

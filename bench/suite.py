@@ -18,12 +18,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fuzz.atomic import write_atomic
-from fuzz.campaign import StoredFinding
-from fuzz.corpus import NO_FAULT
-from bench import detect, machine, soak, throughput
-from bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
-from bench.resume import Done, clear, stored_results
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.campaign import StoredFinding
+from mmufuzz.fuzz.corpus import NO_FAULT
+from mmufuzz.bench import detect, machine, soak, throughput
+from mmufuzz.bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
+from mmufuzz.bench.resume import Done, clear, stored_results
 
 # A campaign that overruns its --max-time by this much is stopped by the bench.
 CAMPAIGN_GRACE = 60.0
@@ -193,7 +193,7 @@ def run(config: Config, resume: bool = False) -> dict:
 
     ``results.json`` is rewritten after each phase (``complete`` false until
     the last), so a run stopped early can still be reported with ``--render``
-    and continued with ``resume`` (see :mod:`bench.resume`).  The 1-minute
+    and continued with ``resume`` (see :mod:`mmufuzz.bench.resume`).  The 1-minute
     load average before and after each phase is kept, so a reader can tell a
     quiet machine from one that was shared.
     """

@@ -5,7 +5,7 @@ their ratios say what each layer costs:
 
 - ``replay``: the target alone (decoded programs, no reference, no invariants);
 - ``differential``: what a campaign worker does per input without libFuzzer
-  (decode, :func:`fuzz.runner.run_program` against the reference, invariants
+  (decode, :func:`mmufuzz.fuzz.runner.run_program` against the reference, invariants
   sampled as campaigns sample them: :meth:`fuzz.worker.Worker.run`);
 - ``campaign``: a real ``mmufuzz fuzz`` (coverage instrumentation, libFuzzer,
   mutation), read back from its ``stats.jsonl``.
@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fuzz.campaign import CampaignConfig
-from fuzz.corpus import NO_FAULT
-from fuzz.encoding import decode
-from fuzz.runner import make_target
-from fuzz.worker import Worker
+from mmufuzz.fuzz.campaign import CampaignConfig
+from mmufuzz.fuzz.corpus import NO_FAULT
+from mmufuzz.fuzz.encoding import decode
+from mmufuzz.fuzz.runner import make_target
+from mmufuzz.fuzz.worker import Worker
 
 PROFILE_TOP = 12
 # Where self time goes, by package: the first prefix of the file path that matches.

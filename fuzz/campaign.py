@@ -1,7 +1,7 @@
 """Long-running campaigns: a supervisor around libFuzzer workers (DESIGN §7).
 
 ``mmufuzz fuzz`` does not fuzz in its own process.  It prepares the campaign
-directory, starts libFuzzer (``python -m fuzz.fuzz_mmu``, which spreads over
+directory, starts libFuzzer (``python -m mmufuzz.fuzz.fuzz_mmu``, which spreads over
 cores with libFuzzer's own ``-jobs/-workers``) in a process group of its own,
 and watches: it sums the workers' heartbeats and libFuzzer's logs into a
 progress line and ``stats.jsonl``, minimizes each new finding in a child
@@ -40,11 +40,11 @@ from typing import Optional, TextIO
 
 import psutil
 
-from harness import faults
-from fuzz.atomic import write_atomic
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults
-from fuzz.encoding import encode, load_reproducer, parse_reproducer
-from fuzz.runner import make_target
+from mmufuzz.harness import faults
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults
+from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
+from mmufuzz.fuzz.runner import make_target
 
 CAMPAIGN_ENV = "MMUFUZZ_CAMPAIGN"
 DEFAULT_OUT = "fuzz-out"
@@ -235,7 +235,7 @@ def seed_files() -> list:
     ``fuzz/seeds`` is a symlink to ``../corpus/seeds`` in the source tree, so a
     checkout, an editable install and a wheel all find the same files.
     """
-    folder = resources.files("fuzz") / "seeds"
+    folder = resources.files("mmufuzz.fuzz") / "seeds"
     return sorted((p for p in folder.iterdir() if p.name.endswith(".repro")),
                   key=lambda p: p.name)
 
@@ -383,7 +383,7 @@ def resolve_config(layout: Layout, options: Options) -> CampaignConfig:
 
 def libfuzzer_command(layout: Layout, options: Options) -> list:
     """The worker command line: flags for the limits and jobs, then corpus, then seeds."""
-    command = [sys.executable, "-m", "fuzz.fuzz_mmu",
+    command = [sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu",
                f"-artifact_prefix={layout.crashes}/", f"-max_len={MAX_LEN}",
                f"-timeout={INPUT_TIMEOUT_SECONDS}"]
     if options.max_time is not None:
@@ -521,7 +521,7 @@ class Campaign:
                           f"{_clip(finding.summary())}")
             if not finding.minimized.exists() and finding.signature not in self.attempted:
                 self.attempted.add(finding.signature)
-                command = [sys.executable, "-m", "fuzz.cli", "minimize", str(finding.raw),
+                command = [sys.executable, "-m", "mmufuzz.fuzz.cli", "minimize", str(finding.raw),
                            "-o", str(finding.minimized), "--max-time", str(MINIMIZE_SECONDS)]
                 # Its own session: the Ctrl-C that stops fuzzing must not stop it.
                 with open(finding.path / "minimize.log", "wb") as log:

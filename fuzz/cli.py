@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from harness import faults
-from harness.target import TARGETS, UnknownTarget
-from fuzz.atomic import write_atomic
-from fuzz.campaign import DEFAULT_OUT, Campaign, CampaignError, Options
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults, replay, reproducer_files
-from fuzz.encoding import Reproducer, ReproError, decode, format_program, load_reproducer
-from fuzz.minimize import minimize, report
+from mmufuzz.harness import faults
+from mmufuzz.harness.target import TARGETS, UnknownTarget
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.campaign import DEFAULT_OUT, Campaign, CampaignError, Options
+from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults, replay, reproducer_files
+from mmufuzz.fuzz.encoding import Reproducer, ReproError, decode, format_program, load_reproducer
+from mmufuzz.fuzz.minimize import minimize, report
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, in the shell's words
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_bench(argv: list) -> int:
     """Hand over to ``bench`` (imported only here: it is heavy and optional)."""
-    from bench.cli import main as bench_main
+    from mmufuzz.bench.cli import main as bench_main
     return bench_main(argv)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import faults
-from fuzz.encoding import Reproducer, ReproError, format_program
-from fuzz.runner import Finding, make_target, run_program
+from mmufuzz.harness import faults
+from mmufuzz.fuzz.encoding import Reproducer, ReproError, format_program
+from mmufuzz.fuzz.runner import Finding, make_target, run_program
 
 DEFAULT_TARGET = "tdp"
 NO_FAULT = "none"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M,
+from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M,
                          Access, AccessKind, Accept, Domain, Parallel, Program, PteFlag,
                          VmHeader, VmType, WritePte, domain, op_vcpu)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """libFuzzer entry point (atheris): the OSS-Fuzz / ClusterFuzzLite fuzz target.
 
-Standalone (``python -m fuzz.fuzz_mmu [libFuzzer flags] [CORPUS...]``, or the
+Standalone (``python -m mmufuzz.fuzz.fuzz_mmu [libFuzzer flags] [CORPUS...]``, or the
 binary OSS-Fuzz builds from this file) it fuzzes the default target (tdp, no
 fault) and reports a finding as a crash.  Started by ``mmufuzz fuzz`` (the
 campaign directory is in ``$MMUFUZZ_CAMPAIGN``) it fuzzes that campaign's
@@ -11,10 +11,10 @@ Coverage comes from atheris's bytecode instrumentation of the branches (not
 the comparisons) of ``harness`` and ``reference`` (what the program exercised
 in the MMU and the model; the invariant checks and SPTE bit helpers left out)
 plus one extra libFuzzer counter per generic outcome feature
-(:class:`fuzz.worker.CampaignTarget`).
+(:class:`mmufuzz.fuzz.worker.CampaignTarget`).
 The encoder, mutator and runner are not instrumented: their branches say
 nothing about the system under test.  The instrumented code is cached
-between processes (:mod:`fuzz.instrument`), so a worker starts in a fraction
+between processes (:mod:`mmufuzz.fuzz.instrument`), so a worker starts in a fraction
 of the time instrumenting takes.
 """
 
@@ -23,7 +23,7 @@ import sys
 
 import atheris
 
-from fuzz.instrument import instrument_branches
+from mmufuzz.fuzz.instrument import instrument_branches
 
 
 def at_libfuzzer_exit(callback):
@@ -44,15 +44,15 @@ def at_libfuzzer_exit(callback):
 # quarter of the instrumented run time, for no more edges or features in 60-s campaigns.
 # pgalloc.py is table-page bookkeeping: its branches are poison and double-free checks (the
 # oracle again) and the scans of a table's used entries for snapshots and checkpoints.
-NOT_INSTRUMENTED = {"harness.tdp.invariants", "harness.tdp.pgalloc", "harness.tdp.spte"}
+NOT_INSTRUMENTED = {"mmufuzz.harness.tdp.invariants", "mmufuzz.harness.tdp.pgalloc", "mmufuzz.harness.tdp.spte"}
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
     # Everything that imports harness/ or reference/ (the target too) happens in here.
-    with instrument_branches({"harness", "reference"}, NOT_INSTRUMENTED) as cache:
-        from fuzz.mutator import custom_crossover, custom_mutator
-        from fuzz.worker import CounterSink, Worker
+    with instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED) as cache:
+        from mmufuzz.fuzz.mutator import custom_crossover, custom_mutator
+        from mmufuzz.fuzz.worker import CounterSink, Worker
         worker = Worker.from_environment(CounterSink(atheris._reserve_counter,
                                                      atheris._trace_branch))
     print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, {cache.misses} anew",

@@ -47,7 +47,7 @@ from typing import Callable, Optional
 import atheris
 from atheris import import_hook, instrument_bytecode, version_dependent
 
-from fuzz.atomic import write_atomic
+from mmufuzz.fuzz.atomic import write_atomic
 
 # Stands for the atheris module in stored code; no source string of ours looks like it.
 _ATHERIS_PLACEHOLDER = "<mmufuzz instrument: the atheris module>"
@@ -160,7 +160,8 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
 
     def get_code(self, fullname: str) -> types.CodeType:
         first_marker = atheris._reserve_counter()
-        key = self._cache.key(self.path, self.get_data(self.path), first_marker)
+        source = self.get_data(self.path)
+        key = self._cache.key(self.path, source, first_marker)
         cached = self._cache.load(fullname, self.path, key)
         if cached is not None:
             self._cache.hits += 1
@@ -169,7 +170,10 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
                 atheris._reserve_counter()
             return instrumented
         self._cache.misses += 1
-        code = importlib.machinery.SourceFileLoader.get_code(self, fullname)  # via __pycache__
+        # The bytes that were hashed, compiled here: SourceFileLoader.get_code would take a
+        # __pycache__ entry whose whole-second mtime and size match, which a same-size edit
+        # within a second (or cp -p, rsync -a, tar) leaves stale under the new source's key.
+        code = self.source_to_code(source, self.path)
         instrumented = instrument_bytecode.patch_code(code, trace_dataflow=False)
         closing_marker = atheris._reserve_counter()
         self._cache.store(fullname, self.path, key, closing_marker - first_marker - 1,
@@ -181,10 +185,17 @@ class _CachedMetaPathFinder(import_hook.AtherisMetaPathFinder):
     """atheris's finder, with its plain source-file loader swapped for the cached one."""
 
     def __init__(self, packages: set, exclude: set, cache: InstrumentedCache):
-        super().__init__(packages, exclude, enable_loader_override=True, trace_dataflow=False)
+        # atheris matches top-level names only; the packages here are dotted
+        # (``mmufuzz.harness``), so it is given their top level and this finder the rest.
+        super().__init__({name.partition(".")[0] for name in packages}, exclude,
+                         enable_loader_override=True, trace_dataflow=False)
+        self._packages = tuple(packages)
         self._cache = cache
 
     def find_spec(self, fullname, path, target=None):
+        if not any(fullname == name or fullname.startswith(name + ".")
+                   for name in self._packages):
+            return None
         spec = super().find_spec(fullname, path, target)
         if spec is not None and type(spec.loader) is import_hook.AtherisSourceFileLoader:
             spec.loader = _CachedSourceFileLoader(spec.loader.name, spec.loader.path,

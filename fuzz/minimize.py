@@ -21,7 +21,7 @@ the stages run cheapest first and repeat to a fixpoint:
    another order, which deletions alone never reach);
 9. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
 
-Every candidate stays valid by construction (:func:`fuzz.encoding.conform`),
+Every candidate stays valid by construction (:func:`mmufuzz.fuzz.encoding.conform`),
 is accepted only if it keeps the signature, and results are cached per program,
 so no program runs twice.
 """
@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from harness import faults
-from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Accept, Access,
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Accept, Access,
                          MemslotAdd, MemslotFlag, Parallel, Program, SetAttributes, VmType,
                          domain, op_gfns, op_vcpu)
-from fuzz.corpus import Replay
-from fuzz.encoding import Reproducer, conform
-from fuzz.runner import Finding, make_target, run_program
+from mmufuzz.fuzz.corpus import Replay
+from mmufuzz.fuzz.encoding import Reproducer, conform
+from mmufuzz.fuzz.runner import Finding, make_target, run_program
 
 REPRO_RUNS = 3
 MAX_ROUNDS = 16

@@ -11,7 +11,7 @@ produced by decoding bytes *in the context of the ops before them*, so they
 come from the encoding's interesting pools (slot bounds, 2M frames, gfns used
 earlier) and pass its cross-field fix-ups; whole-op edits (delete, duplicate,
 swap, splice) keep ops that were valid for the header; a numeric nudge goes
-through :func:`fuzz.encoding.conform`.  Nothing here knows a bug: every choice
+through :func:`mmufuzz.fuzz.encoding.conform`.  Nothing here knows a bug: every choice
 is generic.
 """
 
@@ -21,9 +21,9 @@ import dataclasses
 import random
 from typing import Callable, Iterator, Optional
 
-from harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, VmHeader, VmType, domain,
+from mmufuzz.harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, VmHeader, VmType, domain,
                          gpa_field, op_gfns, op_vcpu)
-from fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
+from mmufuzz.fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
 FRESH_OP_BYTES = 40

@@ -17,10 +17,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Optional
 
-from harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
-from harness.target import (InvariantViolation, Target, UnknownTarget,
+from mmufuzz.harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
+from mmufuzz.harness.target import (InvariantViolation, Target, UnknownTarget,
                             make_target as make_harness_target)
-from reference.model import Expect, Reference
+from mmufuzz.reference.model import Expect, Reference
 
 # SEMANTICS §H: the candidate set of a parallel oracle is capped.
 MAX_CANDIDATES = 8

@@ -34,7 +34,7 @@ import random
 import time
 from typing import Callable, Iterator
 
-from harness.ops import PAGES_PER_2M, SCHEDULE_LIMIT, Parallel, Program, op_gfns
+from mmufuzz.harness.ops import PAGES_PER_2M, SCHEDULE_LIMIT, Parallel, Program, op_gfns
 
 HORIZON = SCHEDULE_LIMIT.bit_length() - 1  # schedule bits; after them the sides alternate
 # Share of a worker's time that may go to exploration, and the most one input gets.
@@ -175,7 +175,7 @@ class ScheduleExplorer:
     over its capacity drops the pairs it would serve last.
 
     :meth:`offer_collisions` queues the collisions of an input that showed
-    new behaviour (:func:`fuzz.mutator.collisions`: each of its guest ops in
+    new behaviour (:func:`mmufuzz.fuzz.mutator.collisions`: each of its guest ops in
     parallel with each op that can race it), a third source of work served
     oldest input first; each collision that runs offers its pair like any
     program.  A race may need one pairing among the dozens a program allows,
@@ -270,7 +270,7 @@ class ScheduleExplorer:
     def offer_collisions(self, programs: Iterator[Program], run: Callable) -> None:
         """Queue the collisions of an input that showed new behaviour, to run with ``run``.
 
-        ``programs`` (:func:`fuzz.mutator.collisions`) is drawn when its turn
+        ``programs`` (:func:`mmufuzz.fuzz.mutator.collisions`) is drawn when its turn
         comes; ``run`` takes one and returns its finding or None, and offers
         its ``parallel`` to the schedule queues.  The oldest input is served
         first; while :attr:`capacity` inputs wait, a new one is not queued.

@@ -4,7 +4,7 @@ A second, independent generator of programs.  Where the byte decoder reads
 fields from libFuzzer's bytes, this draws them with Hypothesis strategies built
 from each field's :class:`~harness.ops.Domain`, biased toward the gfns the
 program already used, and runs every op through the same differential oracle
-(:class:`fuzz.runner.Differential`).  The test suite uses it to check that a
+(:class:`mmufuzz.fuzz.runner.Differential`).  The test suite uses it to check that a
 target never diverges; ``bench`` uses it as the Hypothesis baseline.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT, Parallel, Program,
+from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT, Parallel, Program,
                          VmHeader, VmType, domain)
-from fuzz.encoding import conform, format_program
-from fuzz.runner import Differential, make_target
+from mmufuzz.fuzz.encoding import conform, format_program
+from mmufuzz.fuzz.runner import Differential, make_target
 
 # Gfns every program finds interesting: 2M frames and their neighbours.
 GFNS = (0x0, 0x1, 0x1ff, 0x200, 0x201, 0x3ff, 0x400, 0x600, 0x800)

@@ -25,15 +25,15 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from harness import faults
-from harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
-from fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
-from fuzz.atomic import write_atomic
-from fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults
-from fuzz.encoding import Reproducer, decode, encode
-from fuzz.mutator import collisions
-from fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
-from fuzz.schedules import TAIL, ScheduleExplorer
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
+from mmufuzz.fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
+from mmufuzz.fuzz.atomic import write_atomic
+from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults
+from mmufuzz.fuzz.encoding import Reproducer, decode, encode
+from mmufuzz.fuzz.mutator import collisions
+from mmufuzz.fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
+from mmufuzz.fuzz.schedules import TAIL, ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
 _JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
@@ -58,7 +58,7 @@ class CampaignTarget:
     coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
     is noted with the steps its sides took and the state it started from (a
-    feature too), for schedule exploration (:mod:`fuzz.schedules`).  While
+    feature too), for schedule exploration (:mod:`mmufuzz.fuzz.schedules`).  While
     :meth:`quiet`, ops feed nothing: a schedule variant's coverage is not its
     input's.
 
@@ -212,7 +212,7 @@ class Worker:
         Under coverage, the program's ``parallel`` ops are queued for
         schedule exploration, and so are its collisions if it showed a
         feature no input had before; the explorer then takes its share of time
-        (:mod:`fuzz.schedules`), its variants run quiet
+        (:mod:`mmufuzz.fuzz.schedules`), its variants run quiet
         (:meth:`CampaignTarget.quiet`); a finding there is a variant of this
         or an earlier input, and comes back as that variant program.
         """
@@ -317,7 +317,7 @@ class Worker:
         """
         if self.layout is None:
             return argv
-        argv = [shlex.join([sys.executable, "-m", "fuzz.fuzz_mmu"])] + argv[1:]
+        argv = [shlex.join([sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu"])] + argv[1:]
         job = _libfuzzer_job()
         return [f"-seed={int(a.split('=', 1)[1]) + job}" if a.startswith("-seed=") else a
                 for a in argv]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-from harness.ops import Outcome, VmHeader
+from mmufuzz.harness.ops import Outcome, VmHeader
 
 
 class InvariantViolation(Exception):
@@ -62,7 +62,7 @@ class Target(Protocol):
 # name -> "module:factory"; imported lazily so that a broken or heavy target
 # costs nothing to the others.
 TARGETS: dict[str, str] = {
-    "tdp": "harness.tdp:TdpTarget",
+    "tdp": "mmufuzz.harness.tdp:TdpTarget",
 }
 
 

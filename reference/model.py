@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, WORDS_PER_PAGE, ALREADY_ACCEPTED,
+from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, WORDS_PER_PAGE, ALREADY_ACCEPTED,
                          GFN_LIMIT, PG_LEVEL_2M, SIZE_MISMATCH, UNSUPPORTED, AccessKind, DirtyLog,
                          MemoryFaultExit, MemslotFlag, MmioExit, Ok, PageFault, VePending, VmHeader,
                          VmType, op_name)
-from reference.intervals import IntervalSet
-from reference.paging import Translation, permission_fault, walk_addr
+from mmufuzz.reference.intervals import IntervalSet
+from mmufuzz.reference.paging import Translation, permission_fault, walk_addr
 
 
 class Expect:

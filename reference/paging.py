@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.ops import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
+from mmufuzz.harness.ops import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
                          PFERR_WRITE_MASK, PG_LEVEL_2M, PG_LEVEL_4K, PTE_ADDR_MASK, AccessKind,
                          PageFault)
 

@@ -7,8 +7,8 @@ on ``PYTHONPATH``.
 
 from __future__ import annotations
 
-from harness.ops import Access, AccessKind, MemslotAdd, Ok, PairOutcome, Parallel, ZapAll
-from fuzz.runner import ReferenceTarget
+from mmufuzz.harness.ops import Access, AccessKind, MemslotAdd, Ok, PairOutcome, Parallel, ZapAll
+from mmufuzz.fuzz.runner import ReferenceTarget
 
 
 class ForgetsAfter(ReferenceTarget):

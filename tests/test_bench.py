@@ -14,14 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import faults
-from harness.ops import Recover
-from fuzz.corpus import replay
-from fuzz.encoding import load_reproducer
-from fuzz.runner import ReferenceTarget
-from bench import analysis, cli, detect, engines, procs, report, soak, suite, throughput
-from bench.detect import ENGINES
-from bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import Recover
+from mmufuzz.fuzz.corpus import replay
+from mmufuzz.fuzz.encoding import load_reproducer
+from mmufuzz.fuzz.runner import ReferenceTarget
+from mmufuzz.bench import analysis, cli, detect, engines, procs, report, soak, suite, throughput
+from mmufuzz.bench.detect import ENGINES
+from mmufuzz.bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
 TESTS = Path(__file__).resolve().parent
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.ops import (Access, AccessKind, FlushTlb, MemslotAdd, MemslotFlag, Parallel, Program,
+from mmufuzz.harness.ops import (Access, AccessKind, FlushTlb, MemslotAdd, MemslotFlag, Parallel, Program,
                          Split, VmHeader, VmType)
-from harness.target import InvariantViolation
-from fuzz import campaign
-from fuzz.campaign import (CampaignConfig, CampaignError, FindingStore, Layout, Options,
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.fuzz import campaign
+from mmufuzz.fuzz.campaign import (CampaignConfig, CampaignError, FindingStore, Layout, Options,
                            libfuzzer_command, resolve_config, seed_files, write_seeds)
-from fuzz.cli import main
-from fuzz.encoding import decode, encode, load_reproducer
-from fuzz.runner import ReferenceTarget, run_program
-from fuzz.worker import CampaignTarget, CounterSink, FindingError, Worker
+from mmufuzz.fuzz.cli import main
+from mmufuzz.fuzz.encoding import decode, encode, load_reproducer
+from mmufuzz.fuzz.runner import ReferenceTarget, run_program
+from mmufuzz.fuzz.worker import CampaignTarget, CounterSink, FindingError, Worker
 from planted import FetchForgets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_libfuzzer_command_carries_limits_jobs_and_both_corpora(tmp_path):
     layout = Layout(tmp_path)
     command = libfuzzer_command(layout, Options(out=tmp_path, max_time=2.5, max_execs=100,
                                                 jobs=4, rss_limit_mb=512, seed=7))
-    assert command[:3] == [sys.executable, "-m", "fuzz.fuzz_mmu"]
+    assert command[:3] == [sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu"]
     for flag in ("-max_total_time=3", "-runs=25", "-rss_limit_mb=512", "-seed=7", "-jobs=4",
                  "-workers=4"):
         assert flag in command
@@ -177,7 +177,7 @@ def test_libfuzzer_command_carries_limits_jobs_and_both_corpora(tmp_path):
 # --- one real campaign, then a resumed one stopped with Ctrl-C ---------------------------
 
 def fuzz_command(out: Path, *extra: str) -> list:
-    return [sys.executable, "-m", "fuzz.cli", "fuzz", "--target", PLANTED, "--out", str(out),
+    return [sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", "--target", PLANTED, "--out", str(out),
             *extra]
 
 
@@ -278,12 +278,12 @@ def test_entry_script_runs_standalone_as_oss_fuzz_does(tmp_path):
     done = subprocess.run([str(REPO / "fuzz" / "fuzz_mmu.py"), "-runs=1", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "INFO: Instrumenting harness.tdp" in done.stderr
+    assert "INFO: Instrumenting mmufuzz.harness.tdp" in done.stderr
     assert re.search(r"Done \d+ runs", done.stderr)
 
 
 def test_max_execs_stops_the_campaign_and_every_input_is_counted(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--target", "reference",
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", "--target", "reference",
                            "--max-execs", "200", "--out", str(tmp_path)], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -327,7 +327,7 @@ def test_a_second_campaign_on_a_locked_directory_is_refused(tmp_path):
 
 
 HOLD_LOCK = """import sys, time
-from fuzz.campaign import Layout, hold_lock
+from mmufuzz.fuzz.campaign import Layout, hold_lock
 lock = hold_lock(Layout(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)

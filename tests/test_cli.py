@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from harness import target as harness_target
-from harness.ops import Access, AccessKind, Ok
-from fuzz.cli import main
-from fuzz.runner import ReferenceTarget
+from mmufuzz.harness import target as harness_target
+from mmufuzz.harness.ops import Access, AccessKind, Ok
+from mmufuzz.fuzz.cli import main
+from mmufuzz.fuzz.runner import ReferenceTarget
 
 GOOD = """\
 # mmufuzz reproducer v1
@@ -147,7 +147,7 @@ def test_unknown_target_and_fault_are_one_line_errors(tmp_path, capsys):
 
 def test_console_script_reports_bad_input_without_traceback(tmp_path):
     path = write(tmp_path, "vm type=default vcpus=1\nmemslot_delete slot=0xZZ\n")
-    done = subprocess.run([sys.executable, "-m", "fuzz.cli", "replay", str(path)],
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "replay", str(path)],
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stdout == "" and len(done.stderr.splitlines()) == 1
@@ -157,7 +157,7 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
 def test_a_reader_that_leaves_early_stops_quietly(tmp_path):
     """``mmufuzz show BIG | head -1``: exit as SIGPIPE would, no traceback."""
     many_ops = GOOD + GOOD.splitlines(keepends=True)[-1] * 20_000  # far more than a pipe holds
-    show = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "show",
+    show = subprocess.Popen([sys.executable, "-m", "mmufuzz.fuzz.cli", "show",
                              str(write(tmp_path, many_ops))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     show.stdout.readline()

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotFlag, Parallel,
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotFlag, Parallel,
                          Program, VmHeader, VmType, ZapAll, domain)
-from fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
+from mmufuzz.fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
-from fuzz.stateful import domain_strategy
+from mmufuzz.fuzz.stateful import domain_strategy
 
 SEEDS = sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fuzz.encoding import load_reproducer
-from harness import faults
+from mmufuzz.fuzz.encoding import load_reproducer
+from mmufuzz.harness import faults
 
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSIONS = ROOT / "corpus" / "regressions"
@@ -54,7 +54,7 @@ def test_unknown_fault_name_is_a_one_line_cli_error(command, tmp_path):
     repro.write_text("vm type=default vcpus=1\nzap_all\n")
     args = {"fuzz": ["fuzz", "--max-execs", "1", "--out", str(tmp_path / "out")],
             "replay": ["replay", str(repro)]}[command]
-    done = subprocess.run([sys.executable, "-m", "fuzz.cli", *args, "--inject", "no-such-fault"],
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", *args, "--inject", "no-such-fault"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

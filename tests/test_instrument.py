@@ -8,7 +8,7 @@ import textwrap
 import atheris
 from atheris.instrument_bytecode import patch_code
 
-from fuzz.instrument import freeze, thaw
+from mmufuzz.fuzz.instrument import freeze, thaw
 
 SIGN = textwrap.dedent("""\
     def sign(x):
@@ -22,7 +22,7 @@ IMPORT = textwrap.dedent("""\
     import hashlib, json, sys
     from pathlib import Path
     import atheris
-    from fuzz.instrument import freeze, instrument_branches
+    from mmufuzz.fuzz.instrument import freeze, instrument_branches
     for _ in range(int(sys.argv[2])):  # counters taken before, as by an earlier import
         atheris._reserve_counter()
     with instrument_branches({"mmufuzz_probe"}, set(), Path(sys.argv[1])) as cache:

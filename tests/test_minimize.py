@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from harness.ops import (PG_LEVEL_2M, Accept, Access, AccessKind, DirtyLog, FlushTlb, GetDirtyLog,
+from mmufuzz.harness.ops import (PG_LEVEL_2M, Accept, Access, AccessKind, DirtyLog, FlushTlb, GetDirtyLog,
                          HostInvalidate, Invlpg, MemslotAdd, MemslotDelete, MemslotFlag,
                          MemslotMove, MemslotSetFlags, Ok, Paging, Program, Recover,
                          SetAttributes, Split, VmHeader, VmType, ZapAll)
-from harness.target import InvariantViolation
-import fuzz.minimize
-from fuzz.cli import main
-from fuzz.encoding import encode, format_program, load_reproducer
-from fuzz.minimize import minimize, report
-from fuzz.runner import ReferenceTarget, make_target, run_program
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.fuzz import minimize as minimize_module
+from mmufuzz.fuzz.cli import main
+from mmufuzz.fuzz.encoding import encode, format_program, load_reproducer
+from mmufuzz.fuzz.minimize import minimize, report
+from mmufuzz.fuzz.runner import ReferenceTarget, make_target, run_program
 from planted import FetchForgets, ZapForgets
 
 NO_FLAGS = MemslotFlag(0)
@@ -217,7 +217,7 @@ def test_no_program_runs_twice(monkeypatch):
         ran.append(program)
         return run_program(program, target, **kwargs)
 
-    monkeypatch.setattr(fuzz.minimize, "run_program", recording)
+    monkeypatch.setattr(minimize_module, "run_program", recording)
     result = minimize(padded(HEADER, CASES["divergence"][1], NOISE), spec(ZapForgets))
     # The first replays repeat the input on purpose; every later candidate is new.
     assert result.runs == len(ran) > 20

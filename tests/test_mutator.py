@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import faults
-from harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_gfns, op_name, op_vcpu
-from fuzz import mutator
-from fuzz.encoding import MAX_OPS, decode, encode, format_program, load_reproducer, parse_reproducer
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_gfns, op_name, op_vcpu
+from mmufuzz.fuzz import mutator
+from mmufuzz.fuzz.encoding import MAX_OPS, decode, encode, format_program, load_reproducer, parse_reproducer
 
 SEEDS = [load_reproducer(p).program
          for p in sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness.ops import (ALREADY_ACCEPTED, EINVAL, FLAG_NAMES, OK, PG_LEVEL_2M, PG_LEVEL_4K,
+from mmufuzz.harness.ops import (ALREADY_ACCEPTED, EINVAL, FLAG_NAMES, OK, PG_LEVEL_2M, PG_LEVEL_4K,
                          SIZE_MISMATCH, UNSUPPORTED, Accept, Access, AccessKind, DirtyLog,
                          FlushTlb, GetDirtyLog, HostInvalidate, Invlpg, MemoryFaultExit,
                          MemslotAdd, MemslotDelete, MemslotFlag, MemslotMove, MemslotSetFlags,
                          MmioExit, Ok, PageFault, Paging, PteFlag, Recover, SetAttributes, Split,
                          VePending, VmHeader, VmType, WritePte, ZapAll)
-from reference.model import Reference
+from mmufuzz.reference.model import Reference
 
 # --- helpers ------------------------------------------------------------------
 

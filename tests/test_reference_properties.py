@@ -12,10 +12,10 @@ import sys
 
 from hypothesis import given, settings, strategies as st
 
-from fuzz.encoding import decode
-from harness.ops import (AccessKind, Access, FlushTlb, Invlpg, MemslotAdd, MemslotFlag, Paging,
+from mmufuzz.fuzz.encoding import decode
+from mmufuzz.harness.ops import (AccessKind, Access, FlushTlb, Invlpg, MemslotAdd, MemslotFlag, Paging,
                          Parallel, PteFlag, VmHeader, VmType, WritePte)
-from reference.model import Reference
+from mmufuzz.reference.model import Reference
 
 
 def simple_ops(program):
@@ -107,10 +107,10 @@ def test_a_copy_evolves_independently(data):
 
 _OUTCOMES_DIGEST = """
 import hashlib, random
-from fuzz.encoding import decode
-from harness.ops import (AccessKind, Access, FlushTlb, Invlpg, MemslotAdd, MemslotFlag, Paging,
+from mmufuzz.fuzz.encoding import decode
+from mmufuzz.harness.ops import (AccessKind, Access, FlushTlb, Invlpg, MemslotAdd, MemslotFlag, Paging,
                          Parallel, PteFlag, VmHeader, VmType, WritePte)
-from reference.model import Reference
+from mmufuzz.reference.model import Reference
 rng = random.Random(7)
 digest = hashlib.sha256()
 for _ in range(150):

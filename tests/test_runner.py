@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import faults
-from harness.ops import (Access, AccessKind, DirtyLog, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import (Access, AccessKind, DirtyLog, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
                          PairOutcome, Program, VmHeader, VmType, ZapAll)
-from harness.target import InvariantViolation
-from fuzz.corpus import injected_faults
-from fuzz.encoding import load_reproducer, parse_reproducer
-from fuzz.runner import Differential, Finding, ReferenceTarget, make_target, run_program
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.fuzz.corpus import injected_faults
+from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
+from mmufuzz.fuzz.runner import Differential, Finding, ReferenceTarget, make_target, run_program
 
 HEADER = VmHeader(VmType.DEFAULT, 2)
 SLOT = MemslotAdd(0, 0x100, 0x10, MemslotFlag(0), 0)

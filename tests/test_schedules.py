@@ -8,17 +8,17 @@ import itertools
 import random
 from pathlib import Path
 
-from harness import faults
-from harness.ops import Parallel
-from harness.tdp.sched import interleave
-from fuzz.campaign import CampaignConfig
-from fuzz.corpus import NO_FAULT
-from fuzz.encoding import encode, load_reproducer, parse_reproducer
-from fuzz.runner import make_target, run_program
-from fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import Parallel
+from mmufuzz.harness.tdp.sched import interleave
+from mmufuzz.fuzz.campaign import CampaignConfig
+from mmufuzz.fuzz.corpus import NO_FAULT
+from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
+from mmufuzz.fuzz.runner import make_target, run_program
+from mmufuzz.fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
                             one_preemption, sampled_preemptions, sampled_two_preemptions,
                             two_preemption_schedules)
-from fuzz.worker import CounterSink, Worker
+from mmufuzz.fuzz.worker import CounterSink, Worker
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "corpus" / "regressions"
 

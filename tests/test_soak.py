@@ -6,7 +6,7 @@ Not in CI (minutes to hours); run before a release or after touching harness/tdp
 
 Each program is ``decode`` of seeded random bytes, so a failure names a seed
 that reproduces it anywhere.  The ``explored`` mode also reruns each program
-with some of every ``parallel``'s bounded schedules (:mod:`fuzz.schedules`),
+with some of every ``parallel``'s bounded schedules (:mod:`mmufuzz.fuzz.schedules`),
 as a campaign's schedule exploration does: a variant counts as a program.
 """
 
@@ -19,10 +19,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from harness.ops import Parallel
-from fuzz.encoding import decode, format_program
-from fuzz.runner import make_target, run_program
-from fuzz.schedules import bounded_schedules
+from mmufuzz.harness.ops import Parallel
+from mmufuzz.fuzz.encoding import decode, format_program
+from mmufuzz.fuzz.runner import make_target, run_program
+from mmufuzz.fuzz.schedules import bounded_schedules
 
 PROGRAMS = int(os.environ.get("MMUFUZZ_SOAK", "100000"))
 CHUNK = 500

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from harness import target as harness_target
-from harness.ops import Access, AccessKind, MmioExit, VmHeader, VmType
-from fuzz.encoding import parse_reproducer
-from fuzz.runner import ReferenceTarget, run_program
-from fuzz.stateful import FindingError, Known, build_op, machine_for
+from mmufuzz.harness import target as harness_target
+from mmufuzz.harness.ops import Access, AccessKind, MmioExit, VmHeader, VmType
+from mmufuzz.fuzz.encoding import parse_reproducer
+from mmufuzz.fuzz.runner import ReferenceTarget, run_program
+from mmufuzz.fuzz.stateful import FindingError, Known, build_op, machine_for
 
 FAST = settings(max_examples=60, stateful_step_count=25, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

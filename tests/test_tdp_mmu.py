@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.ops import (
+from mmufuzz.harness.ops import (
     OK,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
@@ -32,9 +32,9 @@ from harness.ops import (
     VmType,
     ZapAll,
 )
-from harness.target import InvariantViolation
-from harness.tdp import TdpTarget
-from harness.tdp.spte import (
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     SHADOW_NONPRESENT_VALUE,
     is_large_pte,
@@ -44,7 +44,7 @@ from harness.tdp.spte import (
     spte_index,
     spte_to_pfn,
 )
-from fuzz.runner import Differential
+from mmufuzz.fuzz.runner import Differential
 
 HUGE = MemslotFlag.HOST_HUGE
 PRIVATE = MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from test_tdp_mmu import HUGE, PRIVATE, Vm
 
-from harness.ops import (
+from mmufuzz.harness.ops import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     Accept,
@@ -26,7 +26,7 @@ from harness.ops import (
     Split,
     ZapAll,
 )
-from harness.tdp import fault
+from mmufuzz.harness.tdp import fault
 
 SCHEDULES = range(0, 1 << 9, 3)
 

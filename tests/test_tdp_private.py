@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from test_tdp_mmu import PRIVATE, Vm
 
-from harness.ops import (
+from mmufuzz.harness.ops import (
     ALREADY_ACCEPTED,
     OK,
     PG_LEVEL_2M,
@@ -21,7 +21,7 @@ from harness.ops import (
     VePending,
     ZapAll,
 )
-from harness.tdp.spte import is_shadow_present_pte
+from mmufuzz.harness.tdp.spte import is_shadow_present_pte
 
 
 def private_vm(base=0x200, npages=0x400):

@@ -6,13 +6,13 @@ import pickle
 
 import pytest
 
-from harness.ops import PG_LEVEL_2M, PG_LEVEL_4K
-from harness.target import InvariantViolation
-from harness.tdp.hostmem import Backing, HostMemory
-from harness.tdp.iter import TdpIter
-from harness.tdp.pgalloc import PageTableAllocator, used_entries
-from harness.tdp.sched import Hang, Rcu, RwLock, interleave, run
-from harness.tdp.spte import (
+from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp.hostmem import Backing, HostMemory
+from mmufuzz.harness.tdp.iter import TdpIter
+from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, used_entries
+from mmufuzz.harness.tdp.sched import Hang, Rcu, RwLock, interleave, run
+from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
     ACC_EXEC_MASK,
     FROZEN_SPTE,

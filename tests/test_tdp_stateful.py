@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from harness.ops import (Accept, Access, AccessKind, FlushTlb, GetDirtyLog, HostInvalidate, Invlpg,
+from mmufuzz.harness.ops import (Accept, Access, AccessKind, FlushTlb, GetDirtyLog, HostInvalidate, Invlpg,
                          MemslotAdd, MemslotDelete, MemslotFlag, MemslotMove, MemslotSetFlags,
                          Paging, Parallel, PteFlag, Recover, SetAttributes, Split, VmHeader,
                          VmType, WritePte, ZapAll)
-from harness.tdp import TdpTarget
-from fuzz.runner import Differential
+from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.fuzz.runner import Differential
 
 SLOTS = st.integers(0, 2)
 # Slot 0 covers [0x200, 0x600), slot 1 [0x600, 0x801) after create_vm; 0x0 and 0x801 have none.

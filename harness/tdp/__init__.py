@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pickle
 
-from harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel,
+from mmufuzz.harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel,
                          VmHeader, gpa_field)
-from harness.tdp.invariants import check_invariants
-from harness.tdp.kvm import Kvm
-from harness.tdp.lpage import max_mapping_level
-from harness.tdp.sched import interleave, run
+from mmufuzz.harness.tdp.invariants import check_invariants
+from mmufuzz.harness.tdp.kvm import Kvm
+from mmufuzz.harness.tdp.lpage import max_mapping_level
+from mmufuzz.harness.tdp.sched import interleave, run
 
 LEVEL_NAME = {level: name for name, level in LEVEL_NAMES.items()}
 

@@ -8,10 +8,10 @@ get or the enable: both re-write-protect and flush.
 
 from __future__ import annotations
 
-from harness import faults
-from harness.ops import EINVAL, PG_LEVEL_4K, DirtyLog, GetDirtyLog
-from harness.tdp.huge import split_range
-from harness.tdp.spte import ROOT_LEVEL
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import EINVAL, PG_LEVEL_4K, DirtyLog, GetDirtyLog
+from mmufuzz.harness.tdp.huge import split_range
+from mmufuzz.harness.tdp.spte import ROOT_LEVEL
 
 
 class DirtyLogger:

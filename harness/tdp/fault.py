@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import faults
-from harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
-from harness.tdp import huge
-from harness.tdp.lpage import max_mapping_level
-from harness.tdp.spte import (
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
+from mmufuzz.harness.tdp import huge
+from mmufuzz.harness.tdp.lpage import max_mapping_level
+from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
     is_frozen_spte,
     is_large_pte,

@@ -11,8 +11,8 @@ vCPU's own physical path, so every table read can EPT-fault into the MMU.
 
 from __future__ import annotations
 
-from harness import faults
-from harness.ops import (
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import (
     OK,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
@@ -36,8 +36,8 @@ from harness.ops import (
     VeUnexpected,
     WritePte,
 )
-from harness.tdp.fault import kvm_mmu_page_fault
-from harness.tdp.spte import (
+from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
+from mmufuzz.harness.tdp.spte import (
     PT_EXECUTABLE_MASK,
     PT_READABLE_MASK,
     PT_WRITABLE_MASK,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_right, insort
 
-from harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
-from harness.target import InvariantViolation
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.target import InvariantViolation
 
 
 class HostMemory:

@@ -9,10 +9,10 @@ contiguous, equally permissive and (the secure EPT checks) in one accept state.
 
 from __future__ import annotations
 
-from harness import faults
-from harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
-from harness.tdp.lpage import max_mapping_level
-from harness.tdp.spte import (
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.tdp.lpage import max_mapping_level
+from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
     FROZEN_SPTE,
     SPTE_ENT_PER_PAGE,

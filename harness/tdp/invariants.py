@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from itertools import compress
 from operator import itemgetter
 
-from harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
-from harness.target import InvariantViolation
-from harness.tdp.pgalloc import used_entries
-from harness.tdp.spte import (
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp.pgalloc import used_entries
+from mmufuzz.harness.tdp.spte import (
     ROOT_LEVEL,
     check_mmio_spte,
     get_mmio_spte_gfn,

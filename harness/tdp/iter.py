@@ -8,9 +8,9 @@ a freed table raises ``walker_read_freed_table`` (see pgalloc).
 
 from __future__ import annotations
 
-from harness.ops import PG_LEVEL_4K
-from harness.tdp.pgalloc import PageTableAllocator, TablePage
-from harness.tdp.spte import (
+from mmufuzz.harness.ops import PG_LEVEL_4K
+from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, TablePage
+from mmufuzz.harness.tdp.spte import (
     LEVEL_SHIFT,
     PAGES_PER_LEVEL,
     PT_PAGE_SIZE_MASK,

@@ -8,7 +8,7 @@ generator (see sched) so that two ops can be interleaved.
 
 from __future__ import annotations
 
-from harness.ops import (
+from mmufuzz.harness.ops import (
     Accept,
     Access,
     FlushTlb,
@@ -28,17 +28,17 @@ from harness.ops import (
     WritePte,
     ZapAll,
 )
-from harness.tdp import huge, memslots, notifier, private
-from harness.tdp.attributes import MemoryAttributes
-from harness.tdp.dirty import DirtyLogger
-from harness.tdp.hardware import Vcpu
-from harness.tdp.hostmem import HostMemory
-from harness.tdp.memslots import Memslots
-from harness.tdp.mmu import TdpMmu
-from harness.tdp.pgalloc import PageTableAllocator
-from harness.tdp.private import SecureEpt
-from harness.tdp.sched import Rcu, RwLock
-from harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
+from mmufuzz.harness.tdp import huge, memslots, notifier, private
+from mmufuzz.harness.tdp.attributes import MemoryAttributes
+from mmufuzz.harness.tdp.dirty import DirtyLogger
+from mmufuzz.harness.tdp.hardware import Vcpu
+from mmufuzz.harness.tdp.hostmem import HostMemory
+from mmufuzz.harness.tdp.memslots import Memslots
+from mmufuzz.harness.tdp.mmu import TdpMmu
+from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
+from mmufuzz.harness.tdp.private import SecureEpt
+from mmufuzz.harness.tdp.sched import Rcu, RwLock
+from mmufuzz.harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
 
 
 class Kvm:

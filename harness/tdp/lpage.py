@@ -9,7 +9,7 @@ conversion: the fault path trusts the flag, not the attributes.
 
 from __future__ import annotations
 
-from harness.ops import PAGES_PER_2M, PG_LEVEL_4K
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_4K
 
 
 def max_mapping_level(slot, gfn: int, private: bool) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from harness.ops import (
+from mmufuzz.harness.ops import (
     EINVAL,
     GFN_LIMIT,
     OK,
@@ -23,8 +23,8 @@ from harness.ops import (
     MemslotSetFlags,
     VmType,
 )
-from harness.tdp import huge, lpage
-from harness.tdp.hostmem import Backing
+from mmufuzz.harness.tdp import huge, lpage
+from mmufuzz.harness.tdp.hostmem import Backing
 
 
 @dataclass(eq=False)

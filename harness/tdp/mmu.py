@@ -13,11 +13,11 @@ from __future__ import annotations
 from functools import partial
 from itertools import compress
 
-from harness import faults
-from harness.ops import PG_LEVEL_4K
-from harness.tdp.iter import TdpIter
-from harness.tdp.pgalloc import TablePage
-from harness.tdp.spte import (
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import PG_LEVEL_4K
+from mmufuzz.harness.tdp.iter import TdpIter
+from mmufuzz.harness.tdp.pgalloc import TablePage
+from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,

@@ -8,7 +8,7 @@ that looked up a pfn before or during it retry instead of mapping the old page.
 
 from __future__ import annotations
 
-from harness.ops import OK, HostInvalidate, ZapAll
+from mmufuzz.harness.ops import OK, HostInvalidate, ZapAll
 
 
 def host_invalidate(kvm, op: HostInvalidate):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from itertools import compress
 
-from harness.target import InvariantViolation
-from harness.tdp.hostmem import HostMemory
-from harness.tdp.spte import SHADOW_NONPRESENT_VALUE, SPTE_ENT_PER_PAGE, spte_to_pfn
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp.hostmem import HostMemory
+from mmufuzz.harness.tdp.spte import SHADOW_NONPRESENT_VALUE, SPTE_ENT_PER_PAGE, spte_to_pfn
 
 
 class _FreedTable:

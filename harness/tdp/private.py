@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import faults
-from harness.ops import (
+from mmufuzz.harness import faults
+from mmufuzz.harness.ops import (
     ALREADY_ACCEPTED,
     EINVAL,
     OK,
@@ -27,11 +27,11 @@ from harness.ops import (
     Accept,
     SetAttributes,
 )
-from harness.target import InvariantViolation
-from harness.tdp import lpage
-from harness.tdp.fault import kvm_mmu_page_fault
-from harness.tdp.huge import split_range
-from harness.tdp.spte import pages_per_level
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp import lpage
+from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
+from mmufuzz.harness.tdp.huge import split_range
+from mmufuzz.harness.tdp.spte import pages_per_level
 
 
 @dataclass

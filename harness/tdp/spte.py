@@ -8,7 +8,7 @@ keeps those bugs expressible.  All helpers are pure functions of ints.
 
 from __future__ import annotations
 
-from harness.ops import PAGE_SHIFT, PG_LEVEL_4K
+from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
 
 # EPT permission bits (VMX_EPT_{READABLE,WRITABLE,EXECUTABLE}_MASK).
 PT_READABLE_MASK = 1 << 0
