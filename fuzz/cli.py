@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.target import TARGETS, UnknownTarget
+from mmufuzz.harness.target import TARGETS, TargetRefused, UnknownTarget
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.campaign import DEFAULT_OUT, Campaign, CampaignError, Options
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults, replay, reproducer_files
@@ -44,7 +44,10 @@ def cmd_replay(args) -> int:
     loaded = [(path, load_reproducer(path)) for path in reproducer_files(args.files)]
     status = EXIT_CLEAN
     for path, repro in loaded:
-        result = replay(repro, args.target, args.inject)
+        try:
+            result = replay(repro, args.target, args.inject)
+        except TargetRefused as refused:
+            raise ReproError(path, 0, None, str(refused)) from None
         if result.finding is None:
             print(f"{path}: clean (target {result.target}, inject {result.inject})")
             continue

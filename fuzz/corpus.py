@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmufuzz.harness import faults
+from mmufuzz.harness.target import TargetRefused, capabilities
 from mmufuzz.fuzz.encoding import Reproducer, ReproError, format_program
 from mmufuzz.fuzz.runner import Finding, make_target, run_program
 
@@ -67,8 +68,12 @@ def replay(repro: Reproducer, target: str | None = None, inject: str | None = No
     target = target or repro.meta.get("target", DEFAULT_TARGET)
     inject = repro.meta.get("inject", NO_FAULT) if inject is None else inject
     names = injected_faults(inject)
+    system = make_target(target)
+    reason = capabilities(system).refusal(repro.program)
+    if reason is not None:
+        raise TargetRefused(f"target {target} cannot run this program: {reason}")
     with faults.injected(names):
-        finding = run_program(repro.program, make_target(target))
+        finding = run_program(repro.program, system)
     return Replay(repro, target, ",".join(names) or NO_FAULT, finding)
 
 

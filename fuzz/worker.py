@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import Access, Parallel, PairOutcome, op_name, outcome_kind
+from mmufuzz.harness.target import capabilities
 from mmufuzz.fuzz.campaign import CAMPAIGN_ENV, CampaignConfig, FindingStore, Layout
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults
@@ -185,7 +186,11 @@ class Worker:
                  sink: Optional[CounterSink] = None):
         self.config, self.layout, self.sink = config, layout, sink
         self.inject = injected_faults(config.inject)
-        self.target = CampaignTarget(make_target(config.target), sink)
+        system = make_target(config.target)
+        self.target = CampaignTarget(system, sink)
+        # Only programs the target can run: decoded bytes are bent to its capabilities.
+        allowed = capabilities(system)
+        self.restrict = (lambda program: program) if allowed.everything else allowed.restrict
         self.store = FindingStore(layout.findings) if layout else None
         self.explorer = ScheduleExplorer() if sink is not None else None
         self.execs = self.ops = 0
@@ -216,7 +221,7 @@ class Worker:
         (:meth:`CampaignTarget.quiet`); a finding there is a variant of this
         or an earlier input, and comes back as that variant program.
         """
-        program = decode(data)
+        program = self.restrict(decode(data))
         every_op = self._checks_every_op(data)
         with faults.injected(self.inject):
             known = len(self.sink.counters) if self.sink is not None else 0
@@ -251,6 +256,7 @@ class Worker:
 
     def _collide(self, program, every_op: bool):
         """Run a collision of a new input; its pair goes to schedule exploration."""
+        program = self.restrict(program)
         finding = self._run_program(program, every_op)
         if finding is None:
             self._offer(program, encode(program), every_op)

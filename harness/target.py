@@ -7,10 +7,11 @@ reference; it never looks inside.  A new system under test is a new package in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Protocol
+from typing import Optional, Protocol
 
-from mmufuzz.harness.ops import Outcome, VmHeader
+from mmufuzz.harness.ops import OP_NAMES, Outcome, Parallel, Program, VmHeader, VmType, op_name
 
 
 class InvariantViolation(Exception):
@@ -26,6 +27,84 @@ class InvariantViolation(Exception):
         self.detail = detail
 
 
+class TargetRefused(ValueError):
+    """A program asks for what its target cannot run (a TDX VM on a host without TDX).
+
+    Not a finding: replay reports it as bad input (exit 2) with this one-line reason.
+    """
+
+
+class Capabilities:
+    """The programs a target can run: its VM types and its op kinds.
+
+    A host without TDX cannot run a TDX program, and running one anyway would
+    either fail or pass vacuously.  :meth:`refusal` names the first thing a
+    program asks for that the target cannot do (replay refuses the program with
+    it); :meth:`restrict` bends any program into one the target can run, by a
+    fixed rule, so a campaign on that target generates only such programs
+    without ``fuzz/`` knowing anything of the target.  A target with finer
+    limits (a field value, an address range) subclasses this and overrides
+    :meth:`op_refusal`.
+    """
+
+    def __init__(self, vm_types=frozenset(VmType), ops=frozenset(OP_NAMES)):
+        self.vm_types = frozenset(vm_types)
+        self.ops = frozenset(ops)
+        # The VM type a refused header becomes: the first allowed one, in a fixed order.
+        self._fallback = next(t for t in VmType if t in self.vm_types)
+
+    @property
+    def everything(self) -> bool:
+        return self.vm_types == frozenset(VmType) and self.ops == frozenset(OP_NAMES)
+
+    def header_refusal(self, header: VmHeader) -> Optional[str]:
+        if header.type not in self.vm_types:
+            return f"vm type={header.type.value} is not supported by this target"
+        return None
+
+    def op_refusal(self, op, header: VmHeader) -> Optional[str]:
+        """Why this target cannot run ``op`` (a ``parallel``'s sides are asked on their own)."""
+        if type(op) not in self.ops:
+            return f"{op_name(op)} is not supported by this target"
+        return None
+
+    def _refusal(self, op, header: VmHeader) -> Optional[str]:
+        reason = self.op_refusal(op, header)
+        if reason is None and isinstance(op, Parallel):
+            reason = self._refusal(op.a, header) or self._refusal(op.b, header)
+        return reason
+
+    def refusal(self, program: Program) -> Optional[str]:
+        """The first reason this target cannot run ``program`` ("op N: ..."), or None."""
+        reason = self.header_refusal(program.header)
+        if reason is not None:
+            return f"header: {reason}"
+        for index, op in enumerate(program.ops):
+            reason = self._refusal(op, program.header)
+            if reason is not None:
+                return f"op {index + 1}: {reason}"
+        return None
+
+    def restrict(self, program: Program) -> Program:
+        """``program`` bent into one this target runs: the header's VM type replaced by an
+        allowed one, refused ops dropped, a ``parallel`` this target cannot pair reduced to
+        the side it can run."""
+        header = program.header
+        if self.header_refusal(header) is not None:
+            header = dataclasses.replace(header, type=self._fallback)
+        ops = []
+        for op in program.ops:
+            if isinstance(op, Parallel) and self._refusal(op, header) is not None:
+                sides = [side for side in (op.a, op.b) if self._refusal(side, header) is None]
+                op = sides[0] if sides else None
+            if op is not None and self._refusal(op, header) is None:
+                ops.append(op)
+        return Program(header, tuple(ops))
+
+
+EVERYTHING = Capabilities()
+
+
 class Target(Protocol):
     """A system under test.
 
@@ -35,6 +114,7 @@ class Target(Protocol):
     """
 
     name: str
+    capabilities: Capabilities  # optional: a target without it runs every program
 
     def reset(self, header: VmHeader) -> None:
         """Forget everything and create the VM the program header describes."""
@@ -57,6 +137,11 @@ class Target(Protocol):
     # exactly as if the ops before it had been rerun (the same snapshot may be
     # restored many times).  Schedule exploration then runs a pair's variants
     # from one prefix instead of rerunning it for each.
+
+
+def capabilities(target) -> Capabilities:
+    """What ``target`` can run (everything, for a target that does not say)."""
+    return getattr(target, "capabilities", EVERYTHING)
 
 
 # name -> "module:factory"; imported lazily so that a broken or heavy target

@@ -7,7 +7,9 @@ on ``PYTHONPATH``.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import Access, AccessKind, MemslotAdd, Ok, PairOutcome, Parallel, ZapAll
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, Ok, PairOutcome,
+                                  Parallel, VmType, ZapAll)
+from mmufuzz.harness.target import Capabilities
 from mmufuzz.fuzz.runner import ReferenceTarget
 
 
@@ -50,3 +52,10 @@ class FetchForgets(ForgetsAfter):
 
     name = "fetch-forgets"
     trigger, kind = MemslotAdd, AccessKind.FETCH
+
+
+class DefaultOnly(ReferenceTarget):
+    """The reference, declaring that it runs neither TDX VMs nor ``parallel`` nor ``zap_all``."""
+
+    capabilities = Capabilities(vm_types={VmType.DEFAULT},
+                                ops=set(OP_NAMES) - {Parallel, ZapAll})
