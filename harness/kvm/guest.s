@@ -1,0 +1,169 @@
+# The guest kernel of the kvm target: one loop that runs the host's commands natively.
+#
+# The host (harness/kvm/vm.py) loads these bytes at hidden page 0, maps them at
+# GUEST_BASE = 0xffffffffc0000000 (upper half, where no program gva reaches) and
+# enters at `entry` in 64-bit mode with paging on.  Per-vCPU constants live in
+# callee-saved registers for the guest's whole life:
+#   rbx  this vCPU's mailbox          r12  this vCPU's 4K window (a gva)
+#   r13  the window's PTE (a gva)     r14  this vCPU's root copy (a gva)
+#   r15  this vCPU's stack top
+# The host writes a command into the mailbox and runs the vCPU; the guest does it
+# with ordinary loads and stores (so they go through KVM's MMU, not the emulator,
+# except where KVM itself emulates), writes the status and exits with `out`.
+#
+# A gva access first copies the program's PML4 entry for that gva into this
+# vCPU's root copy (the root the CPU really uses: the program's PML4 cannot hold
+# the guest's own mapping), reading it through the window, so the walk below the
+# root is the program's own tables, walked by KVM's shadow MMU.
+#
+# Re-assemble: as --64 -o guest.o guest.s && objcopy -O binary -j .text guest.o guest.bin
+# (tests/test_kvm.py checks that guest.bin is exactly that).
+
+        .intel_syntax noprefix
+        .code64
+        .text
+
+        # Mailbox fields (offsets from rbx); harness/kvm/vm.py has the same numbers.
+        .equ MB_CMD,    0
+        .equ MB_A1,     8
+        .equ MB_A2,    16
+        .equ MB_A3,    24
+        .equ MB_STATUS,32
+        .equ MB_VALUE, 40
+        .equ MB_CR2,   48
+        .equ MB_CODE,  56
+
+        .equ ST_DONE,  1
+        .equ ST_PF,    2
+        .equ ST_EXC,   3
+        .equ ST_BAD,   4
+
+        .equ REPORT_PORT, 0x10
+
+        # A window PTE: present, writable, accessed, dirty (NX is bit 63, set below).
+        .equ WINDOW_BITS, 0x63
+
+entry:
+        jmp     dispatch
+done:
+        mov     qword ptr [rbx + MB_STATUS], ST_DONE
+report:
+        out     REPORT_PORT, al
+dispatch:
+        mov     rax, [rbx + MB_CMD]
+        cmp     rax, 1
+        je      phys_read
+        cmp     rax, 2
+        je      phys_write
+        cmp     rax, 3
+        je      virt_read
+        cmp     rax, 4
+        je      virt_write
+        cmp     rax, 5
+        je      load_cr3
+        cmp     rax, 6
+        je      invlpg_gva
+        cmp     rax, 7
+        je      flush_tlb
+        mov     qword ptr [rbx + MB_STATUS], ST_BAD
+        jmp     report
+
+# 1: read the word at byte gpa a1 (through the window).
+phys_read:
+        mov     rdi, [rbx + MB_A1]
+        call    map_window
+        mov     rax, [rdi]
+        mov     [rbx + MB_VALUE], rax
+        jmp     done
+
+# 2: write a2 to the word at byte gpa a1.
+phys_write:
+        mov     rdi, [rbx + MB_A1]
+        call    map_window
+        mov     rax, [rbx + MB_A2]
+        mov     [rdi], rax
+        jmp     done
+
+# 3: read the word at byte gva a1 under the program's root at gpa a2.
+virt_read:
+        call    sync_pml4e
+        mov     rdi, [rbx + MB_A1]
+        mov     rax, [rdi]
+        mov     [rbx + MB_VALUE], rax
+        jmp     done
+
+# 4: write a3 to the word at byte gva a1 under the program's root at gpa a2.
+virt_write:
+        call    sync_pml4e
+        mov     rdi, [rbx + MB_A1]
+        mov     rax, [rbx + MB_A3]
+        mov     [rdi], rax
+        jmp     done
+
+# 5: load CR3 with a1 (this vCPU's root copy, or the base root for paging off).
+load_cr3:
+        mov     rax, [rbx + MB_A1]
+        mov     cr3, rax
+        jmp     done
+
+# 6: invlpg the page of gva a1.
+invlpg_gva:
+        mov     rax, [rbx + MB_A1]
+        invlpg  [rax]
+        jmp     done
+
+# 7: flush this vCPU's TLB: reload CR3.
+flush_tlb:
+        mov     rax, cr3
+        mov     cr3, rax
+        jmp     done
+
+# rdi = byte gpa -> rdi = the same byte through this vCPU's window.  Clobbers rax.
+map_window:
+        mov     rax, rdi
+        and     rax, -4096
+        or      rax, WINDOW_BITS
+        bts     rax, 63
+        mov     [r13], rax
+        invlpg  [r12]
+        and     edi, 0xfff
+        add     rdi, r12
+        ret
+
+# Copy the program's PML4 entry for gva a1 (root gpa a2) into the root copy, if it differs.
+sync_pml4e:
+        mov     rcx, [rbx + MB_A1]
+        shr     rcx, 39
+        and     ecx, 511
+        mov     rdi, [rbx + MB_A2]
+        lea     rdi, [rdi + rcx * 8]
+        call    map_window
+        mov     rax, [rdi]
+        cmp     rax, [r14 + rcx * 8]
+        je      1f
+        mov     [r14 + rcx * 8], rax
+1:      ret
+
+# Every exception lands here with its vector on the stack (a #PF: then its error code).
+exc_common:
+        pop     rax
+        mov     [rbx + MB_CODE], rax
+        cmp     rax, 14
+        jne     1f
+        pop     rax
+        mov     [rbx + MB_CODE], rax
+        mov     rax, cr2
+        mov     [rbx + MB_CR2], rax
+        mov     qword ptr [rbx + MB_STATUS], ST_PF
+        jmp     2f
+1:      mov     qword ptr [rbx + MB_STATUS], ST_EXC
+2:      mov     rsp, r15
+        jmp     report
+
+# The IDT's 32 handlers, 16 bytes apart from offset 0x800 (the host builds the IDT).
+        .org    0x800
+        .irp    vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .balign 16
+        push    \vector
+        jmp     exc_common
+        .endr
