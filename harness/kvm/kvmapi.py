@@ -211,3 +211,43 @@ def madvise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
         raise KvmError(err, f"madvise: {os.strerror(err)}")
+
+
+KVM_GET_STATS_FD = _io(0xCE)
+
+
+class kvm_stats_header(ctypes.Structure):
+    _fields_ = [("flags", u32), ("name_size", u32), ("num_desc", u32), ("id_offset", u32),
+                ("desc_offset", u32), ("data_offset", u32)]
+
+
+class Stats:
+    """A VM's or vCPU's binary statistics (KVM_GET_STATS_FD), each read one pread.
+
+    They show what the kernel did for an op: whether guest accesses reached the
+    MMU (``pf_fixed``, ``pf_taken``) or the instruction emulator
+    (``insn_emulation``), and which MMU paths ran (``mmu_shadow_zapped``, ...).
+    """
+
+    def __init__(self, fd: int):
+        self.fd = ioctl(fd, KVM_GET_STATS_FD)
+        try:
+            header = kvm_stats_header.from_buffer_copy(
+                os.pread(self.fd, ctypes.sizeof(kvm_stats_header), 0))
+            desc_size = 16 + header.name_size
+            descs = os.pread(self.fd, desc_size * header.num_desc, header.desc_offset)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.fields = []  # (name, byte offset in the data block); the first u64 of each
+        size = 0
+        for i in range(header.num_desc):
+            desc = descs[i * desc_size:(i + 1) * desc_size]
+            count, offset = int.from_bytes(desc[6:8], "little"), int.from_bytes(desc[8:12], "little")
+            self.fields.append((desc[16:].split(b"\0", 1)[0].decode(), offset))
+            size = max(size, offset + 8 * count)
+        self.data_offset, self.size = header.data_offset, size
+
+    def read(self) -> dict:
+        data = os.pread(self.fd, self.size, self.data_offset)
+        return {name: int.from_bytes(data[o:o + 8], "little") for name, o in self.fields}

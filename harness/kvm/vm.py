@@ -164,10 +164,21 @@ class Vm:
                 self.runs.append(run_map)
                 k.ioctl(fd, k.KVM_SET_CPUID2, cpuid)
                 self._start(fd, index)
+            # The kernel's counters, VM first: what each op made KVM do (see features()).
+            self.stats = [k.Stats(fd) for fd in [self.vm_fd] + self.vcpu_fds]
+            self.fds += [stats.fd for stats in self.stats]
         except BaseException:
             self.close()
             raise
         self._run_structs = [k.kvm_run.from_buffer(m) for m in self.runs]
+
+    def counters(self) -> dict:
+        """Every VM and vCPU counter of the kernel now, keyed ``vm.NAME``, ``vcpuN.NAME``."""
+        counters = {}
+        for index, stats in enumerate(self.stats):
+            prefix = "vm." if index == 0 else f"vcpu{index - 1}."
+            counters.update((prefix + name, value) for name, value in stats.read().items())
+        return counters
 
     def _own(self, fd: int) -> int:
         self.fds.append(fd)
