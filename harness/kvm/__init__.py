@@ -14,8 +14,8 @@ from typing import Optional
 
 from mmufuzz.harness.kvm import kvmapi
 from mmufuzz.harness.kvm.vm import (BASE_ROOT, CMD_FLUSH, CMD_INVLPG, CMD_LOAD_CR3,
-                                    CMD_PHYS_READ, CMD_PHYS_WRITE, CMD_VIRT_READ, CMD_VIRT_WRITE,
-                                    HIDDEN_GPA, ROOT_COPY, ST_PF, Backing, Vm)
+                                    CMD_VIRT_READ, CMD_VIRT_WRITE, HIDDEN_GPA, ROOT_COPY, ST_PF,
+                                    Backing, Vm)
 from mmufuzz.harness.ops import (EINVAL, GFN_LIMIT, NPAGES_MAX, OK, OP_NAMES, PAGE_SHIFT,
                                  PAGE_SIZE, Accept, Access, AccessKind, DirtyLog, FlushTlb,
                                  GetDirtyLog, HostInvalidate, Invlpg, MemslotAdd, MemslotDelete,
@@ -196,10 +196,10 @@ class KvmTarget:
 
     def _physical(self, vcpu: int, gpa: int, kind: AccessKind, value, tag: bool):
         write = kind is AccessKind.WRITE
-        done = self.vm.command(vcpu, CMD_PHYS_WRITE if write else CMD_PHYS_READ, gpa, value or 0)
-        if done.mmio is not None:
-            return MmioExit(*done.mmio)
-        return Ok(None if write else done.value, gpa if tag else None)
+        mmio, read = self.vm.physical(vcpu, gpa, write, value or 0)
+        if mmio is not None:
+            return MmioExit(*mmio)
+        return Ok(None if write else read, gpa if tag else None)
 
     def _access(self, op: Access):
         addr = op.addr + 8 * op.word

@@ -40,8 +40,8 @@
 
         .equ REPORT_PORT, 0x10
 
-        # A window PTE: present, writable, accessed, dirty (NX is bit 63, set below).
-        .equ WINDOW_BITS, 0x63
+        # A window PTE: present, writable, user, accessed, dirty (NX is bit 63, set below).
+        .equ WINDOW_BITS, 0x67
 
 entry:
         jmp     dispatch
@@ -65,6 +65,8 @@ dispatch:
         je      invlpg_gva
         cmp     rax, 7
         je      flush_tlb
+        cmp     rax, 8
+        je      map_only
         mov     qword ptr [rbx + MB_STATUS], ST_BAD
         jmp     report
 
@@ -118,6 +120,12 @@ flush_tlb:
         mov     cr3, rax
         jmp     done
 
+# 8: only map the page of byte gpa a1 in the window (for user_read/user_write below).
+map_only:
+        mov     rdi, [rbx + MB_A1]
+        call    map_window
+        jmp     done
+
 # rdi = byte gpa -> rdi = the same byte through this vCPU's window.  Clobbers rax.
 map_window:
         mov     rax, rdi
@@ -159,6 +167,23 @@ exc_common:
 1:      mov     qword ptr [rbx + MB_STATUS], ST_EXC
 2:      mov     rsp, r15
         jmp     report
+
+# Physical accesses run at CPL 3, natively, through the window command 8 mapped: the host
+# sets CS/SS to ring 3 and enters here with rdi = the word in the window, rsi = the
+# doorbell (a page with no memslot), rax = the value to write.  The store to the doorbell
+# is an MMIO exit that ends the command and carries rax (the value read) to the host.  On
+# a host that emulates every supervisor instruction (docs/kvm.md), ring 3 is the only way
+# a guest access reaches KVM's page-fault path.
+        .org    0x700
+user_read:
+        mov     rax, [rdi]
+        mov     [rsi], rax
+        ud2
+        .org    0x710
+user_write:
+        mov     [rdi], rax
+        mov     [rsi], rax
+        ud2
 
 # The IDT's 32 handlers, 16 bytes apart from offset 0x800 (the host builds the IDT).
         .org    0x800

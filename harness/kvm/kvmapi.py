@@ -12,6 +12,7 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -109,6 +110,31 @@ class kvm_run(ctypes.Structure):
                 ("padding1", u8 * 6), ("exit_reason", u32),
                 ("ready_for_interrupt_injection", u8), ("if_flag", u8), ("flags", u16),
                 ("cr8", u64), ("apic_base", u64), ("exit", _kvm_run_exit)]
+
+
+# Fields of the mmap'ed kvm_run read in place with struct (a ctypes view would pin the
+# mmap: it could not be closed while an exception's frames still held the view).
+_RUN_EXIT_REASON = kvm_run.exit_reason.offset
+_RUN_EXIT = kvm_run.exit.offset
+
+
+def exit_reason(run: mmap.mmap) -> int:
+    return struct.unpack_from("<I", run, _RUN_EXIT_REASON)[0]
+
+
+def io_port(run: mmap.mmap) -> int:
+    return struct.unpack_from("<H", run, _RUN_EXIT + kvm_run_io.port.offset)[0]
+
+
+def mmio_exit(run: mmap.mmap):
+    """``(phys_addr, data as an int, is_write)`` of a KVM_EXIT_MMIO."""
+    phys_addr, data, _, is_write = struct.unpack_from("<QQIB", run, _RUN_EXIT)
+    return phys_addr, data, bool(is_write)
+
+
+def complete_mmio_read(run: mmap.mmap, value: int) -> None:
+    """The data an MMIO read returns to the guest on the next KVM_RUN."""
+    struct.pack_into("<Q", run, _RUN_EXIT + kvm_run_mmio.data.offset, value)
 
 
 KVM_GET_API_VERSION = _io(0x00)

@@ -20,8 +20,14 @@ Layout of the hidden slot (page i is at gpa ``HIDDEN_GPA + i*4K`` and at gva
 13    PDPT, 14 PD, 15 PT of the guest's own mapping
 ====  ==========================================================
 
+====  ==========================================================
+
 PT entries 0..15 map the hidden pages; entry ``WINDOW_INDEX + v`` is vCPU v's
-4K window onto any gpa (the guest rewrites it before each physical access).
+4K window onto any gpa (the guest rewrites it before a physical access above
+the direct map); entry ``DOORBELL_INDEX`` maps a gpa with no memslot.
+
+Physical accesses run at CPL 3 through the window (see guest.s and
+:meth:`Vm.physical`).
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ HIDDEN_GPA = HIDDEN_GFN << PAGE_SHIFT
 HIDDEN_PAGES = 16
 # A one-page slot deleted and re-added by zap_all (see target.py).
 ZAP_GPA = HIDDEN_GPA + (1 << 30)
+# No memslot ever covers it: a store there is an MMIO exit, how CPL-3 code reports.
+DOORBELL_GPA = HIDDEN_GPA + (2 << 30)
 HIDDEN_SLOT, ZAP_SLOT = 100, 101
 
 GUEST_BASE = 0xffffffffc0000000
 CODE, GDT, IDT, MAILBOX, STACK, BASE_ROOT, ROOT_COPY, PDPT, PD, PT = 0, 1, 2, 3, 4, 8, 9, 13, 14, 15
-WINDOW_INDEX = 508
+WINDOW_INDEX, DOORBELL_INDEX = 508, 100
+USER_READ, USER_WRITE = 0x700, 0x710  # offsets of user_read, user_write in guest.s
 MAILBOX_STRIDE = 256
 
 # Mailbox fields and statuses: guest.s has the same numbers.
@@ -54,13 +63,13 @@ MB_CMD, MB_A1, MB_A2, MB_A3, MB_STATUS, MB_VALUE, MB_CR2, MB_CODE = range(0, 64,
 ST_DONE, ST_PF, ST_EXC, ST_BAD = 1, 2, 3, 4
 REPORT_PORT = 0x10
 CMD_PHYS_READ, CMD_PHYS_WRITE, CMD_VIRT_READ, CMD_VIRT_WRITE = 1, 2, 3, 4
-CMD_LOAD_CR3, CMD_INVLPG, CMD_FLUSH = 5, 6, 7
+CMD_LOAD_CR3, CMD_INVLPG, CMD_FLUSH, CMD_MAP = 5, 6, 7, 8
 
 # An op that exits to the host more than this many times is stuck: a finding, not a loop.
 MAX_EXITS = 64
 
-PTE_P, PTE_RW, PTE_A, PTE_D = 1, 2, 1 << 5, 1 << 6
-TABLE = PTE_P | PTE_RW | PTE_A | PTE_D
+PTE_P, PTE_RW, PTE_U, PTE_A, PTE_D, PTE_NX = 1, 2, 4, 1 << 5, 1 << 6, 1 << 63
+TABLE = PTE_P | PTE_RW | PTE_U | PTE_A | PTE_D
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
 CR4_PAE = 1 << 5
@@ -156,7 +165,8 @@ class Vm:
             self.set_region(ZAP_SLOT, 0, ZAP_GPA, self.zap)
             run_size = k.ioctl(self.kvm_fd, k.KVM_GET_VCPU_MMAP_SIZE)
             cpuid = self._cpuid()
-            self.vcpu_fds = []
+            self.vcpu_fds, self._kernel_regs = [], []
+            self._user = [False] * vcpus
             for index in range(vcpus):
                 fd = self._own(k.ioctl(self.vm_fd, k.KVM_CREATE_VCPU, index))
                 self.vcpu_fds.append(fd)
@@ -170,7 +180,6 @@ class Vm:
         except BaseException:
             self.close()
             raise
-        self._run_structs = [k.kvm_run.from_buffer(m) for m in self.runs]
 
     def counters(self) -> dict:
         """Every VM and vCPU counter of the kernel now, keyed ``vm.NAME``, ``vcpuN.NAME``."""
@@ -192,13 +201,14 @@ class Vm:
         h.write(GDT * PAGE_SIZE, struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA))
         idt = b"".join(_idt_gate(page_gva(CODE) + 0x800 + 16 * vector) for vector in range(32))
         h.write(IDT * PAGE_SIZE, idt)
-        guest_pml4e = struct.pack("<Q", (HIDDEN_GPA + PDPT * PAGE_SIZE) | TABLE)
+        guest = struct.pack("<Q", (HIDDEN_GPA + PDPT * PAGE_SIZE) | TABLE)
         for root in [BASE_ROOT] + [ROOT_COPY + v for v in range(vcpus)]:
-            h.write(root * PAGE_SIZE + 511 * 8, guest_pml4e)
+            h.write(root * PAGE_SIZE + 511 * 8, guest)
         h.write(PDPT * PAGE_SIZE + 511 * 8, struct.pack("<Q", (HIDDEN_GPA + PD * PAGE_SIZE) | TABLE))
         h.write(PD * PAGE_SIZE, struct.pack("<Q", (HIDDEN_GPA + PT * PAGE_SIZE) | TABLE))
         h.write(PT * PAGE_SIZE, b"".join(struct.pack("<Q", (HIDDEN_GPA + i * PAGE_SIZE) | TABLE)
                                          for i in range(HIDDEN_PAGES)))
+        h.write(PT * PAGE_SIZE + DOORBELL_INDEX * 8, struct.pack("<Q", DOORBELL_GPA | TABLE | PTE_NX))
 
     def _cpuid(self):
         """The host's supported CPUID, with MAXPHYADDR 52 (no reserved address bits in a
@@ -240,6 +250,20 @@ class Vm:
         regs.r14 = page_gva(ROOT_COPY + index)
         regs.rsp = regs.r15 = page_gva(STACK + index) + PAGE_SIZE
         k.ioctl(fd, k.KVM_SET_REGS, regs)
+        self._kernel_regs.append(regs)
+
+    def _set_cpl(self, vcpu: int, cpl: int) -> None:
+        """Switch ``vcpu`` between the guest kernel (0) and the access stubs (3) from the host:
+        only the segments' DPL and RPL change (CR0, CR3, CR4, EFER do not, so KVM keeps its
+        MMU context)."""
+        fd = self.vcpu_fds[vcpu]
+        sregs = k.kvm_sregs()
+        k.ioctl(fd, k.KVM_GET_SREGS, sregs)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            segment = getattr(sregs, name)
+            segment.dpl, segment.selector = cpl, (segment.selector & ~3) | cpl
+        k.ioctl(fd, k.KVM_SET_SREGS, sregs)
+        self._user[vcpu] = cpl == 3
 
     @staticmethod
     def mailbox_gva(index: int) -> int:
@@ -280,7 +304,7 @@ class Vm:
 
     def command(self, vcpu: int, cmd: int, a1: int = 0, a2: int = 0, a3: int = 0,
                 root_entry: int = -1) -> Exit:
-        """Run one guest command on ``vcpu`` to its report; note its first MMIO exit.
+        """Run one guest-kernel command on ``vcpu`` to its report; note its first MMIO exit.
 
         ``root_entry`` is the gpa of the program's PML4 entry a gva command copies
         (guest.s, sync_pml4e).  A read of it that exits is the guest's copying, not
@@ -289,40 +313,64 @@ class Vm:
         table it cannot read (paging_tmpl.h, FNAME(walk_addr_generic):
         ``kvm_is_error_hva(host_addr)`` -> ``goto error``, a not-present #PF).
         """
+        if self._user[vcpu]:
+            self._set_cpl(vcpu, 0)
+            k.ioctl(self.vcpu_fds[vcpu], k.KVM_SET_REGS, self._kernel_regs[vcpu])
         base = (MAILBOX * PAGE_SIZE + vcpu * MAILBOX_STRIDE)
         self.hidden.write(base, struct.pack("<5Q", cmd, a1, a2, a3, 0))
-        run = self._run_structs[vcpu]
-        fd = self.vcpu_fds[vcpu]
-        mmio = None
-        for _ in range(MAX_EXITS):
-            k.ioctl(fd, k.KVM_RUN, 0)
-            reason = run.exit_reason
-            if reason == k.KVM_EXIT_IO and run.exit.io.port == REPORT_PORT:
-                break
-            if reason == k.KVM_EXIT_MMIO:
-                exit_ = (run.exit.mmio.phys_addr, bool(run.exit.mmio.is_write))
-                if mmio is None and exit_ != (root_entry, False):
-                    mmio = exit_
-                # A read completes with zeros; the guest's report after it is ignored.
-                ctypes.memset(run.exit.mmio.data, 0, 8)
-                continue
-            if reason == k.KVM_EXIT_INTR:
-                continue
-            raise GuestError(f"vcpu {vcpu}: unexpected exit {k.KVM_EXIT_NAMES.get(reason, reason)}"
-                             f" on command {cmd}")
-        else:
-            raise GuestError(f"vcpu {vcpu}: command {cmd} did not finish in {MAX_EXITS} exits")
+        mmio, _ = self._run(vcpu, f"command {cmd}", root_entry)
         status, value, cr2, code = struct.unpack("<4Q", self.hidden.read(base + MB_STATUS, 32))
         if status == ST_EXC or status == ST_BAD:
             raise GuestError(f"vcpu {vcpu}: command {cmd} raised vector {code}"
                              if status == ST_EXC else f"vcpu {vcpu}: bad command {cmd}")
         return Exit(mmio, status, value, cr2, code)
 
+    def physical(self, vcpu: int, gpa: int, write: bool, value: int = 0):
+        """A load or store of the word at byte ``gpa``: ``(first MMIO exit or None, value)``.
+
+        The guest kernel maps the page in this vCPU's window (a tracked, emulated
+        PTE store and invlpg), then the access runs at CPL 3 (guest.s, user_read and
+        user_write): the CPU executes it, and a miss is a real shadow-MMU page fault
+        (KVM's counter ``pf_fixed``), not the instruction emulator.
+        """
+        self.command(vcpu, CMD_MAP, gpa)
+        self._set_cpl(vcpu, 3)
+        regs = k.kvm_regs(rip=page_gva(CODE) + (USER_WRITE if write else USER_READ), rflags=2,
+                          rdi=page_gva(WINDOW_INDEX + vcpu) + (gpa & (PAGE_SIZE - 1)),
+                          rsi=page_gva(DOORBELL_INDEX), rax=value)
+        k.ioctl(self.vcpu_fds[vcpu], k.KVM_SET_REGS, regs)
+        return self._run(vcpu, "physical access", -1)
+
+    def _run(self, vcpu: int, what: str, root_entry: int):
+        """KVM_RUN until the guest reports (``out`` or the doorbell): ``(mmio, doorbell value)``."""
+        run = self.runs[vcpu]
+        fd = self.vcpu_fds[vcpu]
+        mmio = None
+        for _ in range(MAX_EXITS):
+            k.ioctl(fd, k.KVM_RUN, 0)
+            reason = k.exit_reason(run)
+            if reason == k.KVM_EXIT_IO and k.io_port(run) == REPORT_PORT:
+                return mmio, None
+            if reason == k.KVM_EXIT_MMIO:
+                gpa, data, is_write = k.mmio_exit(run)
+                exit_ = (gpa, is_write)
+                if exit_ == (DOORBELL_GPA, True):
+                    return mmio, data
+                if mmio is None and exit_ != (root_entry, False):
+                    mmio = exit_
+                # A read completes with zeros; the guest's report after it is ignored.
+                k.complete_mmio_read(run, 0)
+                continue
+            if reason == k.KVM_EXIT_INTR:
+                continue
+            raise GuestError(f"vcpu {vcpu}: unexpected exit {k.KVM_EXIT_NAMES.get(reason, reason)}"
+                             f" in {what}")
+        raise GuestError(f"vcpu {vcpu}: {what} did not finish in {MAX_EXITS} exits")
+
     # --- teardown --------------------------------------------------------------
 
     def close(self) -> None:
         """Close every fd and unmap every mapping this VM made (idempotent)."""
-        self._run_structs = []
         for run_map in self.runs:
             run_map.close()
         self.runs = []
