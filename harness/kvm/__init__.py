@@ -130,7 +130,7 @@ class KvmTarget:
         before = self.vm.counters()
         outcome = getattr(self, "_" + OP_NAMES[type(op)])(op)
         after = self.vm.counters()
-        self._moved = sorted(name for name, value in after.items() if value != before[name])
+        self._moved = sorted(self.vm.moved(before, after))
         return outcome
 
     def features(self) -> list:

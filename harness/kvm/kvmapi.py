@@ -274,6 +274,12 @@ class Stats:
             size = max(size, offset + 8 * count)
         self.data_offset, self.size = header.data_offset, size
 
-    def read(self) -> dict:
-        data = os.pread(self.fd, self.size, self.data_offset)
-        return {name: int.from_bytes(data[o:o + 8], "little") for name, o in self.fields}
+    def raw(self) -> bytes:
+        """The data block as it is now (compare two to find what moved, cheaply)."""
+        return os.pread(self.fd, self.size, self.data_offset)
+
+    def moved(self, before: bytes, after: bytes) -> list:
+        """The names whose first value differs between two :meth:`raw` blocks."""
+        if before == after:
+            return []
+        return [name for name, o in self.fields if before[o:o + 8] != after[o:o + 8]]

@@ -181,13 +181,17 @@ class Vm:
             self.close()
             raise
 
-    def counters(self) -> dict:
-        """Every VM and vCPU counter of the kernel now, keyed ``vm.NAME``, ``vcpuN.NAME``."""
-        counters = {}
-        for index, stats in enumerate(self.stats):
+    def counters(self) -> list:
+        """A snapshot of every VM and vCPU counter of the kernel (for :meth:`moved`)."""
+        return [stats.raw() for stats in self.stats]
+
+    def moved(self, before: list, after: list) -> list:
+        """The counters that differ between two snapshots: ``vm.NAME``, ``vcpuN.NAME``."""
+        names = []
+        for index, (stats, old, new) in enumerate(zip(self.stats, before, after)):
             prefix = "vm." if index == 0 else f"vcpu{index - 1}."
-            counters.update((prefix + name, value) for name, value in stats.read().items())
-        return counters
+            names += [prefix + name for name in stats.moved(old, new)]
+        return names
 
     def _own(self, fd: int) -> int:
         self.fds.append(fd)
