@@ -40,6 +40,10 @@
 
         .equ REPORT_PORT, 0x10
 
+        # The user windows' table (hidden page 16) and the 2M they map (vm.py: same numbers).
+        .equ USER_PT,      0xffffffffc0010000
+        .equ USER_WINDOWS, 0xffffffffc0200000
+
         # A window PTE: present, writable, user, accessed, dirty (NX is bit 63, set below).
         .equ WINDOW_BITS, 0x67
 
@@ -120,10 +124,19 @@ flush_tlb:
         mov     cr3, rax
         jmp     done
 
-# 8: only map the page of byte gpa a1 in the window (for user_read/user_write below).
+# 8: map the page of byte gpa a1 in user window a2 (for user_read/user_write below).
+# The user windows are the 512 PTEs of the table at USER_PT, mapping USER_WINDOWS.
 map_only:
-        mov     rdi, [rbx + MB_A1]
-        call    map_window
+        mov     rax, [rbx + MB_A1]
+        and     rax, -4096
+        or      rax, WINDOW_BITS
+        bts     rax, 63
+        mov     rcx, [rbx + MB_A2]
+        mov     rdi, USER_PT
+        mov     [rdi + rcx * 8], rax
+        shl     rcx, 12
+        mov     rdi, USER_WINDOWS
+        invlpg  [rdi + rcx]
         jmp     done
 
 # rdi = byte gpa -> rdi = the same byte through this vCPU's window.  Clobbers rax.
@@ -168,7 +181,8 @@ exc_common:
 2:      mov     rsp, r15
         jmp     report
 
-# Physical accesses run at CPL 3, natively, through the window command 8 mapped: the host
+# Physical accesses run at CPL 3, natively, through the user window command 8 mapped (the
+# host keeps a page in its window between accesses, so KVM's SPTE for it lives on): the host
 # sets CS/SS to ring 3 and enters here with rdi = the word in the window, rsi = the
 # doorbell (a page with no memslot), rax = the value to write.  The store to the doorbell
 # is an MMIO exit that ends the command and carries rax (the value read) to the host.  On

@@ -18,6 +18,7 @@ Layout of the hidden slot (page i is at gpa ``HIDDEN_GPA + i*4K`` and at gva
 8     base root: a PML4 mapping only the guest (paging off)
 9-12  root copies, one per vCPU (paging on; see guest.s)
 13    PDPT, 14 PD, 15 PT of the guest's own mapping
+16    USER_PT: the user windows' PT (PD entry 1: gva USER_WINDOWS)
 ====  ==========================================================
 
 ====  ==========================================================
@@ -26,8 +27,8 @@ PT entries 0..15 map the hidden pages; entry ``WINDOW_INDEX + v`` is vCPU v's
 4K window onto any gpa (the guest rewrites it before a physical access above
 the direct map); entry ``DOORBELL_INDEX`` maps a gpa with no memslot.
 
-Physical accesses run at CPL 3 through the window (see guest.s and
-:meth:`Vm.physical`).
+Physical accesses run at CPL 3 through one of the 512 user windows (see
+guest.s and :meth:`Vm.physical`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from mmufuzz.harness.ops import GFN_LIMIT, PAGE_SHIFT, PAGE_SIZE, VCPUS_MAX
 # kvm_mmu_max_gfn on a 48-bit-MAXPHYADDR host even with TDP.
 HIDDEN_GFN = GFN_LIMIT + (1 << 20)
 HIDDEN_GPA = HIDDEN_GFN << PAGE_SHIFT
-HIDDEN_PAGES = 16
+HIDDEN_PAGES = 17
 # A one-page slot deleted and re-added by zap_all (see target.py).
 ZAP_GPA = HIDDEN_GPA + (1 << 30)
 # No memslot ever covers it: a store there is an MMIO exit, how CPL-3 code reports.
@@ -53,7 +54,11 @@ DOORBELL_GPA = HIDDEN_GPA + (2 << 30)
 HIDDEN_SLOT, ZAP_SLOT = 100, 101
 
 GUEST_BASE = 0xffffffffc0000000
-CODE, GDT, IDT, MAILBOX, STACK, BASE_ROOT, ROOT_COPY, PDPT, PD, PT = 0, 1, 2, 3, 4, 8, 9, 13, 14, 15
+CODE, GDT, IDT, MAILBOX, STACK, BASE_ROOT, ROOT_COPY, PDPT, PD, PT, USER_PT = (
+    0, 1, 2, 3, 4, 8, 9, 13, 14, 15, 16)
+USER_WINDOWS = GUEST_BASE + (2 << 20)
+# Each vCPU's share of the user windows: a gpa page always uses window gfn % share.
+USER_SHARE = 512 // VCPUS_MAX
 WINDOW_INDEX, DOORBELL_INDEX = 508, 100
 USER_READ, USER_WRITE = 0x700, 0x710  # offsets of user_read, user_write in guest.s
 MAILBOX_STRIDE = 256
@@ -167,6 +172,7 @@ class Vm:
             cpuid = self._cpuid()
             self.vcpu_fds, self._kernel_regs = [], []
             self._user = [False] * vcpus
+            self._windows: dict = {}  # user window -> the gpa page its PTE maps
             for index in range(vcpus):
                 fd = self._own(k.ioctl(self.vm_fd, k.KVM_CREATE_VCPU, index))
                 self.vcpu_fds.append(fd)
@@ -209,7 +215,8 @@ class Vm:
         for root in [BASE_ROOT] + [ROOT_COPY + v for v in range(vcpus)]:
             h.write(root * PAGE_SIZE + 511 * 8, guest)
         h.write(PDPT * PAGE_SIZE + 511 * 8, struct.pack("<Q", (HIDDEN_GPA + PD * PAGE_SIZE) | TABLE))
-        h.write(PD * PAGE_SIZE, struct.pack("<Q", (HIDDEN_GPA + PT * PAGE_SIZE) | TABLE))
+        h.write(PD * PAGE_SIZE, struct.pack("<2Q", (HIDDEN_GPA + PT * PAGE_SIZE) | TABLE,
+                                            (HIDDEN_GPA + USER_PT * PAGE_SIZE) | TABLE))
         h.write(PT * PAGE_SIZE, b"".join(struct.pack("<Q", (HIDDEN_GPA + i * PAGE_SIZE) | TABLE)
                                          for i in range(HIDDEN_PAGES)))
         h.write(PT * PAGE_SIZE + DOORBELL_INDEX * 8, struct.pack("<Q", DOORBELL_GPA | TABLE | PTE_NX))
@@ -332,15 +339,22 @@ class Vm:
     def physical(self, vcpu: int, gpa: int, write: bool, value: int = 0):
         """A load or store of the word at byte ``gpa``: ``(first MMIO exit or None, value)``.
 
-        The guest kernel maps the page in this vCPU's window (a tracked, emulated
-        PTE store and invlpg), then the access runs at CPL 3 (guest.s, user_read and
-        user_write): the CPU executes it, and a miss is a real shadow-MMU page fault
-        (KVM's counter ``pf_fixed``), not the instruction emulator.
+        The page goes to this vCPU's user window ``gfn % USER_SHARE``; unless that
+        window maps it already, the guest kernel maps it (a PTE store KVM tracks, and
+        invlpg).  Then the access runs at CPL 3 (guest.s, user_read and user_write):
+        the CPU executes it, and a miss is a real shadow-MMU page fault (KVM's counter
+        ``pf_fixed``), not the instruction emulator.  The SPTE KVM built stays between
+        accesses, so a memslot change, mmu-notifier invalidation or dirty-log
+        write-protection that KVM failed to apply to it would show.
         """
-        self.command(vcpu, CMD_MAP, gpa)
+        page = gpa >> PAGE_SHIFT
+        window = vcpu * USER_SHARE + page % USER_SHARE
+        if self._windows.get(window) != page:
+            self.command(vcpu, CMD_MAP, gpa, window)
+            self._windows[window] = page
         self._set_cpl(vcpu, 3)
         regs = k.kvm_regs(rip=page_gva(CODE) + (USER_WRITE if write else USER_READ), rflags=2,
-                          rdi=page_gva(WINDOW_INDEX + vcpu) + (gpa & (PAGE_SIZE - 1)),
+                          rdi=USER_WINDOWS + window * PAGE_SIZE + (gpa & (PAGE_SIZE - 1)),
                           rsi=page_gva(DOORBELL_INDEX), rax=value)
         k.ioctl(self.vcpu_fds[vcpu], k.KVM_SET_REGS, regs)
         return self._run(vcpu, "physical access", -1)
