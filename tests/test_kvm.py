@@ -142,6 +142,28 @@ memslot_set_flags slot=3 flags=readonly
 
 
 @needs_kvm
+def test_physical_accesses_reach_the_shadow_mmu_and_host_work_zaps_it(kvm):
+    """The kernel's own counters (features): a first access faults its SPTE in, a second
+    uses it, and an mmu-notifier invalidation or zap_all makes the next one fault again."""
+    prog = parse_reproducer("""vm type=default vcpus=1
+memslot_add slot=0 base=0x0 npages=0x10 flags= host_offset=0
+access vcpu=0 gpa=0x5000 word=0 kind=write value=0x5 private=0
+access vcpu=0 gpa=0x5000 word=1 kind=read private=0
+host_invalidate base=0x5 npages=0x1
+access vcpu=0 gpa=0x5000 word=0 kind=read private=0
+access vcpu=0 gpa=0x5000 word=0 kind=read private=0
+zap_all
+access vcpu=0 gpa=0x5000 word=0 kind=read private=0
+""").program
+    kvm.reset(prog.header)
+    faulted = []
+    for op in prog.ops:
+        kvm.execute(op)
+        faulted.append("vcpu0.pf_fixed" in kvm.features())
+    assert faulted == [False, True, False, False, True, False, False, True]
+
+
+@needs_kvm
 def test_reset_and_close_release_every_fd_and_mapping(kvm):
     def fds():
         return set(os.listdir("/proc/self/fd"))
