@@ -2,9 +2,7 @@
 
 The VM has a hidden memslot, above every gfn a program can name, holding the
 guest's code, stacks, descriptor tables, mailboxes and its own page tables.
-The guest runs in 64-bit mode with paging on from its first instruction:
-with paging off every access would go through KVM's instruction emulator,
-never through the MMU under test.
+The guest runs in 64-bit mode with paging on from its first instruction.
 
 Layout of the hidden slot (page i is at gpa ``HIDDEN_GPA + i*4K`` and at gva
 ``GUEST_BASE + i*4K``):
@@ -21,11 +19,9 @@ Layout of the hidden slot (page i is at gpa ``HIDDEN_GPA + i*4K`` and at gva
 16    USER_PT: the user windows' PT (PD entry 1: gva USER_WINDOWS)
 ====  ==========================================================
 
-====  ==========================================================
-
-PT entries 0..15 map the hidden pages; entry ``WINDOW_INDEX + v`` is vCPU v's
-4K window onto any gpa (the guest rewrites it before a physical access above
-the direct map); entry ``DOORBELL_INDEX`` maps a gpa with no memslot.
+PT entries 0..16 map the hidden pages; entry ``WINDOW_INDEX + v`` is vCPU v's
+kernel window onto any gpa (the guest rewrites it to copy a PML4 entry);
+entry ``DOORBELL_INDEX`` maps a gpa with no memslot.
 
 Physical accesses run at CPL 3 through one of the 512 user windows (see
 guest.s and :meth:`Vm.physical`).
@@ -67,7 +63,7 @@ MAILBOX_STRIDE = 256
 MB_CMD, MB_A1, MB_A2, MB_A3, MB_STATUS, MB_VALUE, MB_CR2, MB_CODE = range(0, 64, 8)
 ST_DONE, ST_PF, ST_EXC, ST_BAD = 1, 2, 3, 4
 REPORT_PORT = 0x10
-CMD_PHYS_READ, CMD_PHYS_WRITE, CMD_VIRT_READ, CMD_VIRT_WRITE = 1, 2, 3, 4
+CMD_VIRT_READ, CMD_VIRT_WRITE = 3, 4
 CMD_LOAD_CR3, CMD_INVLPG, CMD_FLUSH, CMD_MAP = 5, 6, 7, 8
 
 # An op that exits to the host more than this many times is stuck: a finding, not a loop.
