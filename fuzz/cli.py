@@ -36,9 +36,10 @@ _MAX_CONFIG_BYTES = 1 << 16
 
 
 def cmd_show(args) -> int:
-    """Pretty-print reproducers in canonical form with line numbers."""
+    """Pretty-print reproducers in canonical form with line numbers (after replay's checks)."""
     for path in reproducer_files(args.files):
         repro = load_reproducer(path)
+        replay_settings(repro)  # a '# target:' or '# inject:' replay would refuse is bad input
         text = format_program(repro.program, repro.marker, repro.meta)
         for number, line in enumerate(text.splitlines(), 1):
             print(f"{number:4} {line}")

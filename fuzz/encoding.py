@@ -40,6 +40,7 @@ MAX_FILE_BYTES = 16 << 20
 MAX_OPS_IN_FILE = 100_000
 MAX_CODE_CHARS = 4096
 _EXCERPT_CHARS = 40
+_MESSAGE_CHARS = 400  # an error message longer than this is cut (it quoted too much)
 
 # --- errors -----------------------------------------------------------------
 
@@ -64,7 +65,10 @@ class ReproError(ValueError):
         self.path, self.line, self.field, self.message = str(path), line, field_name, message
         where = _one_line(f"{self.path}:{line}" if line else self.path)
         what = f"field {excerpt(field_name)}: " if field_name else ""
-        super().__init__(f"{where}: {what}{_one_line(message)}")
+        message = _one_line(message)
+        if len(message) > _MESSAGE_CHARS:
+            message = f"{message[:_MESSAGE_CHARS]}... ({len(message)} characters)"
+        super().__init__(f"{where}: {what}{message}")
 
 
 class _FieldError(Exception):
@@ -350,10 +354,16 @@ def parse_reproducer(text: str, path="<string>") -> Reproducer:
 
     A leading UTF-8 byte-order mark is skipped (editors on some systems add one).
     Code (what precedes ``#``) is ASCII, at most ``MAX_CODE_CHARS`` a line;
-    comments may hold any text.
+    comments may hold any text but control characters (they would reach the
+    terminal through ``show`` and reports) and bidirectional overrides (they
+    make a line read differently from what it says).
     """
     header, ops, marker, meta, meta_lines = None, [], None, {}, {}
     for number, raw in _lines(text[len(BOM):] if text.startswith(BOM) else text):
+        hidden = _HIDDEN.search(raw)
+        if hidden is not None:
+            raise ReproError(path, number, None, f"character U+{ord(hidden.group()):04X} "
+                                                 "(a control or bidirectional character)")
         line = raw.strip(" \t")
         marked = line.startswith(MARKER.strip())
         if marked:
@@ -384,6 +394,7 @@ def parse_reproducer(text: str, path="<string>") -> Reproducer:
 
 
 _NOT_CODE = re.compile(r"[^\t\x20-\x7e]")
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _check_code(code: str) -> None:
@@ -417,9 +428,6 @@ def load_reproducer(path) -> Reproducer:
     except UnicodeDecodeError as error:
         raise ReproError(path, data.count(b"\n", 0, error.start) + 1, None,
                          "not a text file (invalid UTF-8)") from None
-    if "\0" in text:
-        raise ReproError(path, text.count("\n", 0, text.index("\0")) + 1, None,
-                         "not a text file (NUL byte)")
     return parse_reproducer(text, path)
 
 
