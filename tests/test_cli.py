@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -310,3 +312,22 @@ def test_minimize_output_must_be_a_writable_file(tmp_path, capsys):
     a_file = write(tmp_path, "x", "a_file")
     assert main(["minimize", path, "-o", str(a_file / "out.repro")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_every_fault_cites_a_commit_or_a_link(capsys):
+    """A reader can follow every source: a 12-digit commit id or a lore link, never a
+    thread number of files a clone does not have."""
+    from mmufuzz.harness import faults
+    assert main(["faults"]) == 0
+    out = capsys.readouterr().out
+    for fault in faults.CATALOG.values():
+        assert re.search(r"\b[0-9a-f]{12}\b|https://lore\.kernel\.org/", fault.source), fault.name
+        assert "thread [" not in fault.source and fault.source in out
+
+
+def test_docs_point_only_inside_the_repository():
+    root = Path(__file__).resolve().parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text and "SEMANTICS.md" not in text, doc
+        assert "thread [" not in text, doc
