@@ -75,14 +75,7 @@ def cmd_replay(args) -> int:
 
 def cmd_fuzz(args) -> int:
     """Run a coverage-guided campaign; 0 clean, 1 the directory holds findings."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ReproError(out, 0, None, "--out must name a directory, this is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReproError(out, 0, None, f"--out: cannot create the directory: "
-                                       f"{error.strerror or error}") from None
+    _check_writable(Path(args.out), "--out", directory=True)
     options = Options(out=Path(args.out), target=args.target, inject=args.inject,
                       max_time=args.max_time, max_execs=args.max_execs, jobs=args.jobs,
                       rss_limit_mb=args.rss_limit_mb, seed=args.seed)
@@ -102,7 +95,7 @@ def _campaign_config(raw: Path, target: str | None) -> dict:
             continue
         try:
             config = json.loads(read_input(path, _MAX_CONFIG_BYTES).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the stack
             config = None
         if not isinstance(config, dict):
             raise ReproError(path, 0, None, "not a campaign config (a JSON object); "
@@ -130,30 +123,37 @@ def _load_input(path: str, target: str | None) -> Reproducer:
     return Reproducer(program, None, _campaign_config(Path(path), target), path)
 
 
-def _check_output(output: Path) -> None:
-    """Refuse an output that cannot be written before spending minutes minimizing."""
-    if output.is_dir():
-        raise ReproError(output, 0, None, "-o must name a file, this is a directory")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ReproError(output, 0, None, f"-o: {parent} is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ReproError(output, 0, None, f"-o: cannot write in {parent}")
+def _check_writable(path: Path, option: str, directory: bool) -> None:
+    """Refuse a path the command could not write before it spends minutes working:
+    ``path`` must be a directory (or a file) or not exist, and the nearest folder that
+    exists must be one this process may write in."""
+    kind = "a directory" if directory else "a file"
+    if path.exists() and path.is_dir() != directory:
+        raise ReproError(path, 0, None, f"{option} must name {kind}, this is not one")
+    for folder in (path, *path.parents) if directory else path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ReproError(path, 0, None, f"{option}: {folder} is not a directory")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ReproError(path, 0, None, f"{option}: cannot write in {folder}")
             return
 
 
 def cmd_minimize(args) -> int:
     """Minimize one finding; 0 minimized, 1 clean or flaky (reported, not reduced)."""
     if args.output:
-        _check_output(Path(args.output))
+        _check_writable(Path(args.output), "-o", directory=False)
     repro = _load_input(args.file, args.target)
     target, names = replay_settings(repro, args.target, args.inject)
     result = minimize(repro.program, target, names, repro.meta.get("signature"),
                       max_seconds=args.max_time)
     text = report(result, target, ",".join(names) or NO_FAULT)
     if args.output:
-        write_atomic(Path(args.output), text)
+        try:
+            write_atomic(Path(args.output), text)
+        except OSError as error:
+            raise ReproError(args.output, 0, None, f"-o: cannot write: "
+                                                   f"{error.strerror or error}") from None
     else:
         print(text, end="")
     if result.reproducible:
@@ -227,9 +227,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmufuzz", formatter_class=raw,
         description="A coverage-guided differential fuzzer for hypervisor MMUs.",
         epilog="Exit codes: 0 clean, 1 a finding, 2 bad input, 3 the fuzzer failed.\n"
@@ -314,7 +321,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, a usage error: argparse has said why
+        return done.code
     try:
         return args.func(args)
     except (ReproError, faults.UnknownFault, UnknownTarget, CampaignError) as error:

@@ -458,7 +458,8 @@ def read_input(path, limit: int) -> bytes:
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise ReproError(path, 0, None, f"larger than {limit >> 20} MiB, not a reproducer")
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+        raise ReproError(path, 0, None, f"larger than {size}: refused unread")
     return data
 
 
