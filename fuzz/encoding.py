@@ -35,9 +35,10 @@ FORMAT_LINE = "# mmufuzz reproducer v1"
 MARKER = ">>> "
 BOM = "\ufeff"
 # Bounds on untrusted text, far above anything the printer writes: a file (a dirty
-# log of a whole slot in a report is a few MB), the ops in it, the code of a line.
+# log of a whole slot in a report is a few MB), its lines, its ops, the code of a line.
 MAX_FILE_BYTES = 16 << 20
 MAX_OPS_IN_FILE = 100_000
+MAX_LINES = 200_000
 MAX_CODE_CHARS = 4096
 _EXCERPT_CHARS = 40
 _MESSAGE_CHARS = 400  # an error message longer than this is cut (it quoted too much)
@@ -358,6 +359,9 @@ def parse_reproducer(text: str, path="<string>") -> Reproducer:
     terminal through ``show`` and reports) and bidirectional overrides (they
     make a line read differently from what it says).
     """
+    lines = text.count("\n") + 1
+    if lines > MAX_LINES:
+        raise ReproError(path, 0, None, f"{lines} lines, at most {MAX_LINES}")
     header, ops, marker, meta, meta_lines = None, [], None, {}, {}
     for number, raw in _lines(text[len(BOM):] if text.startswith(BOM) else text):
         hidden = _HIDDEN.search(raw)

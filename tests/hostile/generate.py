@@ -73,6 +73,7 @@ def _cases() -> dict[str, bytes | str]:
     cases["long-flags"] = HEAD + VM + "memslot_set_flags slot=0 flags=" + "dirty_log," * 100_000 \
         + "bogus\n"
     cases["too-many-ops"] = HEAD + VM + "zap_all\n" * 100_001
+    cases["too-many-lines"] = HEAD + VM + "\n" * 200_001
 
     # Not text, or text that hides what it says.
     cases["invalid-utf8"] = (HEAD + VM).encode() + b"zap_all \xff\xfe\n"
