@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.target import UnknownTarget
+from mmufuzz.harness.target import TargetRefused, UnknownTarget
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.campaign import DEFAULT_OUT, Campaign, CampaignError, Options
 from mmufuzz.fuzz.corpus import (NO_FAULT, check_file_target, file_targets, replay,
@@ -60,7 +60,10 @@ def cmd_replay(args) -> int:
         loaded.append((path, repro, target, ",".join(names) or NO_FAULT))
     findings = 0
     for path, repro, target, inject in loaded:
-        result = replay(repro, target, inject)
+        try:
+            result = replay(repro, target, inject)
+        except TargetRefused as refused:
+            raise ReproError(path, 0, None, str(refused)) from None
         if result.finding is None:
             print(f"{path}: clean (target {result.target}, inject {result.inject})")
             continue

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.target import TARGETS, capabilities
+from mmufuzz.harness.target import TARGETS, TargetRefused, capabilities
 from mmufuzz.fuzz.encoding import Reproducer, ReproError, excerpt, format_program
 from mmufuzz.fuzz.runner import Finding, make_target, run_program
 
@@ -57,7 +57,7 @@ def check_file_target(name: str, error) -> str:
 
     A file naming anything else (``os:abort``, a module path) is refused, never imported.
     """
-    if name in TARGETS or name == "reference":
+    if name in file_targets():
         return name
     hint = " (code is loaded only from the command line: --target)" if ":" in name else ""
     raise error(f"unknown target {excerpt(name)}{hint}; a file may name only "
@@ -114,13 +114,13 @@ class Replay:
 def replay(repro: Reproducer, target: str | None = None, inject: str | None = None) -> Replay:
     """Run a reproducer on its target (or ``target``) with its fault (or ``inject``).
 
-    A program the target cannot run is a ReproError naming the file (bad input, not a finding).
+    A program the target cannot run raises TargetRefused (bad input, not a finding).
     """
     target, names = replay_settings(repro, target, inject)
     system = make_target(target)
     reason = capabilities(system).refusal(repro.program)
     if reason is not None:
-        raise repro.error(None, f"target {target} cannot run this program: {reason}")
+        raise TargetRefused(f"target {target} cannot run this program: {reason}")
     with faults.injected(names):
         finding = run_program(repro.program, system)
     return Replay(repro, target, ",".join(names) or NO_FAULT, finding)
