@@ -9,8 +9,21 @@ before the system under test may be imported.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+_TEMP_TRIES = 100
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty file beside ``path``, mode 0666 less the umask (as ``open()`` makes
+    files: ``tempfile.mkstemp``'s 0600 would leave every output private to its writer)."""
+    for _ in range(_TEMP_TRIES):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_atomic(path: Path, data) -> None:
@@ -18,7 +31,7 @@ def write_atomic(path: Path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, mode) as out:
             out.write(data)

@@ -522,7 +522,8 @@ class Campaign:
             if not finding.minimized.exists() and finding.signature not in self.attempted:
                 self.attempted.add(finding.signature)
                 command = [sys.executable, "-m", "mmufuzz.fuzz.cli", "minimize", str(finding.raw),
-                           "-o", str(finding.minimized), "--max-time", str(MINIMIZE_SECONDS)]
+                           "-o", str(finding.minimized), "--max-time", str(MINIMIZE_SECONDS),
+                           "--target", self.config.target, "--inject", self.config.inject]
                 # Its own session: the Ctrl-C that stops fuzzing must not stop it.
                 with open(finding.path / "minimize.log", "wb") as log:
                     self.minimizer = (subprocess.Popen(command, stdin=subprocess.DEVNULL,

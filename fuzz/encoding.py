@@ -11,15 +11,18 @@ matters.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
 ``decode`` can produce, which makes ``encode(decode(b))`` a fixpoint.
 
 **Text** (``parse_reproducer``/``format_program``) is the readable, diffable
-form users and CI see (``../shared/SEMANTICS.md`` §A).  It is parsed with a
-small scanner, never ``eval``; every error is a :class:`ReproError` naming the
-file, line and field.
+form users and CI see (``docs/reproducers.md``).  It is untrusted input: it is
+parsed with a small linear scanner, never ``eval``, in time and memory bounded
+by its size (capped), and every error is a :class:`ReproError` of one line
+naming the file, line and field and quoting at most a short excerpt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,8 +33,30 @@ from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PA
 
 FORMAT_LINE = "# mmufuzz reproducer v1"
 MARKER = ">>> "
+BOM = "\ufeff"
+# Bounds on untrusted text, far above anything the printer writes: a file (a dirty
+# log of a whole slot in a report is a few MB), its lines, its ops, the code of a line.
+MAX_FILE_BYTES = 16 << 20
+MAX_OPS_IN_FILE = 100_000
+MAX_LINES = 200_000
+MAX_CODE_CHARS = 4096
+_EXCERPT_CHARS = 40
+_MESSAGE_CHARS = 400  # an error message longer than this is cut (it quoted too much)
 
 # --- errors -----------------------------------------------------------------
+
+
+def excerpt(text: str) -> str:
+    """``text`` quoted for an error message: one line, at most a few dozen characters."""
+    text = str(text)
+    if len(text) <= _EXCERPT_CHARS:
+        return repr(text)
+    return f"{text[:_EXCERPT_CHARS]!r}... ({len(text)} characters)"
+
+
+def _one_line(text: str) -> str:
+    """``text`` as it is if printable, else with its control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class ReproError(ValueError):
@@ -39,8 +64,11 @@ class ReproError(ValueError):
 
     def __init__(self, path, line: int, field_name: Optional[str], message: str):
         self.path, self.line, self.field, self.message = str(path), line, field_name, message
-        where = f"{self.path}:{line}" if line else self.path
-        what = f"field '{field_name}': " if field_name else ""
+        where = _one_line(f"{self.path}:{line}" if line else self.path)
+        what = f"field {excerpt(field_name)}: " if field_name else ""
+        message = _one_line(message)
+        if len(message) > _MESSAGE_CHARS:
+            message = f"{message[:_MESSAGE_CHARS]}... ({len(message)} characters)"
         super().__init__(f"{where}: {what}{message}")
 
 
@@ -61,11 +89,8 @@ def _guest_ops_collide(a, b) -> bool:
 
 
 def _check_op(op, header: VmHeader) -> None:
-    """The rules no single field domain states (SEMANTICS §A, §E, §F)."""
+    """The rules no single field domain states (docs/reproducers.md, "Field rules")."""
     if isinstance(op, Parallel):
-        for name in ("a", "b"):
-            if isinstance(getattr(op, name), Parallel):
-                raise _FieldError(name, "a parallel cannot contain a parallel")
         if _guest_ops_collide(op.a, op.b):
             raise _FieldError("b", f"both sides run on vcpu {op.b.vcpu}")
         return
@@ -85,9 +110,12 @@ def _check_op(op, header: VmHeader) -> None:
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|[0-9]+")
 
 
+_MAX_NUMBER_CHARS = 24  # 0x and 16 hex digits, or 20 decimal digits, plus leading zeros
+
+
 def _parse_int(text: str, dom: Domain) -> int:
-    if not _NUMBER.fullmatch(text):
-        raise ValueError(f"{text!r} is not a number (0x... hex or decimal digits)")
+    if len(text) > _MAX_NUMBER_CHARS or not _NUMBER.fullmatch(text):
+        raise ValueError(f"{excerpt(text)} is not a number (0x... hex or decimal digits)")
     value = int(text, 16 if text.startswith("0x") else 10)
     if not dom.lo <= value < dom.hi:
         raise ValueError(f"{text} is out of range {_show(dom.lo, dom)}..{_show(dom.hi - 1, dom)}")
@@ -105,17 +133,17 @@ def _parse_value(text: str, dom: Domain, header: Optional[VmHeader]):
         return _parse_int(text, dom)
     if dom.kind == "bool":
         if text not in ("0", "1"):
-            raise ValueError(f"{text!r} must be 0 or 1")
+            raise ValueError(f"{excerpt(text)} must be 0 or 1")
         return text == "1"
     if dom.kind == "enum":
         if text not in dom.choices:
-            raise ValueError(f"{text!r} must be one of {', '.join(dom.choices)}")
+            raise ValueError(f"{excerpt(text)} must be one of {', '.join(dom.choices)}")
         return dom.choices[text]
     if dom.kind == "flags":
         flags = next(iter(dom.choices.values())) & 0
         for name in filter(None, text.split(",")):
             if name not in dom.choices:
-                raise ValueError(f"unknown flag {name!r} (known: {', '.join(dom.choices)})")
+                raise ValueError(f"unknown flag {excerpt(name)} (known: {', '.join(dom.choices)})")
             flags |= dom.choices[name]
         return flags
     if dom.kind == "root":
@@ -123,7 +151,7 @@ def _parse_value(text: str, dom: Domain, header: Optional[VmHeader]):
     if dom.kind == "op":
         if not (text.startswith("(") and text.endswith(")")):
             raise ValueError("must be a parenthesised op, like (zap_all)")
-        return _parse_op(text[1:-1], header)
+        return _parse_op(text[1:-1], header, nested=True)
     raise AssertionError(f"unknown domain kind {dom.kind!r}")
 
 
@@ -168,18 +196,26 @@ def format_op(op) -> str:
     return " ".join(parts)
 
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_TOKEN = re.compile(r"[^ \t]*")
+_PLAIN_VALUE = re.compile(r"[^ \t()]*")
+
+
 def _split_fields(text: str) -> list[tuple[str, str]]:
-    """``k=v k=(op ...)`` into pairs; parentheses nest, anything else is an error."""
+    """``k=v k=(op ...)`` into pairs, in one pass; parentheses nest, anything else is an error.
+
+    Fields are separated by spaces or tabs (a line holds no other whitespace).
+    """
     pairs, i, n = [], 0, len(text)
     while i < n:
-        if text[i].isspace():
+        if text[i] in " \t":
             i += 1
             continue
-        eq = text.find("=", i)
-        stop = min((j for j in (text.find(" ", i), text.find("\t", i)) if j >= 0), default=n)
-        if eq < 0 or eq > stop:
-            raise _FieldError(None, f"expected name=value, got {text[i:stop]!r}")
-        key, j = text[i:eq], eq + 1
+        name = _FIELD_NAME.match(text, i)
+        if name is None:
+            token = _TOKEN.match(text, i).group()
+            raise _FieldError(None, f"expected name=value, got {excerpt(token)}")
+        key, j = name.group()[:-1], name.end()
         if j < n and text[j] == "(":
             depth = 0
             for k in range(j, n):
@@ -190,11 +226,10 @@ def _split_fields(text: str) -> list[tuple[str, str]]:
                 raise _FieldError(key, "unbalanced parentheses")
             end = k + 1
         else:
-            end = j
-            while end < n and not text[end].isspace():
-                if text[end] in "()":
-                    raise _FieldError(key, "unbalanced parentheses")
-                end += 1
+            end = _PLAIN_VALUE.match(text, j).end()
+        if end < n and text[end] not in " \t":
+            raise _FieldError(key, "unbalanced parentheses" if text[end] in "()"
+                              else f"expected a space after the value, got {excerpt(text[end])}")
         pairs.append((key, text[j:end]))
         i = end
     return pairs
@@ -234,11 +269,25 @@ def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
     return kwargs
 
 
-def _parse_op(text: str, header: Optional[VmHeader]):
-    keyword, _, rest = text.strip().partition(" ")
+def _keyword(text: str) -> tuple[str, str]:
+    """A line's first word and the rest: words are separated by spaces or tabs."""
+    text = text.strip(" \t")
+    end = _TOKEN.match(text).end()
+    return text[:end], text[end:]
+
+
+def _parse_op(text: str, header: Optional[VmHeader], nested: bool = False):
+    """One op; ``nested``: a side of a ``parallel``, which the grammar bars from being one.
+
+    The bar is checked on the keyword, before the fields are parsed, so nesting
+    depth never exceeds one whatever the text.
+    """
+    keyword, rest = _keyword(text)
     cls = OP_CLASSES.get(keyword)
     if cls is None:
-        raise _FieldError(None, f"unknown op {keyword!r}" if keyword else "empty op")
+        raise _FieldError(None, f"unknown op {excerpt(keyword)}" if keyword else "empty op")
+    if nested and cls is Parallel:
+        raise _FieldError(None, "a parallel cannot contain a parallel")
     op = cls(**_parse_fields(cls, rest, header))
     _check_op(op, header)
     return op
@@ -246,7 +295,8 @@ def _parse_op(text: str, header: Optional[VmHeader]):
 
 # --- text: files ------------------------------------------------------------
 
-_META = re.compile(r"([a-z][a-z_-]*):\s*(.*?)\s*(?=\s{2,}[a-z][a-z_-]*:|$)")
+_META_KEY = re.compile(r"[a-z][a-z_-]*:")
+_META_GAP = re.compile(r"(\s{2,})")
 # Header comments printed before the program, in this order; everything else after it.
 _META_HEAD = ("finding", "target", "inject", "signature")
 _META_TAIL = ("expect", "expected", "actual", "result")
@@ -254,42 +304,89 @@ _META_TAIL = ("expect", "expected", "actual", "result")
 
 @dataclass(frozen=True)
 class Reproducer:
-    """A parsed reproducer file: the program, the ``>>>`` op index, the ``# key: value`` comments."""
+    """A parsed reproducer file: the program, the ``>>>`` op index, the ``# key: value`` comments.
+
+    ``source`` (the file) and ``meta_lines`` (the line of each comment key) let
+    whoever interprets a comment name the line in an error.
+    """
 
     program: Program
     marker: Optional[int] = None
     meta: dict = field(default_factory=dict)
+    source: str = field(default="<string>", compare=False)
+    meta_lines: dict = field(default_factory=dict, compare=False)
+
+    def error(self, key: Optional[str], message: str) -> "ReproError":
+        """A ReproError about comment ``key`` (the file as a whole for None)."""
+        return ReproError(self.source, self.meta_lines.get(key, 0), key, message)
 
 
-def _parse_meta(comment: str, meta: dict) -> None:
-    """Collect ``key: value`` pairs of a full-line comment (several may share a line)."""
+def _parse_meta(comment: str, number: int, meta: dict, lines: dict) -> None:
+    """Collect ``key: value`` pairs of a full-line comment; two or more spaces separate pairs.
+
+    Linear in the comment's length: split at runs of whitespace, then join the
+    pieces that do not start a new ``key:`` to the value before them.
+    """
     body = comment.strip()
-    if not re.match(r"[a-z][a-z_-]*:", body):
+    if not _META_KEY.match(body):
         return
-    for key, value in _META.findall(body):
-        meta.setdefault(key, value)
+    pairs: list[list[str]] = []
+    pieces = _META_GAP.split(body)
+    for index in range(0, len(pieces), 2):
+        key = _META_KEY.match(pieces[index])
+        if key is not None:
+            pairs.append([key.group()[:-1], pieces[index][key.end():]])
+        else:
+            pairs[-1][1] += pieces[index - 1] + pieces[index]
+    for key, value in pairs:
+        if key not in meta:
+            meta[key], lines[key] = value.strip(), number
+
+
+def _lines(text: str):
+    """Numbered lines, split at ``\n`` (and ``\r\n``) only: Unicode line separators
+    inside a comment are text, as every editor numbering lines agrees."""
+    for number, raw in enumerate(text.split("\n"), 1):
+        yield number, raw[:-1] if raw.endswith("\r") else raw
 
 
 def parse_reproducer(text: str, path="<string>") -> Reproducer:
-    """Parse a reproducer's text; raise :class:`ReproError` on the first bad line."""
-    header, ops, marker, meta = None, [], None, {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    """Parse a reproducer's text; raise :class:`ReproError` on the first bad line.
+
+    A leading UTF-8 byte-order mark is skipped (editors on some systems add one).
+    Code (what precedes ``#``) is ASCII, at most ``MAX_CODE_CHARS`` a line;
+    comments may hold any text but control characters (they would reach the
+    terminal through ``show`` and reports) and bidirectional overrides (they
+    make a line read differently from what it says).
+    """
+    lines = text.count("\n") + 1
+    if lines > MAX_LINES:
+        raise ReproError(path, 0, None, f"{lines} lines, at most {MAX_LINES}")
+    header, ops, marker, meta, meta_lines = None, [], None, {}, {}
+    for number, raw in _lines(text[len(BOM):] if text.startswith(BOM) else text):
+        hidden = _HIDDEN.search(raw)
+        if hidden is not None:
+            raise ReproError(path, number, None, f"character U+{ord(hidden.group()):04X} "
+                                                 "(a control or bidirectional character)")
+        line = raw.strip(" \t")
         marked = line.startswith(MARKER.strip())
         if marked:
-            line = line[len(MARKER.strip()):].strip()
+            line = line[len(MARKER.strip()):].strip(" \t")
         code, hashmark, comment = line.partition("#")
-        code = code.strip()
+        code = code.strip(" \t")
         if not code:
             if hashmark and not marked:
-                _parse_meta(comment, meta)
+                _parse_meta(comment, number, meta, meta_lines)
             continue
         try:
+            _check_code(code)
             if header is None:
                 header = _parse_header(code)
                 continue
-            if code.split(" ", 1)[0] == "vm":
+            if _keyword(code)[0] == "vm":
                 raise _FieldError(None, "the vm header may appear only once, first")
+            if len(ops) == MAX_OPS_IN_FILE:
+                raise _FieldError(None, f"more than {MAX_OPS_IN_FILE} ops")
             ops.append(_parse_op(code, header))
         except _FieldError as error:
             raise ReproError(path, number, error.field, error.message) from None
@@ -297,31 +394,77 @@ def parse_reproducer(text: str, path="<string>") -> Reproducer:
             marker = len(ops) - 1
     if header is None:
         raise ReproError(path, 0, None, "no 'vm type=... vcpus=...' header line")
-    return Reproducer(Program(header, tuple(ops)), marker, meta)
+    return Reproducer(Program(header, tuple(ops)), marker, meta, str(path), meta_lines)
+
+
+_NOT_CODE = re.compile(r"[^\t\x20-\x7e]")
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _check_code(code: str) -> None:
+    if len(code) > MAX_CODE_CHARS:
+        raise _FieldError(None, f"line is {len(code)} characters long, at most "
+                                f"{MAX_CODE_CHARS} before a comment")
+    bad = _NOT_CODE.search(code)
+    if bad is not None:
+        bad = bad.group()
+        raise _FieldError(None, f"character U+{ord(bad):04X} outside a comment "
+                                "(ops are printable ASCII)")
 
 
 def _parse_header(code: str) -> VmHeader:
-    keyword, _, rest = code.partition(" ")
+    keyword, rest = _keyword(code)
     if keyword != "vm":
-        raise _FieldError(None, f"the first line must be 'vm type=... vcpus=...', not {keyword!r}")
+        raise _FieldError(None, f"the first line must be 'vm type=... vcpus=...', "
+                                f"not {excerpt(keyword)}")
     return VmHeader(**_parse_fields(VmHeader, rest, None))
 
 
 def load_reproducer(path) -> Reproducer:
-    """Read and parse a reproducer file; unreadable or non-text files are ReproErrors too."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise ReproError(path, 0, None, f"cannot read: {error.strerror or error}") from None
+    """Read and parse a reproducer file: a regular file of UTF-8 text, at most MAX_FILE_BYTES.
+
+    A FIFO, a device or a directory is refused before anything is read (it
+    could block or never end); everything else wrong is a ReproError too.
+    """
+    data = read_input(path, MAX_FILE_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ReproError(path, data.count(b"\n", 0, error.start) + 1, None,
                          "not a text file (invalid UTF-8)") from None
-    if "\0" in text:
-        raise ReproError(path, text.count("\n", 0, text.index("\0")) + 1, None,
-                         "not a text file (NUL byte)")
     return parse_reproducer(text, path)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def read_input(path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed), at most ``limit`` of them.
+
+    Opened non-blocking, so a FIFO cannot stall the open, and checked with
+    ``fstat`` on the open descriptor, so what is read is what was checked.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as error:
+        raise ReproError(path, 0, None, f"cannot read: {error.strerror or error}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+            raise ReproError(path, 0, None, f"cannot read: {kind}, not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(limit + 1)
+    except OSError as error:
+        raise ReproError(path, 0, None, f"cannot read: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+        raise ReproError(path, 0, None, f"larger than {size}: refused unread")
+    return data
 
 
 def format_header(header: VmHeader) -> str:

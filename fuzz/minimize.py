@@ -15,11 +15,16 @@ the stages run cheapest first and repeat to a fixpoint:
    (one at a time, each of these breaks the private path the others build);
 6. drop an op that relocates memory (a slot move) while moving the later ops'
    addresses back to where the memory was;
-7. simplify fields toward the smallest value of their domain (0, fewer pages,
+7. unwrap a ``parallel`` one side of which is a failing no-op (an ``einval``
+   or ``unsupported`` op that changes nothing, like an overlapping
+   ``memslot_add`` or ``set_attributes npages=0``): only the other side stays.
+   If the finding was at that ``parallel``, its signature names the remaining
+   op's kind instead (the one change of signature the minimizer makes);
+8. simplify fields toward the smallest value of their domain (0, fewer pages,
    4k instead of 2m, vcpu 0, no flags, schedule 0, one side of a parallel);
-8. move an op earlier where that lets another op go (a smaller program in
+9. move an op earlier where that lets another op go (a smaller program in
    another order, which deletions alone never reach);
-9. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
+10. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
 
 Every candidate stays valid by construction (:func:`mmufuzz.fuzz.encoding.conform`),
 is accepted only if it keeps the signature, and results are cached per program,
@@ -36,10 +41,11 @@ from typing import Callable, Optional
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Accept, Access,
                          MemslotAdd, MemslotFlag, Parallel, Program, SetAttributes, VmType,
-                         domain, op_gfns, op_vcpu)
+                         domain, op_gfns, op_name, op_vcpu, outcome_kind)
 from mmufuzz.fuzz.corpus import Replay
 from mmufuzz.fuzz.encoding import Reproducer, conform
 from mmufuzz.fuzz.runner import Finding, make_target, run_program
+from mmufuzz.reference.model import Reference
 
 REPRO_RUNS = 3
 MAX_ROUNDS = 16
@@ -55,8 +61,10 @@ class Minimized:
 
     ``program`` is the smallest program found that still fails with
     ``signature`` (the input itself when the finding did not reproduce every
-    time); ``reproduced`` of ``attempts`` replays of the input gave the
-    signature; ``finding`` is the minimized program's (or a failing replay's).
+    time); ``reproduced`` of ``attempts`` replays of the input gave
+    ``original_signature``; ``finding`` is the minimized program's (or a
+    failing replay's).  The two signatures differ only when the failing op was
+    a ``parallel`` whose no-op side went (stage 7).
     """
 
     program: Program
@@ -67,6 +75,7 @@ class Minimized:
     attempts: int
     runs: int
     seconds: float
+    original_signature: Optional[str] = None
 
     @property
     def flaky(self) -> bool:
@@ -95,12 +104,17 @@ class _Oracle:
         return self.cache[program]
 
     def fails(self, program: Program) -> bool:
-        """True if ``program`` keeps the signature; past the deadline, only known answers count."""
+        """True if ``program`` keeps the signature."""
+        return self.matches(program, lambda finding: finding.signature == self.signature)
+
+    def matches(self, program: Program, wanted: Callable[[Finding], bool]) -> bool:
+        """True if ``program`` fails with a finding ``wanted`` accepts; past the deadline,
+        only known answers count."""
         if program not in self.cache and self.deadline is not None \
                 and time.monotonic() > self.deadline:
             return False
         finding = self.finding(program)
-        return finding is not None and finding.signature == self.signature
+        return finding is not None and wanted(finding)
 
 
 # --- stages: each takes a failing program and returns a failing program ---------
@@ -264,6 +278,56 @@ def _shared_only(program: Program, oracle: _Oracle) -> Program:
     return program
 
 
+_FAILING = ("einval", "unsupported")
+
+
+def _failing_noop(state: Reference, op) -> bool:
+    """True if ``op`` fails (einval, unsupported) from ``state`` and changes nothing."""
+    trial = state.copy()
+    return outcome_kind(trial.run(op)) in _FAILING and trial == state
+
+
+def _unwrap_noop_sides(program: Program, oracle: _Oracle) -> Program:
+    """Replace each ``parallel`` one side of which is a failing no-op by its other side.
+
+    Such a pair is one op in disguise: the reference, run to just before it,
+    says the side fails and changes nothing.  The candidate must fail the same
+    way; when the failing op is the pair itself, the same way means the same
+    finding at the remaining op (its kind, and its own outcome instead of the
+    pair's), and the oracle takes that finding's signature on.
+    """
+    state = Reference(program.header)
+    for index, op in enumerate(program.ops):
+        if isinstance(op, Parallel):
+            for keep, other in ((op.a, op.b), (op.b, op.a)):
+                if not _failing_noop(state, other):
+                    continue
+                candidate = program.with_ops(program.ops[:index] + (conform(keep, program.header),)
+                                             + program.ops[index + 1:])
+                original = oracle.finding(program)
+                if original.op_index != index:
+                    same = oracle.fails
+                else:
+                    def same(program, original=original, keep=keep):
+                        return oracle.matches(program, lambda found: _same_at(original, found,
+                                                                              keep))
+                if same(candidate):
+                    program, op = candidate, candidate.ops[index]
+                    oracle.signature = oracle.finding(candidate).signature
+                    break
+        for side in ((op.a, op.b) if isinstance(op, Parallel) else (op,)):
+            state.run(side)
+    return program
+
+
+def _same_at(pair: Finding, found: Finding, keep) -> bool:
+    """``found``, at op ``keep`` that replaced a pair, is the finding ``pair`` was at the pair."""
+    return (found.op_index == pair.op_index and found.op_kind == op_name(keep)
+            and (found.kind, found.expected_kind, found.invariant)
+            == (pair.kind, pair.expected_kind, pair.invariant)
+            and pair.actual_kind in ("pair", found.actual_kind))
+
+
 def _simpler_values(value, dom) -> list:
     """Candidate replacements for one field value, simplest first, all inside the domain."""
     if dom.kind == "int":
@@ -366,7 +430,8 @@ def _renumber(program: Program, oracle: _Oracle) -> Program:
 
 
 STAGES = (_cut_after_failure, _slice, _drop_single_ops, _ddmin, _shared_only,
-          _drop_and_relocate, _simplify_fields, _move_earlier_and_drop, _renumber)
+          _drop_and_relocate, _unwrap_noop_sides, _simplify_fields, _move_earlier_and_drop,
+          _renumber)
 
 
 def minimize(program: Program, target: str, inject=(), signature: Optional[str] = None,
@@ -391,7 +456,7 @@ def minimize(program: Program, target: str, inject=(), signature: Optional[str] 
     if len(matching) < repro_runs:
         return Minimized(program, matching[0] if matching else (failing or [None])[0], signature,
                          len(program.ops), len(matching), repro_runs, repro_runs,
-                         time.monotonic() - started)
+                         time.monotonic() - started, signature)
 
     deadline = None if max_seconds is None else started + max_seconds
     oracle = _Oracle(run, signature, deadline)
@@ -403,8 +468,8 @@ def minimize(program: Program, target: str, inject=(), signature: Optional[str] 
             program = stage(program, oracle)
         if program == before:
             break
-    return Minimized(program, oracle.finding(program), signature, original_ops, repro_runs,
-                     repro_runs, oracle.runs + repro_runs, time.monotonic() - started)
+    return Minimized(program, oracle.finding(program), oracle.signature, original_ops, repro_runs,
+                     repro_runs, oracle.runs + repro_runs, time.monotonic() - started, signature)
 
 
 def report(result: Minimized, target: str, inject: str) -> str:
@@ -418,6 +483,8 @@ def report(result: Minimized, target: str, inject: str) -> str:
         meta = {"minimized": f"{result.original_ops} -> {len(result.program.ops)} ops, "
                              f"{result.runs} runs, {result.seconds:.1f} s",
                 "expect": "divergence"}
+    elif result.signature is None:
+        meta = {"not-reproduced": f"no finding in {result.attempts} replays"}
     else:
         key = "flaky" if result.flaky else "not-reproduced"
         meta = {key: f"signature {result.signature} came back in {result.reproduced} of "

@@ -86,7 +86,12 @@ class ReferenceTarget:
 
 def make_target(name: str) -> Target:
     """A registered harness target, ``reference`` (which only ``fuzz/`` may build), or an
-    out-of-tree target given as ``module:factory`` (tests plant targets this way)."""
+    out-of-tree target given as ``module:factory`` (tests plant targets this way).
+
+    ``module:factory`` imports and runs code: ``name`` must come from the command
+    line or the caller's own code, never from a file (a reproducer's ``# target:``
+    goes through :func:`mmufuzz.fuzz.corpus.check_file_target` first).
+    """
     if name == "reference":
         return ReferenceTarget()
     if ":" in name:

@@ -1,10 +1,12 @@
 """The fault switch: injectable real-world MMU bugs (``--inject NAME``).
 
-Each catalog entry names a bug from KVM history (``../shared/FAULTS.md``) and
-is switched on by a tiny local branch in a target, ``if faults.active(NAME):``.
-The active set is the project's only global mutable state: targets consult it
-on their hot paths, so it is a plain frozenset lookup.  Nothing in ``fuzz/``
-may consult the catalog to steer generation.
+Each catalog entry names a bug from KVM history (its ``source``: a commit id
+and subject, or a mailing-list thread's subject, date and lore link; how each
+is built: ``docs/faults.md``) and is switched on by a tiny local branch in a
+target, ``if faults.active(NAME):``. The active set is the project's only
+global mutable state: targets consult it on their hot paths, so it is a plain
+frozenset lookup. Nothing in ``fuzz/`` may consult the catalog to steer
+generation.
 """
 
 from __future__ import annotations
@@ -24,50 +26,91 @@ class Fault:
     concurrent: bool = False
 
 
+# Threads cited by several faults.
+_MERGE_THREAD = ("\"[RFC PATCH v4 13/16] KVM: x86/tdp_mmu: Try to merge pages into a large "
+                 "page\" (Isaku Yamahata, 2023-07-25), https://lore.kernel.org/all/"
+          "d649f4294d95803a46aaaf3ddd87c7e2f8ff501d.1690323516.git.isaku.yamahata@intel.com/")
+_STAGE2_SERIES = ("\"KVM: arm64: Parallel stage-2 fault handling\" (Oliver Upton, 2022-08-30), "
+                  "https://lore.kernel.org/kvmarm/20220830194132.962932-1-oliver.upton@linux.dev/")
+
 _TDP_FAULTS = (
     Fault("merge-frozen-child", "tdp",
-          "thread [000]: RFC PATCH v4 13/16 KVM: x86/tdp_mmu: Try to merge pages into a large page",
+          _MERGE_THREAD,
           "the private 4K->2M merge in the fault path does not retry on a child another "
           "vCPU has frozen (mirror install: freeze, AUG, write) and populates over it",
           concurrent=True),
-    Fault("merge-partial-accept", "tdp", "thread [000]",
+    Fault("merge-partial-accept", "tdp",
+          _MERGE_THREAD + ": \"merging ... can fail when some sub pages are accepted and some "
+          "are not\"",
           "the private merge goes ahead although some subpages are accepted and some "
           "pending; the 2M leaf takes the first page's state"),
-    Fault("merge-by-zap", "tdp", "thread [000]",
+    Fault("merge-by-zap", "tdp",
+          _MERGE_THREAD + ": \"zapping and re-populating results in zeroing page content\"",
           "the private merge zaps the 4K leaves and refaults at 2M, zeroing accepted contents"),
     Fault("free-before-flush", "tdp",
-          "thread [001]: arm64 stage-2 break-before-make, freeing an unlinked table",
+          "KVM commits 5c359cca1faf (\"KVM: arm64: Tear down unlinked stage-2 subtree after "
+          "break-before-make\") and c3119ae45dfb (\"KVM: arm64: Protect stage-2 traversal with "
+          "RCU\"), series " + _STAGE2_SERIES + "; on x86, \"KVM: x86/mmu: Protect TDP MMU page "
+          "table memory with RCU\" (handle_removed_pt, call_rcu)",
           "a removed table page is freed at once, not after the TLB flush and the RCU grace "
           "period", concurrent=True),
-    Fault("huge-without-break", "tdp", "thread [001]",
+    Fault("huge-without-break", "tdp",
+          "KVM commit 13e2e4f62a4b (\"KVM: x86/mmu: Recover TDP MMU huge page mappings "
+          "in-place instead of zapping\"): the table is replaced by cmpxchg and TLBs are "
+          "flushed before it is freed; arm64 breaks before making: 5c359cca1faf, series "
+          + _STAGE2_SERIES,
           "a huge leaf replaces a table without freeze -> flush -> write (break-before-make)"),
-    Fault("mmio-stale-generation", "tdp", "thread [002]: MMIO SPTE caching",
+    Fault("mmio-stale-generation", "tdp",
+          "KVM commit ce88decffd17 (\"KVM: MMU: mmio page fault support\"), and the memslot "
+          "generation in MMIO SPTEs of \"KVM: MMU: fast invalidate all mmio sptes\" (2013): "
+          "check_mmio_spte() in arch/x86/kvm/mmu/mmu.c, Documentation/virt/kvm/x86/mmu.rst "
+          "\"Fast invalidation of MMIO sptes\"",
           "MMIO SPTEs are honoured without comparing the memslot generation"),
-    Fault("nonpresent-zero", "tdp", "thread [003]: SHADOW_NONPRESENT_VALUE",
+    Fault("nonpresent-zero", "tdp",
+          "KVM commit 803482f472cc (\"KVM: x86/mmu: Use SHADOW_NONPRESENT_VALUE for atomic zap "
+          "in TDP MMU\"), fixing 7f01cab84928 (\"KVM: x86/mmu: Allow non-zero value for "
+          "non-present SPTE and removed SPTE\"): tdp_mmu_zap_spte_atomic() was missed",
           "tdp_mmu_zap_spte_atomic writes 0 instead of SHADOW_NONPRESENT_VALUE after the "
           "flush (suppress-#VE clear)"),
     Fault("convert-no-zap", "tdp",
-          "KVM memory attributes: kvm_vm_set_mem_attributes zaps before changing attributes",
+          "KVM commit 5a475554db1e (\"KVM: Introduce per-page memory attributes\"): "
+          "kvm_vm_set_mem_attributes() unmaps the range before changing its attributes",
           "set_attributes updates the attributes but does not zap existing leaves"),
-    Fault("mixed-attr-stale", "tdp", "KVM lpage_info KVM_LPAGE_MIXED_FLAG handling",
+    Fault("mixed-attr-stale", "tdp",
+          "KVM commit 90b4fe17981e (\"KVM: x86: Disallow hugepages when memory attributes are "
+          "mixed\"): kvm_arch_post_set_memory_attributes() recomputes KVM_LPAGE_MIXED_FLAG",
           "the mixed-attributes flag of a 2M range is not recomputed after a conversion"),
-    Fault("accept-level-ignored", "tdp", "TDX accept size vs mapping level "
-          "(TDX_PAGE_SIZE_MISMATCH)",
+    Fault("accept-level-ignored", "tdp",
+          "TDG.MEM.PAGE.ACCEPT returns TDX_PAGE_SIZE_MISMATCH when the mapping is smaller than "
+          "the accept level: \"[RFC PATCH v5 09/16] KVM: TDX: Pass desired page level in err "
+          "code for page fault handler\" (Xiaoyao Li, 2023-10-16), "
+          "https://lore.kernel.org/all/"
+          "b37fa7827ab9344eae8c72c5507a49a93b0a2908.1697473009.git.isaku.yamahata@intel.com/",
           "a 2m accept over a range mapped at 4K reports ok and accepts only the first page"),
-    Fault("pending-access-maps", "tdp", "TDX: an access to a pending page must not be mapped "
-          "as accepted",
+    Fault("pending-access-maps", "tdp",
+          "KVM commit 02ab57707bdb (\"KVM: TDX: Implement hooks to propagate changes of TDP "
+          "MMU mirror page table\"): a fault adds a private page with TDH.MEM.PAGE.AUG, "
+          "pending until the guest accepts it; TDH.MEM.PAGE.ADD is for initial memory only "
+          "(KVM_TDX_INIT_MEM_REGION)",
           "the fault path adds a pending private page with PAGE.ADD semantics (accepted) "
           "instead of AUG (pending)"),
     Fault("slot-delete-leaf-only", "tdp",
-          "KVM commit 4e103134b862 (zap only the removed slot's pages) and its revert",
+          "KVM commit 4e103134b862 (\"KVM: x86/mmu: Zap only the relevant pages when removing "
+          "a memslot\") and its revert d012a06ab1d2",
           "deleting a slot zaps its 4K leaves but not a huge leaf covering it"),
-    Fault("dirty-log-keeps-huge", "tdp", "KVM commit 7c8a4742c4ab (write-protection skipped)",
+    Fault("dirty-log-keeps-huge", "tdp",
+          "KVM commit 7c8a4742c4ab (\"KVM: x86/mmu: Fix write-protection of PTs mapped by the "
+          "TDP MMU\"): write-protection skipped SPTEs it had to protect; enabling dirty "
+          "logging: kvm_mmu_slot_apply_flags() in arch/x86/kvm/x86.c",
           "enabling dirty logging skips the eager split and write-protects 4K leaves only, "
           "leaving writable huge leaves in place"),
-    Fault("lost-flush-on-yield", "tdp", "KVM TDP MMU yield/flush ordering fixes",
+    Fault("lost-flush-on-yield", "tdp",
+          "KVM commit a835429cda91 (\"KVM: x86/mmu: Ensure TLBs are flushed when yielding "
+          "during GFN range zap\")",
           "a long zap that yields (contention or need_resched) drops its pending TLB flush"),
     Fault("invalidate-vs-memslot-race", "tdp",
-          "KVM commit 52ac8b358b0c (block memslot updates across invalidation)",
+          "KVM commit 52ac8b358b0c (\"KVM: Block memslot updates across range_start() and "
+          "range_end()\")",
           "a fault installs an SPTE between invalidation start and end (mmu_invalidate_seq "
           "not checked)", concurrent=True),
 )

@@ -211,7 +211,7 @@ def test_campaign_finds_the_planted_bug_and_minimizes_it_to_the_known_minimum(ca
         assert minimized.meta["target"] == PLANTED and minimized.meta["inject"] == "none"
         assert minimized.meta["finding"].startswith("divergence at op 2 (")
         assert "# expected: " in text and ">>> " in text
-        assert main(["replay", str(finding.minimized)]) == 1
+        assert main(["replay", "--target", PLANTED, str(finding.minimized)]) == 1
         assert f"divergence {finding.signature}" in capsys.readouterr().out
         assert f"{finding.signature}  divergence at op" in done.stderr
     assert "stopped: limit reached" in done.stderr

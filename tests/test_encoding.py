@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotFlag, Parallel,
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotDelete, MemslotFlag, Parallel,
                          Program, VmHeader, VmType, ZapAll, domain)
 from mmufuzz.fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
 from mmufuzz.fuzz.stateful import domain_strategy
+from mmufuzz.fuzz import encoding
 
 SEEDS = sorted((Path(__file__).parent.parent / "corpus" / "seeds").glob("*.repro"))
 
@@ -140,3 +141,48 @@ def test_run_shaped_schedules_cost_two_bytes(schedule):
     data = encode(program)
     assert decode(data) == program
     assert len(data) == 1 + 1 + 1 + 1 + 2  # header, parallel, both sides, schedule
+
+
+# --- untrusted text: what editors and mail clients do to a file ----------------------
+
+def test_a_utf8_byte_order_mark_is_accepted():
+    text = "\ufeff# mmufuzz reproducer v1\nvm type=default vcpus=1\nzap_all\n"
+    assert parse_reproducer(text).program.ops == (ZapAll(),)
+
+
+def test_lines_are_numbered_by_newlines_only():
+    """U+2028 (and \\x1c-\\x1e) are line breaks to ``str.splitlines`` but not to an editor."""
+    text = "# a comment \u2028 with a separator\nvm type=default vcpus=1\nfrobnicate\n"
+    with pytest.raises(ReproError, match=r"<string>:3: unknown op 'frobnicate'"):
+        parse_reproducer(text)
+    crlf = "vm type=default vcpus=1\r\nzap_all\r\nfrobnicate\r\n"
+    with pytest.raises(ReproError, match=r"<string>:3: unknown op 'frobnicate'"):
+        parse_reproducer(crlf)
+
+
+def test_tabs_separate_words_like_spaces():
+    text = "vm\ttype=default\tvcpus=1\nmemslot_delete\tslot=3\t# tabbed\nzap_all\t\n"
+    assert parse_reproducer(text).program.ops == (MemslotDelete(3), ZapAll())
+
+
+def test_nesting_is_bounded_by_the_grammar_not_by_the_stack(monkeypatch):
+    """Depth is checked on the keyword before a side's fields are parsed: no recursion."""
+    monkeypatch.setattr(encoding, "MAX_CODE_CHARS", 10 ** 7)
+    op = "zap_all"
+    for _ in range(5000):
+        op = f"parallel a=({op}) b=(recover) schedule=0x0"
+    with pytest.raises(ReproError, match=r":2: a parallel cannot contain a parallel \(in 'a'\)"):
+        parse_reproducer(f"vm type=default vcpus=1\n{op}\n")
+
+
+def test_errors_quote_an_excerpt_not_the_whole_line():
+    keyword = "z" * 4000
+    with pytest.raises(ReproError) as error:
+        parse_reproducer(f"vm type=default vcpus=1\n{keyword}\n")
+    assert "... (4000 characters)" in str(error.value) and len(str(error.value)) < 200
+
+
+def test_a_long_gap_still_separates_comment_pairs():
+    """Two or more spaces separate ``key: value`` pairs, however many there are."""
+    text = "# target:" + " " * 200_000 + "tdp   inject: none\nvm type=default vcpus=1\n"
+    assert parse_reproducer(text).meta == {"target": "tdp", "inject": "none"}
