@@ -10,7 +10,7 @@ Each op field carries a :class:`Domain` in its dataclass metadata.  The domain
 is the single statement of a field's legal range and of how it prints (hex for
 addresses, gfns, values and schedules; decimal for counts and indices), so the
 text parser, the printer, the byte decoder and the minimizer all read the same
-limits (``../shared/SEMANTICS.md`` §A).
+limits (``docs/semantics.md`` §A).
 """
 
 from __future__ import annotations

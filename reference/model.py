@@ -1,7 +1,7 @@
 """The reference semantics: flat maps, one step per op, allowed-outcome sets.
 
-Every rule here is a line of ``../shared/SEMANTICS.md`` (decisions it leaves
-open are in ``docs/semantics.md``).  The reference knows no host pages, huge
+Every rule here is a line of ``docs/semantics.md`` (cited as "SEMANTICS §X",
+with the KVM source each follows).  The reference knows no host pages, huge
 mappings or SPTEs: a gfn is in a slot or not, memory is a dict of written
 words, and the guest's TLB is the set of translations it may still use.
 
