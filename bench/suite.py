@@ -21,7 +21,7 @@ from pathlib import Path
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.campaign import StoredFinding
 from mmufuzz.fuzz.corpus import NO_FAULT
-from mmufuzz.bench import detect, machine, soak, throughput
+from mmufuzz.bench import detect, machine, mutants, soak, throughput
 from mmufuzz.bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
 from mmufuzz.bench.resume import Done, clear, stored_results
 
@@ -47,6 +47,13 @@ class Config:
     soak_programs: int
     out: Path
     quick: bool
+    mutants: int = 0
+    mutant_seed: int = 1
+    mutant_programs: int = 1000
+    mutant_budget: float = 120.0
+    # What a trial's budget (cap) counts: CPU seconds after its start-up.  (Runs before the
+    # CPU budget have no such field: their caps and times were wall-clock seconds from launch.)
+    clock: str = "cpu"
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "faults": list(self.faults),
@@ -183,9 +190,39 @@ def measure_soak(config: Config) -> dict:
     return soak.soak(config.target, config.soak_programs, config.jobs, config.out)
 
 
+MUTANT_ENGINES = ("mmufuzz", "unguided", "random", "hypothesis")
+
+
+def measure_mutants(config: Config) -> dict:
+    """Sample mutants, sort out the shallow ones, give every engine each deep one's budget."""
+    _say(f"mutants: sampling {config.mutants} (seed {config.mutant_seed})")
+    total = len(mutants.all_mutants())
+    drawn = mutants.sample(config.mutants, config.mutant_seed)
+    checked = _done(config, "mutant-check")
+    work = config.out / "work"
+    _say(f"mutants: shallow check ({config.mutant_programs} random programs), "
+         f"{config.jobs} at a time")
+
+    def check(mutant) -> dict:
+        return checked.measure(mutants.slug(mutant.name), lambda: mutants.classify(
+            mutant, mutants.TARGET, config.mutant_programs, config.mutant_seed, work))[0]
+
+    rows = run_parallel(check, drawn, config.jobs)
+    deep = [row for row in rows if row["kind"] == mutants.DEEP]
+    bugs = {row["name"]: detect.Bug(row["name"], NO_FAULT,
+                                    mutants.environment(Path(row["package"]))) for row in deep}
+    planned = detect.trials(list(bugs), config.seeds[:1], MUTANT_ENGINES)
+    _say(f"mutants: {len(deep)} deep of {len(rows)}; {len(planned)} trials, "
+         f"{config.mutant_budget:g} CPU s each")
+    found = detect.detect(planned, mutants.TARGET, config.mutant_budget, work, config.jobs,
+                          _done(config, "mutants"), bugs)
+    return {"generator": f"cosmic-ray {machine.version('cosmic-ray')}", "total": total,
+            "mutants": rows, "detection": found}
+
+
 PHASES = (("throughput", measure_throughput), ("over_time", measure_campaign_over_time),
-          ("detection", measure_detection), ("minimization", measure_minimization),
-          ("soak", measure_soak))
+          ("detection", measure_detection), ("mutants", measure_mutants),
+          ("minimization", measure_minimization), ("soak", measure_soak))
 
 
 def run(config: Config, resume: bool = False) -> dict:
