@@ -19,6 +19,7 @@ from pathlib import Path
 from mmufuzz.harness import faults
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT
 from mmufuzz.bench import report, suite
+from mmufuzz.bench.detect import ENGINES
 from mmufuzz.bench.procs import MeasurementFailed
 from mmufuzz.bench.resume import CannotResume
 
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mutant-budget", type=float, metavar="SECONDS",
                         help="CPU seconds after start-up each engine gets per deep mutant "
                              "(default 120; --quick 5)")
+    parser.add_argument("--phases", metavar="NAMES",
+                        help="comma-separated phases to measure (default all: "
+                             f"{','.join(name for name, _ in suite.PHASES)}); the report says "
+                             "which were asked for")
+    parser.add_argument("--engines", metavar="NAMES",
+                        help="comma-separated engines of the time-to-detect and mutant trials "
+                             f"(default all: {','.join(ENGINES)})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="measurements run at once, one per core (default: the CPU count)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -108,6 +116,18 @@ def _fault_names(text, quick: bool) -> tuple:
     return names
 
 
+def _names(text, known, what: str) -> tuple:
+    """The comma-separated ``text`` as a tuple in ``known``'s order (empty: none given)."""
+    if text is None:
+        return ()
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(known))
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {', '.join(unknown) or repr(text)}: choose from "
+                         f"{', '.join(known)}")
+    return tuple(name for name in known if name in names)
+
+
 def config_from(args, argv: list) -> suite.Config:
     def pick(name):
         value = getattr(args, name)
@@ -117,7 +137,10 @@ def config_from(args, argv: list) -> suite.Config:
         raise ValueError("--jobs, --seeds and --soak-programs must be at least 1")
     if any(n is not None and n < 0 for n in (args.mutants, args.mutant_programs)):
         raise ValueError("--mutants and --mutant-programs must be at least 0")
-    if pick("mutants") and importlib.util.find_spec("cosmic_ray") is None:
+    phases = _names(args.phases, [name for name, _ in suite.PHASES], "phase")
+    engines = _names(args.engines, ENGINES, "engine") or ENGINES
+    if pick("mutants") and (not phases or "mutants" in phases) and \
+            importlib.util.find_spec("cosmic_ray") is None:
         raise ValueError("the mutant benchmark needs cosmic-ray: pip install 'mmufuzz[bench]' "
                          "(or --mutants 0)")
     return suite.Config(command=shlex.join(["mmufuzz", "bench", *argv]), target=args.target,
@@ -128,7 +151,7 @@ def config_from(args, argv: list) -> suite.Config:
                         soak_programs=pick("soak_programs"), mutants=pick("mutants"),
                         mutant_seed=args.mutant_seed, mutant_programs=pick("mutant_programs"),
                         mutant_budget=pick("mutant_budget"),
-                        out=Path(args.out), quick=args.quick)
+                        phases=phases, engines=engines, out=Path(args.out), quick=args.quick)
 
 
 def _handle_sigint() -> None:

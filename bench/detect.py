@@ -112,6 +112,14 @@ def _searched(cpu: Optional[float], startup: Optional[float], cap: float) -> flo
     return max(cpu - (startup or 0.0), 0.0)
 
 
+def _cut_short(spent: float, cap: float) -> str:
+    """Why a trial that found nothing stopped before its budget was spent (empty if it was)."""
+    if spent >= cap:
+        return ""
+    return (f"stopped by the wall-clock safety after {spent:.1f} of {cap:g} CPU s "
+            "(the machine gave it too little CPU)")
+
+
 def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
                     work: Path) -> Detection:
     name = f"{trial.engine}-{trial.fault}-seed{trial.seed}"
@@ -139,7 +147,8 @@ def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
                              startup=run.startup, wall_seconds=run.seconds, execs=run.execs)
         shutil.rmtree(out, ignore_errors=True)
         return Detection(trial.fault, trial.engine, trial.seed, False, cap,
-                         startup=run.startup, wall_seconds=run.seconds, execs=run.execs)
+                         summary=_cut_short(spent, cap), startup=run.startup,
+                         wall_seconds=run.seconds, execs=run.execs)
     stored = StoredFinding(run.finding)
     if trial.engine == "mmufuzz":  # the raw finding the minimization phase starts from
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +181,10 @@ def _baseline_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
     if not run.stopped_at_cap and not run.records:
         raise MeasurementFailed(f"{trial.engine} ended without a finding (exit "
                                 f"{run.returncode}): see {log}")
-    return Detection(trial.fault, trial.engine, trial.seed, False, cap,
-                     summary="" if run.stopped_at_cap else last.get("event", ""),
+    summary = last.get("event", "")
+    if run.stopped_at_cap:
+        summary = _cut_short(_searched(run.cpu, run.startup, cap), cap)
+    return Detection(trial.fault, trial.engine, trial.seed, False, cap, summary=summary,
                      startup=run.startup, wall_seconds=run.records[-1][0] if run.records else None,
                      execs=last.get("execs"))
 

@@ -12,6 +12,7 @@ from mmufuzz.bench.analysis import (check_targets, geomean, kills, machine_scali
                                     mutant_summary, rate, speedups, summarize_detection)
 from mmufuzz.bench.detect import ENGINES
 from mmufuzz.bench.minimization import with_known_minima
+from mmufuzz.bench.mutants import SHALLOW_CPU
 
 # Engines the guided campaign's speed-up is stated against (those measured).
 BASELINES = ("unguided", "random", "hypothesis")
@@ -182,12 +183,14 @@ def _scaling(results: dict) -> str:
     return text
 
 
-def _median_cell(summary, cap: float, times: list) -> str:
+def _median_cell(summary, cap: float, times: list, execs: list = ()) -> str:
+    """Median (min-max) [found/runs], and the median execs to a finding where counted."""
     if summary is None:
         return "-"
     spread = f" ({min(times):.1f}-{max(times):.1f})" if len(times) > 1 else ""
     median = f"≥{cap:g}" if summary.capped_median else f"{summary.median:.1f}"
-    return f"{median}{spread} [{summary.found}/{summary.runs}]"
+    counted = f", {statistics.median(execs):,.0f} execs" if execs else ""
+    return f"{median}{spread} [{summary.found}/{summary.runs}{counted}]"
 
 
 def _speedup_cell(value, baseline, mine) -> str:
@@ -228,9 +231,10 @@ def _speed_table(detections: list, cap: float) -> tuple:
     for fault, measured in summary.items():
         cells = []
         for engine in engines:
-            times = [d["seconds"] for d in detections
-                     if d["fault"] == fault and d["engine"] == engine]
-            cells.append(_median_cell(measured.get(engine), cap, times))
+            runs = [d for d in detections if d["fault"] == fault and d["engine"] == engine]
+            execs = [d["execs"] for d in runs if d["found"] and d.get("execs") is not None]
+            cells.append(_median_cell(measured.get(engine), cap, [d["seconds"] for d in runs],
+                                      execs))
         for baseline in baselines:
             cells.append(_speedup_cell(ratios[baseline].get(fault), measured.get(baseline),
                                        measured.get("mmufuzz")))
@@ -244,15 +248,19 @@ def _speed_table(detections: list, cap: float) -> tuple:
 
 def _execs_and_startup(detections: list) -> str:
     """Per engine: median execs at the first finding, median start-up CPU, wall over CPU."""
+    def median(values: list, form: str) -> str:
+        return format(statistics.median(values), form) if values else "-"
+
     rows = []
     for engine in _engines(detections):
         runs = [d for d in detections if d["engine"] == engine]
         execs = [d["execs"] for d in runs if d["found"] and d.get("execs") is not None]
+        missed = [d["execs"] for d in runs if not d["found"] and d.get("execs") is not None]
         startups = [d["startup"] for d in runs if d.get("startup") is not None]
-        rows.append((engine, f"{statistics.median(execs):,.0f}" if execs else "-",
-                     f"{statistics.median(startups):.2f}" if startups else "-",
-                     f"{sum(d['found'] for d in runs)}/{len(runs)}"))
-    return _table(["engine", "median execs to the first finding", "median start-up CPU s",
+        rows.append((engine, median(execs, ",.0f"), median(missed, ",.0f"),
+                     median(startups, ".2f"), f"{sum(d['found'] for d in runs)}/{len(runs)}"))
+    return _table(["engine", "median execs to the first finding",
+                   "median execs of a whole budget (found nothing)", "median start-up CPU s",
                    "found / trials"], rows)
 
 
@@ -423,16 +431,23 @@ def _timing(results: dict) -> str:
 
 def _mutant_method(results: dict) -> str:
     config = results["config"]
-    if not config.get("mutants"):
-        return ""
+    if "mutants" not in results:
+        return """- Mutant benchmark (`mmufuzz bench --phases mutants`): not measured in this run.  Mutants
+  of `harness/tdp` (all but `invariants.py`, the oracle) are generated with cosmic-ray's
+  argument-free core operators, sampled with a seeded `random.Random`, loaded from a scratch
+  copy of the package in their trials' processes only; those killed by the seeds, the
+  regression reproducers and 1,000 random programs are shallow and only counted, the others
+  get every engine for the same CPU budget.
+"""
     return f"""- Mutants: `bench/mutants.py`.  Every position each argument-free core operator of
   cosmic-ray (`mutation_positions` over the parso tree, cosmic-ray's own occurrence numbering)
   can mutate in `harness/tdp/*.py` but `invariants.py`; {config['mutants']} drawn with
   `random.Random({config['mutant_seed']}).sample`; each applied to a copy of the package in a
   scratch folder put first on `PYTHONPATH` (with `PYTHONSAFEPATH=1`) of its trials only.
   Shallow check: seeds, regressions and {config['mutant_programs']:,} random programs, each run
-  as a campaign worker runs an input, at most 120 CPU s (past it: a hang).  Deep mutants: each
-  engine once (seed {config['seeds'][0]}), {config['mutant_budget']:g} CPU s after start-up.
+  as a campaign worker runs an input, at most {SHALLOW_CPU:g} CPU s (past it: a hang).  Deep
+  mutants: each engine once (seed {config['seeds'][0]}), {config['mutant_budget']:g} CPU s
+  after start-up.
 """
 
 
@@ -485,6 +500,11 @@ def render(results: dict, plots: list) -> str:
     head = (f"# mmufuzz benchmarks\n\nMeasured {m['date']} on {m['cpu']} "
             f"({m['logical_cpus']} CPUs){' — quick smoke run, not for citing' if config['quick'] else ''}."
             f"\n\nCommand: `{config['command']}`\n\n")
+    if config.get("phases"):
+        head += (f"Phases asked for: {', '.join(config['phases'])} (`--phases`); the others were "
+                 "not measured.\n\n")
+    if config.get("engines") and len(config["engines"]) < len(ENGINES):
+        head += (f"Engines asked for: {', '.join(config['engines'])} (`--engines`).\n\n")
     if not results.get("complete", True):
         done = (f"after the {', '.join(results['load'])} phase(s)" if results["load"]
                 else "before its first phase ended")

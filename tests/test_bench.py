@@ -224,6 +224,18 @@ def test_soak_keeps_the_reproducers_of_what_it_finds(tmp_path, monkeypatch):
         assert finding is not None and finding.signature == kept["signature"]
 
 
+# --- budgets -----------------------------------------------------------------------------------
+
+def test_a_search_is_stopped_when_its_cpu_budget_after_start_up_is_spent(tmp_path):
+    """The random engine on the clean target never finds anything: the budget stops it."""
+    run = procs.run_child("random", {"target": "tdp", "inject": "none", "seed": 1},
+                          tmp_path / "random.log", until="finding",
+                          budget=procs.Budget(cpu=1.0, startup_limit=60.0))
+    assert run.stopped_at_cap and run.first("started") is not None
+    assert run.startup == run.first("started")[1]["cpu"] > 0
+    assert 1.0 <= run.cpu - run.startup < 3.0
+
+
 # --- the unguided ablation and the mutants ---------------------------------------------------
 
 def _libfuzzer_log(tmp_path, guidance: str) -> str:
@@ -364,6 +376,21 @@ def test_a_run_whose_middle_phase_is_measured_again_ends_complete(tmp_path, monk
     assert results["complete"] and json.loads(path.read_text())["complete"]
     assert results["resumed"][-1]["phases"] == ["b"]
     assert "measured the b phase(s)" in report.render(results, plots=[])
+
+
+def test_only_the_phases_asked_for_are_measured_and_such_a_run_is_complete(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(suite, "PHASES", [(name, lambda config, name=name: {"measured": name})
+                                          for name in ("throughput", "mutants", "soak")])
+    args = ["--phases", "mutants", "--engines", "unguided,mmufuzz", "--out",
+            str(tmp_path / "out")]
+    config = cli.config_from(cli.build_parser().parse_args(args), args)
+    assert config.phases == ("mutants",) and config.engines == ("mmufuzz", "unguided")
+    results = suite.run(config)
+    assert "throughput" not in results and "soak" not in results
+    assert results["mutants"] == {"measured": "mutants"} and results["complete"]
+    text = report.render(results, plots=[])
+    assert "Phases asked for: mutants" in text and "Partial run" not in text
 
 
 def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
