@@ -415,9 +415,11 @@ def _timing(results: dict) -> str:
     if not _cpu_clock(results):
         return """- Time-to-detect is timed by the bench's clock from launch to the first finding, for every
   engine alike (start-up included), capped at the cap (wall clock): for mmufuzz, the moment the
-  campaign publishes the finding's folder under `findings/` (polled every 50 ms); for the
-  baselines, the moment their report line arrives.  A finding counts only if its program runs
-  clean without the fault."""
+  campaign publishes the finding's folder under `findings/` (polled every 50 ms), after which
+  the campaign is stopped; for the baselines, the moment their report line arrives.  A finding
+  counts only if its program runs clean without the fault (else it is the target's own bug,
+  and the engine goes on searching; Hypothesis, which stops at its first failure, then counts
+  as not having found it)."""
     return """- Every trial gets the same budget of CPU seconds after its start-up: the user + system time
   of its whole process tree (a campaign's supervisor, libFuzzer worker and minimizer), read
   every 50 ms; start-up ends at the first exec (a campaign worker's first heartbeat, a baseline's
@@ -427,6 +429,15 @@ def _timing(results: dict) -> str:
   A finding counts only if its program runs clean on the original target without the fault
   (else it is the target's own bug, and the engine goes on searching; Hypothesis, which stops at
   its first failure, then counts as not having found it)."""
+
+
+def _engines_measured(results: dict) -> str:
+    """A note when the time-to-detect trials ran fewer engines than the bench has."""
+    measured = _engines(results.get("detection") or [])
+    if not measured or len(measured) == len(ENGINES):
+        return ""
+    return (f"  This run's time-to-detect trials ran only {', '.join(measured)}"
+            f"{'' if results['config'].get('engines') else ' (it predates the others)'}.\n")
 
 
 def _mutant_method(results: dict) -> str:
@@ -470,7 +481,7 @@ def _method(results: dict) -> str:
   (`fuzz.runner.run_program`, invariants sampled as campaigns do), no coverage; **hypothesis**:
   `fuzz.stateful.machine_for(target)` through `get_state_machine_test`, `phases=[generate]`,
   `database=None`, `deadline=None`, default `stateful_step_count`, `hypothesis.seed(S)`.
-{_mutant_method(results)}- Parallelism: at most {config['jobs']} measurements at once, one process per core, trials
+{_engines_measured(results)}{_mutant_method(results)}- Parallelism: at most {config['jobs']} measurements at once, one process per core, trials
   queued fault -> seed -> engine so each engine's neighbour is a mix of all of them.  The
   throughput phase and the over-time campaign ran alone, one measurement at a time (but for
   the two replay loops that measure the machine's ceiling, which run together).
