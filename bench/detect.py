@@ -126,6 +126,8 @@ def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
     out = work / "campaigns" / name
     raw = work / "raw" / f"{trial.fault}-seed{trial.seed}.repro"
     shutil.rmtree(out, ignore_errors=True)
+    if trial.engine == "mmufuzz":
+        raw.unlink(missing_ok=True)  # a stopped attempt's: this trial's finding is the next one
     # --max-time is wall clock: only a safety here, the budget (CPU) stops the campaign.
     args = ["--target", target, "--inject", bug.inject, "--seed", str(trial.seed),
             "--max-time", str(budget.wall)]

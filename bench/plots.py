@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmufuzz.bench.analysis import summarize_detection
-from mmufuzz.bench.detect import ENGINES
+from mmufuzz.bench.detect import DETERMINISTIC, ENGINES
 
-COLORS = {"mmufuzz": "#1f77b4", "unguided": "#9467bd", "seeds": "#7f7f7f", "random": "#ff7f0e",
+COLORS = {"mmufuzz": "#1f77b4", "unguided": "#9467bd", "random": "#ff7f0e",
           "hypothesis": "#2ca02c"}
 
 
@@ -18,9 +18,9 @@ def _unit(results: dict) -> str:
 
 
 def _engines(results: dict) -> list:
-    """The engines measured, in the bench's order."""
+    """The engines measured, in the bench's order; not the seeds, which have no cap to plot."""
     present = {d["engine"] for d in results["detection"]}
-    return [engine for engine in ENGINES if engine in present]
+    return [engine for engine in ENGINES if engine in present and engine not in DETERMINISTIC]
 
 
 def _pyplot():

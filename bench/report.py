@@ -10,7 +10,7 @@ from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.schedules import SHARE
 from mmufuzz.bench.analysis import (check_targets, geomean, kills, machine_scaling,
                                     mutant_summary, rate, speedups, summarize_detection)
-from mmufuzz.bench.detect import ENGINES
+from mmufuzz.bench.detect import DETERMINISTIC, ENGINES
 from mmufuzz.bench.minimization import with_known_minima
 from mmufuzz.bench.mutants import SHALLOW_CPU
 
@@ -233,6 +233,10 @@ def _speed_table(detections: list, cap: float) -> tuple:
         for engine in engines:
             runs = [d for d in detections if d["fault"] == fault and d["engine"] == engine]
             execs = [d["execs"] for d in runs if d["found"] and d.get("execs") is not None]
+            if engine in DETERMINISTIC:  # one run that ends when its programs do: no cap
+                cells.append(f"{runs[0]['seconds']:.2f} [1/1]" if runs[0]["found"]
+                             else "not found [0/1]")
+                continue
             cells.append(_median_cell(measured.get(engine), cap, [d["seconds"] for d in runs],
                                       execs))
         for baseline in baselines:
@@ -289,7 +293,8 @@ def _detection(results: dict, plots: list) -> str:
     for d in detections:
         if d["found"] and d["engine"] == "mmufuzz":
             first.setdefault((d["fault"], d["signature"]), []).append(d)
-    failed = [d for d in detections if d["summary"] and not d["found"]]
+    failed = [d for d in detections if d["summary"] and not d["found"]
+              and d["engine"] not in DETERMINISTIC]
     if failed:
         text += "\nTrials that ended without a finding before the cap (they count at the cap):\n\n"
         text += _table(["fault", "engine", "seed", "why"],
