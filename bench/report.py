@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -350,14 +351,14 @@ def _mutants(results: dict) -> str:
         deep = kinds.get("deep", 0)
         text += "\nDeep mutants killed, per engine: " + ", ".join(
             f"{engine} {count}/{deep}" for engine, count in killed.items()) + ".\n"
-        survivors = [r for r in rows if r["kind"] == "deep" and not any(
-            d["found"] for d in detections if d["fault"] == r["name"])]
-        if survivors:
-            text += ("\nKilled by no engine (likely equivalent, or beyond every engine within "
-                     "the budget):\n\n" + _table(["mutant", "change"],
-                                                  _mutant_rows(survivors, "deep", False)))
-        text += "\nThe deep mutants:\n\n" + _table(["mutant", "change"],
-                                                     _mutant_rows(rows, "deep", False))
+        killed_names = {d["fault"] for d in detections if d["found"]}
+        for title, chosen in (
+                ("Deep mutants some engine killed", [r for r in rows if r["name"] in killed_names]),
+                ("Killed by no engine (likely equivalent, or beyond every engine within the "
+                 "budget)", [r for r in rows if r["name"] not in killed_names])):
+            if any(r["kind"] == "deep" for r in chosen):
+                text += f"\n{title}:\n\n" + _table(["mutant", "change"],
+                                                      _mutant_rows(chosen, "deep", False))
     for kind, title in (("shallow", "Shallow mutants"), ("hang", "Mutants that hang"),
                         ("broken", "Mutants that do not run"),
                         ("unclear", "Mutants whose first finding the original shows too")):
@@ -556,7 +557,7 @@ def write(results: dict, report: Path) -> list:
     drawn = drawing.draw_all(shown, folder)
     write_atomic(folder / "results.json", json.dumps(results, indent=1) + "\n")
     text = render(shown, drawn)
-    if not drawn:
+    if not drawn and importlib.util.find_spec("matplotlib") is None:
         text += "\n(Plots skipped: matplotlib is not installed; `pip install mmufuzz[bench]`.)\n"
     write_atomic(report, text)
     return [report.parent / "bench" / name for name in drawn]
