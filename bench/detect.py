@@ -28,6 +28,7 @@ each other and none gets a quieter neighbour than another.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -120,6 +121,20 @@ def _cut_short(spent: float, cap: float) -> str:
             "(the machine gave it too little CPU)")
 
 
+def _libfuzzer_summary(out: Path) -> str:
+    """``; libFuzzer: WHAT (the last Python error)`` from a failed campaign's worker logs."""
+    summary = error = ""
+    for log in sorted((out / "logs").glob("fuzz-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("SUMMARY: libFuzzer:"):
+                summary = line.removeprefix("SUMMARY: ")
+            elif re.match(r"^[A-Za-z.]*(Error|Exception)\b", line):
+                error = line.strip()
+    if not summary:
+        return ""
+    return f"; {summary}" + (f" ({error})" if error else "")
+
+
 def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
                     work: Path) -> Detection:
     name = f"{trial.engine}-{trial.fault}-seed{trial.seed}"
@@ -145,7 +160,8 @@ def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
         spent = _searched(run.cpu, run.startup, cap)
         if spent < cap and run.returncode not in (0, 1):
             return Detection(trial.fault, trial.engine, trial.seed, False, cap,
-                             summary=f"campaign failed (exit {run.returncode}): see {out}/logs",
+                             summary=f"campaign failed (exit {run.returncode}"
+                                     f"{_libfuzzer_summary(out)}): see {out}/logs",
                              startup=run.startup, wall_seconds=run.seconds, execs=run.execs)
         shutil.rmtree(out, ignore_errors=True)
         return Detection(trial.fault, trial.engine, trial.seed, False, cap,

@@ -269,6 +269,18 @@ def _execs_and_startup(detections: list) -> str:
                    "found / trials"], rows)
 
 
+def _failed_trials(detections: list, what: str) -> str:
+    """The trials that ended, without a finding, before their budget was spent, and why."""
+    failed = [d for d in detections if d["summary"] and not d["found"]
+              and d["engine"] not in DETERMINISTIC]
+    if not failed:
+        return ""
+    return ("\nTrials that ended without a finding before their budget was spent (they count at "
+            "the budget):\n\n" + _table([what, "engine", "seed", "why"],
+                                         [(d["fault"], d["engine"], d["seed"], d["summary"])
+                                          for d in failed]))
+
+
 def _detection(results: dict, plots: list) -> str:
     detections = results.get("detection")
     if not detections:
@@ -294,12 +306,7 @@ def _detection(results: dict, plots: list) -> str:
     for d in detections:
         if d["found"] and d["engine"] == "mmufuzz":
             first.setdefault((d["fault"], d["signature"]), []).append(d)
-    failed = [d for d in detections if d["summary"] and not d["found"]
-              and d["engine"] not in DETERMINISTIC]
-    if failed:
-        text += "\nTrials that ended without a finding before the cap (they count at the cap):\n\n"
-        text += _table(["fault", "engine", "seed", "why"],
-                       [(d["fault"], d["engine"], d["seed"], d["summary"]) for d in failed])
+    text += _failed_trials(detections, "fault")
     if first:
         text += "\nWhat mmufuzz found first, per fault (an example finding of each signature):\n\n"
         text += _table(["fault", "signature", "seeds", "example"],
@@ -347,6 +354,7 @@ def _mutants(results: dict) -> str:
                  f"deep mutant, seed {config['seeds'][0]}: {clock} to the kill "
                  "[killed / runs].\n\n" + _table(["mutant", *headers], speed))
         text += "\n" + _execs_and_startup(detections)
+        text += _failed_trials(detections, "mutant")
         killed = kills(results)
         deep = kinds.get("deep", 0)
         text += "\nDeep mutants killed, per engine: " + ", ".join(

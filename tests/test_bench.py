@@ -259,6 +259,17 @@ def test_the_unguided_worker_gives_libfuzzer_no_coverage_but_keeps_the_seeds(tmp
     assert "Done 30 runs" in unguided
 
 
+def test_a_failed_campaign_trial_says_what_libfuzzer_and_python_reported(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "fuzz-0.log").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "TypeError: unsupported operand\n==1== ERROR: libFuzzer: fuzz target exited\n"
+        "SUMMARY: libFuzzer: fuzz target exited\n")
+    assert detect._libfuzzer_summary(tmp_path) == \
+        "; libFuzzer: fuzz target exited (TypeError: unsupported operand)"
+    assert detect._libfuzzer_summary(tmp_path / "nothing") == ""
+
+
 def test_the_unguided_sink_counts_features_and_traces_nothing():
     sink = fuzz_mmu.unguided_sink(CounterSink)
     worker = Worker(CampaignConfig("tdp", "none"), sink=sink)
