@@ -476,7 +476,7 @@ def _mutant_method(results: dict) -> str:
 """
 
 
-def _method(results: dict) -> str:
+def _method(results: dict, raw: Path) -> str:
     config = results["config"]
     return f"""## Method
 
@@ -504,7 +504,7 @@ def _method(results: dict) -> str:
 - Seeds {', '.join(map(str, config['seeds']))}; cap {config['cap']:g} s; campaigns
   {config['campaign_time']:g} s; loops {config['loop_time']:g} s; minimization limit
   {config['minimize_time']:g} s.  Raw numbers: [`bench/results.json`](bench/results.json)
-  (`python -m mmufuzz.bench --render docs/bench/results.json` redraws this report).
+  (`python -m mmufuzz.bench --render {raw}` redraws this report).
 """
 
 
@@ -520,7 +520,8 @@ def _machine(results: dict) -> str:
             "was shared)\n")
 
 
-def render(results: dict, plots: list) -> str:
+def render(results: dict, plots: list, raw: Path = Path("docs/bench/results.json")) -> str:
+    """The report's Markdown; ``raw`` is where its results document is kept."""
     config, m = results["config"], results["machine"]
     head = (f"# mmufuzz benchmarks\n\nMeasured {m['date']} on {m['cpu']} "
             f"({m['logical_cpus']} CPUs){' — quick smoke run, not for citing' if config['quick'] else ''}."
@@ -548,7 +549,7 @@ def render(results: dict, plots: list) -> str:
     parts = [head, _targets(results), _throughput(results), _scaling(results),
              _detection(results, plots), _mutants(results), _over_time(results, plots),
              _minimization(results),
-             _soak(results), _method(results), _machine(results)]
+             _soak(results), _method(results, raw), _machine(results)]
     return "\n".join(p for p in parts if p)
 
 
@@ -564,7 +565,7 @@ def write(results: dict, report: Path) -> list:
     folder = report.parent / "bench"
     drawn = drawing.draw_all(shown, folder)
     write_atomic(folder / "results.json", json.dumps(results, indent=1) + "\n")
-    text = render(shown, drawn)
+    text = render(shown, drawn, folder / "results.json")
     if not drawn and importlib.util.find_spec("matplotlib") is None:
         text += "\n(Plots skipped: matplotlib is not installed; `pip install mmufuzz[bench]`.)\n"
     write_atomic(report, text)
