@@ -16,8 +16,9 @@ import sys
 
 def _kinds() -> dict:
     """KIND -> function(emit, **params); imported here so the parent never loads the engines."""
-    from mmufuzz.bench import engines, minimization, soak, throughput
+    from mmufuzz.bench import engines, minimization, mutants, soak, throughput
     return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
+            "seeds": engines.seeds_engine, "shallow": mutants.shallow_check,
             "replay": throughput.replay_loop, "differential": throughput.differential_loop,
             "profile": throughput.profile_loop, "minimize": minimization.minimize_one,
             "soak": soak.soak_one}

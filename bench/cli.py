@@ -9,6 +9,7 @@ field), 3 a measurement process failed (its log is named), 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from mmufuzz.harness import faults
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT
 from mmufuzz.bench import report, suite
+from mmufuzz.bench.detect import ENGINES
 from mmufuzz.bench.procs import MeasurementFailed
 from mmufuzz.bench.resume import CannotResume
 
@@ -29,20 +31,25 @@ DEFAULT_REPORT = "docs/benchmarks.md"
 # under five minutes on two cores; its numbers are not for citing.
 DEFAULTS = {
     "seeds": (5, 3),
-    "cap": (60.0, 10.0),
+    "cap": (300.0, 10.0),
     "campaign_time": (60.0, 10.0),
     "loop_time": (20.0, 4.0),
     "minimize_time": (120.0, 20.0),
     "soak_programs": (50_000, 500),
+    "mutants": (40, 3),
+    "mutant_budget": (120.0, 5.0),
+    "mutant_programs": (1000, 50),
 }
+MUTANT_SEED = 1
 QUICK_FAULTS = ("mmio-stale-generation", "pending-access-maps")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmufuzz bench",
-        description="Measure throughput, time-to-detect (mmufuzz vs a random and a Hypothesis "
-                    "baseline), minimization and scaling; write a Markdown report with plots.")
+        description="Measure throughput, time-to-detect (mmufuzz vs its unguided ablation, "
+                    "the seeds alone, a random and a Hypothesis baseline), a mutant benchmark, "
+                    "minimization and scaling; write a Markdown report with plots.")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run under 5 minutes: {len(QUICK_FAULTS)} faults, short "
                              "caps and campaigns")
@@ -55,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, metavar="N",
                         help="seeds 1..N per fault and engine (default 5; --quick 3)")
     parser.add_argument("--cap", type=float, metavar="SECONDS",
-                        help="time-to-detect cap per trial (default 60; --quick 10)")
+                        help="time-to-detect budget per trial, in CPU seconds after start-up "
+                             "(default 300; --quick 10)")
     parser.add_argument("--campaign-time", type=float, metavar="SECONDS",
                         help="length of the throughput and over-time campaigns "
                              "(default 60; --quick 10)")
@@ -66,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--soak-programs", type=int, metavar="N",
                         help="random programs with parallel ops run on the fault-free target "
                              "(default 50000; --quick 500)")
+    parser.add_argument("--mutants", type=int, metavar="N",
+                        help="mutants of harness/tdp sampled for the mutant benchmark, 0 for "
+                             "none (default 40; --quick 3)")
+    parser.add_argument("--mutant-seed", type=int, default=MUTANT_SEED, metavar="N",
+                        help=f"seed of the mutant sample (default {MUTANT_SEED})")
+    parser.add_argument("--mutant-programs", type=int, metavar="N",
+                        help="random programs of the shallow check, after the seeds and "
+                             "regressions (default 1000; --quick 50)")
+    parser.add_argument("--mutant-budget", type=float, metavar="SECONDS",
+                        help="CPU seconds after start-up each engine gets per deep mutant "
+                             "(default 120; --quick 5)")
+    parser.add_argument("--phases", metavar="NAMES",
+                        help="comma-separated phases to measure (default all: "
+                             f"{','.join(name for name, _ in suite.PHASES)}); the report says "
+                             "which were asked for")
+    parser.add_argument("--engines", metavar="NAMES",
+                        help="comma-separated engines of the time-to-detect and mutant trials "
+                             f"(default all: {','.join(ENGINES)})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="measurements run at once, one per core (default: the CPU count)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -90,6 +116,18 @@ def _fault_names(text, quick: bool) -> tuple:
     return names
 
 
+def _names(text, known, what: str) -> tuple:
+    """The comma-separated ``text`` as a tuple in ``known``'s order (empty: none given)."""
+    if text is None:
+        return ()
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(known))
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {', '.join(unknown) or repr(text)}: choose from "
+                         f"{', '.join(known)}")
+    return tuple(name for name in known if name in names)
+
+
 def config_from(args, argv: list) -> suite.Config:
     def pick(name):
         value = getattr(args, name)
@@ -97,13 +135,23 @@ def config_from(args, argv: list) -> suite.Config:
 
     if args.jobs < 1 or any(n is not None and n < 1 for n in (args.seeds, args.soak_programs)):
         raise ValueError("--jobs, --seeds and --soak-programs must be at least 1")
+    if any(n is not None and n < 0 for n in (args.mutants, args.mutant_programs)):
+        raise ValueError("--mutants and --mutant-programs must be at least 0")
+    phases = _names(args.phases, [name for name, _ in suite.PHASES], "phase")
+    engines = _names(args.engines, ENGINES, "engine") or ENGINES
+    if pick("mutants") and (not phases or "mutants" in phases) and \
+            importlib.util.find_spec("cosmic_ray") is None:
+        raise ValueError("the mutant benchmark needs cosmic-ray: pip install 'mmufuzz[bench]' "
+                         "(or --mutants 0)")
     return suite.Config(command=shlex.join(["mmufuzz", "bench", *argv]), target=args.target,
                         faults=_fault_names(args.faults, args.quick),
                         seeds=tuple(range(1, pick("seeds") + 1)), cap=pick("cap"),
                         jobs=args.jobs, campaign_time=pick("campaign_time"),
                         loop_time=pick("loop_time"), minimize_time=pick("minimize_time"),
-                        soak_programs=pick("soak_programs"),
-                        out=Path(args.out), quick=args.quick)
+                        soak_programs=pick("soak_programs"), mutants=pick("mutants"),
+                        mutant_seed=args.mutant_seed, mutant_programs=pick("mutant_programs"),
+                        mutant_budget=pick("mutant_budget"),
+                        phases=phases, engines=engines, out=Path(args.out), quick=args.quick)
 
 
 def _handle_sigint() -> None:

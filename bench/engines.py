@@ -1,8 +1,11 @@
-"""The two baseline engines mmufuzz is compared with (child side).
+"""The engines mmufuzz's campaigns are compared with (child side).
 
-Both run the same differential oracle on the same target with the same fault
+Each runs the same differential oracle on the same target with the same fault
 as a campaign does; only the way programs are chosen differs:
 
+- ``seeds``: the shipped seeds (``corpus/seeds``), each run once as a campaign
+  worker runs an input, and nothing else: what a campaign knows before it
+  fuzzes at all.
 - ``random``: random bytes of a random length up to the campaign's
   ``-max_len``, through the same total decoder, with no coverage feedback;
   each input runs as a campaign worker runs it (:meth:`fuzz.worker.Worker.run`,
@@ -11,13 +14,16 @@ as a campaign does; only the way programs are chosen differs:
   (:func:`mmufuzz.fuzz.stateful.machine_for`), generation only (no shrinking, no
   example database, no deadline), seeded per run.
 
-Each reports ``{"event": "finding", ...}`` at its first finding that needs
-the fault (:func:`fault_needed`) and exits; the parent stops it at the cap.
+Each reports ``{"event": "started", "cpu": ...}`` before its first program
+(its start-up ends there), then ``{"event": "finding", ...}`` at its first
+finding that needs the fault (:func:`fault_needed`), with its CPU time, its
+execs and the program, and exits; the parent stops it when its budget is spent.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable, Optional
 
 import hypothesis
@@ -26,9 +32,9 @@ from hypothesis.stateful import get_state_machine_test
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import Program
-from mmufuzz.fuzz.campaign import MAX_LEN, CampaignConfig
+from mmufuzz.fuzz.campaign import MAX_LEN, CampaignConfig, seed_files
 from mmufuzz.fuzz.corpus import NO_FAULT, injected_faults, replay
-from mmufuzz.fuzz.encoding import Reproducer
+from mmufuzz.fuzz.encoding import Reproducer, encode, format_program, load_reproducer
 from mmufuzz.fuzz.runner import Finding
 from mmufuzz.fuzz.stateful import FindingError, machine_for
 from mmufuzz.fuzz.worker import Worker
@@ -46,9 +52,25 @@ def fault_needed(program: Program, target: str) -> bool:
     return replay(Reproducer(program), target, NO_FAULT).finding is None
 
 
-def _finding_record(finding: Finding, target: str, **counts) -> dict:
+def _finding_record(finding: Finding, program: Program, target: str, **counts) -> dict:
+    """The first finding: what it is, the program (so the parent can check it), CPU and counts."""
     return {"event": "finding", "signature": finding.signature,
-            "summary": finding.summary(target), **counts}
+            "summary": finding.summary(target), "repro": format_program(program),
+            "cpu": time.process_time(), **counts}
+
+
+def _started(emit: Callable) -> None:
+    emit({"event": "started", "cpu": time.process_time()})
+
+
+def _counted(emit: Callable, worker: Worker, program: Program, finding: Finding, target: str,
+             inject: str) -> bool:
+    """Report a finding of ``worker``'s if it needs the fault; True if it did."""
+    if inject == NO_FAULT or fault_needed(program, target):
+        emit(_finding_record(finding, program, target, execs=worker.execs, ops=worker.ops))
+        return True
+    emit({"event": "fault-free finding", "signature": finding.signature})
+    return False
 
 
 def random_input(rng: random.Random) -> bytes:
@@ -60,14 +82,23 @@ def random_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
     """Random bytes -> decode -> differential run, until the first finding the fault causes."""
     rng = random.Random(seed)
     worker = Worker(CampaignConfig(target, inject))
+    _started(emit)
     while True:
         program, finding = worker.run(random_input(rng))
-        if finding is None:
-            continue
-        if inject == NO_FAULT or fault_needed(program, target):
-            emit(_finding_record(finding, target, execs=worker.execs, ops=worker.ops))
+        if finding is not None and _counted(emit, worker, program, finding, target, inject):
             return
-        emit({"event": "fault-free finding", "signature": finding.signature})
+
+
+def seeds_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
+    """Each shipped seed once, as a campaign worker runs it; ``seed`` changes nothing."""
+    programs = [load_reproducer(path).program for path in seed_files()]
+    worker = Worker(CampaignConfig(target, inject))
+    _started(emit)
+    for program in programs:
+        ran, finding = worker.run(encode(program))
+        if finding is not None and _counted(emit, worker, ran, finding, target, inject):
+            return
+    emit({"event": "exhausted", "execs": worker.execs, "ops": worker.ops})
 
 
 def _finding_in(error: BaseException) -> Optional[FindingError]:
@@ -88,6 +119,7 @@ def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> No
         max_examples=UNBOUNDED_EXAMPLES, suppress_health_check=list(HealthCheck),
         verbosity=Verbosity.quiet))
     test = hypothesis.seed(seed)(test)
+    _started(emit)
     with faults.injected(injected_faults(inject)):
         try:
             test()
@@ -101,4 +133,5 @@ def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> No
         # Hypothesis stops at its first failure: it found the target's own bug, not the fault.
         emit({"event": "stopped at a fault-free finding", "signature": found.finding.signature})
         return
-    emit(_finding_record(found.finding, target, ops=len(found.program.ops)))
+    emit(_finding_record(found.finding, found.program, target, execs=None,
+                         ops=len(found.program.ops)))

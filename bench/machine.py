@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("atheris", "hypothesis", "psutil", "matplotlib")
+PACKAGES = ("atheris", "hypothesis", "psutil", "matplotlib", "cosmic-ray")
 
 
 def _cpu_model() -> str:
@@ -24,7 +24,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str:
+def version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -52,6 +52,6 @@ def describe() -> dict:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: version(name) for name in PACKAGES},
         "commit": _commit(),
     }

@@ -5,9 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmufuzz.bench.analysis import summarize_detection
-from mmufuzz.bench.detect import ENGINES
+from mmufuzz.bench.detect import DETERMINISTIC, ENGINES
 
-COLORS = {"mmufuzz": "#1f77b4", "random": "#ff7f0e", "hypothesis": "#2ca02c"}
+COLORS = {"mmufuzz": "#1f77b4", "unguided": "#9467bd", "random": "#ff7f0e",
+          "hypothesis": "#2ca02c"}
+
+
+def _unit(results: dict) -> str:
+    """What the detection times are (runs before the CPU budget timed wall clock from launch)."""
+    cpu = results["config"].get("clock") == "cpu"
+    return "CPU seconds after start-up" if cpu else "seconds since launch"
+
+
+def _engines(results: dict) -> list:
+    """The engines measured, in the bench's order; not the seeds, which have no cap to plot."""
+    present = {d["engine"] for d in results["detection"]}
+    return [engine for engine in ENGINES if engine in present and engine not in DETERMINISTIC]
 
 
 def _pyplot():
@@ -24,10 +37,11 @@ def time_to_detect(results: dict, path: Path) -> None:
     cap = results["config"]["cap"]
     summary = summarize_detection(results["detection"], cap)
     faults = list(summary)
-    height = 0.8 / len(ENGINES)
+    engines = _engines(results)
+    height = 0.8 / len(engines)
     fig, ax = plt.subplots(figsize=(9, 2.2 + 0.55 * len(faults)))
-    for e, engine in enumerate(ENGINES):
-        ys = [i + (e - (len(ENGINES) - 1) / 2) * height for i in range(len(faults))]
+    for e, engine in enumerate(engines):
+        ys = [i + (e - (len(engines) - 1) / 2) * height for i in range(len(faults))]
         medians = [summary[f][engine].median if engine in summary[f] else float("nan")
                    for f in faults]
         bars = ax.barh(ys, medians, height=height * 0.9, color=COLORS[engine], alpha=0.55,
@@ -46,10 +60,11 @@ def time_to_detect(results: dict, path: Path) -> None:
     ax.set_yticklabels(faults, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("seconds to first finding (bar: median over seeds, hatched: median at the cap)")
+    ax.set_xlabel(f"{_unit(results)} to the first finding (bar: median over seeds, hatched: "
+                  "median at the cap)")
     ax.set_title("Time to detect each injected fault", pad=14)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(faults)),
-              ncol=len(ENGINES), fontsize=8)
+              ncol=len(engines), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,17 +75,15 @@ def detected_over_time(results: dict, path: Path) -> None:
     plt = _pyplot()
     cap = results["config"]["cap"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for engine in ENGINES:
+    for engine in _engines(results):
         runs = [d for d in results["detection"] if d["engine"] == engine]
-        if not runs:
-            continue
         times = sorted(d["seconds"] for d in runs if d["found"])
         xs = [0.0] + times + [cap]
         ys = [i / len(runs) for i in range(len(times) + 1)] + [len(times) / len(runs)]
         ax.step(xs, ys, where="post", color=COLORS[engine], label=engine)
     ax.set_xlim(0, cap)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("seconds since launch")
+    ax.set_xlabel(_unit(results))
     ax.set_ylabel("fraction of fault x seed trials detected")
     ax.set_title("Faults detected over time")
     ax.legend(loc="lower right")

@@ -21,7 +21,7 @@ from pathlib import Path
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.campaign import StoredFinding
 from mmufuzz.fuzz.corpus import NO_FAULT
-from mmufuzz.bench import detect, machine, soak, throughput
+from mmufuzz.bench import detect, machine, mutants, soak, throughput
 from mmufuzz.bench.procs import MeasurementFailed, run_campaign, run_child, run_parallel
 from mmufuzz.bench.resume import Done, clear, stored_results
 
@@ -47,10 +47,26 @@ class Config:
     soak_programs: int
     out: Path
     quick: bool
+    mutants: int = 0
+    mutant_seed: int = 1
+    mutant_programs: int = 1000
+    mutant_budget: float = 120.0
+    # What a trial's budget (cap) counts: CPU seconds after its start-up.  (Runs before the
+    # CPU budget have no such field: their caps and times were wall-clock seconds from launch.)
+    clock: str = "cpu"
+    # The phases and the time-to-detect engines asked for (default: all of them).
+    phases: tuple = ()
+    engines: tuple = detect.ENGINES
+
+    def selected(self) -> list:
+        """``PHASES`` this run measures, in order."""
+        return [(name, measure) for name, measure in PHASES
+                if not self.phases or name in self.phases]
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "faults": list(self.faults),
-                "seeds": list(self.seeds)}
+                "seeds": list(self.seeds), "phases": list(self.phases),
+                "engines": list(self.engines)}
 
 
 def _say(text: str) -> None:
@@ -144,7 +160,7 @@ def _done(config: Config, phase: str) -> Done:
 
 
 def measure_detection(config: Config) -> list:
-    planned = detect.trials(config.faults, config.seeds)
+    planned = detect.trials(config.faults, config.seeds, config.engines)
     _say(f"time-to-detect: {len(planned)} trials, cap {config.cap:g} s, {config.jobs} at a time")
     return detect.detect(planned, config.target, config.cap, config.out / "work", config.jobs,
                          _done(config, "detection"))
@@ -183,13 +199,44 @@ def measure_soak(config: Config) -> dict:
     return soak.soak(config.target, config.soak_programs, config.jobs, config.out)
 
 
+MUTANT_ENGINES = ("mmufuzz", "unguided", "random", "hypothesis")
+
+
+def measure_mutants(config: Config) -> dict:
+    """Sample mutants, sort out the shallow ones, give every engine each deep one's budget."""
+    _say(f"mutants: sampling {config.mutants} (seed {config.mutant_seed})")
+    total = len(mutants.all_mutants())
+    drawn = mutants.sample(config.mutants, config.mutant_seed)
+    checked = _done(config, "mutant-check")
+    work = config.out / "work"
+    _say(f"mutants: shallow check ({config.mutant_programs} random programs), "
+         f"{config.jobs} at a time")
+
+    def check(mutant) -> dict:
+        return checked.measure(mutants.slug(mutant.name), lambda: mutants.classify(
+            mutant, mutants.TARGET, config.mutant_programs, config.mutant_seed, work))[0]
+
+    rows = run_parallel(check, drawn, config.jobs)
+    deep = [row for row in rows if row["kind"] == mutants.DEEP]
+    bugs = {row["name"]: detect.Bug(row["name"], NO_FAULT,
+                                    mutants.environment(Path(row["package"]))) for row in deep}
+    engines = [engine for engine in MUTANT_ENGINES if engine in config.engines]
+    planned = detect.trials(list(bugs), config.seeds[:1], engines)
+    _say(f"mutants: {len(deep)} deep of {len(rows)}; {len(planned)} trials, "
+         f"{config.mutant_budget:g} CPU s each")
+    found = detect.detect(planned, mutants.TARGET, config.mutant_budget, work, config.jobs,
+                          _done(config, "mutants"), bugs)
+    return {"generator": f"cosmic-ray {machine.version('cosmic-ray')}", "total": total,
+            "mutants": rows, "detection": found}
+
+
 PHASES = (("throughput", measure_throughput), ("over_time", measure_campaign_over_time),
-          ("detection", measure_detection), ("minimization", measure_minimization),
-          ("soak", measure_soak))
+          ("detection", measure_detection), ("mutants", measure_mutants),
+          ("minimization", measure_minimization), ("soak", measure_soak))
 
 
 def run(config: Config, resume: bool = False) -> dict:
-    """Every phase, in order (with ``resume``, those not finished yet); the results document.
+    """Every phase asked for, in order (with ``resume``, those not finished yet); the results.
 
     ``results.json`` is rewritten after each phase (``complete`` false until
     the last), so a run stopped early can still be reported with ``--render``
@@ -198,9 +245,10 @@ def run(config: Config, resume: bool = False) -> dict:
     quiet machine from one that was shared.
     """
     path = config.out / RESULTS
+    selected = config.selected()
     if resume:
         results = stored_results(path, config.to_json())
-        missing = [name for name, _ in PHASES if name not in results]
+        missing = [name for name, _ in selected if name not in results]
         if missing:
             now = machine.describe()
             results.setdefault("resumed", []).append(
@@ -211,13 +259,13 @@ def run(config: Config, resume: bool = False) -> dict:
         results = {"config": config.to_json(), "machine": machine.describe(), "load": {},
                    "complete": False}
     write_atomic(path, json.dumps(results, indent=1) + "\n")
-    for name, measure in PHASES:
+    for name, measure in selected:
         if name in results:
             _say(f"{name}: kept from the stopped run")
             continue
         before = os.getloadavg()[0]
         results[name] = measure(config)
         results["load"][name] = [round(before, 2), round(os.getloadavg()[0], 2)]
-        results["complete"] = all(phase in results for phase, _ in PHASES)
+        results["complete"] = all(phase in results for phase, _ in selected)
         write_atomic(path, json.dumps(results, indent=1) + "\n")
     return results

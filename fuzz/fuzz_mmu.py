@@ -16,14 +16,28 @@ The encoder, mutator and runner are not instrumented: their branches say
 nothing about the system under test.  The instrumented code is cached
 between processes (:mod:`mmufuzz.fuzz.instrument`), so a worker starts in a fraction
 of the time instrumenting takes.
+
+With ``MMUFUZZ_GUIDANCE=off`` in the environment (read here and nowhere else)
+the worker is the campaign's *unguided ablation*: the same seeds, mutator,
+schedule explorer, decoder and limits, but nothing is instrumented and the
+outcome features are computed (the explorer still hears of new ones) without
+ever reaching libFuzzer, so libFuzzer has no coverage at all.  Its corpus is
+then the seeds alone (``-keep_seed=1``: with no coverage nothing else is ever
+kept), which it mutates for as long as the campaign runs.  ``mmufuzz bench``
+measures what guidance is worth against it.
 """
 
+import contextlib
 import ctypes
+import itertools
+import os
 import sys
 
 import atheris
 
 from mmufuzz.fuzz.instrument import instrument_branches
+
+GUIDANCE_ENV = "MMUFUZZ_GUIDANCE"
 
 
 def at_libfuzzer_exit(callback):
@@ -47,16 +61,38 @@ def at_libfuzzer_exit(callback):
 NOT_INSTRUMENTED = {"mmufuzz.harness.tdp.invariants", "mmufuzz.harness.tdp.pgalloc", "mmufuzz.harness.tdp.spte"}
 
 
+def guided() -> bool:
+    """False when the environment asks for the unguided ablation (``MMUFUZZ_GUIDANCE=off``)."""
+    value = os.environ.get(GUIDANCE_ENV, "on")
+    if value not in ("on", "off"):
+        raise SystemExit(f"fuzz_mmu: error: {GUIDANCE_ENV}={value!r}: must be 'on' or 'off'")
+    return value == "on"
+
+
+def unguided_sink(sink_class):
+    """A sink that numbers and counts features as the guided one does, and traces nothing."""
+    return sink_class(itertools.count().__next__, lambda counter: None)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    guidance = guided()
+    instrumenting = instrument_branches({"mmufuzz.harness", "mmufuzz.reference"},
+                                        NOT_INSTRUMENTED) if guidance else contextlib.nullcontext()
     # Everything that imports harness/ or reference/ (the target too) happens in here.
-    with instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED) as cache:
+    with instrumenting as cache:
         from mmufuzz.fuzz.mutator import custom_crossover, custom_mutator
         from mmufuzz.fuzz.worker import CounterSink, Worker
-        worker = Worker.from_environment(CounterSink(atheris._reserve_counter,
-                                                     atheris._trace_branch))
-    print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, {cache.misses} anew",
-          file=sys.stderr)
+        sink = CounterSink(atheris._reserve_counter, atheris._trace_branch) if guidance \
+            else unguided_sink(CounterSink)
+        worker = Worker.from_environment(sink)
+    if guidance:
+        print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, "
+              f"{cache.misses} anew", file=sys.stderr)
+    else:
+        print("INFO: guidance off: no instrumentation, no features given to libFuzzer",
+              file=sys.stderr)
+        argv.append("-keep_seed=1")
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         return custom_mutator(data, max_size, seed, atheris.Mutate)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -17,9 +19,13 @@ import pytest
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import Recover
 from mmufuzz.fuzz.corpus import replay
-from mmufuzz.fuzz.encoding import load_reproducer
+from mmufuzz.fuzz import fuzz_mmu
+from mmufuzz.fuzz.campaign import CampaignConfig, seed_files, write_seeds
+from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
+from mmufuzz.fuzz.worker import CounterSink, Worker
 from mmufuzz.fuzz.runner import ReferenceTarget
-from mmufuzz.bench import analysis, cli, detect, engines, procs, report, soak, suite, throughput
+from mmufuzz.bench import (analysis, cli, detect, engines, mutants, procs, report, soak, suite,
+                           throughput)
 from mmufuzz.bench.detect import ENGINES
 from mmufuzz.bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
@@ -84,7 +90,7 @@ def test_a_missed_target_says_by_how_much():
     assert checks["time-to-detect"].met
     assert not checks["speed-up over random"].met
     assert checks["speed-up over random"].shortfall == (
-        "missed by 2.5x; at most 4.0x had every fault been found at start-up (1.0 s, the "
+        "missed by 2.5x; at most 4.0x had every fault been found at start-up (1.00 s, the "
         "fastest median)")
     assert checks["differential loop under coverage"].shortfall == (
         "missed by 2.0x; the target alone replays 20,000 ops/s")
@@ -162,12 +168,23 @@ def test_render_names_the_malformed_field(tmp_path, capsys, breakage, field):
 
 # --- engines and known minima ---------------------------------------------------------
 
-@pytest.mark.parametrize("engine", [engines.random_engine, engines.hypothesis_engine])
-def test_each_baseline_reports_the_planted_bug(engine):
+@pytest.mark.parametrize("engine", [engines.random_engine, engines.hypothesis_engine,
+                                    engines.seeds_engine])
+def test_each_baseline_reports_the_planted_bug_with_its_cpu_and_program(engine):
     reports = []
     engine(reports.append, PLANTED, "none", 1)
-    (found,) = reports
-    assert found["event"] == "finding" and "crash" in found["summary"]
+    started, found = reports
+    assert started["event"] == "started" and found["event"] == "finding"
+    assert "crash" in found["summary"] and found["cpu"] >= started["cpu"] > 0
+    program = parse_reproducer(found["repro"]).program
+    assert any(isinstance(op, Recover) for op in program.ops)
+
+
+def test_the_seeds_engine_runs_each_seed_once_and_stops():
+    reports = []
+    engines.seeds_engine(reports.append, "tdp", "none", 1)
+    assert [r["event"] for r in reports] == ["started", "exhausted"]
+    assert reports[-1]["execs"] == len(seed_files())
 
 
 @pytest.mark.parametrize("path", sorted(MINIMAL_DIR.glob("*.repro")), ids=lambda p: p.stem)
@@ -207,6 +224,80 @@ def test_soak_keeps_the_reproducers_of_what_it_finds(tmp_path, monkeypatch):
         assert finding is not None and finding.signature == kept["signature"]
 
 
+# --- budgets -----------------------------------------------------------------------------------
+
+def test_a_search_is_stopped_when_its_cpu_budget_after_start_up_is_spent(tmp_path):
+    """The random engine on the clean target never finds anything: the budget stops it."""
+    run = procs.run_child("random", {"target": "tdp", "inject": "none", "seed": 1},
+                          tmp_path / "random.log", until="finding",
+                          budget=procs.Budget(cpu=1.0, startup_limit=60.0))
+    assert run.stopped_at_cap and run.first("started") is not None
+    assert run.startup == run.first("started")[1]["cpu"] > 0
+    assert 1.0 <= run.cpu - run.startup < 3.0
+
+
+# --- the unguided ablation and the mutants ---------------------------------------------------
+
+def _libfuzzer_log(tmp_path, guidance: str) -> str:
+    """The output of 30 execs of the campaign worker from the seeds, guided or not."""
+    seeds = tmp_path / f"seeds-{guidance}"
+    seeds.mkdir()
+    count = write_seeds(seeds)
+    env = dict(os.environ, **{fuzz_mmu.GUIDANCE_ENV: guidance})
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu", "-runs=30", "-seed=1",
+                           str(seeds)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"corp: {count}/" in done.stderr  # every seed in the corpus
+    return done.stderr
+
+
+def test_the_unguided_worker_gives_libfuzzer_no_coverage_but_keeps_the_seeds(tmp_path):
+    assert "cov: " in _libfuzzer_log(tmp_path, "on")
+    unguided = _libfuzzer_log(tmp_path, "off")
+    assert "cov: " not in unguided and "guidance off" in unguided
+    assert "Done 30 runs" in unguided
+
+
+def test_a_failed_campaign_trial_says_what_libfuzzer_and_python_reported(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "fuzz-0.log").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "TypeError: unsupported operand\n==1== ERROR: libFuzzer: fuzz target exited\n"
+        "SUMMARY: libFuzzer: fuzz target exited\n")
+    assert detect._libfuzzer_summary(tmp_path) == \
+        "; libFuzzer: fuzz target exited (TypeError: unsupported operand)"
+    assert detect._libfuzzer_summary(tmp_path / "nothing") == ""
+
+
+def test_the_unguided_sink_counts_features_and_traces_nothing():
+    sink = fuzz_mmu.unguided_sink(CounterSink)
+    worker = Worker(CampaignConfig("tdp", "none"), sink=sink)
+    worker.run(encode(load_reproducer(seed_files()[0]).program))
+    assert len(sink.counters) > 0 and worker.explorer is not None
+    assert sorted(sink.counters.values()) == list(range(len(sink.counters)))
+
+
+def test_mutants_are_sampled_deterministically_and_applied_outside_the_repository(tmp_path):
+    drawn = mutants.sample(3, seed=5)
+    assert drawn == mutants.sample(3, seed=5) and drawn != mutants.sample(3, seed=6)
+    original = {p: p.read_bytes() for p in (mutants.PACKAGE / "harness").rglob("*.py")}
+    folder = mutants.package_with(drawn[0], tmp_path / "pkg")
+    mutated = folder / "mmufuzz" / drawn[0].file
+    assert mutated.read_text() != (mutants.PACKAGE / drawn[0].file).read_text()
+    assert {p: p.read_bytes() for p in (mutants.PACKAGE / "harness").rglob("*.py")} == original
+    assert all(not m.file.endswith("invariants.py") for m in mutants.all_mutants())
+
+
+def test_a_mutant_the_seeds_kill_is_shallow_and_checked_on_the_original(tmp_path):
+    """``x is None`` -> ``x is not None`` on the fault path crashes on the first access."""
+    mutant = next(m for m in mutants.all_mutants() if m.file.endswith("/fault.py")
+                  and m.operator == "core/ReplaceComparisonOperator_Is_IsNot")
+    row = mutants.classify(mutant, "tdp", programs=5, seed=1, work=tmp_path)
+    assert row["kind"] == mutants.SHALLOW and row["by"].startswith("seed "), row
+    assert " is not " in row["change"]
+
+
 # --- stopping and resuming ------------------------------------------------------------
 
 @pytest.fixture
@@ -227,7 +318,7 @@ def _stopped_by_ctrl_c_in_third_trial(monkeypatch) -> list:
     """
     started = []
 
-    def run_trial(trial, target, cap, work):
+    def run_trial(trial, bug, target, budget, work):
         started.append(trial)
         if len(started) == 3:
             os.kill(os.getpid(), signal.SIGINT)
@@ -298,6 +389,21 @@ def test_a_run_whose_middle_phase_is_measured_again_ends_complete(tmp_path, monk
     assert "measured the b phase(s)" in report.render(results, plots=[])
 
 
+def test_only_the_phases_asked_for_are_measured_and_such_a_run_is_complete(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(suite, "PHASES", [(name, lambda config, name=name: {"measured": name})
+                                          for name in ("throughput", "mutants", "soak")])
+    args = ["--phases", "mutants", "--engines", "unguided,mmufuzz", "--out",
+            str(tmp_path / "out")]
+    config = cli.config_from(cli.build_parser().parse_args(args), args)
+    assert config.phases == ("mutants",) and config.engines == ("mmufuzz", "unguided")
+    results = suite.run(config)
+    assert "throughput" not in results and "soak" not in results
+    assert results["mutants"] == {"measured": "mutants"} and results["complete"]
+    text = report.render(results, plots=[])
+    assert "Phases asked for: mutants" in text and "Partial run" not in text
+
+
 def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctrl_c_raises):
     _stopped_by_ctrl_c_in_third_trial(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -320,6 +426,7 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
     code = cli.main(["--quick", "--target", PLANTED, "--faults", "none", "--seeds", "1",
                      "--cap", "8", "--campaign-time", "2", "--loop-time", "0.5",
                      "--minimize-time", "5", "--soak-programs", "20", "--jobs", "2",
+                     "--mutants", "2", "--mutant-programs", "20", "--mutant-budget", "2",
                      "--out", str(tmp_path / "out"),
                      "--report", str(report)])
     assert code == cli.EXIT_OK
@@ -330,9 +437,15 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
     assert all(results["throughput"][k]["ops"] > 0 for k in ("replay", "differential"))
     assert sorted(d["engine"] for d in results["detection"]) == sorted(ENGINES)
     assert results["over_time"]["records"]
+    measured = results["mutants"]
+    assert len(measured["mutants"]) == 2 and measured["total"] > 1000
+    deep = [m["name"] for m in measured["mutants"] if m["kind"] == mutants.DEEP]
+    assert sorted((d["fault"], d["engine"]) for d in measured["detection"]) == \
+        sorted((name, engine) for name in deep for engine in suite.MUTANT_ENGINES)
     assert results["soak"]["programs"] == 20 and results["soak"]["findings"] > 0  # planted
     text = report.read_text()
     for heading in ("## The issue's targets", "## Throughput", "## Scaling", "## Time to detect",
+                    "## Mutant benchmark",
                     "## A campaign over time", "## Minimization", "## Clean soak", "## Method",
                     "## Machine"):
         assert heading in text
