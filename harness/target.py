@@ -148,6 +148,8 @@ def capabilities(target) -> Capabilities:
 # costs nothing to the others.
 TARGETS: dict[str, str] = {
     "tdp": "mmufuzz.harness.tdp:TdpTarget",
+    "stage2": "mmufuzz.harness.stage2:Stage2Target",
+    "stage2-pkvm": "mmufuzz.harness.stage2:Stage2PkvmTarget",
 }
 
 
