@@ -78,11 +78,11 @@ _STAGE2_FAULTS = (
           "break-before-make (Ricardo Koller's review, 2022-09-13)",
           "the map walker's pre-order callback installs the block over a table by cmpxchg, "
           "before the old subtree is made unreachable (locked) and its range invalidated"),
-    Fault("stage2-free-unlinked-no-rcu", "stage2",
-          "thread [001] and its series: 'KVM: arm64: Protect stage-2 traversal with RCU' "
-          "(free_removed_table through call_rcu)",
-          "stage2_free_unlinked_table frees the unlinked subtree at once, while shared walkers "
-          "(concurrent faults under mmu_lock for read) may still be inside it",
+    Fault("stage2-teardown-before-break", "stage2-pkvm",
+          "thread [001]: [PATCH 02/14] KVM: arm64: Tear down unlinked stage-2 subtree after "
+          "break-before-make (the teardown must follow the break; pKVM frees at once)",
+          "the map walker's pre-order callback tears the old subtree down before it breaks the "
+          "table entry and invalidates its range: hardware walkers still reach freed pages",
           concurrent=True),
     Fault("stage2-table-break-tlbi-ipa", "stage2",
           "thread [001] (the removed code's own comment: a table has 'numerous leaf entries "

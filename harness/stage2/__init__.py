@@ -9,8 +9,16 @@ both drive a KVM-shaped VM whose ops are generators.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, SetAttributes, VmHeader,
-                                 VmType, gpa_field)
+from mmufuzz.harness.ops import (
+    OP_NAMES,
+    PAGE_SHIFT,
+    Accept,
+    Access,
+    SetAttributes,
+    VmHeader,
+    VmType,
+    gpa_field,
+)
 from mmufuzz.harness.stage2.invariants import check_invariants
 from mmufuzz.harness.stage2.kvm import Stage2Kvm
 from mmufuzz.harness.stage2.pgtable import kvm_pgtable_get_leaf

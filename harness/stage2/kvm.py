@@ -8,8 +8,17 @@ arm64's is the stage-2 MMU, the vCPUs' stage-2 caches and the TLBI they obey.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import (HostInvalidate, MemslotAdd, MemslotDelete, MemslotMove,
-                                 MemslotSetFlags, Recover, Split, VmHeader, ZapAll)
+from mmufuzz.harness.ops import (
+    HostInvalidate,
+    MemslotAdd,
+    MemslotDelete,
+    MemslotMove,
+    MemslotSetFlags,
+    Recover,
+    Split,
+    VmHeader,
+    ZapAll,
+)
 from mmufuzz.harness.stage2 import mmu
 from mmufuzz.harness.stage2.hardware import Tlbi, Vcpu
 from mmufuzz.harness.stage2.pgtable import KvmPgtable

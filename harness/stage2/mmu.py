@@ -21,8 +21,16 @@ provides.
 from __future__ import annotations
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, AccessKind,
-                                 MemslotFlag, MmioExit)
+from mmufuzz.harness.ops import (
+    EINVAL,
+    OK,
+    PAGE_SHIFT,
+    PAGES_PER_2M,
+    PG_LEVEL_2M,
+    AccessKind,
+    MemslotFlag,
+    MmioExit,
+)
 from mmufuzz.harness.stage2.pgtable import (
     EAGAIN,
     KVM_PGTABLE_WALK_HANDLE_FAULT,

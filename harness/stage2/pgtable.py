@@ -72,7 +72,7 @@ class _FreedTable:
 
     __slots__ = ("page",)
 
-    def __init__(self, page: "S2Table"):
+    def __init__(self, page: S2Table):
         self.page = page
 
     def _violation(self, index) -> InvariantViolation:
@@ -203,9 +203,6 @@ class KvmPgtable:
 
     def free_unlinked_table_rcu(self, table: S2Table, level: int) -> None:
         """stage2_free_unlinked_table (mmu.c): free the subtree after a grace period."""
-        if faults.active("stage2-free-unlinked-no-rcu"):
-            self.free_unlinked(table, level)  # shared walkers may still be inside it
-            return
         self.rcu.call_rcu(lambda: self.free_unlinked(table, level))
 
     def free_unlinked(self, table: S2Table, level: int) -> None:
@@ -416,6 +413,11 @@ def stage2_map_walk_table_pre(ctx: VisitCtx, data: Stage2MapData):
             return EAGAIN
         data.pgt.free_unlinked_table(childp, ctx.level)
         return 0
+    if faults.active("stage2-teardown-before-break"):
+        # The subtree goes first, while the entry still links it and the TLBs still
+        # cache it (pKVM frees it at once: hardware walkers read a freed page).
+        data.pgt.free_unlinked_table(childp, ctx.level)
+        return (yield from stage2_map_walker_try_leaf(ctx, data))
     ret = yield from stage2_map_walker_try_leaf(ctx, data)
     if ret:
         return ret
