@@ -539,7 +539,9 @@ def kvm_pgtable_stage2_relax_perms(pgt: KvmPgtable, vcpu, addr: int, prot: int, 
 
     A permission fault came from a TLB entry of this vCPU, so the local TLBI
     (``__kvm_tlb_flush_vmid_ipa_nsh``) follows both on success and on -EAGAIN:
-    without it the vCPU would fault on its stale entry forever.
+    without it the vCPU would fault on its stale entry forever.  On -EAGAIN the
+    walk stopped before recording the leaf's level (mainline passes its
+    uninitialised ``level`` to the TLBI then); the model passes TLBI_TTL_UNKNOWN.
     """
     set_, clr = 0, 0
     if prot & KVM_PGTABLE_PROT_R:
