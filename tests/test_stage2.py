@@ -362,3 +362,14 @@ def test_snapshot_restore_continues_exactly_as_a_rerun():
     again = [str(target.execute(op)) for op in program.ops[4:]]
     target.check_invariants()
     assert first == again and first[-1] == "ok(0x0)"
+
+
+def test_features_name_the_stage2_level_an_access_left_and_the_switches_of_a_pair():
+    target, _ = _target("vm type=default vcpus=2\n" + HUGE_SLOT + _read(0, 0x201))
+    assert target.features() == ["map:access:shared:2"]
+    pair = parse_reproducer("vm type=default vcpus=2\nparallel a=(" + _read(0, 0x3ff).strip()
+                            + ") b=(host_invalidate base=0x200 npages=0x200) schedule=0x5\n")
+    target.execute(pair.program.ops[0])
+    features = target.features()
+    assert any(">" in f for f in features)  # parked > resumed yield points
+    assert features[-1].startswith("a.map:access:shared:")
