@@ -71,6 +71,16 @@ def _lock_for_fault(kvm):
         yield from kvm.mmu_lock.read_lock()
 
 
+def mmu_invalidate_retry(kvm, mmu_seq: int) -> bool:
+    """An invalidation is running or ran since ``mmu_seq``: a pfn looked up since may be stale."""
+    return bool(kvm.mmu_invalidate_in_progress) or kvm.mmu_invalidate_seq != mmu_seq
+
+
+def _fault_walk_flags(kvm) -> int:
+    """A fault's walk stops on -EAGAIN; it is shared except under pKVM."""
+    return KVM_PGTABLE_WALK_HANDLE_FAULT | (0 if kvm.protected else KVM_PGTABLE_WALK_SHARED)
+
+
 def _unlock_for_fault(kvm) -> None:
     if kvm.protected:
         kvm.mmu_lock.write_unlock()
@@ -123,8 +133,8 @@ def user_mem_abort(kvm, vcpu, gfn: int, slot, kind, fault_level: int, is_perm: b
     writable = not slot.readonly and not (logging and not write)
     yield from _lock_for_fault(kvm)
     try:
-        if kvm.mmu_invalidate_in_progress or kvm.mmu_invalidate_seq != mmu_seq:
-            return  # mmu_invalidate_retry: the pfn may be stale
+        if mmu_invalidate_retry(kvm, mmu_seq):
+            return
         pages = 1
         if not logging:
             if is_perm and fault_granule > 1:
@@ -136,7 +146,7 @@ def user_mem_abort(kvm, vcpu, gfn: int, slot, kind, fault_level: int, is_perm: b
             prot |= KVM_PGTABLE_PROT_W
         if exec_:
             prot |= KVM_PGTABLE_PROT_X
-        flags = KVM_PGTABLE_WALK_HANDLE_FAULT | (0 if kvm.protected else KVM_PGTABLE_WALK_SHARED)
+        flags = _fault_walk_flags(kvm)
         ipa = gfn & -pages
         if is_perm and pages == fault_granule:
             ret = yield from kvm_pgtable_stage2_relax_perms(kvm.pgt, vcpu, gfn, prot, flags)
@@ -286,11 +296,9 @@ def coalesce(kvm, op):
                 prot = KVM_PGTABLE_PROT_R | (0 if slot.readonly else KVM_PGTABLE_PROT_W)
                 yield from _lock_for_fault(kvm)
                 try:
-                    if not (kvm.mmu_invalidate_in_progress or kvm.mmu_invalidate_seq != mmu_seq):
-                        flags = KVM_PGTABLE_WALK_HANDLE_FAULT | (
-                            0 if kvm.protected else KVM_PGTABLE_WALK_SHARED)
+                    if not mmu_invalidate_retry(kvm, mmu_seq):
                         yield from kvm_pgtable_stage2_map(kvm.pgt, ipa, PAGES_PER_2M, pfn,
-                                                          prot, flags)
+                                                          prot, _fault_walk_flags(kvm))
                 finally:
                     _unlock_for_fault(kvm)
     finally:
