@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "caps and campaigns")
     parser.add_argument("--faults", metavar="NAMES",
                         help="comma-separated faults to detect, or 'none' for a target with a "
-                             "planted bug (default: the whole catalog; --quick: "
+                             "planted bug (default: the catalog's faults of --target; --quick: "
                              f"{','.join(QUICK_FAULTS)})")
     parser.add_argument("--target", default=DEFAULT_TARGET, metavar="NAME",
                         help="system under test, as for mmufuzz fuzz (default tdp)")
@@ -107,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fault_names(text, quick: bool) -> tuple:
+def _fault_names(text, quick: bool, target: str) -> tuple:
+    """The faults to detect: as given, else the quick set or the catalog's faults of ``target``."""
     if text is None:
-        return QUICK_FAULTS if quick else tuple(faults.CATALOG)
+        if quick:
+            return QUICK_FAULTS
+        return tuple(name for name, fault in faults.CATALOG.items() if fault.target == target)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if names != (NO_FAULT,):
         faults.check(names)
@@ -144,7 +147,7 @@ def config_from(args, argv: list) -> suite.Config:
         raise ValueError("the mutant benchmark needs cosmic-ray: pip install 'mmufuzz[bench]' "
                          "(or --mutants 0)")
     return suite.Config(command=shlex.join(["mmufuzz", "bench", *argv]), target=args.target,
-                        faults=_fault_names(args.faults, args.quick),
+                        faults=_fault_names(args.faults, args.quick, args.target),
                         seeds=tuple(range(1, pick("seeds") + 1)), cap=pick("cap"),
                         jobs=args.jobs, campaign_time=pick("campaign_time"),
                         loop_time=pick("loop_time"), minimize_time=pick("minimize_time"),

@@ -149,6 +149,8 @@ def capabilities(target) -> Capabilities:
 TARGETS: dict[str, str] = {
     "tdp": "mmufuzz.harness.tdp:TdpTarget",
     "kvm": "mmufuzz.harness.kvm:KvmTarget",
+    "stage2": "mmufuzz.harness.stage2:Stage2Target",
+    "stage2-pkvm": "mmufuzz.harness.stage2:Stage2PkvmTarget",
 }
 
 
