@@ -53,8 +53,9 @@ def main(argv=None) -> None:
     with instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED) as cache:
         from mmufuzz.fuzz.mutator import custom_crossover, custom_mutator
         from mmufuzz.fuzz.worker import CounterSink, Worker
-        worker = Worker.from_environment(CounterSink(atheris._reserve_counter,
-                                                     atheris._trace_branch))
+        worker = Worker.from_environment(
+            CounterSink(atheris._reserve_counter, atheris._trace_branch),
+            exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]))
     print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, {cache.misses} anew",
           file=sys.stderr)
 

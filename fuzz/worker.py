@@ -37,6 +37,9 @@ from mmufuzz.fuzz.runner import Checkpoint, Differential, Finding, make_target, 
 from mmufuzz.fuzz.schedules import TAIL, ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
+# What one guest op counts for on the clock of an exec-bounded run's schedule explorer
+# (about an op's cost, so that its share and per-input cap mean what they mean in seconds).
+OP_SECONDS = 1e-4
 _JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
 
 
@@ -183,7 +186,13 @@ class Worker:
     """The state of one fuzzing process: target, counters, and where findings go."""
 
     def __init__(self, config: CampaignConfig, layout: Optional[Layout] = None,
-                 sink: Optional[CounterSink] = None):
+                 sink: Optional[CounterSink] = None, exec_bounded: bool = False):
+        """``exec_bounded``: the run stops after a number of inputs (libFuzzer's ``-runs``).
+
+        Its schedule explorer then budgets by guest ops run instead of by
+        seconds, so that with a fixed ``-seed`` the whole run is the same under
+        any machine load: which variants run is all that wall-clock changes.
+        """
         self.config, self.layout, self.sink = config, layout, sink
         self.inject = injected_faults(config.inject)
         system = make_target(config.target)
@@ -192,19 +201,20 @@ class Worker:
         allowed = capabilities(system)
         self.restrict = (lambda program: program) if allowed.everything else allowed.restrict
         self.store = FindingStore(layout.findings) if layout else None
-        self.explorer = ScheduleExplorer() if sink is not None else None
         self.execs = self.ops = 0
+        clock = (lambda: self.ops * OP_SECONDS) if exec_bounded else time.monotonic
+        self.explorer = ScheduleExplorer(clock=clock) if sink is not None else None
         self.started = time.time()
         self._next_heartbeat = 0.0
 
     @classmethod
-    def from_environment(cls, sink=None) -> "Worker":
+    def from_environment(cls, sink=None, exec_bounded: bool = False) -> "Worker":
         """Under ``mmufuzz fuzz`` the campaign directory is in the environment; else defaults."""
         root = os.environ.get(CAMPAIGN_ENV)
         if not root:
-            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink)
+            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink, exec_bounded)
         layout = Layout(Path(root))
-        return cls(CampaignConfig.load(layout.config), layout, sink)
+        return cls(CampaignConfig.load(layout.config), layout, sink, exec_bounded)
 
     def _checks_every_op(self, data: bytes) -> bool:
         """Deterministic per input, so a rerun of the same bytes makes the same choice."""

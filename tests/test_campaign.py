@@ -1,4 +1,4 @@
-"""Campaigns: findings kept once per signature, resume, Ctrl-C, and one real 20-second campaign."""
+"""Campaigns: findings kept once per signature, resume, Ctrl-C, and one real exec-bounded campaign."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_two_signatures_are_both_kept_and_duplicates_are_not(tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
-# The same bug seen from a parallel pair: another op kind, so another signature.
+# The same bug seen from a parallel pair: signed by the side that diverged, one signature.
 FAILING_IN_PAIR = Program(VmHeader(VmType.DEFAULT, 2), (
     SLOT, write(0x100000, 5), Parallel(fetch(0x100000), FlushTlb(1), 0)))
 
@@ -82,13 +82,12 @@ def test_worker_keeps_one_finding_per_signature_and_keeps_going(tmp_path):
     for program in inputs:
         worker.test_one_input(encode(program))
     assert worker.execs == len(inputs)
-    stored = {load_reproducer(f.raw).program: f for f in FindingStore(layout.findings).entries()}
-    assert set(stored) == {FAILING, FAILING_IN_PAIR}
-    first = stored[FAILING]
+    (first,) = FindingStore(layout.findings).entries()
     assert (first.path / "input.bin").read_bytes() == encode(FAILING)
     repro = load_reproducer(first.raw)
-    assert repro.marker == 3 and repro.meta["target"] == PLANTED
-    assert repro.meta["signature"] == first.signature != stored[FAILING_IN_PAIR].signature
+    assert repro.program == FAILING and repro.marker == 3 and repro.meta["target"] == PLANTED
+    assert repro.meta["signature"] == first.signature
+    assert worker.run(encode(FAILING_IN_PAIR))[1].signature == first.signature
     heartbeat = json.loads(next(layout.workers.glob("*.json")).read_text())
     assert heartbeat["execs"] >= 1
 
@@ -184,12 +183,20 @@ def fuzz_command(out: Path, *extra: str) -> list:
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
 
 
+CAMPAIGN_EXECS = 2000
+
+
 @pytest.fixture(scope="module")
 def campaign_dir(tmp_path_factory):
-    """A 20-second campaign on the planted target."""
+    """A campaign of 2000 inputs on the planted target.
+
+    Bounded by inputs with a fixed seed, it runs the same inputs under any
+    load (its schedule explorer budgets by ops then): seed 2 finds the bug
+    within its first 300 inputs.
+    """
     out = tmp_path_factory.mktemp("campaign")
-    done = subprocess.run(fuzz_command(out, "--max-time", "20", "--seed", "1"), env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(fuzz_command(out, "--max-execs", str(CAMPAIGN_EXECS), "--seed", "2"),
+                          env=ENV, capture_output=True, text=True, timeout=600)
     return out, done
 
 
@@ -220,8 +227,8 @@ def test_campaign_finds_the_planted_bug_and_minimizes_it_to_the_known_minimum(ca
 def test_campaign_writes_stats_lines(campaign_dir):
     out, _ = campaign_dir
     lines = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-    assert len(lines) >= 3 and lines[-1]["final"]
-    assert lines[-1]["execs"] > 100 and lines[-1]["ops"] > lines[-1]["execs"]
+    assert len(lines) >= 2 and lines[-1]["final"]  # the first second's, the final one
+    assert lines[-1]["execs"] == CAMPAIGN_EXECS and lines[-1]["ops"] > lines[-1]["execs"]
     assert lines[-1]["findings"] >= 1 and lines[-1]["corpus"] > 0 and lines[-1]["rss_mb"] > 0
     assert [line["execs"] for line in lines] == sorted(line["execs"] for line in lines)
 
@@ -233,9 +240,7 @@ def test_rerun_resumes_and_ctrl_c_stops_cleanly(campaign_dir):
     before = json.loads((out / "stats.jsonl").read_text().splitlines()[-1])
     started = time.time()
     rerun = subprocess.Popen(fuzz_command(out), env=ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not _has_executed_since(out, started) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_for(lambda: _has_executed_since(out, started))
     rerun.send_signal(signal.SIGINT)
     _, stderr = rerun.communicate(timeout=60)
     assert rerun.returncode == 1, stderr
@@ -245,6 +250,14 @@ def test_rerun_resumes_and_ctrl_c_stops_cleanly(campaign_dir):
     after = json.loads((out / "stats.jsonl").read_text().splitlines()[-1])
     assert after["run"] == 2 and after["execs"] > before["execs"]
     assert not campaign_processes(out)
+
+
+def _wait_for(condition, limit: float = 600) -> None:
+    """Poll until ``condition()``; the limit only turns a hang into a failure."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.2)
 
 
 def _has_executed_since(out: Path, started: float) -> bool:
@@ -274,9 +287,13 @@ def campaign_processes(out: Path) -> list:
 def test_entry_script_runs_standalone_as_oss_fuzz_does(tmp_path):
     """No campaign directory: the default target, libFuzzer flags, a corpus folder."""
     write_seeds(tmp_path)
+    # The script run by path, as OSS-Fuzz's wrapper does, with this interpreter: its
+    # "#!/usr/bin/env python3" would pick whatever python3 PATH has (not this venv's).
     env = {k: v for k, v in ENV.items() if k != campaign.CAMPAIGN_ENV}
-    done = subprocess.run([str(REPO / "fuzz" / "fuzz_mmu.py"), "-runs=1", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env["PATH"] = os.defpath
+    done = subprocess.run([sys.executable, str(REPO / "fuzz" / "fuzz_mmu.py"), "-runs=1",
+                           str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "INFO: Instrumenting mmufuzz.harness.tdp" in done.stderr
     assert re.search(r"Done \d+ runs", done.stderr)
@@ -285,7 +302,7 @@ def test_entry_script_runs_standalone_as_oss_fuzz_does(tmp_path):
 def test_max_execs_stops_the_campaign_and_every_input_is_counted(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", "--target", "reference",
                            "--max-execs", "200", "--out", str(tmp_path)], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     final = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["execs"] == 200 and final["findings"] == 0
@@ -318,7 +335,7 @@ def test_prepare_drops_the_previous_runs_seeds_and_logs(tmp_path):
 def test_a_second_campaign_on_a_locked_directory_is_refused(tmp_path):
     with campaign.hold_lock(Layout(tmp_path)):
         done = subprocess.run(fuzz_command(tmp_path, "--max-execs", "1"), env=ENV,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert line == (f"mmufuzz: error: {tmp_path.resolve()} is in use by another campaign: "
