@@ -24,6 +24,7 @@ import sys
 import atheris
 
 from mmufuzz.fuzz.instrument import instrument_branches
+from mmufuzz.fuzz.lifeline import hold_on
 
 
 def at_libfuzzer_exit(callback):
@@ -49,6 +50,7 @@ NOT_INSTRUMENTED = {"mmufuzz.harness.tdp.invariants", "mmufuzz.harness.tdp.pgall
 
 def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    hold_on()  # under ``mmufuzz fuzz``: die with the supervisor
     # Everything that imports harness/ or reference/ (the target too) happens in here.
     with instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED) as cache:
         from mmufuzz.fuzz.mutator import custom_crossover, custom_mutator

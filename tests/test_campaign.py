@@ -362,3 +362,197 @@ def test_a_killed_holder_leaves_the_directory_unlocked(tmp_path):
     holder.wait()
     holder.stdout.close()
     campaign.hold_lock(Layout(tmp_path)).close()
+
+
+# --- a killed campaign: nothing left behind, one writer on resume ---------------------
+
+def _heartbeats(out: Path) -> dict:
+    """pid -> the last heartbeat of each worker of the current run."""
+    beats = {}
+    for path in (out / "workers").glob("*.json"):
+        try:
+            beats[int(path.stem)] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # replaced while we read it
+    return beats
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running, and not a zombie its new parent has not reaped yet."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _last_stats(out: Path) -> dict:
+    return json.loads((out / "stats.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("jobs,victim", [(2, "group"), (1, "supervisor")])
+def test_a_campaign_killed_with_sigkill_leaves_no_process_and_resumes_alone(tmp_path, jobs,
+                                                                            victim):
+    """kill -9 of the supervisor's process group (or of the supervisor alone): libFuzzer
+    and its jobs die with it.  A job that cannot die yet (stopped) keeps the directory
+    locked; once it is gone, a resume says what it found, runs alone (one heartbeat, one
+    worker) and carries the killed run's totals."""
+    out = tmp_path / "campaign"
+    supervisor = subprocess.Popen(fuzz_command(out, "--jobs", str(jobs)), env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+    _wait_for(lambda: sum(b["execs"] > 0 for b in _heartbeats(out).values()) == jobs
+              and (out / "stats.jsonl").exists())
+    workers = {pid: psutil.Process(pid) for pid in _heartbeats(out)}
+    # A job of a -jobs campaign (behind sh, not a child of the supervisor) stopped: it
+    # cannot die until it is continued.  (Stopped or not, a child dies at once.)
+    stopped = next(p for p in workers.values() if p.ppid() != supervisor.pid) if jobs > 1 \
+        else None
+    try:
+        if stopped is not None:
+            stopped.suspend()
+            behind = {stopped.pid, stopped.ppid()}  # it and its sh
+        if victim == "group":
+            os.killpg(supervisor.pid, signal.SIGKILL)
+        else:
+            supervisor.kill()
+        supervisor.wait()
+        if stopped is not None:
+            _wait_for(lambda: {p.pid for p in campaign_processes(out)} <= behind)
+            assert stopped.is_running()
+            refused = subprocess.run(fuzz_command(out, "--max-execs", "1"), env=ENV,
+                                     capture_output=True, text=True, timeout=600)
+            assert refused.returncode == 2 and "in use by another campaign" in refused.stderr
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.resume()
+    _wait_for(lambda: not campaign_processes(out))
+    assert not any(_alive(p) for p in workers.values())
+
+    killed = _last_stats(out)
+    assert killed["run"] == 1 and not killed["final"]
+    resumed = subprocess.run(fuzz_command(out, "--max-execs", "300"), env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode in (0, 1), resumed.stderr
+    (said,) = [line for line in resumed.stderr.splitlines() if "resuming" in line]
+    assert said.startswith(f"mmufuzz: resuming {out.resolve()}: 1 earlier run(s), "
+                           f"{killed['execs']} execs in ")
+    assert "the last run was killed" in said
+    final = _last_stats(out)
+    assert final["final"] and final["run"] == 2 and final["workers"] == 1
+    assert final["execs"] == killed["execs"] + 300
+    (writer,) = _heartbeats(out)
+    assert writer not in workers
+    assert f"all runs: {killed['execs'] + 300} execs" in resumed.stderr
+    assert not campaign_processes(out)
+
+
+# --- a damaged campaign directory: set aside, said in one line, keeps going -------------
+
+def _damaged(tmp_path) -> Path:
+    """A directory of a finished planted campaign, as a real run leaves it."""
+    out = tmp_path / "campaign"
+    layout = Layout(out)
+    layout.prepare()
+    CampaignConfig(PLANTED).save(layout.config)
+    worker = Worker(CampaignConfig(PLANTED), layout)
+    worker.test_one_input(encode(FAILING))
+    lines = [{"run": 1, "execs": 10 * n, "ops": 30 * n, "seconds": 1.5 * n, "final": n == 3}
+             for n in (1, 2, 3)]
+    layout.stats.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+def test_torn_and_garbage_stats_lines_are_dropped_and_the_file_set_aside(tmp_path):
+    out = _damaged(tmp_path)
+    stats = out / "stats.jsonl"
+    good = stats.read_text().splitlines()
+    stats.write_text(f"{good[0]}\n\x00\xff garbage\n{good[1]}\n[1, 2]\n{good[2]}\n"
+                     '{"run": 2, "execs": 4')  # a run killed while it wrote its line
+    opened = campaign.Campaign(Options(out=out))
+    opened.lock.close()
+    (note,) = opened.notes
+    assert note == (f"{stats}: 3 unreadable line(s) (2, 4, 6): original set aside as "
+                    "stats.jsonl.damaged, kept 3 line(s); totals from the last of them")
+    assert stats.read_text().splitlines() == good
+    assert (opened.totals.execs, opened.totals.runs, opened.totals.finished) == (30, 1, True)
+    assert (out / "stats.jsonl.damaged").read_text().endswith('"execs": 4')
+    # Appending goes on after a whole line, and a repaired file needs no repair again.
+    again = campaign.Campaign(Options(out=out))
+    again.lock.close()
+    assert again.notes == [] and (out / "stats.jsonl.damaged").exists()
+
+
+def test_stats_that_are_a_directory_are_set_aside_and_totals_start_again(tmp_path):
+    out = _damaged(tmp_path)
+    stats = out / "stats.jsonl"
+    stats.unlink()
+    stats.mkdir()
+    opened = campaign.Campaign(Options(out=out))
+    opened.lock.close()
+    assert opened.notes == [f"{stats} is not a readable file: set aside as "
+                            "stats.jsonl.damaged; totals start again from zero"]
+    assert opened.totals == campaign.Totals() and (out / "stats.jsonl.damaged").is_dir()
+
+
+@pytest.mark.parametrize("text,why", [
+    ("", "not JSON (line 1: Expecting value)"),
+    ("{not json", "not JSON (line 1: Expecting property name enclosed in double quotes)"),
+    ('{"target": "tdp"}', "not an object with exactly target, inject and invariant_rate"),
+    ('{"target": 1, "inject": "none", "invariant_rate": 0.1}',
+     "target and inject must be strings, invariant_rate in [0, 1]"),
+])
+def test_an_unreadable_campaign_json_is_set_aside_and_the_options_used(tmp_path, text, why):
+    out = _damaged(tmp_path)
+    config = out / "campaign.json"
+    config.write_text(text)
+    opened = campaign.Campaign(Options(out=out, target=PLANTED))
+    opened.lock.close()
+    assert opened.notes == [f"{config}: {why}: set aside as campaign.json.damaged; target "
+                            f"{PLANTED} and fault none from the command line (or the defaults)"]
+    assert CampaignConfig.load(config) == CampaignConfig(PLANTED)
+    assert (out / "campaign.json.damaged").read_text() == text
+
+
+def test_a_garbage_finding_is_set_aside_and_found_again(tmp_path):
+    out = _damaged(tmp_path)
+    (finding,) = FindingStore(out / "findings").entries()
+    finding.raw.write_bytes(b"\x00garbage\nnot a reproducer\n")
+    opened = campaign.Campaign(Options(out=out))
+    opened.lock.close()
+    (note,) = opened.notes
+    assert note.startswith(f"{finding.raw}: ") and note.endswith(
+        f"set aside as {finding.signature}.damaged")
+    assert not FindingStore(out / "findings").entries()
+    worker = Worker(CampaignConfig(PLANTED), Layout(out))
+    worker.test_one_input(encode(FAILING))
+    assert [f.signature for f in FindingStore(out / "findings").entries()] == [finding.signature]
+
+
+def test_a_garbage_minimized_reproducer_alone_is_set_aside(tmp_path):
+    out = _damaged(tmp_path)
+    (finding,) = FindingStore(out / "findings").entries()
+    finding.minimized.write_text("vm type=nosuch\n")
+    opened = campaign.Campaign(Options(out=out))
+    opened.lock.close()
+    (note,) = opened.notes
+    assert note.startswith(f"{finding.minimized}: ") and note.endswith(
+        "set aside as minimized.repro.damaged; it is minimized again")
+    assert finding.status() == "pending" and finding.raw.exists()
+
+
+def test_a_resume_of_a_damaged_directory_says_so_and_keeps_going(tmp_path):
+    """Every damage at once, end to end: one line each, then a normal run and summary."""
+    out = _damaged(tmp_path)
+    (finding,) = FindingStore(out / "findings").entries()
+    finding.raw.write_text("garbage\n")
+    (out / "campaign.json").write_text("")
+    with open(out / "stats.jsonl", "a") as stats:
+        stats.write('{"torn')
+    done = subprocess.run(fuzz_command(out, "--max-execs", "50"), env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stderr.splitlines()
+    repaired = [line for line in lines if line.startswith("mmufuzz: repaired ")]
+    assert len(repaired) == 3, done.stderr
+    assert "resuming" in lines[3] and "1 earlier run(s), 30 execs" in lines[3]
+    assert done.returncode in (0, 1) and "all runs: " in done.stderr
+    assert _last_stats(out)["execs"] == 30 + 50
