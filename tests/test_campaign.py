@@ -556,3 +556,49 @@ def test_a_resume_of_a_damaged_directory_says_so_and_keeps_going(tmp_path):
     assert "resuming" in lines[3] and "1 earlier run(s), 30 execs" in lines[3]
     assert done.returncode in (0, 1) and "all runs: " in done.stderr
     assert _last_stats(out)["execs"] == 30 + 50
+
+
+# --- a livelock costs its step cap once ---------------------------------------------------
+
+class LivelocksOnFetch(ReferenceTarget):
+    """A fetch after a write spins to a step cap and raises, as a livelocked op does."""
+
+    CAP = 10_000
+
+    def __init__(self):
+        self.caps = 0  # times it spun to the cap
+
+    def reset(self, header):
+        super().reset(header)
+        self.written = False
+
+    def execute(self, op):
+        self.written |= isinstance(op, Access) and op.kind is AccessKind.WRITE
+        if isinstance(op, Access) and op.kind is AccessKind.FETCH and self.written:
+            for _ in range(self.CAP):
+                pass
+            self.caps += 1
+            raise RuntimeError(f"no progress after {self.CAP} steps")
+        return super().execute(op)
+
+
+def test_a_known_livelock_prefix_is_not_run_again_but_still_reported(tmp_path):
+    """Counted in caps reached: the livelocked input and every mutant that keeps its
+    prefix reach the cap once in all (twice for the first: sampled, then rerun with
+    every check); a mutant that changes the prefix runs, a clean input runs."""
+    layout = Layout(tmp_path)
+    layout.prepare()
+    worker = Worker(CampaignConfig("reference", invariant_rate=0.0), layout)
+    target = LivelocksOnFetch()
+    worker.target = CampaignTarget(target)
+    longer = Program(FAILING.header, FAILING.ops + (FlushTlb(0), fetch(0x100000)))
+    clean = Program(FAILING.header, FAILING.ops[:3])
+    for program in (FAILING, FAILING, longer, clean, FAILING):
+        worker.test_one_input(encode(program))
+    assert (target.caps, worker.execs) == (2, 5)
+    (finding,) = FindingStore(layout.findings).entries()
+    assert "RuntimeError: no progress after 10000 steps" in finding.summary()
+    other_prefix = Program(FAILING.header, (SLOT, write(0x100000, 6), fetch(0x100000)))
+    worker.test_one_input(encode(other_prefix))
+    assert target.caps == 4
+    assert len(FindingStore(layout.findings).entries()) == 1
