@@ -93,6 +93,12 @@ def _targets(results: dict) -> str:
     return "## The issue's targets\n\n" + _table(["target", "goal", "measured", "met", "gap"], rows)
 
 
+def _times(numerator: float, denominator: float, digits: int = 1) -> str:
+    """``numerator / denominator`` as ``2.5x``, or ``n/a`` where the denominator measured
+    nothing (a campaign of seconds on a loaded machine may not get to run an op)."""
+    return f"{numerator / denominator:.{digits}f}x" if denominator else "n/a"
+
+
 def _throughput(results: dict) -> str:
     measured = results.get("throughput")
     if not measured:
@@ -109,7 +115,8 @@ def _throughput(results: dict) -> str:
             continue
         execs, ops = rate(measured[key])
         workers = measured[key].get("workers", 1)
-        ratio = f"{base / ops:.1f}x slower" if base and key != "replay" else "1x"
+        ratio = "1x" if not base or key == "replay" else \
+            f"{_times(base, ops)} slower" if ops else "n/a"
         if measured[key].get("with_startup"):
             label += " (campaign too short for stats intervals: start-up included)"
         rows.append((label, f"{execs:,.0f}", f"{ops:,.0f}", f"{ops / workers:,.0f}",
@@ -123,8 +130,8 @@ def _throughput(results: dict) -> str:
     if "differential" in measured and "campaign" in measured:
         diff, camp = rate(measured["differential"])[1], rate(measured["campaign"])[1]
         text += (f"\nThe reference, invariant sampling and decoding cost "
-                 f"{base / diff:.1f}x over the target alone; coverage instrumentation, "
-                 f"libFuzzer and schedule exploration cost a further {diff / camp:.1f}x.  "
+                 f"{_times(base, diff)} over the target alone; coverage instrumentation, "
+                 f"libFuzzer and schedule exploration cost a further {_times(diff, camp)}.  "
                  f"Exploration may take {SHARE:.0%} of a worker's time: its variants resume "
                  "from a checkpoint before a `parallel` op and run the pair, interleaved, and "
                  "a short tail, so their ops are the dearest a campaign counts.\n")
@@ -169,8 +176,8 @@ def _scaling(results: dict) -> str:
         return "## Scaling\n\nNot measured (fewer than 2 measurement jobs).\n"
     (execs1, ops1), (execs2, ops2) = rate(measured["campaign"]), rate(measured["campaign_jobs2"])
     rows = [("1", f"{execs1:,.0f}", "1.00x", f"{ops1:,.0f}", "1.00x"),
-            ("2", f"{execs2:,.0f}", f"{execs2 / execs1:.2f}x", f"{ops2:,.0f}",
-             f"{ops2 / ops1:.2f}x")]
+            ("2", f"{execs2:,.0f}", _times(execs2, execs1, 2), f"{ops2:,.0f}",
+             _times(ops2, ops1, 2))]
     text = ("## Scaling\n\nThe same campaign (no fault, seed 1) for the same time with "
             "`--jobs 1` and `--jobs 2`, each alone on the machine.  The target is stated in "
             "execs/s; guest ops/s is shown beside it because the two campaigns' corpora grow "

@@ -17,13 +17,15 @@ summary.  Everything lives in the directory, so running again on it resumes:
     DIR/logs/             libFuzzer's output, fuzz-N.log per job
     DIR/crashes/          libFuzzer artifacts: an exception that escaped the differential run
     DIR/workers/          heartbeats of the running workers (cleared every run)
-    DIR/campaign.lock     flock'ed by the running supervisor: one campaign per directory
+    DIR/campaign.lock     flock'ed while the supervisor or any of its workers lives: one
+                          campaign per directory
 """
 
 from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import json
 import math
 import os
@@ -44,6 +46,7 @@ from mmufuzz.harness import faults
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults
 from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
+from mmufuzz.fuzz.lifeline import Lifeline, die_with_parent
 from mmufuzz.fuzz.runner import make_target
 
 CAMPAIGN_ENV = "MMUFUZZ_CAMPAIGN"
@@ -79,7 +82,20 @@ class CampaignConfig:
 
     @classmethod
     def load(cls, path: Path) -> "CampaignConfig":
-        return cls(**json.loads(Path(path).read_text()))
+        """The config stored at ``path``; ValueError (or OSError) naming what is wrong."""
+        try:
+            fields = json.loads(Path(path).read_text())
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON (line {error.lineno}: {error.msg})") from None
+        if not isinstance(fields, dict) or set(fields) != {"target", "inject", "invariant_rate"}:
+            raise ValueError("not an object with exactly target, inject and invariant_rate")
+        rate = fields["invariant_rate"]
+        if not (isinstance(fields["target"], str) and isinstance(fields["inject"], str)
+                and type(rate) in (int, float) and 0 <= rate <= 1):
+            raise ValueError("target and inject must be strings, invariant_rate in [0, 1]")
+        return cls(**fields)
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
@@ -135,11 +151,13 @@ def hold_lock(layout: Layout) -> TextIO:
     """Lock the directory for this process: the returned file holds the lock while open.
 
     Two campaigns on one directory would clear each other's heartbeats, seeds
-    and logs and mix their statistics, so the second is refused.  ``flock`` is
-    released by the kernel when the holder dies, so a killed campaign's
-    directory resumes without cleanup; the file is not inherited by libFuzzer
-    (Python opens files non-inheritable), so workers left behind by a killed
-    supervisor do not keep it locked.
+    and logs and mix their statistics, so the second is refused.  The
+    supervisor passes the locked file to every process that writes into the
+    directory (libFuzzer and its jobs, the minimizer): an ``flock`` is held
+    while any process has the file open, so the directory stays locked until
+    the last writer is gone, and the kernel releases it then, so a killed
+    campaign's directory resumes without cleanup.  (The writers die with the
+    supervisor, :mod:`mmufuzz.fuzz.lifeline`.)
     """
     layout.root.mkdir(parents=True, exist_ok=True)
     lock = open(layout.lock, "a")
@@ -152,7 +170,98 @@ def hold_lock(layout: Layout) -> TextIO:
     return lock
 
 
+# --- a damaged directory ------------------------------------------------------------
+
+def set_aside(path: Path) -> Path:
+    """Rename what a campaign cannot read to ``NAME.damaged`` (``NAME.damaged-2``, ... if
+    taken), so that nothing is lost and the campaign can go on; return the new path."""
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.rename(path, target)
+    return target
+
+
+def repair_stats(stats: Path) -> tuple:
+    """The totals of ``stats.jsonl`` and a note if it had to be repaired (else None).
+
+    Lines that are not stats records (torn by a crash, or garbage) are dropped
+    from the file, which is rewritten with the others; the original is set
+    aside.  Anything that is not a readable file is set aside whole and the
+    totals start again from zero.
+    """
+    if not stats.exists() and not stats.is_symlink():
+        return Totals(), None
+    try:
+        data = stats.read_bytes() if stats.is_file() else None
+    except OSError:
+        data = None
+    if data is None:
+        moved = set_aside(stats)
+        return Totals(), (f"{stats} is not a readable file: set aside as {moved.name}; "
+                          "totals start again from zero")
+    kept, bad, totals = [], [], Totals()
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        current = Totals.from_record(record)
+        if current is None:
+            bad.append(number)
+        else:
+            kept.append(line + b"\n")
+            totals = current
+    if not bad and (not data or data.endswith(b"\n")):
+        return totals, None
+    moved = set_aside(stats)
+    write_atomic(stats, b"".join(kept))
+    lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    what = f"{len(bad)} unreadable line(s) ({lines})" if bad else "no newline at its end"
+    return totals, (f"{stats}: {what}: original set aside as {moved.name}, "
+                    f"kept {len(kept)} line(s); totals from the last of them")
+
+
+def repair_findings(folder: Path) -> list:
+    """Set aside each finding whose files a campaign cannot read; one note each.
+
+    A finding whose ``finding.repro`` is unreadable goes whole (its signature
+    can then be found and stored again); an unreadable ``minimized.repro``
+    alone goes, and the finding is minimized again.
+    """
+    notes = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not _is_signature(path.name):
+            continue
+        finding = StoredFinding(path)
+        if not path.is_dir():
+            notes.append(f"{path}: not a folder: set aside as {set_aside(path).name}")
+            continue
+        raw, minimized = finding.raw, finding.minimized
+        for file in (raw, minimized):
+            if file == minimized and not (file.exists() or file.is_symlink()):
+                continue
+            try:
+                load_reproducer(file)
+            except (ValueError, OSError) as error:
+                reason = _clip((str(error) or type(error).__name__).splitlines()[0], 100)
+                whole = file == raw
+                moved = set_aside(path if whole else file)
+                notes.append(f"{file}: {reason}: set aside as {moved.name}" +
+                             ("" if whole else "; it is minimized again"))
+                break
+    return notes
+
+
 # --- findings ---------------------------------------------------------------------
+
+def _is_signature(name: str) -> bool:
+    """A finding's folder name: not a worker's ``.SIG.PID.tmp`` nor a ``SIG.damaged``."""
+    return "." not in name
+
 
 @dataclass(frozen=True)
 class StoredFinding:
@@ -224,7 +333,7 @@ class FindingStore:
     def entries(self) -> list[StoredFinding]:
         """The published findings, by signature."""
         return [StoredFinding(p) for p in sorted(self.root.glob("*"))
-                if p.is_dir() and not p.name.startswith(".")]
+                if p.is_dir() and _is_signature(p.name)]
 
 
 # --- seeds ------------------------------------------------------------------------
@@ -253,25 +362,25 @@ def write_seeds(folder: Path) -> int:
 
 @dataclass
 class Totals:
-    """Counters carried across runs of one directory."""
+    """Counters carried across runs of one directory (from the last line of ``stats.jsonl``)."""
 
     execs: int = 0
     ops: int = 0
     seconds: float = 0.0
     runs: int = 0
+    # Whether the last run wrote its final line (a killed run did not).
+    finished: bool = True
 
     @classmethod
-    def resume(cls, stats: Path) -> "Totals":
-        """The totals in the last complete line of ``stats.jsonl`` (a torn last line is skipped)."""
-        if not stats.exists():
-            return cls()
-        for line in reversed(stats.read_text().splitlines()):
-            try:
-                last = json.loads(line)
-                return cls(last["execs"], last["ops"], last["seconds"], last["run"])
-            except (ValueError, KeyError):
-                continue
-        return cls()
+    def from_record(cls, record) -> Optional["Totals"]:
+        """The totals a stats line carries, or None if it is not one of ours."""
+        if not isinstance(record, dict):
+            return None
+        values = [record.get(key) for key in ("execs", "ops", "seconds", "run")]
+        if not all(type(v) in (int, float) and v >= 0 for v in values) \
+                or not all(type(v) is int for v in values[:2] + values[3:]):
+            return None
+        return cls(*values, finished=record.get("final") is True)
 
 
 @dataclass
@@ -368,11 +477,24 @@ def progress_line(now: Snapshot, rate: tuple) -> str:
 
 # --- the supervisor ---------------------------------------------------------------
 
+def stored_config(layout: Layout) -> tuple:
+    """``(config, why)``: the directory's config, or None and why it cannot be read."""
+    if not layout.config.exists() and not layout.config.is_symlink():
+        return None, None
+    try:
+        return CampaignConfig.load(layout.config), None
+    except (ValueError, OSError) as error:
+        return None, str(error) or type(error).__name__
+
+
 def resolve_config(layout: Layout, options: Options) -> CampaignConfig:
-    """The directory's config, or a new one from the options; they must agree."""
+    """The directory's config, or a new one from the options; they must agree.
+
+    An unreadable config counts as none (the campaign sets it aside and says so).
+    """
     inject = (",".join(injected_faults(options.inject)) or NO_FAULT) if options.inject else None
-    if layout.config.exists():
-        stored = CampaignConfig.load(layout.config)
+    stored, _ = stored_config(layout)
+    if stored is not None:
         for name, wanted in (("target", options.target), ("inject", inject)):
             if wanted is not None and wanted != getattr(stored, name):
                 raise CampaignError(f"{layout.root} holds a campaign with {name} "
@@ -411,9 +533,20 @@ class Campaign:
         faults.check(injected_faults(self.config.inject))
         make_target(self.config.target)  # fails here, with a clear message, if unknown
         self.lock = hold_lock(self.layout)
+        self.lifeline = Lifeline()
+        # What a resume found unreadable and set aside: one line each, said at the start.
+        self.notes: list[str] = []
+        _, damaged = stored_config(self.layout)
+        if damaged is not None:
+            moved = set_aside(self.layout.config)
+            self.notes.append(f"{self.layout.config}: {_clip(damaged, 100)}: set aside as "
+                              f"{moved.name}; target {self.config.target} and fault "
+                              f"{self.config.inject} from the command line (or the defaults)")
         self.layout.prepare()
         self.config.save(self.layout.config)
-        self.totals = Totals.resume(self.layout.stats)
+        self.totals, note = repair_stats(self.layout.stats)
+        self.notes += [note] if note else []
+        self.notes += repair_findings(self.layout.findings)
         self.findings = FindingStore(self.layout.findings)
         self.known = {f.signature for f in self.findings.entries()}
         self.minimizer: Optional[tuple] = None
@@ -427,6 +560,10 @@ class Campaign:
     def run(self) -> int:
         """Fuzz until a limit or Ctrl-C; return the exit code (0 clean, 1 findings, 3 failed)."""
         seeds = write_seeds(self.layout.seeds)
+        for note in self.notes:
+            self._say(f"mmufuzz: repaired {note}")
+        if self.totals.runs or self.known:
+            self._say(self._resuming())
         self._say(f"mmufuzz: fuzzing target {self.config.target}, inject {self.config.inject}, "
                   f"{self.options.jobs} job(s), {seeds} seeds, in {self.layout.root}")
         started = time.monotonic()
@@ -471,15 +608,39 @@ class Campaign:
             return EXIT_FAILED
         return 1 if self.findings.entries() else 0
 
+    def _resuming(self) -> str:
+        """One line: what the earlier runs left in the directory."""
+        entries = self.findings.entries()
+        pending = sum(not f.minimized.exists() for f in entries)
+        corpus = sum(1 for _ in self.layout.corpus.iterdir())
+        text = (f"mmufuzz: resuming {self.layout.root}: {self.totals.runs} earlier run(s), "
+                f"{self.totals.execs} execs in {self.totals.seconds:.0f} s, corpus {corpus}, "
+                f"{len(entries)} finding(s)" + (f" ({pending} to minimize)" if pending else ""))
+        if not self.totals.finished:
+            text += ("; the last run was killed: its inputs after its last stats line "
+                     "are not counted")
+        return text
+
     def _start(self) -> subprocess.Popen:
-        """libFuzzer in its own process group: Ctrl-C reaches the supervisor, which stops it."""
-        env = dict(os.environ, **{CAMPAIGN_ENV: str(self.layout.root)})
+        """libFuzzer in its own process group: Ctrl-C reaches the supervisor, which stops it.
+
+        It and its jobs hold the directory's lock and the lifeline, and die with
+        the supervisor (:mod:`mmufuzz.fuzz.lifeline`).
+        """
+        env = dict(os.environ, **{CAMPAIGN_ENV: str(self.layout.root)}, **self.lifeline.env())
         # With -jobs, libFuzzer writes each job's output to fuzz-N.log itself.
         name = "libfuzzer.log" if self.options.jobs > 1 else "fuzz-0.log"
         with open(self.layout.logs / name, "wb") as log:
             return subprocess.Popen(libfuzzer_command(self.layout, self.options),
                                     cwd=self.layout.logs, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, start_new_session=True)
+                                    stdout=log, stderr=log, start_new_session=True,
+                                    **self._child_of_mine(self.lifeline.read))
+
+    def _child_of_mine(self, *fds: int) -> dict:
+        """Popen arguments for a writer into the directory: it holds the lock (and ``fds``)
+        and gets SIGKILL when this process dies."""
+        return {"pass_fds": (self.lock.fileno(), *fds),
+                "preexec_fn": functools.partial(die_with_parent, os.getpid())}
 
     def _over_time(self, elapsed: float) -> bool:
         """libFuzzer stops itself at -max_total_time; this is the backstop if it does not."""
@@ -528,7 +689,8 @@ class Campaign:
                 with open(finding.path / "minimize.log", "wb") as log:
                     self.minimizer = (subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                                        stdout=log, stderr=log,
-                                                       start_new_session=True), finding)
+                                                       start_new_session=True,
+                                                       **self._child_of_mine()), finding)
                 return
 
     def _finish_minimizing(self) -> None:

@@ -36,6 +36,7 @@ import sys
 import atheris
 
 from mmufuzz.fuzz.instrument import instrument_branches
+from mmufuzz.fuzz.lifeline import hold_on
 
 GUIDANCE_ENV = "MMUFUZZ_GUIDANCE"
 
@@ -76,6 +77,7 @@ def unguided_sink(sink_class):
 
 def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    hold_on()  # under ``mmufuzz fuzz``: die with the supervisor
     guidance = guided()
     instrumenting = instrument_branches({"mmufuzz.harness", "mmufuzz.reference"},
                                         NOT_INSTRUMENTED) if guidance else contextlib.nullcontext()
@@ -85,7 +87,8 @@ def main(argv=None) -> None:
         from mmufuzz.fuzz.worker import CounterSink, Worker
         sink = CounterSink(atheris._reserve_counter, atheris._trace_branch) if guidance \
             else unguided_sink(CounterSink)
-        worker = Worker.from_environment(sink)
+        worker = Worker.from_environment(
+            sink, exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]))
     if guidance:
         print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, "
               f"{cache.misses} anew", file=sys.stderr)

@@ -24,6 +24,8 @@ from mmufuzz.reference.model import Expect, Reference
 
 # SEMANTICS §H: the candidate set of a parallel oracle is capped.
 MAX_CANDIDATES = 8
+# The differential harness itself: its frames are never a finding's site.
+_HARNESS_PACKAGE = __name__.rpartition(".")[0] + "."
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,13 @@ class Finding:
     """Why a program failed: where, what the reference allowed, what the target did.
 
     ``kind`` is ``divergence``, ``invariant`` or ``crash``.  ``expected_kind`` and
-    ``actual_kind`` are outcome kinds (for a crash, the exception class name);
-    together with ``kind``, ``op_kind`` and ``invariant`` they make the
-    signature, which is stable across runs and minimization because it names
-    no address, value or index.
+    ``actual_kind`` are outcome kinds (for a crash, the exception class name;
+    for a ``parallel`` that diverged, those of the side that diverged, whose op
+    kind is ``side_kind``).  ``site`` names the target's function that raised a
+    crash or an invariant violation while the op ran (empty for a violation
+    found by the checks after the op).  They make the signature
+    (:attr:`signature`), which is stable across runs and minimization because
+    it names no address, value or index.
     """
 
     kind: str
@@ -45,13 +50,21 @@ class Finding:
     expected_kind: str = ""
     actual_kind: str = ""
     invariant: str = ""
+    side_kind: str = ""
+    site: str = ""
 
     @property
     def signature(self) -> str:
-        """Eight hex digits of a hashlib digest (never ``hash()``: PYTHONHASHSEED)."""
-        key = "|".join((self.kind, self.op_kind, self.expected_kind, self.actual_kind,
-                        self.invariant))
-        return hashlib.sha256(key.encode()).hexdigest()[:8]
+        """Eight hex digits of a hashlib digest (never ``hash()``: PYTHONHASHSEED).
+
+        The digest of kind, op kind (a diverging pair's: its diverging side's),
+        outcome kinds and invariant name, and the site where there is one; a
+        finding without a site keeps the signature it had before sites were
+        part of it (docs/campaigns.md says what a signature merges and splits).
+        """
+        fields = [self.kind, self.side_kind or self.op_kind, self.expected_kind,
+                  self.actual_kind, self.invariant] + ([self.site] if self.site else [])
+        return hashlib.sha256("|".join(fields).encode()).hexdigest()[:8]
 
     def summary(self, target: str) -> str:
         """One line for reports: ``divergence at op 3 (access): reference X, tdp Y``."""
@@ -106,13 +119,14 @@ def make_target(name: str) -> Target:
 def _judge(candidates: list, op, actual):
     """Advance every candidate state that admits ``actual``.
 
-    Returns ``(survivors, expect)``: ``expect`` describes what the first
-    candidate allowed, for the report when no candidate survives.
+    Returns ``(survivors, why)``: when none survives, ``why`` is ``(expect,
+    op, actual)`` of the first candidate's failing step (for a ``parallel``,
+    the side that failed), for the report and the signature.
     """
     if not isinstance(op, Parallel):
         if len(candidates) == 1:
             expect = candidates[0].step(op, actual)
-            return (candidates if expect is None else []), expect
+            return (candidates if expect is None else []), (expect, op, actual)
         survivors, first = [], None
         for state in candidates:
             expect = state.step(op, actual)
@@ -120,7 +134,7 @@ def _judge(candidates: list, op, actual):
                 if state not in survivors:  # two orders may converge again
                     survivors.append(state)
             elif first is None:
-                first = expect
+                first = (expect, op, actual)
         return survivors, first
     return _judge_parallel(candidates, op, actual)
 
@@ -129,19 +143,23 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     """Linearizability: the pair must be explained by ``a;b`` or ``b;a`` from some candidate."""
     if not isinstance(actual, PairOutcome):
         trial = candidates[0].copy()
-        return [], Expect(((PairOutcome(trial.run(op.a), trial.run(op.b)), None),))
+        return [], (Expect(((PairOutcome(trial.run(op.a), trial.run(op.b)), None),)), op, actual)
     survivors, first = [], None
     for state in candidates:
         for (x, ox), (y, oy) in (((op.a, actual.a), (op.b, actual.b)),
                                  ((op.b, actual.b), (op.a, actual.a))):
             trial = state.copy()
-            expect = trial.step(x, ox) or trial.step(y, oy)
+            failed = x, ox
+            expect = trial.step(x, ox)
+            if expect is None:
+                failed = y, oy
+                expect = trial.step(y, oy)
             if expect is None:
                 trial.settle(op, actual, state)
                 if trial not in survivors:
                     survivors.append(trial)
             elif first is None:
-                first = expect
+                first = (expect, *failed)
     return survivors[:MAX_CANDIDATES], first
 
 
@@ -199,17 +217,19 @@ class Differential:
         try:
             actual = self.outcome = self.target.execute(op)
         except Exception as error:
-            return _failure(index, op, error)
-        self.candidates, expect = _judge(self.candidates, op, actual)
+            return _failure(index, op, error, during_op=True)
+        self.candidates, why = _judge(self.candidates, op, actual)
         if not self.candidates:
+            expect, failed, failed_actual = why
             return Finding("divergence", index, op_name(op), expected=str(expect),
                            actual=str(actual), expected_kind=outcome_kind(expect.canonical),
-                           actual_kind=OUTCOME_NAMES.get(type(actual), "invalid"))
+                           actual_kind=OUTCOME_NAMES.get(type(failed_actual), "invalid"),
+                           side_kind=op_name(failed) if failed is not op else "")
         if self.invariants:
             try:
                 self.target.check_invariants()
             except Exception as error:
-                return _failure(index, op, error)
+                return _failure(index, op, error, during_op=False)
         return None
 
 
@@ -229,9 +249,34 @@ def run_program(program: Program, target: Target, *, invariants: bool = True,
     return None
 
 
-def _failure(index: int, op, error: Exception) -> Finding:
-    """The finding for an exception the target raised while running ``op``."""
+def _failure(index: int, op, error: Exception, during_op: bool) -> Finding:
+    """The finding for an exception the target raised while running ``op`` (``during_op``)
+    or while checking its invariants after it."""
+    site = _site(error.__traceback__) if during_op else ""
     if isinstance(error, InvariantViolation):
-        return Finding("invariant", index, op_name(op), actual=str(error), invariant=error.name)
+        return Finding("invariant", index, op_name(op), actual=str(error), invariant=error.name,
+                       site=site)
     return Finding("crash", index, op_name(op), actual=f"{type(error).__name__}: {error}",
-                   actual_kind=type(error).__name__)
+                   actual_kind=type(error).__name__, site=site)
+
+
+def _site(traceback) -> str:
+    """Where a target raised: ``module.function`` of the innermost frame, and of the
+    innermost frame of another module (the caller that reached the raising module).
+
+    Only the target's and the reference's frames count, never mmufuzz.fuzz's (a
+    campaign wraps the target, a replay does not); no line numbers, so an edit
+    elsewhere in a file keeps the site.  The caller is what tells apart two bugs
+    that trip one shared check (a read of a freed page from the TLB or from a walk).
+    """
+    frames = []
+    while traceback is not None:
+        module = traceback.tb_frame.f_globals.get("__name__", "?")
+        if not module.startswith(_HARNESS_PACKAGE):
+            frames.append((module, traceback.tb_frame.f_code.co_qualname))
+        traceback = traceback.tb_next
+    if not frames:
+        return ""
+    innermost = frames[-1]
+    caller = next((f for f in reversed(frames) if f[0] != innermost[0]), None)
+    return " < ".join(f"{m}.{q}" for m, q in filter(None, (innermost, caller)))

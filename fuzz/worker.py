@@ -37,6 +37,9 @@ from mmufuzz.fuzz.runner import Checkpoint, Differential, Finding, make_target, 
 from mmufuzz.fuzz.schedules import TAIL, ScheduleExplorer
 
 HEARTBEAT_SECONDS = 1.0
+# What one guest op counts for on the clock of an exec-bounded run's schedule explorer
+# (about an op's cost, so that its share and per-input cap mean what they mean in seconds).
+OP_SECONDS = 1e-4
 _JOB_LOG = re.compile(r"fuzz-(\d+)\.log$")
 
 
@@ -179,11 +182,69 @@ class CounterSink:
         self.trace(counter)
 
 
+class KnownCrashes:
+    """Program prefixes that made the target raise (a livelock's step cap is one), and how.
+
+    A target is deterministic, so a program whose ops up to the one that raised
+    are those of a known crash raises there again, the same way: such a
+    program is answered from memory instead of being run.  A livelocking input
+    costs the target's whole step cap (tdp: 200,000 steps, a tenfold drop in a
+    campaign's rate while its mutants kept coming back); its mutants mostly
+    keep the prefix, and are skipped.  Only crashes: an invariant broken at an
+    op is seen there only when the invariants are checked after it (sampled),
+    and a divergence costs no more than any input.  Holds the newest
+    :data:`CAPACITY` crashes.
+    """
+
+    CAPACITY = 256
+
+    def __init__(self):
+        self._findings: dict = {}  # (header, ops up to the raising one) -> Finding
+        self._lengths: dict = {}  # prefix length -> how many known prefixes have it
+
+    def lookup(self, program) -> Optional[Finding]:
+        """The finding of a known crash whose prefix ``program`` starts with, or None."""
+        for length in self._lengths:
+            if length <= len(program.ops):
+                finding = self._findings.get((program.header, program.ops[:length]))
+                if finding is not None:
+                    return finding
+        return None
+
+    def remember(self, program, finding: Optional[Finding]) -> None:
+        """Keep ``finding`` of ``program``, run with invariants checked after every op.
+
+        (A crash at an op of a run with sampled checks may hide an invariant
+        broken before it, which every check would have reported instead; the
+        prefix of a crash with every check passes them all, so it crashes the
+        same way sampled or not.)
+        """
+        if finding is None or finding.kind != "crash":
+            return
+        key = (program.header, program.ops[:finding.op_index + 1])
+        if key in self._findings:
+            return
+        if len(self._findings) >= self.CAPACITY:
+            oldest = next(iter(self._findings))
+            del self._findings[oldest]
+            self._lengths[len(oldest[1])] -= 1
+            if not self._lengths[len(oldest[1])]:
+                del self._lengths[len(oldest[1])]
+        self._findings[key] = finding
+        self._lengths[len(key[1])] = self._lengths.get(len(key[1]), 0) + 1
+
+
 class Worker:
     """The state of one fuzzing process: target, counters, and where findings go."""
 
     def __init__(self, config: CampaignConfig, layout: Optional[Layout] = None,
-                 sink: Optional[CounterSink] = None):
+                 sink: Optional[CounterSink] = None, exec_bounded: bool = False):
+        """``exec_bounded``: the run stops after a number of inputs (libFuzzer's ``-runs``).
+
+        Its schedule explorer then budgets by guest ops run instead of by
+        seconds, so that with a fixed ``-seed`` the whole run is the same under
+        any machine load: which variants run is all that wall-clock changes.
+        """
         self.config, self.layout, self.sink = config, layout, sink
         self.inject = injected_faults(config.inject)
         system = make_target(config.target)
@@ -192,19 +253,21 @@ class Worker:
         allowed = capabilities(system)
         self.restrict = (lambda program: program) if allowed.everything else allowed.restrict
         self.store = FindingStore(layout.findings) if layout else None
-        self.explorer = ScheduleExplorer() if sink is not None else None
         self.execs = self.ops = 0
+        self.crashes = KnownCrashes()
+        clock = (lambda: self.ops * OP_SECONDS) if exec_bounded else time.monotonic
+        self.explorer = ScheduleExplorer(clock=clock) if sink is not None else None
         self.started = time.time()
         self._next_heartbeat = 0.0
 
     @classmethod
-    def from_environment(cls, sink=None) -> "Worker":
+    def from_environment(cls, sink=None, exec_bounded: bool = False) -> "Worker":
         """Under ``mmufuzz fuzz`` the campaign directory is in the environment; else defaults."""
         root = os.environ.get(CAMPAIGN_ENV)
         if not root:
-            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink)
+            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink, exec_bounded)
         layout = Layout(Path(root))
-        return cls(CampaignConfig.load(layout.config), layout, sink)
+        return cls(CampaignConfig.load(layout.config), layout, sink, exec_bounded)
 
     def _checks_every_op(self, data: bytes) -> bool:
         """Deterministic per input, so a rerun of the same bytes makes the same choice."""
@@ -243,9 +306,15 @@ class Worker:
         return program, finding
 
     def _run_program(self, program, every_op: bool, checkpoint: Optional[Checkpoint] = None):
+        """Run ``program`` (from ``checkpoint``); a known crash's prefix is not run again."""
+        known = self.crashes.lookup(program)
+        if known is not None:
+            return known
         self.target.begin(len(program.ops), every_op)
         finding = run_program(program, self.target, checkpoint=checkpoint)
         self.ops += self.target.executed - (checkpoint.index if checkpoint else 0)
+        if every_op:
+            self.crashes.remember(program, finding)
         return finding
 
     def _offer(self, program, data: bytes, every_op: bool) -> None:

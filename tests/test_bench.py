@@ -416,6 +416,19 @@ def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys, ctr
     assert str(tmp_path / "out" / "results.json") in line and "'config.seeds'" in line
 
 
+def test_a_campaign_that_ran_no_op_in_its_time_is_reported_not_divided_by():
+    """A loaded machine can give a seconds-long campaign no op at all: the report says n/a."""
+    idle = {"execs": 0, "ops": 0, "seconds": 2.0, "workers": 1}
+    text = report._throughput({"throughput": {
+        "replay": {"execs": 10, "ops": 100, "seconds": 1.0},
+        "differential": {"execs": 5, "ops": 50, "seconds": 1.0},
+        "campaign": idle, "campaign_jobs2": dict(idle, workers=2)}})
+    assert "| n/a |" in text and "cost a further n/a" in text
+    scaling = report._scaling({"throughput": {"campaign": idle,
+                                              "campaign_jobs2": dict(idle, workers=2)}})
+    assert scaling.count("n/a") == 2
+
+
 # --- the quick smoke run ----------------------------------------------------------------
 
 def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):

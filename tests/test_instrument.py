@@ -1,6 +1,8 @@
 """The instrumentation cache: a later process takes the stored code and the same counters."""
 
 import json
+import os
+import py_compile
 import subprocess
 import sys
 import textwrap
@@ -36,10 +38,17 @@ IMPORT = textwrap.dedent("""\
 """)
 
 
-def _import_probe(tmp_path, source: str, counters_before: int = 0) -> dict:
+def _import_probe(tmp_path, source: str, counters_before: int = 0,
+                  keep_mtime: bool = False) -> dict:
+    """Write the probe package (``keep_mtime``: over one it keeps the times of), import it
+    under the cached hook in a process of its own; what the import saw."""
     package = tmp_path / "src" / "mmufuzz_probe"
     package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text(source)
+    init = package / "__init__.py"
+    before = init.stat() if keep_mtime else None
+    init.write_text(source)
+    if before is not None:
+        os.utime(init, ns=(before.st_atime_ns, before.st_mtime_ns))
     done = subprocess.run([sys.executable, "-c", IMPORT, str(tmp_path / "cache"),
                            str(counters_before)],
                           cwd=package.parent, capture_output=True, text=True, check=True)
@@ -70,6 +79,24 @@ def test_an_edited_module_is_instrumented_again(tmp_path):
     assert edited["signs"] == [-2, 0, 1]
 
 
+def test_a_same_size_edit_with_the_same_mtime_gives_the_new_code_not_a_stale_pyc(tmp_path):
+    """A plain import leaves __pycache__/*.pyc, valid while the source's whole-second
+    mtime and its size match; an edit that keeps both (within the second, or cp -p,
+    rsync -a, tar) must still be compiled from the new source, and cached under it."""
+    _import_probe(tmp_path, SIGN)
+    init = tmp_path / "src" / "mmufuzz_probe" / "__init__.py"
+    # What a plain import writes (unless PYTHONDONTWRITEBYTECODE), written whatever the env.
+    py_compile.compile(str(init), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    edited = SIGN.replace("return -1", "return -2")
+    assert len(edited) == len(SIGN)
+    first = _import_probe(tmp_path, edited, keep_mtime=True)
+    assert (first["hits"], first["misses"]) == (0, 1)
+    assert first["signs"] == [-2, 0, 1]
+    second = _import_probe(tmp_path, edited, keep_mtime=True)
+    assert (second["hits"], second["misses"]) == (1, 0)
+    assert second["signs"] == [-2, 0, 1]
+
+
 def test_a_module_whose_counters_would_start_elsewhere_is_instrumented_again(tmp_path):
     first = _import_probe(tmp_path, SIGN)
     shifted = _import_probe(tmp_path, SIGN, counters_before=1)
@@ -98,8 +125,8 @@ def test_a_cache_that_cannot_be_written_costs_only_the_instrumentation(tmp_path)
 
 def test_the_fuzz_target_imports_no_system_under_test_before_its_hook():
     """What is imported before the hook is in place stays uninstrumented: no coverage from it."""
-    script = ("import sys, fuzz.fuzz_mmu; print(sorted("
-              "m for m in sys.modules if m.split('.')[0] in ('harness', 'reference')))")
+    script = ("import sys, mmufuzz.fuzz.fuzz_mmu; print(sorted(m for m in sys.modules "
+              "if m.split('.')[:2] in (['mmufuzz', 'harness'], ['mmufuzz', 'reference'])))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"

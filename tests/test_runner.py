@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import (Access, AccessKind, DirtyLog, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
+from mmufuzz.harness.ops import (Access, AccessKind, DirtyLog, FlushTlb, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
                          PairOutcome, Program, VmHeader, VmType, ZapAll)
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.fuzz.corpus import injected_faults
@@ -77,7 +78,7 @@ def test_signature_ignores_addresses_and_values():
 
 
 def test_signature_is_the_same_in_every_process():
-    code = ("from fuzz.runner import Finding;"
+    code = ("from mmufuzz.fuzz.runner import Finding;"
             "print(Finding('divergence', 0, 'access', '', '', 'ok', 'ok').signature)")
     seen = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout
@@ -105,6 +106,78 @@ def test_parallel_pair_that_no_order_explains_diverges():
 
     finding = run_program(Program(HEADER, (SLOT, par)), Planted(impossible))
     assert (finding.kind, finding.op_index, finding.op_kind) == ("divergence", 1, "parallel")
+    assert (finding.side_kind, finding.expected_kind, finding.actual_kind) == \
+        ("access", "ok", "ok")
+
+
+def test_a_pair_that_diverges_is_signed_by_its_side_as_if_it_ran_alone():
+    """The same stale read, alone or racing a flush, is one signature; a pair whose
+    other side diverges (a write that fails) is another."""
+    def stale_read(op, outcome):
+        if isinstance(op, Parallel):
+            return PairOutcome(stale_read(op.a, outcome.a), stale_read(op.b, outcome.b))
+        return Ok(0) if isinstance(op, Access) and op.kind is AccessKind.READ \
+            and type(outcome) is Ok else outcome
+
+    def failed_write(op, outcome):
+        if isinstance(op, Parallel):
+            return PairOutcome(failed_write(op.a, outcome.a), failed_write(op.b, outcome.b))
+        return MmioExit(op.addr, True) if isinstance(op, Access) and op.value else outcome
+
+    alone = Program(HEADER, (SLOT, write(0x100000, 7), read(0x100000)))
+    paired = Program(HEADER, (SLOT, write(0x100000, 7),
+                              Parallel(read(0x100000, vcpu=1), FlushTlb(0), 0)))
+    other_side = Program(HEADER, (SLOT, Parallel(read(0x100000, vcpu=1),
+                                                 write(0x100000, 7), 0)))
+    a = run_program(alone, Planted(stale_read))
+    b = run_program(paired, Planted(stale_read))
+    c = run_program(other_side, Planted(failed_write))
+    assert (a.op_kind, b.op_kind, c.op_kind) == ("access", "parallel", "parallel")
+    assert a.signature == b.signature != c.signature
+    assert c.actual_kind == "mmio_exit" and b.actual == "(ok(0x0); ok)"
+
+
+class RaisesInTwoPlaces(ReferenceTarget):
+    """The same exception from one helper of another module (the standard library's
+    ``ipaddress``, here), reached from two functions: a read and a write path."""
+
+    def execute(self, op):
+        if isinstance(op, Access):
+            return self._write(op) if op.value is not None else self._read(op)
+        return super().execute(op)
+
+    def _read(self, op):
+        return ipaddress.ip_address(f"read {op.addr}")
+
+    def _write(self, op):
+        return ipaddress.ip_address(f"write {op.addr}")
+
+
+def test_a_crash_or_violation_during_an_op_is_split_by_where_it_was_raised():
+    """One exception class raised by one helper, reached from two functions: two sites,
+    two signatures; the campaign's wrapper around the target changes nothing."""
+    from mmufuzz.fuzz.worker import CampaignTarget
+    on_read = run_program(Program(HEADER, (SLOT, read(0x100000))), RaisesInTwoPlaces())
+    on_write = run_program(Program(HEADER, (SLOT, write(0x100000, 1))), RaisesInTwoPlaces())
+    wrapped = run_program(Program(HEADER, (SLOT, read(0x100000))),
+                          CampaignTarget(RaisesInTwoPlaces()))
+    assert on_read.site == "ipaddress.ip_address < test_runner.RaisesInTwoPlaces._read"
+    assert on_write.site == "ipaddress.ip_address < test_runner.RaisesInTwoPlaces._write"
+    assert on_read.signature != on_write.signature
+    assert wrapped == on_read and wrapped.signature == on_read.signature
+
+
+def test_a_violation_found_by_the_checks_after_an_op_has_no_site():
+    """The checker raising says nothing of which code broke the structure: no site,
+    and the signature of kind, op kind and invariant name alone (as recorded before sites)."""
+    class BrokenAfterRead(ReferenceTarget):
+        def check_invariants(self):
+            raise InvariantViolation("nonpresent_value", "gfn=0x100")
+
+    finding = run_program(Program(HEADER, (SLOT, read(0x100000))), BrokenAfterRead())
+    assert (finding.kind, finding.op_kind, finding.site) == ("invariant", "memslot_add", "")
+    assert finding.signature == Finding("invariant", 0, "memslot_add",
+                                        invariant="nonpresent_value").signature
 
 
 def test_parallel_with_host_work_keeps_state_of_the_order_taken():
