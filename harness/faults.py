@@ -117,35 +117,40 @@ _TDP_FAULTS = (
 
 _STAGE2_FAULTS = (
     Fault("stage2-block-before-break", "stage2",
-          "thread [001]: Re: [PATCH 02/14] KVM: arm64: Tear down unlinked stage-2 subtree after "
-          "break-before-make (Ricardo Koller's review, 2022-09-13)",
+          "KVM commit 5c359cca1faf (\"KVM: arm64: Tear down unlinked stage-2 subtree after "
+          "break-before-make\"), Ricardo Koller's review of its patch 02/14 (2022-09-13) in the "
+          "series \"KVM: arm64: Parallel stage-2 fault handling\" (Oliver Upton, 2022-08-30), "
+          "https://lore.kernel.org/kvmarm/20220830194132.962932-1-oliver.upton@linux.dev/",
           "the map walker's pre-order callback installs the block over a table by cmpxchg, "
           "before the old subtree is made unreachable (locked) and its range invalidated"),
     Fault("stage2-teardown-before-break", "stage2-pkvm",
-          "thread [001]: [PATCH 02/14] KVM: arm64: Tear down unlinked stage-2 subtree after "
-          "break-before-make (the teardown must follow the break; pKVM frees at once)",
+          "KVM commit 5c359cca1faf (\"KVM: arm64: Tear down unlinked stage-2 subtree after "
+          "break-before-make\"): the teardown must follow the break; pKVM frees at once. Series "
+          "https://lore.kernel.org/kvmarm/20220830194132.962932-1-oliver.upton@linux.dev/",
           "the map walker's pre-order callback tears the old subtree down before it breaks the "
           "table entry and invalidates its range: hardware walkers still reach freed pages",
           concurrent=True),
     Fault("stage2-table-break-tlbi-ipa", "stage2",
-          "thread [001] (the removed code's own comment: a table has 'numerous leaf entries "
-          "below us which would otherwise need invalidating individually'); mainline "
-          "stage2_try_break_pte invalidates a table's whole range (kvm_tlb_flush_vmid_range)",
+          "KVM commit 5c359cca1faf (the removed code's own comment: a table has 'numerous leaf "
+          "entries below us which would otherwise need invalidating individually'); mainline "
+          "stage2_try_break_pte invalidates a table's whole range (kvm_tlb_flush_vmid_range); "
+          "cf. 36e008323926 (\"KVM: arm64: Don't pass a TLBI level hint when zapping table "
+          "entries\")",
           "breaking a table entry invalidates by IPA only the page the walk is at, leaving the "
           "other leaves of the old table in the TLBs beside the new block"),
     Fault("stage2-range-tlbi-level-zero", "stage2",
-          "KVM commit 'KVM: arm64: Use TLBI_TTL_UNKNOWN in __kvm_tlb_flush_vmid_range()' "
-          "(after FEAT_LPA2 made level 0 a valid TTL hint)",
+          "KVM commit 0f0ff097bf77 (\"KVM: arm64: Use TLBI_TTL_UNKNOWN in "
+          "__kvm_tlb_flush_vmid_range()\"), after FEAT_LPA2 made level 0 a valid TTL hint",
           "the range TLBI passes 0 as 'level unknown', which the hardware reads as a level-0 "
           "hint: the page and block entries of the range survive"),
     Fault("stage2-no-reload-after-pre", "stage2-pkvm",
-          "KVM/arm64 fixes for 6.4, take #2: 'KVM: arm64: Reload PTE after invoking walker "
-          "callback on preorder traversal' (the walker freed a subtree, then walked it)",
+          "KVM commit a9f0e3d5a089 (\"KVM: arm64: Reload PTE after invoking walker callback on "
+          "preorder traversal\", kvmarm-fixes-6.4-2): the walker freed a subtree, then walked it",
           "__kvm_pgtable_visit descends into the table it read before the TABLE_PRE callback, "
           "which just replaced it by a block and (pKVM: at once) freed it"),
     Fault("stage2-mmu-seq-after-pfn", "stage2",
-          "KVM/arm64 fixes for 6.3, part #2: 'KVM: arm64: Retry fault if vma_lookup() results "
-          "become invalid' (read the MMU notifier seq before the lookup)",
+          "KVM commit 13ec9308a857 (\"KVM: arm64: Retry fault if vma_lookup() results become "
+          "invalid\"): read the MMU notifier seq before the lookup",
           "user_mem_abort snapshots mmu_invalidate_seq after looking up the pfn, so an "
           "invalidation in between goes unseen and the stale pfn is mapped", concurrent=True),
 )
