@@ -27,6 +27,9 @@ from mmufuzz.harness.tdp import huge, lpage
 from mmufuzz.harness.tdp.hostmem import Backing
 
 
+_PRIVATE, _READONLY = int(MemslotFlag.PRIVATE), int(MemslotFlag.READONLY)
+
+
 @dataclass(eq=False)
 class Memslot:
     """kvm_memory_slot: a gfn range, its flags, its shared and private (gmem) backing.
@@ -53,13 +56,15 @@ class Memslot:
     def end_gfn(self) -> int:
         return self.base_gfn + self.npages
 
+    # The flag tests on the fault path: int() first, as IntFlag's own ``&`` builds a
+    # new enum member each time.
     @property
     def private(self) -> bool:
-        return bool(self.flags & MemslotFlag.PRIVATE)
+        return int(self.flags) & _PRIVATE != 0
 
     @property
     def readonly(self) -> bool:
-        return bool(self.flags & MemslotFlag.READONLY)
+        return int(self.flags) & _READONLY != 0
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.end_gfn
