@@ -89,8 +89,9 @@ class TdpIter:
         child = self.alloc.child(spte)
         self.level = level = level - 1
         self.pt_path[level] = child
-        self.gfn = gfn_round_for_level(self.next_last_level_gfn, level)
-        self._refresh()
+        self.gfn = gfn = self.next_last_level_gfn & -PAGES_PER_LEVEL[level]  # gfn_round_for_level
+        self.index = index = (gfn >> LEVEL_SHIFT[level]) & _LAST_INDEX  # spte_index
+        self.old_spte = child.spt[index]
         return True
 
     def _try_step_side(self) -> bool:

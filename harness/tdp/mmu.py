@@ -145,15 +145,20 @@ class TdpMmu:
         step = pages_per_level(pt.level)
         spt = pt.spt  # only this function frees pt, after the loop: the list stays pt's
         frozen_up_to = 0
-        while (i := next_used(spt, frozen_up_to, SPTE_ENT_PER_PAGE)) < SPTE_ENT_PER_PAGE:
-            spt[frozen_up_to:i] = [FROZEN_SPTE] * (i - frozen_up_to)
+        while frozen_up_to < SPTE_ENT_PER_PAGE:
+            i = frozen_up_to
+            if spt[i] == SHADOW_NONPRESENT_VALUE:  # else a dense table's next entry: no scan
+                i = next_used(spt, i, SPTE_ENT_PER_PAGE)
+                if i == SPTE_ENT_PER_PAGE:
+                    break
+                spt[frozen_up_to:i] = [FROZEN_SPTE] * (i - frozen_up_to)
             old = spt[i]
             while old == FROZEN_SPTE:  # is_frozen_spte
                 yield
                 old = spt[i]
             spt[i] = FROZEN_SPTE
             frozen_up_to = i + 1
-            if is_shadow_present_pte(old):
+            if old & SPTE_MMU_PRESENT_MASK:  # is_shadow_present_pte
                 yield
                 removed = self.account_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
                                                     pt.level, external)

@@ -50,13 +50,22 @@ def used_entries(spt: list) -> list[int]:
     Tables are sparse: a chunk's ``count`` of SHADOW_NONPRESENT_VALUE is one
     C call, and only a chunk that holds something else is compared entry by
     entry, which makes a table with a few entries about three times cheaper
-    than comparing all 512.  No bytecode runs per entry, so no coverage
+    than comparing all 512; a full table (a split's 512 leaves) and a full
+    chunk are taken whole.  No bytecode runs per entry, so no coverage
     instrumentation either.
     """
+    empty = spt.count(SHADOW_NONPRESENT_VALUE)
+    if empty == SPTE_ENT_PER_PAGE:
+        return []
+    if not empty:
+        return list(range(SPTE_ENT_PER_PAGE))
     used = []
     for base in range(0, SPTE_ENT_PER_PAGE, _CHUNK):
         chunk = spt[base:base + _CHUNK]
-        if chunk.count(SHADOW_NONPRESENT_VALUE) != _CHUNK:
+        empty = chunk.count(SHADOW_NONPRESENT_VALUE)
+        if not empty:
+            used += range(base, base + _CHUNK)
+        elif empty != _CHUNK:
             used += compress(range(base, base + _CHUNK), map(SHADOW_NONPRESENT_VALUE.__ne__, chunk))
     return used
 
@@ -93,13 +102,14 @@ class TablePage:
     not 512: the restore of a checkpoint is on schedule exploration's hot path.
     """
 
-    __slots__ = ("freed", "gfn", "level", "mirror", "pfn", "refcount", "spt")
+    __slots__ = ("freed", "gfn", "level", "mirror", "pfn", "refcount", "seen", "spt")
 
     def __init__(self, pfn: int, level: int, gfn: int, mirror: bool):
         self.pfn, self.level, self.gfn, self.mirror = pfn, level, gfn, mirror
         self.spt = [SHADOW_NONPRESENT_VALUE] * SPTE_ENT_PER_PAGE
         self.refcount = 0  # present children, kept by handle_changed_spte
         self.freed = False
+        self.seen = None  # the invariant checks' last look at the entries (never pickled)
 
     def __getstate__(self) -> tuple:
         entries = None if self.freed else [(i, self.spt[i]) for i in used_entries(self.spt)]
@@ -108,6 +118,7 @@ class TablePage:
     def __setstate__(self, state: tuple) -> None:
         self.pfn, self.level, self.gfn, self.mirror, self.refcount, entries = state
         self.freed = entries is None
+        self.seen = None
         if self.freed:
             self.spt = _FreedTable(self)
             return
