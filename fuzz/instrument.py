@@ -117,12 +117,15 @@ class HitRecord:
         hits = self.hits
         if not any(hits):
             return
-        if max(hits) > 255:
+        try:
+            counts = bytes(hits)
+        except ValueError:  # some count is above 255: cap it (one C pass when none is)
             for index in compress(count(), map((255).__lt__, hits)):
                 hits[index] = 255
+            counts = bytes(hits)
         counters = self._counters or self._find_counters()
         if counters is not None and counters[1] >= len(hits):
-            ctypes.memmove(counters[0], bytes(hits), len(hits))
+            ctypes.memmove(counters[0], counts, len(counts))
         else:
             for index in compress(count(), hits):
                 for _ in range(_bucket_floor(hits[index])):
