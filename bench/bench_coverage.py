@@ -84,7 +84,10 @@ def block_locations(callee) -> dict:
 
 def child(mode: str, programs: int, corpus: str, cache: str) -> dict:
     """One process's measurement (see the module's docstring)."""
-    record = HitRecord() if mode == "record" else None
+    # For the record, a stand-in for atheris's counter array, which libFuzzer allocates.
+    array = ctypes.create_string_buffer(1 << 20)
+    record = (HitRecord(counters=(ctypes.addressof(array), len(array))) if mode == "record"
+              else None)
     from mmufuzz.fuzz.fuzz_mmu import NOT_INSTRUMENTED
     # The target's package is imported when it is made: that too under the hook.
     with (contextlib.nullcontext() if mode == "none" else
@@ -96,9 +99,6 @@ def child(mode: str, programs: int, corpus: str, cache: str) -> dict:
     workload = (bench_model.corpus_programs(corpus) if corpus
                 else bench_model.soak_programs(programs))
     loop = bench_model.LOOPS["last-check"]
-    if record is not None:  # a stand-in for atheris's counter array, which libFuzzer allocates
-        array = ctypes.create_string_buffer(1 << 20)
-        record._counters = (ctypes.addressof(array), len(array))
 
     def run_all(each=None) -> int:
         ops = 0

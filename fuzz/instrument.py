@@ -91,11 +91,14 @@ class HitRecord:
     """
 
     def __init__(self, reserve: Callable[[], int] = atheris._reserve_counter,
-                 trace: Callable[[int], None] = atheris._trace_branch):
+                 trace: Callable[[int], None] = atheris._trace_branch,
+                 counters: Optional[tuple] = None):
+        """``counters``: ``(address, size)`` of the counter array to fold into; by default
+        atheris's, found once fuzzing has started."""
         self.hits: list = []  # the object instrumented code holds: only ever changed in place
         self._zeros: list = []
         self._reserve, self._trace = reserve, trace
-        self._counters: Optional[tuple] = None  # (address, size) of atheris's counter array
+        self._counters = counters
 
     def cover(self, end: int) -> None:
         """Make slots for the counters below ``end``."""

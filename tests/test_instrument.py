@@ -187,9 +187,8 @@ def test_record_instrumented_code_survives_freeze_and_thaw():
 
 def test_a_fold_caps_counts_at_255_and_starts_the_next_exec_from_zero():
     array = ctypes.create_string_buffer(8)
-    record = HitRecord(reserve=None, trace=None)
+    record = HitRecord(reserve=None, trace=None, counters=(ctypes.addressof(array), len(array)))
     record.cover(4)
-    record._counters = (ctypes.addressof(array), len(array))
     record.hits[:] = [0, 1, 300, 5]
     record.fold()
     assert array.raw[:4] == bytes([0, 1, 255, 5])
