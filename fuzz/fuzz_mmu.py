@@ -28,7 +28,8 @@ import sys
 
 import atheris
 
-from mmufuzz.fuzz.instrument import RECORD_SUPPORTED, HitRecord, instrument_branches
+from mmufuzz.fuzz.instrument import (RECORD_SUPPORTED, HitRecord, instrument_branches,
+                                     reserve_counter, trace_branch)
 
 
 def at_libfuzzer_exit(callback):
@@ -64,7 +65,9 @@ def main(argv=None) -> None:
                              record=record) as cache:
         from mmufuzz.fuzz.mutator import custom_crossover, custom_mutator
         from mmufuzz.fuzz.worker import CounterSink, Worker
-        sink = (CounterSink(atheris._reserve_counter, atheris._trace_branch) if record is None
+        # Counters come from atheris's functions as they are when called: Setup, below,
+        # replaces them, and counters reserved through the pre-fuzz ones never reach libFuzzer.
+        sink = (CounterSink(reserve_counter, trace_branch) if record is None
                 else CounterSink(record.reserve, record.hit))
         worker = Worker.from_environment(sink)
     print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, {cache.misses} anew; "

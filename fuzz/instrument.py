@@ -69,6 +69,18 @@ def cache_dir() -> Optional[Path]:
     return Path(base) / "mmufuzz" / "instrumented"
 
 
+def reserve_counter() -> int:
+    """atheris's ``_reserve_counter`` as it is now: ``atheris.Setup`` replaces the module's
+    pre-fuzz functions with the fuzzing core's, so a reference taken before then would keep
+    handing out counters libFuzzer never sees."""
+    return atheris._reserve_counter()
+
+
+def trace_branch(counter: int) -> None:
+    """atheris's ``_trace_branch`` as it is now (see :func:`reserve_counter`)."""
+    atheris._trace_branch(counter)
+
+
 class HitRecord:
     """Hit counts of the instrumented blocks in one exec, handed to libFuzzer once at its end.
 
@@ -90,8 +102,8 @@ class HitRecord:
     count of each counter's bucket instead.
     """
 
-    def __init__(self, reserve: Callable[[], int] = atheris._reserve_counter,
-                 trace: Callable[[int], None] = atheris._trace_branch,
+    def __init__(self, reserve: Callable[[], int] = reserve_counter,
+                 trace: Callable[[int], None] = trace_branch,
                  counters: Optional[tuple] = None):
         """``counters``: ``(address, size)`` of the counter array to fold into; by default
         atheris's, found once fuzzing has started."""

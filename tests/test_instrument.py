@@ -114,13 +114,21 @@ FUZZ = textwrap.dedent("""\
     import sys
     from pathlib import Path
     import atheris
-    from mmufuzz.fuzz.instrument import HitRecord, instrument_branches
+    from mmufuzz.fuzz.instrument import (HitRecord, instrument_branches, reserve_counter,
+                                         trace_branch)
     record = HitRecord() if sys.argv[2] == "record" else None
     with instrument_branches({"mmufuzz_probe"}, set(), Path(sys.argv[1]), record):
         import mmufuzz_probe
+    # A feature counter reserved while fuzzing, as a campaign's CounterSink does.
+    reserve, hit = (reserve_counter, trace_branch) if record is None else (record.reserve,
+                                                                           record.hit)
+    feature = []
 
     def one(data):
         try:
+            if not feature:
+                feature.append(reserve())
+            hit(feature[0])
             for byte in data:
                 mmufuzz_probe.sign(byte - 128)
         finally:
@@ -142,9 +150,9 @@ def _fuzz_probe(tmp_path, scheme: str) -> int:
     return int(re.findall(r"DONE +cov: (\d+)", done.stderr)[-1])
 
 
-def test_libfuzzer_sees_the_same_blocks_from_a_hit_record_as_from_calls(tmp_path):
+def test_libfuzzer_sees_the_same_blocks_and_features_from_a_hit_record_as_from_calls(tmp_path):
     calls, record = _fuzz_probe(tmp_path, "calls"), _fuzz_probe(tmp_path, "record")
-    assert calls >= 3  # the function and both of its branches, at least
+    assert calls >= 4  # the function, both of its branches and the feature, at least
     assert record == calls
 
 
