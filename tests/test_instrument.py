@@ -1,8 +1,12 @@
-"""The instrumentation cache: a later process takes the stored code and the same counters."""
+"""The instrumentation cache (a later process takes the stored code and the same counters)
+and the hit record (blocks counted inline, handed to libFuzzer once per exec)."""
 
+import collections
+import ctypes
 import json
 import os
 import py_compile
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,7 +14,7 @@ import textwrap
 import atheris
 from atheris.instrument_bytecode import patch_code
 
-from mmufuzz.fuzz.instrument import freeze, thaw
+from mmufuzz.fuzz.instrument import HitRecord, freeze, patch_code_for_record, thaw
 
 SIGN = textwrap.dedent("""\
     def sign(x):
@@ -130,3 +134,107 @@ def test_the_fuzz_target_imports_no_system_under_test_before_its_hook():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+# A probe fuzzed by libFuzzer: its blocks counted by atheris's calls or by a hit record.
+FUZZ = textwrap.dedent("""\
+    import sys
+    from pathlib import Path
+    import atheris
+    from mmufuzz.fuzz.instrument import (HitRecord, instrument_branches, reserve_counter,
+                                         trace_branch)
+    record = HitRecord() if sys.argv[2] == "record" else None
+    with instrument_branches({"mmufuzz_probe"}, set(), Path(sys.argv[1]), record):
+        import mmufuzz_probe
+    # A feature counter reserved while fuzzing, as a campaign's CounterSink does.
+    reserve, hit = (reserve_counter, trace_branch) if record is None else (record.reserve,
+                                                                           record.hit)
+    feature = []
+
+    def one(data):
+        try:
+            if not feature:
+                feature.append(reserve())
+            hit(feature[0])
+            for byte in data:
+                mmufuzz_probe.sign(byte - 128)
+        finally:
+            if record is not None:
+                record.fold()
+
+    atheris.Setup(["probe", "-runs=300", "-seed=1"], one)
+    atheris.Fuzz()
+""")
+
+
+def _fuzz_probe(tmp_path, scheme: str) -> int:
+    """libFuzzer's final ``cov`` (blocks covered) of a short run on the probe."""
+    package = tmp_path / "src" / "mmufuzz_probe"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(SIGN)
+    done = subprocess.run([sys.executable, "-c", FUZZ, str(tmp_path / scheme), scheme],
+                          cwd=package.parent, capture_output=True, text=True, check=True)
+    return int(re.findall(r"DONE +cov: (\d+)", done.stderr)[-1])
+
+
+def test_libfuzzer_sees_the_same_blocks_and_features_from_a_hit_record_as_from_calls(tmp_path):
+    calls, record = _fuzz_probe(tmp_path, "calls"), _fuzz_probe(tmp_path, "record")
+    assert calls >= 4  # the function, both of its branches and the feature, at least
+    assert record == calls
+
+
+def _probe_in_record(source: str):
+    record = HitRecord(reserve=None, trace=None)
+    code = patch_code_for_record(compile(source, "<probe>", "exec"), record.hits)
+    record.cover(atheris._reserve_counter() + 1)
+    namespace = {}
+    exec(code, namespace)
+    record.hits[:] = [0] * len(record.hits)  # the module body's own blocks
+    return record, namespace, code
+
+
+def test_a_record_counts_each_block_once_per_run():
+    record, probe, _ = _probe_in_record(SIGN)
+    probe["sign"](-3)
+    once = list(record.hits)
+    probe["sign"](-3)
+    probe["sign"](-3)
+    assert any(once)
+    assert record.hits == [3 * hits for hits in once]
+
+
+def test_a_record_sees_the_branches_inside_comprehensions():
+    record, probe, _ = _probe_in_record(
+        "def evens(xs):\n    return [x for x in xs if x % 2 == 0]\n")
+    probe["evens"]([1, 3])
+    odd_only = {i for i, hits in enumerate(record.hits) if hits}
+    probe["evens"]([2])
+    assert {i for i, hits in enumerate(record.hits) if hits} > odd_only  # the kept-x block
+
+
+def test_record_instrumented_code_survives_freeze_and_thaw():
+    record, _, code = _probe_in_record(SIGN)
+    thawed = thaw(freeze(code, record.hits), record.hits)
+    assert thawed == code
+    sign = next(c for c in thawed.co_consts if getattr(c, "co_name", "") == "sign")
+    assert any(c is record.hits for c in sign.co_consts)
+
+
+def test_a_fold_caps_counts_at_255_and_starts_the_next_exec_from_zero():
+    array = ctypes.create_string_buffer(8)
+    record = HitRecord(reserve=None, trace=None, counters=(ctypes.addressof(array), len(array)))
+    record.cover(4)
+    record.hits[:] = [0, 1, 300, 5]
+    record.fold()
+    assert array.raw[:4] == bytes([0, 1, 255, 5])
+    assert record.hits == [0, 0, 0, 0]
+
+
+def test_without_atheris_counters_a_fold_calls_the_least_count_of_each_bucket():
+    traced = []
+    record = HitRecord(reserve=None, trace=traced.append)
+    record.cover(6)
+    record.hits[:] = [0, 1, 3, 5, 40, 300]  # buckets 1, 3, 4-7, 32-127, 128+
+    record.fold()  # no libFuzzer in this process: no counter array to find
+    assert sorted(collections.Counter(traced).items()) == [(1, 1), (2, 3), (3, 4), (4, 32),
+                                                          (5, 128)]

@@ -58,6 +58,10 @@ _PF_ACCESS_BITS = {READ: 0, WRITE: PFERR_WRITE_MASK, FETCH: PFERR_FETCH_MASK}
 # Address bits 13..20 of a 2M PDE are reserved (bit 12 is PAT).
 _PDE_2M_RSVD_MASK = ((1 << 21) - 1) & ~((1 << 13) - 1)
 _SHIFT_2M = PAGE_SHIFT + 9
+# The guest walk's PTE bits as plain ints: ``int & IntFlag`` goes through IntFlag's
+# ``__rand__``, which builds an enum member each time.
+_PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, PteFlag.RW,
+                                                      PteFlag.NX))
 
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
@@ -330,15 +334,15 @@ class Vcpu:
             if type(out) is not Ok:
                 return out
             pte = out.value
-            if not pte & PteFlag.P:
+            if not pte & _PTE_P:
                 self._drop_linear(gva)
                 return PageFault(gva, access_bits)
-            if pte & PteFlag.PS and (level > PG_LEVEL_2M or pte & _PDE_2M_RSVD_MASK):
+            if pte & _PTE_PS and (level > PG_LEVEL_2M or pte & _PDE_2M_RSVD_MASK):
                 self._drop_linear(gva)
                 return PageFault(gva, PFERR_PRESENT_MASK | PFERR_RSVD_MASK | access_bits)
-            writable = writable and bool(pte & PteFlag.RW)
-            executable = executable and not pte & PteFlag.NX
-            if level == PG_LEVEL_4K or pte & PteFlag.PS:
+            writable = writable and bool(pte & _PTE_RW)
+            executable = executable and not pte & _PTE_NX
+            if level == PG_LEVEL_4K or pte & _PTE_PS:
                 break
             table, level = (pte & PTE_ADDR_MASK) >> PAGE_SHIFT, level - 1
         size = 1 << shift

@@ -40,8 +40,11 @@ def split_huge_page(kvm, it):
     mmu = kvm.mmu
     huge = it.old_spte
     sp = mmu.alloc.alloc(it.level - 1, it.gfn, it.root.mirror)
-    for i in range(SPTE_ENT_PER_PAGE):
-        sp.spt[i] = make_huge_page_split_spte(huge, it.level, i)
+    # make_huge_page_split_spte(huge, level, i) for every i: child 0's SPTE plus i pages
+    # of the child level (the pfn field; the bits below it are every child's).
+    first = make_huge_page_split_spte(huge, it.level, 0)
+    stride = make_huge_page_split_spte(huge, it.level, 1) - first
+    sp.spt = list(range(first, first + SPTE_ENT_PER_PAGE * stride, stride))
     sp.refcount = SPTE_ENT_PER_PAGE
     if (yield from mmu.set_spte_atomic(it, make_nonleaf_spte(sp.pfn))):
         return True

@@ -9,12 +9,13 @@ a freed table raises ``walker_read_freed_table`` (see pgalloc).
 from __future__ import annotations
 
 from mmufuzz.harness.ops import PG_LEVEL_4K
-from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, TablePage
+from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, TablePage, next_used
 from mmufuzz.harness.tdp.spte import (
     LEVEL_SHIFT,
     PAGES_PER_LEVEL,
     PT_PAGE_SIZE_MASK,
     ROOT_LEVEL,
+    SHADOW_NONPRESENT_VALUE,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     gfn_round_for_level,
@@ -88,8 +89,9 @@ class TdpIter:
         child = self.alloc.child(spte)
         self.level = level = level - 1
         self.pt_path[level] = child
-        self.gfn = gfn_round_for_level(self.next_last_level_gfn, level)
-        self._refresh()
+        self.gfn = gfn = self.next_last_level_gfn & -PAGES_PER_LEVEL[level]  # gfn_round_for_level
+        self.index = index = (gfn >> LEVEL_SHIFT[level]) & _LAST_INDEX  # spte_index
+        self.old_spte = child.spt[index]
         return True
 
     def _try_step_side(self) -> bool:
@@ -108,6 +110,43 @@ class TdpIter:
         self.gfn = gfn_round_for_level(self.gfn, self.level)
         self.index = spte_index(self.gfn, self.level)
         return True
+
+    def skip_absent(self, most: int) -> int:
+        """Step side over up to ``most`` empty entries after the current one; return how many.
+
+        The walk lands where that many calls of :meth:`next` would have put it,
+        each a step side over an entry no zap or write-protect acts on; the
+        caller counts them as visited.  A run of SHADOW_NONPRESENT_VALUE entries,
+        which is most of a sparse table, is found by a C-level scan
+        (:func:`~harness.tdp.pgalloc.next_used`) instead of a step each.
+        Nothing is skipped where :meth:`next` would step down (the current
+        entry links a table) or the run would leave the table or the range.
+        Only SPTE reads are skipped: a walk yields nowhere on a non-present
+        entry, so no other thread can tell.
+        """
+        level, index = self.level, self.index
+        if index == _LAST_INDEX:
+            return 0
+        page = self.pt_path[level]
+        if page.freed:
+            return 0  # next() reads it and reports
+        spt = page.spt
+        if spt[index + 1] is not SHADOW_NONPRESENT_VALUE:
+            return 0  # a dense table: nothing to skip, and no scan to pay for
+        step = PAGES_PER_LEVEL[level]
+        most = min(most, _LAST_INDEX - index, (self.end - self.gfn - 1) // step)
+        if most <= 0:
+            return 0
+        spte = spt[index]  # as _try_step_down re-reads it
+        if (level != self.min_level and spte & SPTE_MMU_PRESENT_MASK and level != PG_LEVEL_4K
+                and not spte & PT_PAGE_SIZE_MASK):
+            return 0
+        skipped = next_used(spt, index + 1, index + 1 + most) - index - 1
+        if skipped:
+            self.index = index = index + skipped
+            self.gfn = self.next_last_level_gfn = self.gfn + skipped * step
+            self.old_spte = spt[index]
+        return skipped
 
     def next(self) -> None:
         """tdp_iter_next: step down if possible, else side, else up and side."""

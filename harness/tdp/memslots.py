@@ -27,6 +27,11 @@ from mmufuzz.harness.tdp import huge, lpage
 from mmufuzz.harness.tdp.hostmem import Backing
 
 
+# The flags as plain ints for the per-op tests: IntFlag's own ``&`` builds a new member.
+_PRIVATE, _READONLY, _DIRTY_LOG, _HOST_HUGE = (int(f) for f in (
+    MemslotFlag.PRIVATE, MemslotFlag.READONLY, MemslotFlag.DIRTY_LOG, MemslotFlag.HOST_HUGE))
+
+
 @dataclass(eq=False)
 class Memslot:
     """kvm_memory_slot: a gfn range, its flags, its shared and private (gmem) backing.
@@ -55,11 +60,11 @@ class Memslot:
 
     @property
     def private(self) -> bool:
-        return bool(self.flags & MemslotFlag.PRIVATE)
+        return int(self.flags) & _PRIVATE != 0
 
     @property
     def readonly(self) -> bool:
-        return bool(self.flags & MemslotFlag.READONLY)
+        return int(self.flags) & _READONLY != 0
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.end_gfn
@@ -135,9 +140,10 @@ class Memslots:
 
 def check_memory_region_flags(flags: MemslotFlag, vm_type: VmType) -> bool:
     """The flag combinations KVM accepts for this VM type."""
-    if flags & MemslotFlag.PRIVATE:
-        return vm_type is VmType.TDX and not flags & (MemslotFlag.DIRTY_LOG | MemslotFlag.READONLY)
-    return not (flags & MemslotFlag.READONLY and vm_type is VmType.TDX)
+    flags = int(flags)
+    if flags & _PRIVATE:
+        return vm_type is VmType.TDX and not flags & (_DIRTY_LOG | _READONLY)
+    return not (flags & _READONLY and vm_type is VmType.TDX)
 
 
 # --- kvm_set_memory_region ------------------------------------------------------
@@ -174,12 +180,13 @@ def memslot_add(kvm, op: MemslotAdd):
             or not slots.fits(op.base, op.npages)):
         return _reject(kvm)
     yield from _begin(kvm)
-    huge = bool(op.flags & MemslotFlag.HOST_HUGE)
-    private = bool(op.flags & MemslotFlag.PRIVATE)
+    flags = int(op.flags)
+    huge = bool(flags & _HOST_HUGE)
+    private = bool(flags & _PRIVATE)
     slot = Memslot(op.slot, op.base, op.npages, op.flags, op.host_offset,
                    Backing(kvm.host, op.npages, op.host_offset, huge),
                    Backing(kvm.host, op.npages, op.host_offset, huge) if private else None)
-    if op.flags & MemslotFlag.DIRTY_LOG:
+    if flags & _DIRTY_LOG:
         slot.dirty = DirtyLogState(armed=True)
     lpage.init_memslot(kvm.attributes, slot)
     slots.by_id[op.slot] = slot

@@ -11,12 +11,11 @@ flush and an RCU grace period, so no walker can read a freed page.
 from __future__ import annotations
 
 from functools import partial
-from itertools import compress
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_4K
 from mmufuzz.harness.tdp.iter import TdpIter
-from mmufuzz.harness.tdp.pgalloc import TablePage
+from mmufuzz.harness.tdp.pgalloc import TablePage, next_used
 from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     PT_PAGE_SIZE_MASK,
@@ -26,7 +25,6 @@ from mmufuzz.harness.tdp.spte import (
     SPTE_BASE_ADDR_MASK,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
-    is_frozen_spte,
     is_last_spte,
     is_shadow_present_pte,
     is_writable_pte,
@@ -80,9 +78,19 @@ class TdpMmu:
         """Generator: book-keep one SPTE change from ``old`` to ``new``.
 
         ``external`` false means the caller already told the secure EPT (a merge).
+        The book-keeping never yields; only the teardown of a table the change
+        unlinked does, so hot loops call :meth:`account_changed_spte` and go
+        into ``handle_removed_pt`` only when it returns a table.
         """
+        removed = self.account_changed_spte(page, gfn, old, new, level, external)
+        if removed is not None:
+            yield from self.handle_removed_pt(removed, external)
+
+    def account_changed_spte(self, page: TablePage, gfn: int, old: int, new: int, level: int,
+                             external: bool = True):
+        """handle_changed_spte up to its handle_removed_pt: the table the change unlinked, or None."""
         if old == new:
-            return
+            return None
         # The spte.h tests inline (is_shadow_present_pte, is_last_spte, spte_to_pfn):
         # every SPTE change comes through here.
         was_present = old & SPTE_MMU_PRESENT_MASK != 0
@@ -108,7 +116,8 @@ class TdpMmu:
         if page.mirror and external:
             self._notify_external(gfn, old, new, level, was_leaf, now_present, now_leaf)
         if was_present and not was_leaf and (not now_present or now_leaf or not same_pfn):
-            yield from self.handle_removed_pt(self.alloc.child(old), external)
+            return self.alloc.child(old)
+        return None
 
     def _notify_external(self, gfn, old, new, level, was_leaf, now_present, now_leaf):
         """The mirror root's hooks into the secure EPT (KVM's *_external_spt ops)."""
@@ -128,26 +137,33 @@ class TdpMmu:
 
         Tables are sparse, and an entry still SHADOW_NONPRESENT_VALUE needs no
         wait, no yield and no book-keeping: each run of them is frozen with one
-        slice write, and only the other entries go through the loop body.  The
-        scan is lazy, so it reads an entry only once every entry before it is
-        done, exactly when KVM's loop reads it (a yield before that may let
-        another thread write into this table).
+        slice write, and only the other entries go through the loop body.  Each
+        scan for the next such entry starts after the previous one is done, so
+        it reads an entry no sooner than KVM's loop does (a yield before that
+        may let another thread write into this table).
         """
         step = pages_per_level(pt.level)
         spt = pt.spt  # only this function frees pt, after the loop: the list stays pt's
         frozen_up_to = 0
-        for i in compress(range(SPTE_ENT_PER_PAGE), map(SHADOW_NONPRESENT_VALUE.__ne__, spt)):
-            spt[frozen_up_to:i] = [FROZEN_SPTE] * (i - frozen_up_to)
+        while frozen_up_to < SPTE_ENT_PER_PAGE:
+            i = frozen_up_to
+            if spt[i] == SHADOW_NONPRESENT_VALUE:  # else a dense table's next entry: no scan
+                i = next_used(spt, i, SPTE_ENT_PER_PAGE)
+                if i == SPTE_ENT_PER_PAGE:
+                    break
+                spt[frozen_up_to:i] = [FROZEN_SPTE] * (i - frozen_up_to)
             old = spt[i]
-            while is_frozen_spte(old):
+            while old == FROZEN_SPTE:  # is_frozen_spte
                 yield
                 old = spt[i]
             spt[i] = FROZEN_SPTE
             frozen_up_to = i + 1
-            if is_shadow_present_pte(old):
+            if old & SPTE_MMU_PRESENT_MASK:  # is_shadow_present_pte
                 yield
-                yield from self.handle_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
+                removed = self.account_changed_spte(pt, pt.gfn + i * step, old, FROZEN_SPTE,
                                                     pt.level, external)
+                if removed is not None:
+                    yield from self.handle_removed_pt(removed, external)
         spt[frozen_up_to:] = [FROZEN_SPTE] * (SPTE_ENT_PER_PAGE - frozen_up_to)
         if faults.active("free-before-flush"):
             self.alloc.free(pt)  # walkers that still hold it read poison
@@ -176,7 +192,9 @@ class TdpMmu:
             page.spt[index] = new
         else:
             page.spt[index] = new
-            yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
+            removed = self.account_changed_spte(page, it.gfn, current, new, it.level)
+            if removed is not None:
+                yield from self.handle_removed_pt(removed)
         it.old_spte = new
         return True
 
@@ -229,20 +247,25 @@ class TdpMmu:
         frozen = []
         yielded_gfn = None
         visited = 0
+        needbreak_of = self.kvm.mmu_lock.needbreak
         it = self.iter(root, start, end)
         while it.valid:
-            spte = it.old_spte
-            if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
-                    and it.level <= max_level):
+            spte, level = it.old_spte, it.level
+            # is_shadow_present_pte and is_last_spte, inline: this runs for every entry visited.
+            if (spte & SPTE_MMU_PRESENT_MASK and (level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK)
+                    and level <= max_level):
                 if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
                     continue
-                frozen.append((it.page, it.index))
+                frozen.append((it.pt_path[level], it.index))
             visited += 1
-            if ((self.kvm.mmu_lock.needbreak() or visited % RESCHED_ENTRIES == 0)
+            needbreak = needbreak_of()
+            if ((needbreak or visited % RESCHED_ENTRIES == 0)
                     and it.next_last_level_gfn != yielded_gfn):
                 yielded_gfn = it.next_last_level_gfn
                 token = yield from self._cond_resched(it, frozen, token, shared)
                 continue
+            if not needbreak:  # the entries skipped would not have rescheduled
+                visited += it.skip_absent(RESCHED_ENTRIES - 1 - visited % RESCHED_ENTRIES)
             it.next()
         yield from self._finish_batch(frozen)
         rcu.read_unlock(token)
@@ -292,6 +315,7 @@ class TdpMmu:
                 if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
                     continue
                 frozen.append((it.page, it.index))
+            it.skip_absent(SPTE_ENT_PER_PAGE)
             it.next()
         yield from self._finish_batch(frozen)
         rcu.read_unlock(token)
@@ -315,6 +339,7 @@ class TdpMmu:
                 if not (yield from self.set_spte_atomic(it, mark_spte_for_write_protect(spte))):
                     continue
                 changed = True
+            it.skip_absent(SPTE_ENT_PER_PAGE)
             it.next()
         rcu.read_unlock(token)
         return changed

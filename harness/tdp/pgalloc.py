@@ -8,11 +8,12 @@ software or hardware, that still holds a pointer to a freed page raises
 
 from __future__ import annotations
 
-from itertools import compress
+from itertools import compress, count
 
+from mmufuzz.harness.ops import PAGE_SHIFT
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp.hostmem import HostMemory
-from mmufuzz.harness.tdp.spte import SHADOW_NONPRESENT_VALUE, SPTE_ENT_PER_PAGE, spte_to_pfn
+from mmufuzz.harness.tdp.spte import SHADOW_NONPRESENT_VALUE, SPTE_BASE_ADDR_MASK, SPTE_ENT_PER_PAGE
 
 
 class _FreedTable:
@@ -49,15 +50,49 @@ def used_entries(spt: list) -> list[int]:
     Tables are sparse: a chunk's ``count`` of SHADOW_NONPRESENT_VALUE is one
     C call, and only a chunk that holds something else is compared entry by
     entry, which makes a table with a few entries about three times cheaper
-    than comparing all 512.  No bytecode runs per entry, so no coverage
+    than comparing all 512; a full table (a split's 512 leaves) and a full
+    chunk are taken whole.  No bytecode runs per entry, so no coverage
     instrumentation either.
     """
+    empty = spt.count(SHADOW_NONPRESENT_VALUE)
+    if empty == SPTE_ENT_PER_PAGE:
+        return []
+    if not empty:
+        return list(range(SPTE_ENT_PER_PAGE))
     used = []
     for base in range(0, SPTE_ENT_PER_PAGE, _CHUNK):
         chunk = spt[base:base + _CHUNK]
-        if chunk.count(SHADOW_NONPRESENT_VALUE) != _CHUNK:
+        empty = chunk.count(SHADOW_NONPRESENT_VALUE)
+        if not empty:
+            used += range(base, base + _CHUNK)
+        elif empty != _CHUNK:
             used += compress(range(base, base + _CHUNK), map(SHADOW_NONPRESENT_VALUE.__ne__, chunk))
     return used
+
+
+def next_used(spt: list, start: int, stop: int) -> int:
+    """The first index in [start, stop) whose entry is not SHADOW_NONPRESENT_VALUE, else ``stop``.
+
+    The walks that look for the next entry with something to do (a zap, a
+    write-protect, the teardown of a removed table) skip the empty runs
+    between with it: a chunk's ``count`` of SHADOW_NONPRESENT_VALUE is one C
+    call, which for the entries that hold that very object is a pointer
+    comparison each.  ``spt`` must be a live table's entries.
+    """
+    if start >= stop:
+        return stop
+    if spt[start] != SHADOW_NONPRESENT_VALUE:
+        return start  # a dense table's next entry: no chunk to copy
+    rest = spt[start:stop]
+    if rest.count(SHADOW_NONPRESENT_VALUE) == stop - start:
+        return stop  # the common end of a sparse table: nothing after
+    while start < stop:
+        end = min(start + _CHUNK, stop)
+        chunk = spt[start:end]
+        if chunk.count(SHADOW_NONPRESENT_VALUE) != end - start:
+            return start + next(compress(count(), map(SHADOW_NONPRESENT_VALUE.__ne__, chunk)))
+        start = end
+    return stop
 
 
 class TablePage:
@@ -67,13 +102,14 @@ class TablePage:
     not 512: the restore of a checkpoint is on schedule exploration's hot path.
     """
 
-    __slots__ = ("freed", "gfn", "level", "mirror", "pfn", "refcount", "spt")
+    __slots__ = ("freed", "gfn", "level", "mirror", "pfn", "refcount", "seen", "spt")
 
     def __init__(self, pfn: int, level: int, gfn: int, mirror: bool):
         self.pfn, self.level, self.gfn, self.mirror = pfn, level, gfn, mirror
         self.spt = [SHADOW_NONPRESENT_VALUE] * SPTE_ENT_PER_PAGE
         self.refcount = 0  # present children, kept by handle_changed_spte
         self.freed = False
+        self.seen = None  # the invariant checks' last look at the entries (never pickled)
 
     def __getstate__(self) -> tuple:
         entries = None if self.freed else [(i, self.spt[i]) for i in used_entries(self.spt)]
@@ -82,6 +118,7 @@ class TablePage:
     def __setstate__(self, state: tuple) -> None:
         self.pfn, self.level, self.gfn, self.mirror, self.refcount, entries = state
         self.freed = entries is None
+        self.seen = None
         if self.freed:
             self.spt = _FreedTable(self)
             return
@@ -108,7 +145,7 @@ class PageTableAllocator:
 
     def child(self, spte: int) -> TablePage:
         """spte_to_child_pt: the table a non-leaf SPTE links."""
-        return self.pages[spte_to_pfn(spte)]
+        return self.pages[(spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT]  # spte_to_pfn
 
     def free(self, page: TablePage) -> None:
         """Free a table page: from now on its entries are poison."""

@@ -62,11 +62,15 @@ def interleave(a, b, schedule: int, after_step=None, on_switch=None, taken=None)
     step, previous = 0, None
     while not (done[0] and done[1]):
         want = (schedule >> step) & 1 if step < last else step & 1
-        runnable = [not done[i] and (waits[i] is None or waits[i]()) for i in (0, 1)]
-        if not runnable[want]:
-            if not runnable[1 - want]:
+        # A side is runnable if not done and not blocked; the other side is asked
+        # only when the wanted one cannot run (the waits are pure tests).
+        wait = waits[want]
+        if done[want] or (wait is not None and not wait()):
+            other = 1 - want
+            wait = waits[other]
+            if done[other] or (wait is not None and not wait()):
                 raise Hang("both sides blocked")
-            want = 1 - want
+            want = other
         if on_switch is not None and previous is not None and want != previous \
                 and not done[previous]:
             on_switch(yield_point(sides[previous]), yield_point(sides[want]))
