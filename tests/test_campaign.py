@@ -191,11 +191,11 @@ def campaign_dir(tmp_path_factory):
     """A campaign of 2000 inputs on the planted target.
 
     Bounded by inputs with a fixed seed, it runs the same inputs under any
-    load (its schedule explorer budgets by ops then): seed 2 finds the bug
-    within its first 300 inputs.
+    load (its schedule explorer budgets by ops then).  Seed 1 finds the bug
+    within them (of seeds 1-6, seeds 1, 3 and 4 do, every time they run).
     """
     out = tmp_path_factory.mktemp("campaign")
-    done = subprocess.run(fuzz_command(out, "--max-execs", str(CAMPAIGN_EXECS), "--seed", "2"),
+    done = subprocess.run(fuzz_command(out, "--max-execs", str(CAMPAIGN_EXECS), "--seed", "1"),
                           env=ENV, capture_output=True, text=True, timeout=600)
     return out, done
 
@@ -425,8 +425,9 @@ def test_a_campaign_killed_with_sigkill_leaves_no_process_and_resumes_alone(tmp_
     finally:
         if stopped is not None and stopped.is_running():
             stopped.resume()
-    _wait_for(lambda: not campaign_processes(out))
-    assert not any(_alive(p) for p in workers.values())
+    # A killed process leaves campaign_processes (its environment is gone) a moment before
+    # it is reaped: wait for both, the limit turning a survivor into a failure.
+    _wait_for(lambda: not campaign_processes(out) and not any(_alive(p) for p in workers.values()))
 
     killed = _last_stats(out)
     assert killed["run"] == 1 and not killed["final"]
