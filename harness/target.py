@@ -148,6 +148,7 @@ def capabilities(target) -> Capabilities:
 # costs nothing to the others.
 TARGETS: dict[str, str] = {
     "tdp": "mmufuzz.harness.tdp:TdpTarget",
+    "shadow": "mmufuzz.harness.shadow:ShadowTarget",
 }
 
 
