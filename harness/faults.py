@@ -72,7 +72,38 @@ _TDP_FAULTS = (
           "not checked)", concurrent=True),
 )
 
-CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS}
+_SHADOW_FAULTS = (
+    Fault("invlpg-keeps-mmio", "shadow",
+          "thread [002] (Marcelo Tosatti on [PATCH v2 21/22] KVM: MMU: mmio page fault support, "
+          "\"for shadow you need to remove mmio sptes on invlpg\"), fixed before merge as "
+          "KVM commit ce88decffd17",
+          "invlpg syncs the shadow-present SPTEs of the gva but skips an MMIO SPTE, so a gva "
+          "the guest remapped from MMIO to RAM keeps exiting as MMIO"),
+    Fault("sync-zero-check", "shadow",
+          "thread [003] (SHADOW_NONPRESENT_VALUE replaces the hardcoded 0 initial SPTE)",
+          "kvm_sync_spte tests spt[i] == 0 for an empty entry instead of "
+          "SHADOW_NONPRESENT_VALUE, so a non-present entry is synced as if present: "
+          "make_spte takes its pfn from the non-present value"),
+    Fault("unsync-role-mismatch", "shadow",
+          "thread [004] (kvm_mmu_find_shadow_page: \"Unsync pages must not be left as is, "
+          "because the new upper-level page will be write-protected\")",
+          "creating an upper-level shadow page for a gfn does not zap the unsync pages of "
+          "that gfn with another role: an unsync page outlives its gfn's write protection"),
+    Fault("shadow-hash-gfn-only", "shadow", "thread [004] (kvm_mmu_find_shadow_page)",
+          "kvm_mmu_find_shadow_page matches on gfn alone, not gfn + role word: a shadow page "
+          "of another level, directness or access is reused"),
+    Fault("inherited-perms", "shadow",
+          "KVM commit b1bd5cba3306 (CVE-2021-38198, \"KVM: X86: MMU: Use the correct "
+          "inherited permissions to get shadow page\")",
+          "FNAME(fetch) gets every intermediate shadow page with the access of the last "
+          "non-leaf level instead of the access inherited down to that page"),
+    Fault("guest-flush-no-sync", "shadow",
+          "KVM commit b53e84eed08b (kvm_vcpu_flush_tlb_guest syncs the shadow roots)",
+          "a guest TLB flush does not sync unsync shadow pages (kvm_mmu_sync_roots / "
+          "kvm_mmu_sync_prev_roots skipped)"),
+)
+
+CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS + _SHADOW_FAULTS}
 
 _active: frozenset = frozenset()
 

@@ -56,6 +56,7 @@ class KvmPageFault:
     pfn: object = None
     map_writable: bool = False
     mmu_seq: int = 0
+    gen: int = 0  # the memslot generation the fault looked the gfn up in
 
 
 def kvm_mmu_page_fault(vcpu, addr: int, kind: AccessKind, error_code: int, direct: bool):
@@ -100,6 +101,9 @@ def kvm_mmu_faultin_pfn(vcpu, fault: KvmPageFault, access: int, direct: bool):
     """The slot and pfn of the fault, RET_PF_CONTINUE, or another RET_PF_*."""
     kvm = vcpu.kvm
     fault.mmu_seq = kvm.mmu_invalidate_seq
+    # kvm_vcpu_memslots() as the fault read them: an MMIO SPTE made from this lookup
+    # carries their generation, so it is stale once a racing update publishes a slot.
+    fault.gen = kvm.memslots.generation
     slot = fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if slot is None:
         # kvm_handle_noslot_fault: cache the MMIO info, map an MMIO SPTE.
@@ -187,8 +191,7 @@ def direct_map(vcpu, fault: KvmPageFault) -> int:
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    return mmu.mmu_set_spte(fault.slot, sp, fault.gfn & 511, ACC_ALL, fault.gfn, fault.pfn,
-                            fault.map_writable, fault.write)
+    return mmu.mmu_set_spte(sp, fault.gfn & 511, ACC_ALL, fault)
 
 
 def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):

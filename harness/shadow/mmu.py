@@ -289,9 +289,9 @@ class ShadowMmu:
         return spte_to_pfn(old) != spte_to_pfn(new) or (
             is_writable_pte(old) and not is_writable_pte(new))
 
-    def mmu_set_spte(self, slot, sp: KvmMmuPage, index: int, pte_access: int, gfn: int,
-                     pfn, host_writable: bool, write_fault: bool) -> int:
-        """Install the leaf of a fault (``pfn`` None: an MMIO SPTE)."""
+    def mmu_set_spte(self, sp: KvmMmuPage, index: int, pte_access: int, fault) -> int:
+        """Install the leaf of ``fault`` (a KvmPageFault; ``pfn`` None: an MMIO SPTE)."""
+        slot, gfn, pfn = fault.slot, fault.gfn, fault.pfn
         old = sp.spt[index]
         flush = False
         was_rmapped = False
@@ -299,7 +299,7 @@ class ShadowMmu:
             if is_shadow_present_pte(old):  # KVM would WARN in mmu_spte_set
                 self.drop_spte(sp, index)
                 self.kvm_flush_remote_tlbs()
-            sp.spt[index] = make_mmio_spte(gfn, pte_access, self.kvm.memslots.generation)
+            sp.spt[index] = make_mmio_spte(gfn, pte_access, fault.gen)
             return RET_PF_EMULATE
         if is_shadow_present_pte(old):
             if not is_last_spte(old, sp.level):
@@ -311,13 +311,13 @@ class ShadowMmu:
             else:
                 was_rmapped = True
         wrprot, spte = self.make_spte(sp, slot, pte_access, gfn, pfn, sp.spt[index], False,
-                                      False, host_writable)
+                                      False, fault.map_writable)
         ret = RET_PF_FIXED
         if sp.spt[index] == spte:
             ret = RET_PF_SPURIOUS
         else:
             flush |= self.mmu_spte_update(sp, index, spte)
-        if wrprot and write_fault:
+        if wrprot and fault.write:
             ret = RET_PF_WRITE_PROTECTED
         if flush:
             self.kvm_flush_remote_tlbs()
@@ -380,8 +380,21 @@ class ShadowMmu:
             self.mark_unsync(parent, index)
 
     def kvm_unsync_page(self, sp: KvmMmuPage) -> None:
+        """Let the guest write ``sp``'s table freely until its next flush.
+
+        Not KVM: the page's leaves are dropped as it goes unsync, so every SPTE
+        an unsync page holds comes from a guest walk made after it went unsync.
+        KVM keeps them, which x86 allows (a TLB may hold any translation valid
+        since its last flush) but mmufuzz's semantics do not (a vCPU uses only
+        translations it walked since its last flush): docs/shadow.md.
+        """
         sp.unsync = True
         self.kvm_mmu_mark_parents_unsync(sp)
+        flush = False
+        for index in used_entries(sp.spt):
+            flush |= self.mmu_page_zap_pte(sp, index)
+        if flush:
+            self.kvm_flush_remote_tlbs()
 
     def kvm_unlink_unsync_page(self, sp: KvmMmuPage) -> None:
         sp.unsync = False

@@ -209,8 +209,7 @@ def fetch(vcpu, fault, walker: GuestWalker) -> int:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
     index = (addr >> PAGE_SHIFT) & 511
-    return mmu.mmu_set_spte(fault.slot, sp, index, walker.pte_access, fault.gfn, fault.pfn,
-                            fault.map_writable, fault.write)
+    return mmu.mmu_set_spte(sp, index, walker.pte_access, fault)
 
 
 def validate_direct_spte(kvm, sp: KvmMmuPage, index: int, direct_access: int) -> None:
