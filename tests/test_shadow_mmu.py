@@ -3,9 +3,12 @@ unsync/sync, invlpg, MMIO SPTEs and the MMIO cache, prev_roots, invariants."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from mmufuzz.fuzz.encoding import parse_reproducer
+from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
+from mmufuzz.fuzz.runner import run_program
 from mmufuzz.harness.ops import Ok, PageFault
 from mmufuzz.harness.shadow import ShadowTarget
 from mmufuzz.harness.shadow.hardware import NONPAGING_ROOT_ROLE, PAGING_ROOT_ROLE
@@ -212,3 +215,17 @@ def test_snapshot_restores_the_same_behaviour():
     b = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\nflush_tlb vcpu=0\n"
                      "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
     assert a == b == [Ok(), Ok(), Ok(0, 0x11000)]
+
+
+CORPUS = sorted((Path(__file__).resolve().parent.parent / "corpus").rglob("*.repro"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_corpus_program_runs_clean_on_shadow_without_a_fault(path):
+    """Seeds and regressions of either target, run without their fault on the shadow
+    target: clean, unless the shadow target refuses the program (a TD, say)."""
+    program = load_reproducer(path).program
+    if ShadowTarget.capabilities.refusal(program) is not None:
+        pytest.skip("refused by the shadow target")
+    finding = run_program(program, ShadowTarget())
+    assert finding is None, finding.summary("shadow")

@@ -142,6 +142,8 @@ def page_fault_handle_page_track(vcpu, fault: KvmPageFault) -> bool:
 def shadow_page_fault(vcpu, fault: KvmPageFault, kind: AccessKind):
     """Generator: FNAME(page_fault): walk the guest tables, then fetch under mmu_lock."""
     walker = yield from paging_tmpl.walk_addr_generic(vcpu, fault.addr, kind)
+    if type(walker) is int:
+        return walker
     if type(walker) is tuple:
         outcome = walker[0]
         if type(outcome) is PageFault:
@@ -200,6 +202,7 @@ def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):
     The emulator translates a gva through the vCPU's MMIO cache or a fresh
     walk, then accesses guest memory through the memslots; a write reaches
     ``kvm_page_track_write``.  No slot (or a read-only one, for a write): MMIO.
+    None: retry the access (a slot on its way is being deleted or moved).
     """
     offset = addr & ((1 << PAGE_SHIFT) - 1)
     mmio = False
@@ -209,6 +212,8 @@ def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):
             gpa, mmio = (vcpu.mmio_gfn << PAGE_SHIFT) | offset, True
         else:
             walker = yield from paging_tmpl.walk_addr_generic(vcpu, addr, kind)
+            if type(walker) is int:
+                return None
             if type(walker) is tuple:
                 if type(walker[0]) is PageFault:
                     yield from vcpu.kvm_inject_emulated_page_fault(walker[0])
@@ -220,6 +225,8 @@ def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):
         mmio = vcpu.vcpu_match_mmio_gpa(gpa)
     write = kind is WRITE
     reported = gpa if tag else None
+    if vcpu.in_invalid_slot(gpa):
+        return None
     if not mmio:
         if write:
             if vcpu.write_guest(gpa, value):

@@ -99,6 +99,11 @@ class Vcpu:
             return None
         return slot.backing.pfn(gfn - slot.base_gfn), (gpa >> 3) & (WORDS_PER_PAGE - 1)
 
+    def in_invalid_slot(self, gpa: int) -> bool:
+        """``gpa`` is in a slot being deleted or moved (KVM_MEMSLOT_INVALID)."""
+        slot = self.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        return slot is not None and slot.invalid
+
     def read_guest(self, gpa: int):
         """One word of guest memory, or None if no slot backs it."""
         where = self._hva(gpa, False)
@@ -464,11 +469,21 @@ class Vcpu:
 
     def _page_fault(self, addr: int, kind, value, virtual: bool, tag: bool, error: int,
                     direct: bool):
-        """Generator: KVM handles the #PF; None to retry the access, else its outcome."""
-        r = yield from kvm_mmu_page_fault(self, addr, kind, error, direct)
-        if r == RET_PF_EMULATE:
-            return (yield from emulate(self, addr, kind, value, virtual and not direct, tag))
-        return r
+        """Generator: KVM handles the #PF; None to retry the access, else its outcome.
+
+        The vCPU holds kvm->srcu meanwhile (vcpu_run drops it only to enter the
+        guest), so a memslot delete or move waits for it after marking the slot
+        invalid, before zapping.
+        """
+        srcu = self.kvm.srcu
+        token = srcu.read_lock()
+        try:
+            r = yield from kvm_mmu_page_fault(self, addr, kind, error, direct)
+            if r == RET_PF_EMULATE:
+                return (yield from emulate(self, addr, kind, value, virtual and not direct, tag))
+            return r
+        finally:
+            srcu.read_unlock(token)
 
     def get_mmio_spte(self, addr: int, direct: bool) -> int:
         """get_mmio_spte: the leaf SPTE on addr's path (lockless walk), or non-present."""

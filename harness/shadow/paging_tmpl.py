@@ -125,10 +125,11 @@ class GuestWalker:
 def walk_addr_generic(vcpu, addr: int, kind: AccessKind):
     """Generator: walk the guest tables under CR3 for byte address ``addr``.
 
-    Returns a :class:`GuestWalker` or the one-outcome tuple that ends the access:
-    the #PF to inject, or the exit of a table read (see docs/shadow.md: KVM
-    would inject a #PF for a table outside every memslot; mmufuzz's semantics
-    say the read exits).
+    Returns a :class:`GuestWalker`, the one-outcome tuple that ends the access
+    (the #PF to inject, or the exit of a table read: see docs/shadow.md, KVM
+    would inject a #PF for a table outside every memslot), or RET_PF_RETRY
+    when a table is in a slot being deleted or moved: the instruction
+    re-executes once the update is done, so no walk mixes both layouts.
     """
     walker = GuestWalker()
     table, level = vcpu.cr3, PT64_ROOT_4LEVEL
@@ -137,6 +138,8 @@ def walk_addr_generic(vcpu, addr: int, kind: AccessKind):
         pte_gpa = (table << PAGE_SHIFT) + 8 * ((addr >> level_shift(level)) & 511)
         walker.table_gfn[level - 1], walker.pte_gpa[level - 1] = table, pte_gpa
         yield
+        if vcpu.in_invalid_slot(pte_gpa):
+            return RET_PF_RETRY
         pte = vcpu.read_guest(pte_gpa)
         if pte is None:
             return (MmioExit(pte_gpa, False),)
