@@ -101,6 +101,11 @@ _SHADOW_FAULTS = (
           "KVM commit b53e84eed08b (kvm_vcpu_flush_tlb_guest syncs the shadow roots)",
           "a guest TLB flush does not sync unsync shadow pages (kvm_mmu_sync_roots / "
           "kvm_mmu_sync_prev_roots skipped)"),
+    Fault("sync-mmio-refresh", "shadow",
+          "mainline arch/x86/kvm/mmu/paging_tmpl.h FNAME(sync_spte) -> sync_mmio_spte (found "
+          "while building the shadow target; a candidate bug, not reported upstream)",
+          "syncing an unsync page re-marks an MMIO SPTE of an older memslot generation with "
+          "the current one, so a gfn a new memslot covers keeps exiting as MMIO"),
 )
 
 CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS + _SHADOW_FAULTS}

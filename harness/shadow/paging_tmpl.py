@@ -55,6 +55,7 @@ from mmufuzz.harness.shadow.spte import (
     ROLE_QUADRANT_SHIFT,
     SHADOW_HOST_WRITABLE_MASK,
     SHADOW_NONPRESENT_VALUE,
+    check_mmio_spte,
     get_mmio_spte_gfn,
     is_mmio_spte,
     make_mmio_spte,
@@ -279,14 +280,22 @@ def sync_spte(vcpu, sp: KvmMmuPage, index: int) -> int:
 
 
 def sync_mmio_spte(kvm, sp: KvmMmuPage, index: int, gfn: int, access: int) -> bool:
-    """An MMIO SPTE is kept (with the current generation) for the same gfn, else cleared."""
+    """An MMIO SPTE is kept (with the current generation) for the same gfn, else cleared.
+
+    Not mainline: one made in an older memslot generation is cleared too, since
+    a slot may cover its gfn now.  Mainline re-marks it with the current
+    generation, and the next access exits as MMIO although the gfn has a slot
+    (the sync-mmio-refresh fault; docs/shadow.md).
+    """
     spte = sp.spt[index]
     if not is_mmio_spte(spte):
         return False
-    if gfn != get_mmio_spte_gfn(spte):
+    memslots = kvm.memslots
+    stale = memslots.update_in_progress or not check_mmio_spte(spte, memslots.generation)
+    if gfn != get_mmio_spte_gfn(spte) or (stale and not faults.active("sync-mmio-refresh")):
         sp.spt[index] = SHADOW_NONPRESENT_VALUE
         return True
-    sp.spt[index] = make_mmio_spte(gfn, access, kvm.memslots.generation)
+    sp.spt[index] = make_mmio_spte(gfn, access, memslots.generation)
     return True
 
 
