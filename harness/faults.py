@@ -106,6 +106,13 @@ _SHADOW_FAULTS = (
           "while building the shadow target; a candidate bug, not reported upstream)",
           "syncing an unsync page re-marks an MMIO SPTE of an older memslot generation with "
           "the current one, so a gfn a new memslot covers keeps exiting as MMIO"),
+    Fault("mmio-spte-writable", "shadow",
+          "mainline arch/x86/kvm/mmu/spte.c make_spte, the \"old SPTE was writable\" shortcut "
+          "(is_last_spte(old_spte, level) && is_writable_pte(old_spte)); found by the shadow "
+          "soak (seed 9148), a candidate bug, not reported upstream",
+          "a 4K MMIO SPTE caching ACC_WRITE counts as a writable leaf, so the SPTE that replaces "
+          "it (the gfn got a memslot) skips mmu_try_to_unsync_pages and is writable although "
+          "the gfn is a write-tracked guest page table"),
 )
 
 CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS + _SHADOW_FAULTS}

@@ -272,13 +272,26 @@ class ShadowMmu:
         wrprot = False
         if pte_access & ACC_WRITE_MASK:
             spte = spte_make_writable(spte)
-            if not is_writable_pte(old_spte) and self.mmu_try_to_unsync_pages(
+            if not self._old_leaf_writable(old_spte) and self.mmu_try_to_unsync_pages(
                     gfn, synchronizing, prefetch):
                 wrprot = True
                 spte = spte_clear_mmu_writable(spte)
         if is_writable_pte(spte):
             self.kvm.dirty_log.mark_page_dirty_in_slot(gfn)
         return wrprot, spte
+
+    @staticmethod
+    def _old_leaf_writable(old_spte: int) -> bool:
+        """make_spte's shortcut: overwriting a writable leaf needs no unsync check.
+
+        Not mainline: an MMIO SPTE is no leaf.  Mainline tests
+        ``is_last_spte(old, level) && is_writable_pte(old)``, true for a 4K MMIO
+        SPTE that caches ACC_WRITE (bit 1), so the leaf replacing it is made
+        writable even on a write-tracked gfn (the mmio-spte-writable fault).
+        """
+        if faults.active("mmio-spte-writable"):
+            return is_writable_pte(old_spte)
+        return is_shadow_present_pte(old_spte) and is_writable_pte(old_spte)
 
     def mmu_spte_update(self, sp: KvmMmuPage, index: int, new: int) -> bool:
         """Write a leaf; True if the change needs a TLB flush (lost W or another pfn)."""
