@@ -59,6 +59,7 @@ from mmufuzz.harness.shadow.spte import (
     check_mmio_spte,
     get_mmio_spte_gfn,
     is_mmio_spte,
+    is_writable_pte,
     make_mmio_spte,
     role_access,
     spte_to_pfn,
@@ -275,6 +276,11 @@ def sync_spte(vcpu, sp: KvmMmuPage, index: int) -> int:
         return 0
     sp.shadowed_translation[index] = (gfn << PAGE_SHIFT) | pte_access
     spte = sp.spt[index]
+    if not is_writable_pte(spte):
+        # KVM's comment holds that a sync never turns a read-only SPTE writable; mainline's
+        # make_spte can (a dirty-log-protected one), logging a gfn nobody touched
+        # (docs/shadow.md): here the next write fault restores W.
+        pte_access &= ~ACC_WRITE_MASK
     _, new = kvm.mmu.make_spte(sp, vcpu.gfn_to_memslot(gfn), pte_access, gfn, spte_to_pfn(spte),
                                spte, False, True, bool(spte & SHADOW_HOST_WRITABLE_MASK))
     return int(kvm.mmu.mmu_spte_update(sp, index, new))
