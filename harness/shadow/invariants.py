@@ -38,9 +38,12 @@ def _fail(name: str, sp, detail: str):
 
 
 def _live(kvm) -> list:
-    """The valid shadow pages, hash order (roots being torn down are not live)."""
+    """``(sp, [(index, spte)...])`` of the valid shadow pages, hash order (roots being torn
+    down are not live), with the entries that are not SHADOW_NONPRESENT_VALUE: read once
+    for every invariant."""
     mmu = kvm.mmu
-    return [sp for gfn in sorted(mmu.mmu_page_hash) for sp in mmu.mmu_page_hash[gfn]
+    return [(sp, [(i, sp.spt[i]) for i in used_entries(sp.spt)])
+            for gfn in sorted(mmu.mmu_page_hash) for sp in mmu.mmu_page_hash[gfn]
             if not mmu.is_obsolete_sp(sp)]
 
 
@@ -48,7 +51,7 @@ def unique_gfn_role(kvm, pages: list) -> None:
     """No two live shadow pages share gfn + role (kvm_mmu_get_shadow_page reuses, never
     duplicates)."""
     seen = {}
-    for sp in pages:
+    for sp, _ in pages:
         other = seen.setdefault((sp.gfn, sp.role), sp)
         if other is not sp:
             _fail("unique_gfn_role", sp, f"pfns={other.pfn:#x},{sp.pfn:#x}")
@@ -57,9 +60,8 @@ def unique_gfn_role(kvm, pages: list) -> None:
 def nonpresent_value(kvm, pages: list) -> None:
     """Every non-present entry is SHADOW_NONPRESENT_VALUE or a last-level MMIO SPTE; no
     entry links a freed page."""
-    for sp in pages:
-        for index in used_entries(sp.spt):
-            spte = sp.spt[index]
+    for sp, entries in pages:
+        for index, spte in entries:
             if is_shadow_present_pte(spte):
                 if not is_last_spte(spte, sp.level) and kvm.mmu.sp_of(spte).freed:
                     _fail("nonpresent_value", sp, f"index={index} links a freed page")
@@ -72,9 +74,8 @@ def rmaps_and_parents_match(kvm, pages: list) -> None:
     page's parent_ptes exactly the present entries linking it."""
     mmu = kvm.mmu
     leaves, links = {}, {}
-    for sp in pages:
-        for index in used_entries(sp.spt):
-            spte = sp.spt[index]
+    for sp, entries in pages:
+        for index, spte in entries:
             if not is_shadow_present_pte(spte):
                 continue
             if is_last_spte(spte, sp.level):
@@ -90,7 +91,7 @@ def rmaps_and_parents_match(kvm, pages: list) -> None:
         if (sp, index) not in leaves:
             _fail("rmaps_and_parents_match", sp, f"index={index} rmap gfn={gfn:#x} "
                                                  "names no present leaf")
-    for sp in pages:
+    for sp, _ in pages:
         if sp.parent_ptes.keys() != links.get(sp, {}).keys():
             _fail("rmaps_and_parents_match", sp, f"parent_ptes={len(sp.parent_ptes)} "
                                                  f"links={len(links.get(sp, {}))}")
@@ -100,15 +101,14 @@ def unsync_bits_agree(kvm, pages: list) -> None:
     """Only last-level indirect pages on untracked gfns are unsync; unsync_children counts
     the bitmap; every present link to a page that is (or leads to) unsync has its bit."""
     mmu = kvm.mmu
-    for sp in pages:
+    for sp, entries in pages:
         if sp.unsync and (sp.direct or sp.level != PG_LEVEL_4K
                           or mmu.kvm_gfn_is_write_tracked(sp.gfn)):
             _fail("unsync_bits_agree", sp, "unsync but not an untracked last-level page")
         if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
             _fail("unsync_bits_agree", sp, f"unsync_children={sp.unsync_children} "
                                            f"bitmap={sp.unsync_child_bitmap:#x}")
-        for index in used_entries(sp.spt):
-            spte = sp.spt[index]
+        for index, spte in entries:
             if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level):
                 continue
             child = mmu.sp_of(spte)
@@ -120,7 +120,7 @@ def synced_gfn_write_protected(kvm, pages: list) -> None:
     """The gfn of every synced indirect page is mapped read-only everywhere, and an
     upper-level page's gfn is write-tracked."""
     mmu = kvm.mmu
-    for sp in pages:
+    for sp, _ in pages:
         if sp.direct or sp.unsync:
             continue
         if sp.level > PG_LEVEL_4K and not mmu.kvm_gfn_is_write_tracked(sp.gfn):
@@ -136,11 +136,10 @@ def synced_shadow_matches_guest(kvm, pages: list) -> None:
     maps that PTE's gfn with at most its access; a link goes to the page of that table
     with the access inherited down the path (role.access)."""
     vcpu = kvm.vcpus[0]
-    for sp in pages:
+    for sp, entries in pages:
         if sp.direct or sp.unsync:
             continue
-        for index in used_entries(sp.spt):
-            spte = sp.spt[index]
+        for index, spte in entries:
             gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
             if gpte is None or not gpte & PT_PRESENT_MASK or is_rsvd_bits_set(gpte, sp.level):
                 _fail("synced_shadow_matches_guest", sp, f"index={index} shadows an "
@@ -173,9 +172,8 @@ def leaf_pfn_matches_backing(kvm, pages: list) -> None:
             raise InvariantViolation("leaf_pfn_matches_backing",
                                      f"{what} gfn={gfn:#x} pfn={pfn:#x}")
 
-    for sp in pages:
-        for index in used_entries(sp.spt):
-            spte = sp.spt[index]
+    for sp, entries in pages:
+        for index, spte in entries:
             if is_shadow_present_pte(spte) and is_last_spte(spte, sp.level):
                 check(f"sp gfn={sp.gfn:#x} index={index}", kvm_mmu_page_get_gfn(sp, index),
                       spte_to_pfn(spte), is_writable_pte(spte))
