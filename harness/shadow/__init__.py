@@ -8,8 +8,8 @@ private memory needs the TDP MMU's mirror root, which shadow paging has not.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, Parallel, Paging,
-                                 SetAttributes, VmHeader, VmType)
+from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, FlushTlb, Invlpg,
+                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte)
 from mmufuzz.harness.shadow.invariants import check_invariants
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -61,8 +61,10 @@ class ShadowTarget(TdpTarget):
         check_invariants(self.kvm)
 
     def features(self) -> list:
-        """Coverage the guest cannot see: a parallel's context switches, and the shadow
-        state an access left for its address (the page's role and unsync state)."""
+        """Coverage the guest cannot see: a parallel's context switches; the shadow state
+        an access left for its address (the page's role and unsync state) or a PTE write
+        left for its table (not shadowed, synced, unsync, write-tracked); and, after a
+        guest flush, invlpg or CR3 load, whether unsync pages remain (what a sync did)."""
         features = sorted(self._switches)
         self._switches.clear()
         op = self._last
@@ -74,8 +76,14 @@ class ShadowTarget(TdpTarget):
         return features
 
     def _shadow_state(self, op):
-        """``shadow:LEVEL:unsync|sync`` of the last-level page on a gva access's path."""
-        if type(op) is not Access or not op.virtual:
+        """This op's feature (see :meth:`features`), or None."""
+        kind = type(op)
+        if kind is WritePte:
+            return f"table:{self._table_state(op.table)}"
+        if kind in (FlushTlb, Invlpg, Paging):
+            unsync = sum(1 for sp in self.kvm.mmu.active_mmu_pages if sp.unsync)
+            return f"{OP_NAMES[kind]}:unsync={min(unsync, 2)}"
+        if kind is not Access or not op.virtual:
             return None
         vcpu = self.kvm.vcpus[op.vcpu]
         sp = vcpu.root if vcpu.cr3 is not None else vcpu.phys_root
@@ -90,6 +98,16 @@ class ShadowTarget(TdpTarget):
             sp, level = mmu.sp_of(spte), level - 1
         return f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
                f"{'unsync' if sp.unsync else 'sync'}"
+
+    def _table_state(self, gfn: int) -> str:
+        """How the shadow MMU treats guest table ``gfn``: none, synced, unsync or tracked."""
+        mmu = self.kvm.mmu
+        if mmu.kvm_gfn_is_write_tracked(gfn):
+            return "tracked"
+        pages = mmu.sps_with_gptes(gfn)
+        if not pages:
+            return "none"
+        return "unsync" if any(sp.unsync for sp in pages) else "synced"
 
     def _start_state(self, op) -> str:
         return self._shadow_state(op) or OP_NAMES[type(op)]
