@@ -155,7 +155,56 @@ _STAGE2_FAULTS = (
           "invalidation in between goes unseen and the stale pfn is mapped", concurrent=True),
 )
 
-CATALOG: dict[str, Fault] = {fault.name: fault for fault in _TDP_FAULTS + _STAGE2_FAULTS}
+_SHADOW_FAULTS = (
+    Fault("invlpg-keeps-mmio", "shadow",
+          "Marcelo Tosatti's review of \"[PATCH v2 21/22] KVM: MMU: mmio page fault support\" "
+          "(2011-06-22: \"for shadow you need to remove mmio sptes on invlpg\"), fixed before "
+          "merge as KVM commit ce88decffd17",
+          "invlpg syncs the shadow-present SPTEs of the gva but skips an MMIO SPTE, so a gva "
+          "the guest remapped from MMIO to RAM keeps exiting as MMIO"),
+    Fault("sync-zero-check", "shadow",
+          "KVM commit 7f01cab84928 (\"KVM: x86/mmu: Allow non-zero value for non-present SPTE "
+          "and removed SPTE\"), from Zhi Wang's review (2023-01-25) of \"[PATCH v11 030/113] "
+          "KVM: x86/mmu: Replace hardcoded value 0 for the initial value for SPTE\"",
+          "kvm_sync_spte tests spt[i] == 0 for an empty entry instead of "
+          "SHADOW_NONPRESENT_VALUE, so a non-present entry is synced as if present: "
+          "make_spte takes its pfn from the non-present value"),
+    Fault("unsync-role-mismatch", "shadow",
+          "KVM commit 94c8136448c8 (\"KVM: x86/mmu: Decompose kvm_mmu_get_page() into separate "
+          "functions\"), kvm_mmu_find_shadow_page: \"Unsync pages must not be left as is, "
+          "because the new upper-level page will be write-protected\"; series "
+          "https://lore.kernel.org/all/20220622192710.2547152-1-pbonzini@redhat.com/",
+          "creating an upper-level shadow page for a gfn does not zap the unsync pages of "
+          "that gfn with another role: an unsync page outlives its gfn's write protection"),
+    Fault("shadow-hash-gfn-only", "shadow", "KVM commit 94c8136448c8 (\"KVM: x86/mmu: Decompose kvm_mmu_get_page() into "
+          "separate functions\"): kvm_mmu_find_shadow_page matches gfn and role word",
+          "kvm_mmu_find_shadow_page matches on gfn alone, not gfn + role word: a shadow page "
+          "of another level, directness or access is reused"),
+    Fault("inherited-perms", "shadow",
+          "KVM commit b1bd5cba3306 (CVE-2021-38198, \"KVM: X86: MMU: Use the correct "
+          "inherited permissions to get shadow page\")",
+          "FNAME(fetch) gets every intermediate shadow page with the access of the last "
+          "non-leaf level instead of the access inherited down to that page"),
+    Fault("guest-flush-no-sync", "shadow",
+          "KVM commit b53e84eed08b (kvm_vcpu_flush_tlb_guest syncs the shadow roots)",
+          "a guest TLB flush does not sync unsync shadow pages (kvm_mmu_sync_roots / "
+          "kvm_mmu_sync_prev_roots skipped)"),
+    Fault("sync-mmio-refresh", "shadow",
+          "mainline FNAME(sync_spte) -> sync_mmio_spte, https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git/tree/arch/x86/kvm/mmu/paging_tmpl.h (found "
+          "while building the shadow target; a candidate bug, not reported upstream)",
+          "syncing an unsync page re-marks an MMIO SPTE of an older memslot generation with "
+          "the current one, so a gfn a new memslot covers keeps exiting as MMIO"),
+    Fault("mmio-spte-writable", "shadow",
+          "mainline make_spte, https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git/tree/arch/x86/kvm/mmu/spte.c, the \"old SPTE was writable\" shortcut "
+          "(is_last_spte(old_spte, level) && is_writable_pte(old_spte)); found by the shadow "
+          "soak (seed 9148), a candidate bug, not reported upstream",
+          "a 4K MMIO SPTE caching ACC_WRITE counts as a writable leaf, so the SPTE that replaces "
+          "it (the gfn got a memslot) skips mmu_try_to_unsync_pages and is writable although "
+          "the gfn is a write-tracked guest page table"),
+)
+
+CATALOG: dict[str, Fault] = {fault.name: fault for fault in
+                            _TDP_FAULTS + _STAGE2_FAULTS + _SHADOW_FAULTS}
 
 _active: frozenset = frozenset()
 

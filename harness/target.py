@@ -151,6 +151,7 @@ TARGETS: dict[str, str] = {
     "kvm": "mmufuzz.harness.kvm:KvmTarget",
     "stage2": "mmufuzz.harness.stage2:Stage2Target",
     "stage2-pkvm": "mmufuzz.harness.stage2:Stage2PkvmTarget",
+    "shadow": "mmufuzz.harness.shadow:ShadowTarget",
 }
 
 

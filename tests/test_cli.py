@@ -317,7 +317,8 @@ def test_every_fault_cites_a_commit_or_a_link(capsys):
     assert main(["faults"]) == 0
     out = capsys.readouterr().out
     for fault in faults.CATALOG.values():
-        assert re.search(r"\b[0-9a-f]{12}\b|https://lore\.kernel\.org/", fault.source), fault.name
+        assert re.search(r"\b[0-9a-f]{12}\b|https://(lore|git)\.kernel\.org/", fault.source), \
+            fault.name
         assert "thread [" not in fault.source and fault.source in out
 
 

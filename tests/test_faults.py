@@ -71,9 +71,15 @@ def test_every_branch_names_a_catalog_fault():
     assert used <= set(NAMES)
 
 
+def regression_path(name: str) -> Path:
+    """A fault's regression file: ``NAME.repro`` for tdp's, ``TARGET-NAME.repro`` for others."""
+    target = faults.CATALOG[name].target
+    return REGRESSIONS / (f"{name}.repro" if target == "tdp" else f"{target}-{name}.repro")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_fault_has_a_regression_that_injects_it(name):
-    meta = load_reproducer(REGRESSIONS / f"{name}.repro").meta
+    meta = load_reproducer(regression_path(name)).meta
     assert meta["inject"] == name
     assert meta["expect"] == "divergence"
     assert meta["target"] == faults.CATALOG[name].target
@@ -82,5 +88,5 @@ def test_every_fault_has_a_regression_that_injects_it(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if faults.CATALOG[n].concurrent])
 def test_concurrent_faults_need_a_parallel_op(name):
-    program = load_reproducer(REGRESSIONS / f"{name}.repro").program
+    program = load_reproducer(regression_path(name)).program
     assert any(type(op).__name__ == "Parallel" for op in program.ops)

@@ -1,6 +1,6 @@
-"""Soak: many random decoded programs on the tdp target, zero findings (``pytest -m slow``).
+"""Soak: many random decoded programs on each target, zero findings (``pytest -m slow``).
 
-Not in CI (minutes to hours); run before a release or after touching harness/tdp:
+Not in CI (minutes to hours); run before a release or after touching a target:
 
     MMUFUZZ_SOAK=100000 python3 -m pytest -m slow tests/test_soak.py -s
 
@@ -23,6 +23,7 @@ from mmufuzz.harness.ops import Parallel
 from mmufuzz.fuzz.encoding import decode, format_program
 from mmufuzz.fuzz.runner import make_target, run_program
 from mmufuzz.fuzz.schedules import bounded_schedules
+from mmufuzz.harness.target import capabilities
 
 PROGRAMS = int(os.environ.get("MMUFUZZ_SOAK", "100000"))
 CHUNK = 500
@@ -51,11 +52,15 @@ def _variants(program, target, rng: random.Random):
                 op, schedule=schedule),) + program.ops[index + 1:])
 
 
-def _run_chunk(first: int, mode: str):
-    """(programs run, ops run, the first failing seed's report or None)."""
-    target, ops, runs = make_target("tdp"), 0, 0
-    for seed in range(first, first + CHUNK):
-        program = _program(seed, mode != "any")
+def _run_chunk(first: int, mode: str, name: str = "tdp", count: int = CHUNK):
+    """(programs run, ops run, the first failing seed's report or None).
+
+    Each program is bent to what target ``name`` runs (``Capabilities.restrict``).
+    """
+    target, ops, runs = make_target(name), 0, 0
+    restrict = capabilities(target).restrict
+    for seed in range(first, first + count):
+        program = restrict(_program(seed, mode != "any"))
         programs = [program]
         if mode == "explored":
             programs += list(_variants(program, target, random.Random(seed)))
@@ -65,17 +70,19 @@ def _run_chunk(first: int, mode: str):
             finding = run_program(variant, target)
             if finding is not None:
                 report = format_program(variant, finding.op_index, {"seed": seed})
-                return runs, ops, f"{finding.summary('tdp')}\n{report}"
+                return runs, ops, f"{finding.summary(name)}\n{report}"
     return runs, ops, None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["tdp", "shadow"])
 @pytest.mark.parametrize("mode", ["any", "with-parallel", "explored"])
-def test_random_programs_run_clean(mode):
+def test_random_programs_run_clean(mode, name):
     starts = range(0, PROGRAMS, CHUNK)
     programs = ops = 0
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for done, chunk_ops, failure in pool.map(_run_chunk, starts, [mode] * len(starts)):
+        for done, chunk_ops, failure in pool.map(_run_chunk, starts, [mode] * len(starts),
+                                                 [name] * len(starts)):
             programs, ops = programs + done, ops + chunk_ops
             assert failure is None, failure
     print(f"\n{programs} programs, {ops} ops, zero findings")

@@ -1,0 +1,116 @@
+"""The shadow-paging MMU under test: KVM's mmu.c + paging_tmpl.h without TDP.
+
+``ShadowTarget`` turns ops into calls on a :class:`~harness.shadow.kvm.Kvm`;
+each op is a generator drained to completion, and a ``parallel`` interleaves
+two with tdp's scheduler.  The target runs default (non-TDX) VMs only: a TD's
+private memory needs the TDP MMU's mirror root, which shadow paging has not.
+"""
+
+from __future__ import annotations
+
+from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, FlushTlb, Invlpg,
+                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte)
+from mmufuzz.harness.shadow.invariants import check_invariants
+from mmufuzz.harness.shadow.kvm import Kvm
+from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
+from mmufuzz.harness.shadow.spte import is_last_spte, is_shadow_present_pte
+from mmufuzz.harness.target import Capabilities
+from mmufuzz.harness.tdp import TdpTarget
+
+
+class ShadowCapabilities(Capabilities):
+    """Default VMs, no private ops, and guest paging (a CR3) on vCPU 0 only.
+
+    Shadow pages are shared by every vCPU with the same CR3, so one vCPU can
+    use a translation another vCPU's fault made; x86 allows that (a TLB may
+    cache any translation valid since its last flush), but mmufuzz's semantics
+    let a vCPU use only translations it walked itself (docs/shadow.md).
+    """
+
+    def __init__(self):
+        super().__init__(vm_types={VmType.DEFAULT},
+                         ops=frozenset(OP_NAMES) - {SetAttributes, Accept})
+
+    def op_refusal(self, op, header):
+        reason = super().op_refusal(op, header)
+        if reason is not None:
+            return reason
+        if type(op) is Access and op.private:
+            return "private access is not supported by this target (no TDX)"
+        if type(op) is Paging and op.root is not None and op.vcpu != 0:
+            return "paging with a root on a vCPU other than 0 is not supported by this target"
+        return None
+
+
+class ShadowTarget(TdpTarget):
+    """The ``shadow`` target (harness.target.Target).
+
+    The op loop, the fast path, ``parallel``, snapshots and the switch coverage
+    are tdp's (:class:`~harness.tdp.TdpTarget`): only the VM and what the
+    coverage looks at differ.
+    """
+
+    name = "shadow"
+    capabilities = ShadowCapabilities()
+
+    def reset(self, header: VmHeader) -> None:
+        super().reset(header)
+        self.kvm = Kvm(header)
+
+    def check_invariants(self) -> None:
+        check_invariants(self.kvm)
+
+    def features(self) -> list:
+        """Coverage the guest cannot see: a parallel's context switches; the shadow state
+        an access left for its address (the page's role and unsync state) or a PTE write
+        left for its table (not shadowed, synced, unsync, write-tracked); and, after a
+        guest flush, invlpg or CR3 load, whether unsync pages remain (what a sync did)."""
+        features = sorted(self._switches)
+        self._switches.clear()
+        op = self._last
+        for prefix, side in ((("a.", op.a), ("b.", op.b)) if type(op) is Parallel
+                             else (("", op),)):
+            state = self._shadow_state(side)
+            if state is not None:
+                features.append(prefix + state)
+        return features
+
+    def _shadow_state(self, op):
+        """This op's feature (see :meth:`features`), or None."""
+        kind = type(op)
+        if kind is WritePte:
+            return f"table:{self._table_state(op.table)}"
+        if kind in (FlushTlb, Invlpg, Paging):
+            unsync = sum(1 for sp in self.kvm.mmu.active_mmu_pages if sp.unsync)
+            return f"{OP_NAMES[kind]}:unsync={min(unsync, 2)}"
+        if kind is not Access or not op.virtual:
+            return None
+        vcpu = self.kvm.vcpus[op.vcpu]
+        sp = vcpu.root if vcpu.cr3 is not None else vcpu.phys_root
+        if sp is None or sp is DUMMY_ROOT:
+            return "shadow:none"
+        mmu = self.kvm.mmu
+        level = sp.level
+        while level > 1:
+            spte = sp.spt[(op.addr >> (PAGE_SHIFT + 9 * (level - 1))) & 511]
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                break
+            sp, level = mmu.sp_of(spte), level - 1
+        return f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
+               f"{'unsync' if sp.unsync else 'sync'}"
+
+    def _table_state(self, gfn: int) -> str:
+        """How the shadow MMU treats guest table ``gfn``: none, synced, unsync or tracked."""
+        mmu = self.kvm.mmu
+        if mmu.kvm_gfn_is_write_tracked(gfn):
+            return "tracked"
+        pages = mmu.sps_with_gptes(gfn)
+        if not pages:
+            return "none"
+        return "unsync" if any(sp.unsync for sp in pages) else "synced"
+
+    def _start_state(self, op) -> str:
+        return self._shadow_state(op) or OP_NAMES[type(op)]
+
+
+__all__ = ["ShadowTarget"]

@@ -1,0 +1,197 @@
+"""Structural invariants of the shadow MMU, one named function each.
+
+The function name is the InvariantViolation name (part of a finding's
+signature).  They are checked between ops, when no walk is in flight: they
+read the live shadow pages (the hash), not what a root reaches, because
+mmu.c keeps unreachable pages (still shadowing, still write-protecting).
+"""
+
+from __future__ import annotations
+
+from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
+from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
+from mmufuzz.harness.shadow.paging_tmpl import gpte_access, is_rsvd_bits_set
+from mmufuzz.harness.shadow.spte import (
+    ACC_WRITE_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    describe_role,
+    get_mmio_spte_gfn,
+    is_last_spte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    role_access,
+    spte_to_pfn,
+)
+from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp.invariants import dirty_log_covers_writes
+from mmufuzz.harness.tdp.pgalloc import used_entries
+from mmufuzz.harness.tdp.spte import pages_per_level
+
+_GFN_MASK = ((1 << 52) - 1) >> PAGE_SHIFT
+
+
+def _fail(name: str, sp, detail: str):
+    raise InvariantViolation(name, f"gfn={sp.gfn:#x} level={sp.level} "
+                                   f"{describe_role(sp.role)} {detail}")
+
+
+def _live(kvm) -> list:
+    """``(sp, [(index, spte)...])`` of the valid shadow pages, hash order (roots being torn
+    down are not live), with the entries that are not SHADOW_NONPRESENT_VALUE: read once
+    for every invariant."""
+    mmu = kvm.mmu
+    return [(sp, [(i, sp.spt[i]) for i in used_entries(sp.spt)])
+            for gfn in sorted(mmu.mmu_page_hash) for sp in mmu.mmu_page_hash[gfn]
+            if not mmu.is_obsolete_sp(sp)]
+
+
+def unique_gfn_role(kvm, pages: list) -> None:
+    """No two live shadow pages share gfn + role (kvm_mmu_get_shadow_page reuses, never
+    duplicates)."""
+    seen = {}
+    for sp, _ in pages:
+        other = seen.setdefault((sp.gfn, sp.role), sp)
+        if other is not sp:
+            _fail("unique_gfn_role", sp, f"pfns={other.pfn:#x},{sp.pfn:#x}")
+
+
+def nonpresent_value(kvm, pages: list) -> None:
+    """Every non-present entry is SHADOW_NONPRESENT_VALUE or a last-level MMIO SPTE; no
+    entry links a freed page."""
+    for sp, entries in pages:
+        for index, spte in entries:
+            if is_shadow_present_pte(spte):
+                if not is_last_spte(spte, sp.level) and kvm.mmu.sp_of(spte).freed:
+                    _fail("nonpresent_value", sp, f"index={index} links a freed page")
+            elif not (is_mmio_spte(spte) and sp.level == PG_LEVEL_4K):
+                _fail("nonpresent_value", sp, f"index={index} spte={spte:#x}")
+
+
+def rmaps_and_parents_match(kvm, pages: list) -> None:
+    """The rmaps hold exactly the present leaves (under the gfn each maps), and each
+    page's parent_ptes exactly the present entries linking it."""
+    mmu = kvm.mmu
+    leaves, links = {}, {}
+    for sp, entries in pages:
+        for index, spte in entries:
+            if not is_shadow_present_pte(spte):
+                continue
+            if is_last_spte(spte, sp.level):
+                leaves[(sp, index)] = kvm_mmu_page_get_gfn(sp, index)
+            else:
+                links.setdefault(mmu.sp_of(spte), {})[(sp, index)] = None
+    rmapped = {key: gfn for gfn, head in mmu.rmap.items() for key in head}
+    for (sp, index), gfn in leaves.items():
+        if rmapped.get((sp, index)) != gfn:
+            _fail("rmaps_and_parents_match", sp, f"index={index} leaf for gfn={gfn:#x} "
+                                                 f"rmapped as {rmapped.get((sp, index))}")
+    for (sp, index), gfn in rmapped.items():
+        if (sp, index) not in leaves:
+            _fail("rmaps_and_parents_match", sp, f"index={index} rmap gfn={gfn:#x} "
+                                                 "names no present leaf")
+    for sp, _ in pages:
+        if sp.parent_ptes.keys() != links.get(sp, {}).keys():
+            _fail("rmaps_and_parents_match", sp, f"parent_ptes={len(sp.parent_ptes)} "
+                                                 f"links={len(links.get(sp, {}))}")
+
+
+def unsync_bits_agree(kvm, pages: list) -> None:
+    """Only last-level indirect pages on untracked gfns are unsync; unsync_children counts
+    the bitmap; every present link to a page that is (or leads to) unsync has its bit."""
+    mmu = kvm.mmu
+    for sp, entries in pages:
+        if sp.unsync and (sp.direct or sp.level != PG_LEVEL_4K
+                          or mmu.kvm_gfn_is_write_tracked(sp.gfn)):
+            _fail("unsync_bits_agree", sp, "unsync but not an untracked last-level page")
+        if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
+            _fail("unsync_bits_agree", sp, f"unsync_children={sp.unsync_children} "
+                                           f"bitmap={sp.unsync_child_bitmap:#x}")
+        for index, spte in entries:
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level):
+                continue
+            child = mmu.sp_of(spte)
+            if (child.unsync or child.unsync_children) and not sp.unsync_child_bitmap >> index & 1:
+                _fail("unsync_bits_agree", sp, f"index={index} leads to unsync pages, bit clear")
+
+
+def synced_gfn_write_protected(kvm, pages: list) -> None:
+    """The gfn of every synced indirect page is mapped read-only everywhere, and an
+    upper-level page's gfn is write-tracked."""
+    mmu = kvm.mmu
+    for sp, _ in pages:
+        if sp.direct or sp.unsync:
+            continue
+        if sp.level > PG_LEVEL_4K and not mmu.kvm_gfn_is_write_tracked(sp.gfn):
+            _fail("synced_gfn_write_protected", sp, "upper-level page, gfn not tracked")
+        for other, index in mmu.rmap.get(sp.gfn, {}):
+            if is_writable_pte(other.spt[index]):
+                _fail("synced_gfn_write_protected", sp,
+                      f"writable SPTE in gfn={other.gfn:#x} index={index}")
+
+
+def synced_shadow_matches_guest(kvm, pages: list) -> None:
+    """Every entry of a synced indirect page agrees with the guest PTE it shadows: a leaf
+    maps that PTE's gfn with at most its access; a link goes to the page of that table
+    with the access inherited down the path (role.access)."""
+    vcpu = kvm.vcpus[0]
+    for sp, entries in pages:
+        if sp.direct or sp.unsync:
+            continue
+        for index, spte in entries:
+            gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
+            if gpte is None or not gpte & PT_PRESENT_MASK or is_rsvd_bits_set(gpte, sp.level):
+                _fail("synced_shadow_matches_guest", sp, f"index={index} shadows an "
+                                                         f"absent guest PTE {gpte}")
+            gfn = (gpte >> PAGE_SHIFT) & _GFN_MASK
+            access = role_access(sp.role) & gpte_access(gpte)
+            if is_mmio_spte(spte):
+                ok = get_mmio_spte_gfn(spte) == gfn
+            elif is_last_spte(spte, sp.level):
+                ok = (kvm_mmu_page_get_gfn(sp, index) == gfn
+                      and (access & ACC_WRITE_MASK or not is_writable_pte(spte)))
+            else:
+                child = kvm.mmu.sp_of(spte)
+                if gpte & PT_PAGE_SIZE_MASK:
+                    gfn &= -pages_per_level(sp.level)
+                ok = (child.gfn == gfn and role_access(child.role) == access
+                      and child.direct == bool(gpte & PT_PAGE_SIZE_MASK))
+            if not ok:
+                _fail("synced_shadow_matches_guest", sp,
+                      f"index={index} spte={spte:#x} gpte={gpte:#x}")
+
+
+def leaf_pfn_matches_backing(kvm, pages: list) -> None:
+    """Every present leaf maps its gfn to the slot's current page, writable only if allowed;
+    every TLB entry too (only the guest's part of a translation may be stale)."""
+    def check(what, gfn, pfn, writable):
+        slot = kvm.memslots.lookup(gfn)
+        if slot is None or slot.backing.pfn(gfn - slot.base_gfn) != pfn or (
+                writable and slot.readonly):
+            raise InvariantViolation("leaf_pfn_matches_backing",
+                                     f"{what} gfn={gfn:#x} pfn={pfn:#x}")
+
+    for sp, entries in pages:
+        for index, spte in entries:
+            if is_shadow_present_pte(spte) and is_last_spte(spte, sp.level):
+                check(f"sp gfn={sp.gfn:#x} index={index}", kvm_mmu_page_get_gfn(sp, index),
+                      spte_to_pfn(spte), is_writable_pte(spte))
+    for vcpu in kvm.vcpus:
+        for tlb in (vcpu.tlb_linear, vcpu.tlb_phys):
+            for page, (pfn, writable, _, gpa_page) in sorted(tlb.items()):
+                check(f"vcpu={vcpu.index} tlb page={page:#x}", gpa_page >> PAGE_SHIFT, pfn,
+                      writable)
+
+
+INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync_bits_agree,
+              synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing)
+
+
+def check_invariants(kvm) -> None:
+    """Raise InvariantViolation for the first invariant that does not hold."""
+    pages = _live(kvm)
+    for invariant in INVARIANTS:
+        invariant(kvm, pages)
+    dirty_log_covers_writes(kvm, None)
+

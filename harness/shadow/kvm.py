@@ -1,0 +1,270 @@
+"""The VM of the shadow target: struct kvm with the shadow MMU, and op dispatch.
+
+The generic pieces are tdp's (they are the same concept for either MMU):
+host memory and memslot backings, the memslot array and its generation,
+mmu_lock/slots_lock/SRCU and the dirty bitmap.  What differs is every path
+into the MMU: the shadow MMU reaches SPTEs through rmaps and shadow-page
+lists, never through a radix walk, and a default VM's memslot delete or move
+zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL: kvm_mmu_zap_all_fast).
+"""
+
+from __future__ import annotations
+
+from mmufuzz.harness.ops import (
+    EINVAL,
+    OK,
+    Access,
+    DirtyLog,
+    FlushTlb,
+    GetDirtyLog,
+    HostInvalidate,
+    Invlpg,
+    MemslotAdd,
+    MemslotDelete,
+    MemslotFlag,
+    MemslotMove,
+    MemslotSetFlags,
+    Paging,
+    Recover,
+    Split,
+    VmHeader,
+    WritePte,
+    ZapAll,
+)
+from mmufuzz.harness.shadow.hardware import Vcpu
+from mmufuzz.harness.shadow.mmu import ShadowMmu
+from mmufuzz.harness.tdp.dirty import DirtyLogger
+from mmufuzz.harness.tdp.hostmem import Backing, HostMemory
+from mmufuzz.harness.tdp.kvm import Kvm as TdpKvm
+from mmufuzz.harness.tdp.memslots import (DirtyLogState, Memslot, Memslots,
+                                          check_memory_region_flags)
+from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
+from mmufuzz.harness.tdp.sched import Rcu, RwLock
+
+
+class Kvm:
+    """One VM (struct kvm) whose vCPUs run on shadow paging."""
+
+    def __init__(self, header: VmHeader):
+        self.vm_type = header.type
+        self.host = HostMemory()
+        self.pgalloc = PageTableAllocator(self.host)
+        self.memslots = Memslots()
+        self.mmu_lock = RwLock()
+        self.slots_lock = RwLock()
+        self.srcu = Rcu()
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range = (0, 0)
+        self.mn_active_invalidate_count = 0
+        self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
+        self.mmu = ShadowMmu(self)
+        self.dirty_log = ShadowDirtyLogger(self)
+
+    def request_free_obsolete_roots(self) -> None:
+        """kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)."""
+        for vcpu in self.vcpus:
+            vcpu.request_free_obsolete_roots = True
+
+    # The mmu-notifier invalidation sequence is kvm_main.c's, the same for every MMU.
+    invalidate_begin = TdpKvm.invalidate_begin
+    invalidate_end = TdpKvm.invalidate_end
+    invalidate_covers = TdpKvm.invalidate_covers
+    _no_invalidation = TdpKvm._no_invalidation
+    wait_for_invalidations = TdpKvm.wait_for_invalidations
+
+    # --- ops --------------------------------------------------------------------------
+
+    def run(self, op):
+        """The generator that performs ``op`` and returns its Outcome."""
+        kind = type(op)
+        if kind in _VCPU_OPS:
+            return _VCPU_OPS[kind](self.vcpus[op.vcpu], op)
+        if kind is GetDirtyLog:
+            return self.dirty_log.get(op)
+        return _VM_OPS[kind](self, op)
+
+    def quiesce(self) -> None:
+        """Between steps: SRCU callbacks (none are queued by this MMU) would run here."""
+        self.srcu.process()
+
+
+class ShadowDirtyLogger(DirtyLogger):
+    """tdp's dirty bitmap; write protection through the rmaps (mmu.c's slot_rmap_* paths)."""
+
+    def enable(self, slot):
+        """Generator: kvm_mmu_slot_remove_write_access: write-protect the slot's leaves."""
+        kvm = self.kvm
+        yield from kvm.mmu_lock.write_lock()
+        if kvm.mmu.slot_rmap_write_protect(range(slot.base_gfn, slot.end_gfn)):
+            kvm.mmu.kvm_flush_remote_tlbs()
+        kvm.mmu_lock.write_unlock()
+        slot.dirty.armed = True
+
+    def get(self, op: GetDirtyLog):
+        """Generator: KVM_GET_DIRTY_LOG: report and clear, re-protect those gfns, flush."""
+        kvm = self.kvm
+        yield from kvm.slots_lock.write_lock()
+        slot = kvm.memslots.by_id.get(op.slot)
+        if slot is None or slot.dirty is None:
+            kvm.slots_lock.write_unlock()
+            return EINVAL
+        yield from kvm.mmu_lock.write_lock()
+        pages = sorted(slot.dirty.bitmap)
+        slot.dirty.bitmap = set()
+        if kvm.mmu.slot_rmap_write_protect(slot.base_gfn + i for i in pages):
+            kvm.mmu.kvm_flush_remote_tlbs()
+        slot.dirty.written = set()
+        kvm.mmu_lock.write_unlock()
+        kvm.slots_lock.write_unlock()
+        return DirtyLog(tuple(slot.base_gfn + i for i in pages))
+
+
+# --- kvm_set_memory_region ---------------------------------------------------------
+
+def _begin(kvm):
+    """Generator: slots_lock held, request valid: wait out invalidations, start the update."""
+    yield from kvm.wait_for_invalidations()
+    kvm.memslots.begin_update()
+    yield
+
+
+def _done(kvm, outcome):
+    kvm.slots_lock.write_unlock()
+    return outcome
+
+
+def memslot_add(kvm, op: MemslotAdd):
+    """KVM_MR_CREATE: nothing is mapped there yet; MMIO SPTEs age by the generation."""
+    slots = kvm.memslots
+    yield from kvm.slots_lock.write_lock()
+    if (op.slot in slots.by_id or not check_memory_region_flags(op.flags, kvm.vm_type)
+            or not slots.fits(op.base, op.npages)):
+        return _done(kvm, EINVAL)
+    yield from _begin(kvm)
+    slot = Memslot(op.slot, op.base, op.npages, op.flags, op.host_offset,
+                   Backing(kvm.host, op.npages, op.host_offset,
+                           bool(op.flags & MemslotFlag.HOST_HUGE)), None)
+    if op.flags & MemslotFlag.DIRTY_LOG:
+        slot.dirty = DirtyLogState(armed=True)
+    slots.by_id[op.slot] = slot
+    slots.end_update()
+    return _done(kvm, OK)
+
+
+def _invalidate_and_zap(kvm, slot: Memslot):
+    """kvm_invalidate_memslot + kvm_arch_flush_shadow_memslot: with the slot-zap-all
+    quirk (default VMs) every shadow page goes (kvm_mmu_zap_all_fast)."""
+    slot.invalid = True
+    yield from kvm.srcu.synchronize()
+    yield from kvm.mmu_lock.write_lock()
+    kvm.mmu.kvm_mmu_zap_all_fast()
+    kvm.mmu_lock.write_unlock()
+
+
+def memslot_delete(kvm, op: MemslotDelete):
+    yield from kvm.slots_lock.write_lock()
+    slot = kvm.memslots.by_id.get(op.slot)
+    if slot is None:
+        return _done(kvm, EINVAL)
+    yield from _begin(kvm)
+    yield from _invalidate_and_zap(kvm, slot)
+    del kvm.memslots.by_id[op.slot]
+    slot.backing.release()
+    kvm.memslots.end_update()
+    return _done(kvm, OK)
+
+
+def memslot_move(kvm, op: MemslotMove):
+    yield from kvm.slots_lock.write_lock()
+    slot = kvm.memslots.by_id.get(op.slot)
+    if slot is None or slot.private or not kvm.memslots.fits(op.base, slot.npages, exclude=slot):
+        return _done(kvm, EINVAL)
+    yield from _begin(kvm)
+    yield from _invalidate_and_zap(kvm, slot)
+    slot.base_gfn = op.base
+    slot.invalid = False
+    kvm.memslots.end_update()
+    return _done(kvm, OK)
+
+
+def memslot_set_flags(kvm, op: MemslotSetFlags):
+    """KVM_MR_FLAGS_ONLY: only dirty_log may change (kvm_mmu_slot_apply_flags)."""
+    yield from kvm.slots_lock.write_lock()
+    slot = kvm.memslots.by_id.get(op.slot)
+    if slot is None or slot.private or (op.flags ^ slot.flags) & ~MemslotFlag.DIRTY_LOG:
+        return _done(kvm, EINVAL)
+    if op.flags == slot.flags:
+        return _done(kvm, OK)
+    yield from _begin(kvm)
+    slot.flags = op.flags
+    enable = bool(op.flags & MemslotFlag.DIRTY_LOG)
+    slot.dirty = DirtyLogState() if enable else None
+    kvm.memslots.end_update()
+    # kvm_swap_active_memslots' synchronize_srcu: faults that saw the old flags finish first.
+    yield from kvm.srcu.synchronize()
+    if enable:
+        yield from kvm.dirty_log.enable(slot)
+    # Disabling would zap collapsible SPTEs; this target maps 4K only (docs/shadow.md).
+    return _done(kvm, OK)
+
+
+# --- host events ---------------------------------------------------------------------
+
+def host_invalidate(kvm, op: HostInvalidate):
+    """Generator: the host migrates [base, base+npages): kvm_unmap_gfn_range via the rmaps."""
+    lo, hi = op.base, op.base + op.npages
+    ranges = []
+    for slot in kvm.memslots.overlapping(lo, hi):
+        a, b = slot.backing.host_page_range(max(lo, slot.base_gfn) - slot.base_gfn,
+                                            min(hi, slot.end_gfn) - slot.base_gfn)
+        ranges.append((slot, a, b))
+    if not ranges:
+        return OK
+    kvm.mn_active_invalidate_count += 1
+    yield from kvm.mmu_lock.write_lock()
+    kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
+                         ranges[-1][0].base_gfn + ranges[-1][2])
+    flush = False
+    for slot, a, b in ranges:
+        flush |= kvm.mmu.kvm_zap_rmap_range(slot.base_gfn + a, slot.base_gfn + b)
+    if flush:
+        kvm.mmu.kvm_flush_remote_tlbs()
+    kvm.mmu_lock.write_unlock()
+    yield
+    for slot, a, b in ranges:
+        if kvm.memslots.by_id.get(slot.id) is slot:  # a racing delete already dropped it
+            slot.backing.migrate(a, b)
+    yield
+    yield from kvm.mmu_lock.write_lock()
+    kvm.invalidate_end()
+    kvm.mn_active_invalidate_count -= 1
+    kvm.mmu_lock.write_unlock()
+    return OK
+
+
+def zap_all(kvm, op: ZapAll):
+    """Generator: kvm_mmu_zap_all_fast."""
+    yield from kvm.mmu_lock.write_lock()
+    kvm.mmu.kvm_mmu_zap_all_fast()
+    kvm.mmu_lock.write_unlock()
+    return OK
+
+
+def split(kvm, op: Split):
+    """Generator: eager splitting has no huge SPTE to split: this target maps 4K only."""
+    yield
+    return OK if op.slot in kvm.memslots.by_id else EINVAL
+
+
+def recover(kvm, op: Recover):
+    """Generator: no 4K SPTE is collapsible into a huge one on a 4K-only target."""
+    yield
+    return OK
+
+
+_VCPU_OPS = {Access: Vcpu.access, WritePte: Vcpu.write_pte, Paging: Vcpu.paging,
+             Invlpg: Vcpu.invlpg, FlushTlb: Vcpu.flush_tlb}
+_VM_OPS = {MemslotAdd: memslot_add, MemslotDelete: memslot_delete, MemslotMove: memslot_move,
+           MemslotSetFlags: memslot_set_flags, HostInvalidate: host_invalidate,
+           ZapAll: zap_all, Split: split, Recover: recover}

@@ -1,0 +1,231 @@
+"""The shadow target's mechanisms, op by op: roles and the gfn hash, write tracking,
+unsync/sync, invlpg, MMIO SPTEs and the MMIO cache, prev_roots, invariants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
+from mmufuzz.fuzz.runner import run_program
+from mmufuzz.harness.ops import Ok, PageFault
+from mmufuzz.harness.shadow import ShadowTarget
+from mmufuzz.harness.shadow.hardware import NONPAGING_ROOT_ROLE, PAGING_ROOT_ROLE
+from mmufuzz.harness.shadow.spte import (ACC_ALL, ACC_EXEC_MASK, ACC_WRITE_MASK,
+                                         SHADOW_NONPRESENT_VALUE, is_mmio_spte,
+                                         is_writable_pte, make_role, role_access, role_level)
+from mmufuzz.harness.target import InvariantViolation
+
+TABLES = """\
+vm type=default vcpus=1
+memslot_add slot=0 base=0x0 npages=0x40 flags= host_offset=0
+write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p,rw
+write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p,rw
+write_pte vcpu=0 table=0x3 index=0 target=0x4 flags=p,rw
+write_pte vcpu=0 table=0x4 index=0 target=0x10 flags=p,rw
+write_pte vcpu=0 table=0x4 index=1 target=0x11 flags=p,rw
+paging vcpu=0 root=0x1
+access vcpu=0 gva=0x0 word=0 kind=write value=0x5 private=0
+"""
+
+
+def run(text: str, target=None):
+    """Run a program's text on a (fresh) shadow target, checking invariants; the outcomes."""
+    target = target or ShadowTarget()
+    program = parse_reproducer(text).program
+    target.reset(program.header)
+    outcomes = []
+    for op in program.ops:
+        outcomes.append(target.execute(op))
+        target.check_invariants()
+    return target, outcomes
+
+
+def more(target, text: str):
+    """Run more ops (text without a header) on ``target``."""
+    program = parse_reproducer("vm type=default vcpus=1\n" + text).program
+    outcomes = []
+    for op in program.ops:
+        outcomes.append(target.execute(op))
+        target.check_invariants()
+    return outcomes
+
+
+def pages(target, gfn):
+    return list(target.kvm.mmu.mmu_page_hash.get(gfn, ()))
+
+
+def test_role_word_has_kvms_bit_layout():
+    role = make_role(3, True, 5, efer_nx=True, cr0_wp=True, smm=1, guest_mode=True)
+    assert role == 3 | 1 << 7 | 5 << 8 | 1 << 12 | 1 << 13 | 1 << 17 | 1 << 24
+    assert role_level(role) == 3 and role_access(role) == 5
+    assert PAGING_ROOT_ROLE == 4 | ACC_ALL << 8 | 1 << 12 | 1 << 13
+    assert NONPAGING_ROOT_ROLE == 4 | 1 << 7 | ACC_ALL << 8
+
+
+def test_walk_builds_one_indirect_page_per_guest_table_and_write_protects_them():
+    target, outcomes = run(TABLES)
+    assert outcomes[-1] == Ok(None, 0x10000)
+    mmu = target.kvm.mmu
+    for gfn, level in ((0x1, 4), (0x2, 3), (0x3, 2), (0x4, 1)):
+        [sp] = [sp for sp in pages(target, gfn) if not sp.direct]
+        assert sp.level == level and sp.parent_ptes or sp is target.kvm.vcpus[0].root
+        # Every SPTE mapping a table gfn (the physical writes' direct map) is read-only.
+        assert not any(is_writable_pte(s.spt[i]) for s, i in mmu.rmap.get(gfn, {}))
+    assert sorted(mmu.gfn_write_track) == [0x1, 0x2, 0x3]  # upper levels only
+    leaf = [sp for sp in pages(target, 0x4) if not sp.direct][0]
+    assert leaf.spt[0] != SHADOW_NONPRESENT_VALUE and leaf.spt[2] == SHADOW_NONPRESENT_VALUE
+
+
+def test_same_gfn_and_role_is_one_page_other_access_is_another():
+    target, _ = run(TABLES)
+    # A second path to table 0x3 through a read-only PDPTE: same gfn, another role.
+    more(target, "write_pte vcpu=0 table=0x2 index=1 target=0x3 flags=p\n"
+                 "invlpg vcpu=0 gva=0x40000000\n"
+                 "access vcpu=0 gva=0x40000000 word=0 kind=read private=0\n")
+    level2 = [sp for sp in pages(target, 0x3) if not sp.direct]
+    # Guest PTEs never set U: the inherited access is exec, plus write on the RW path.
+    assert sorted(role_access(sp.role) for sp in level2) == [ACC_EXEC_MASK,
+                                                             ACC_EXEC_MASK | ACC_WRITE_MASK]
+    # The read-only path denies the write the writable path allows.
+    out = more(target, "access vcpu=0 gva=0x40000000 word=0 kind=write value=0x1 private=0\n"
+                       "access vcpu=0 gva=0x0 word=0 kind=write value=0x2 private=0\n")
+    assert out == [PageFault(0x40000000, 0x3), Ok(None, 0x10000)]
+
+
+def test_write_to_an_upper_level_table_is_emulated_and_zaps_the_entry():
+    target, _ = run(TABLES)
+    root = target.kvm.vcpus[0].root
+    assert root.spt[0] != SHADOW_NONPRESENT_VALUE
+    more(target, "write_pte vcpu=0 table=0x1 index=0 target=0x5 flags=p,rw\n")
+    assert root.spt[0] == SHADOW_NONPRESENT_VALUE   # kvm_mmu_track_write zapped it
+    # The guest flushes nothing yet it sees the new (empty) table at once: no stale path.
+    out = more(target, "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert out == [PageFault(0x0, 0x0)]
+
+
+def test_write_flooding_zaps_an_upper_level_page_written_three_times_unused():
+    target, _ = run(TABLES)
+    [level3] = [sp for sp in pages(target, 0x2) if not sp.direct]
+    more(target, "".join(f"write_pte vcpu=0 table=0x2 index={i} target=0x9 flags=p\n"
+                         for i in (5, 6, 7)))
+    assert level3.invalid or level3.freed
+    assert 0x2 not in target.kvm.mmu.gfn_write_track
+
+
+def test_last_level_table_goes_unsync_and_a_guest_flush_syncs_it():
+    target, _ = run(TABLES)
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    out = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\n"
+                       "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    # Unsync: the write was not trapped; the page's leaves went with it (docs/shadow.md),
+    # so the access walked afresh.
+    assert leaf.unsync and out[1] == Ok(0, 0x11000)
+    parent = next(iter(leaf.parent_ptes))[0]
+    assert parent.unsync_children == 1
+    # Further writes go straight to the table: the SPTE walked since is stale, as a TLB.
+    out = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x10 flags=p,rw\n"
+                       "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert out[1] == Ok(0, 0x11000)
+    out = more(target, "flush_tlb vcpu=0\naccess vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert not leaf.unsync and parent.unsync_children == 0
+    assert out[1] == Ok(0x5, 0x10000)
+
+
+def test_invlpg_syncs_only_its_address():
+    target, _ = run(TABLES + "write_pte vcpu=0 table=0x4 index=0 target=0x12 flags=p,rw\n"
+                             "access vcpu=0 gva=0x0 word=0 kind=read private=0\n"
+                             "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n")
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x14 flags=p,rw\n"
+                 "write_pte vcpu=0 table=0x4 index=1 target=0x13 flags=p,rw\n"
+                 "invlpg vcpu=0 gva=0x0\n")
+    assert leaf.unsync
+    out = more(target, "access vcpu=0 gva=0x0 word=0 kind=read private=0\n"
+                       "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n")
+    assert out == [Ok(0, 0x14000), Ok(0, 0x11000)]
+
+
+def test_mmio_spte_carries_the_generation_and_a_new_slot_makes_it_stale():
+    target, _ = run(TABLES.replace("target=0x11 flags=p,rw", "target=0x50 flags=p,rw")
+                    + "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n")
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    assert is_mmio_spte(leaf.spt[1])
+    vcpu = target.kvm.vcpus[0]
+    assert vcpu.mmio_gva == 0x1000 and vcpu.mmio_gfn == 0x50
+    out = more(target, "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n"
+                       "memslot_add slot=1 base=0x50 npages=0x1 flags= host_offset=0\n"
+                       "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n")
+    assert str(out[0]) == "mmio_exit(0x50000, read)" and out[2] == Ok(0, 0x50000)
+
+
+def test_cr3_switch_back_reuses_the_cached_root():
+    target, _ = run(TABLES + "write_pte vcpu=0 table=0x6 index=0 target=0x2 flags=p,rw\n")
+    vcpu = target.kvm.vcpus[0]
+    first = vcpu.root
+    more(target, "paging vcpu=0 root=0x6\n")
+    assert vcpu.prev_roots[0] == (0x1, first) and vcpu.root.gfn == 0x6
+    more(target, "paging vcpu=0 root=0x1\n")
+    assert vcpu.root is first
+
+
+def test_zap_all_makes_roots_obsolete_and_vcpus_reload():
+    target, _ = run(TABLES)
+    old = target.kvm.vcpus[0].root
+    out = more(target, "zap_all\naccess vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert out[1] == Ok(0x5, 0x10000)
+    assert old.freed and target.kvm.vcpus[0].root is not old
+
+
+def test_capabilities_refuse_tdx_private_and_paging_off_vcpu_0():
+    caps = ShadowTarget.capabilities
+    tdx = parse_reproducer("vm type=tdx vcpus=1\nzap_all\n").program
+    assert caps.refusal(tdx) == "header: vm type=tdx is not supported by this target"
+    private = parse_reproducer("vm type=default vcpus=2\n"
+                               "access vcpu=0 gpa=0x0 word=0 kind=read private=1\n").program
+    assert "private access" in caps.refusal(private)
+    paging = parse_reproducer("vm type=default vcpus=2\npaging vcpu=1 root=0x1\n"
+                              "paging vcpu=1 root=off\n").program
+    assert caps.refusal(paging).startswith("op 1: paging with a root on a vCPU other than 0")
+    assert caps.refusal(caps.restrict(paging)) is None
+
+
+@pytest.mark.parametrize("breakage, name", [
+    (lambda mmu, sp: mmu.mmu_page_hash[sp.gfn].append(
+        type(sp)(sp.pfn + 10**6, sp.gfn, sp.role, sp.mmu_valid_gen)), "unique_gfn_role"),
+    (lambda mmu, sp: mmu.rmap.clear(), "rmaps_and_parents_match"),
+    (lambda mmu, sp: setattr(sp, "unsync_children", 3), "unsync_bits_agree"),
+    (lambda mmu, sp: mmu.gfn_write_track.clear(), "synced_gfn_write_protected"),
+])
+def test_invariants_name_what_broke(breakage, name):
+    target, _ = run(TABLES)
+    breakage(target.kvm.mmu, target.kvm.vcpus[0].root)
+    with pytest.raises(InvariantViolation) as caught:
+        target.check_invariants()
+    assert caught.value.name == name
+
+
+def test_snapshot_restores_the_same_behaviour():
+    target, _ = run(TABLES)
+    snap = target.snapshot()
+    a = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\nflush_tlb vcpu=0\n"
+                     "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    target.restore(snap)
+    b = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\nflush_tlb vcpu=0\n"
+                     "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert a == b == [Ok(), Ok(), Ok(0, 0x11000)]
+
+
+CORPUS = sorted((Path(__file__).resolve().parent.parent / "corpus").rglob("*.repro"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_corpus_program_runs_clean_on_shadow_without_a_fault(path):
+    """Seeds and regressions of either target, run without their fault on the shadow
+    target: clean, unless the shadow target refuses the program (a TD, say)."""
+    program = load_reproducer(path).program
+    if ShadowTarget.capabilities.refusal(program) is not None:
+        pytest.skip("refused by the shadow target")
+    finding = run_program(program, ShadowTarget())
+    assert finding is None, finding.summary("shadow")
