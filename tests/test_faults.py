@@ -72,9 +72,12 @@ def test_every_branch_names_a_catalog_fault():
 
 
 def regression_path(name: str) -> Path:
-    """A fault's regression file: ``NAME.repro`` for tdp's, ``TARGET-NAME.repro`` for others."""
+    """A fault's regression file: ``NAME.repro`` where the name says its target (tdp's, and
+    ``stage2-...``), ``TARGET-NAME.repro`` where it does not (the shadow faults)."""
     target = faults.CATALOG[name].target
-    return REGRESSIONS / (f"{name}.repro" if target == "tdp" else f"{target}-{name}.repro")
+    if target == "tdp" or name.startswith(target.partition("-")[0] + "-"):
+        return REGRESSIONS / f"{name}.repro"
+    return REGRESSIONS / f"{target}-{name}.repro"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -48,8 +48,9 @@ class TdpTarget:
         if type(op) is Parallel:
             self.pair_start = "|".join(sorted((self._start_state(op.a), self._start_state(op.b))))
             self.taken = [0, 0]
-            # kvm.rcu.process is kvm.quiesce one call shallower: it runs after every step.
-            a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.rcu.process,
+            # kvm.quiesce, not kvm.rcu.process: each VM says what its quiescent points run
+            # (the shadow MMU's is SRCU's), at the price of one call per step.
+            a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce,
                               self._note_switch, self.taken)
             outcome = PairOutcome(a, b)
         else:
