@@ -44,7 +44,7 @@ import psutil
 
 from mmufuzz.harness import faults
 from mmufuzz.fuzz.atomic import write_atomic
-from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, injected_faults
+from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, file_targets, injected_faults
 from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
 from mmufuzz.fuzz.lifeline import Lifeline, die_with_parent
 from mmufuzz.fuzz.runner import make_target
@@ -495,6 +495,11 @@ def resolve_config(layout: Layout, options: Options) -> CampaignConfig:
     inject = (",".join(injected_faults(options.inject)) or NO_FAULT) if options.inject else None
     stored, _ = stored_config(layout)
     if stored is not None:
+        # A directory is data: it may name a registered target, never code to load.
+        if stored.target not in file_targets() and options.target != stored.target:
+            raise CampaignError(f"{layout.config}: target {stored.target[:80]!r} is not a "
+                                f"registered target: only the command line may name code to "
+                                f"load (repeat --target to resume this campaign)")
         for name, wanted in (("target", options.target), ("inject", inject)):
             if wanted is not None and wanted != getattr(stored, name):
                 raise CampaignError(f"{layout.root} holds a campaign with {name} "

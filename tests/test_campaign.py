@@ -148,10 +148,13 @@ def test_seeds_ship_with_the_package_and_encode_to_bytes(tmp_path):
 def test_a_directory_keeps_its_target_and_fault(tmp_path):
     layout = Layout(tmp_path)
     assert resolve_config(layout, Options(out=tmp_path)) == CampaignConfig("tdp", "none")
-    CampaignConfig(PLANTED).save(layout.config)
-    assert resolve_config(layout, Options(out=tmp_path)).target == PLANTED
+    CampaignConfig("reference").save(layout.config)
+    assert resolve_config(layout, Options(out=tmp_path)).target == "reference"
     with pytest.raises(CampaignError, match="holds a campaign with target"):
-        resolve_config(layout, Options(out=tmp_path, target="reference"))
+        resolve_config(layout, Options(out=tmp_path, target="tdp"))
+    # A stored module:factory target is kept only when the command line names it again.
+    CampaignConfig(PLANTED).save(layout.config)
+    assert resolve_config(layout, Options(out=tmp_path, target=PLANTED)).target == PLANTED
 
 
 def test_bad_fuzz_options_are_one_line_errors(tmp_path, capsys):
@@ -476,7 +479,7 @@ def test_torn_and_garbage_stats_lines_are_dropped_and_the_file_set_aside(tmp_pat
     good = stats.read_text().splitlines()
     stats.write_text(f"{good[0]}\n\x00\xff garbage\n{good[1]}\n[1, 2]\n{good[2]}\n"
                      '{"run": 2, "execs": 4')  # a run killed while it wrote its line
-    opened = campaign.Campaign(Options(out=out))
+    opened = campaign.Campaign(Options(out=out, target=PLANTED))
     opened.lock.close()
     (note,) = opened.notes
     assert note == (f"{stats}: 3 unreadable line(s) (2, 4, 6): original set aside as "
@@ -485,7 +488,7 @@ def test_torn_and_garbage_stats_lines_are_dropped_and_the_file_set_aside(tmp_pat
     assert (opened.totals.execs, opened.totals.runs, opened.totals.finished) == (30, 1, True)
     assert (out / "stats.jsonl.damaged").read_text().endswith('"execs": 4')
     # Appending goes on after a whole line, and a repaired file needs no repair again.
-    again = campaign.Campaign(Options(out=out))
+    again = campaign.Campaign(Options(out=out, target=PLANTED))
     again.lock.close()
     assert again.notes == [] and (out / "stats.jsonl.damaged").exists()
 
@@ -495,7 +498,7 @@ def test_stats_that_are_a_directory_are_set_aside_and_totals_start_again(tmp_pat
     stats = out / "stats.jsonl"
     stats.unlink()
     stats.mkdir()
-    opened = campaign.Campaign(Options(out=out))
+    opened = campaign.Campaign(Options(out=out, target=PLANTED))
     opened.lock.close()
     assert opened.notes == [f"{stats} is not a readable file: set aside as "
                             "stats.jsonl.damaged; totals start again from zero"]
@@ -525,7 +528,7 @@ def test_a_garbage_finding_is_set_aside_and_found_again(tmp_path):
     out = _damaged(tmp_path)
     (finding,) = FindingStore(out / "findings").entries()
     finding.raw.write_bytes(b"\x00garbage\nnot a reproducer\n")
-    opened = campaign.Campaign(Options(out=out))
+    opened = campaign.Campaign(Options(out=out, target=PLANTED))
     opened.lock.close()
     (note,) = opened.notes
     assert note.startswith(f"{finding.raw}: ") and note.endswith(
@@ -540,7 +543,7 @@ def test_a_garbage_minimized_reproducer_alone_is_set_aside(tmp_path):
     out = _damaged(tmp_path)
     (finding,) = FindingStore(out / "findings").entries()
     finding.minimized.write_text("vm type=nosuch\n")
-    opened = campaign.Campaign(Options(out=out))
+    opened = campaign.Campaign(Options(out=out, target=PLANTED))
     opened.lock.close()
     (note,) = opened.notes
     assert note.startswith(f"{finding.minimized}: ") and note.endswith(
@@ -610,3 +613,17 @@ def test_a_known_livelock_prefix_is_not_run_again_but_still_reported(tmp_path):
     worker.test_one_input(encode(other_prefix))
     assert target.caps == 4
     assert len(FindingStore(layout.findings).entries()) == 1
+
+
+def test_a_campaign_json_naming_code_is_refused_unless_the_command_line_names_it(tmp_path):
+    """A campaign directory is data: its campaign.json may name a registered target; code
+    (``module:factory``) is loaded only when the command line names the same target."""
+    out = tmp_path / "campaign"
+    out.mkdir()
+    CampaignConfig("os:abort").save(out / "campaign.json")
+    with pytest.raises(campaign.CampaignError, match="only the command line may name code"):
+        campaign.Campaign(Options(out=out))
+    with pytest.raises(campaign.CampaignError, match="only the command line may name code"):
+        campaign.Campaign(Options(out=out, target=PLANTED))
+    CampaignConfig(PLANTED).save(out / "campaign.json")
+    campaign.Campaign(Options(out=out, target=PLANTED)).lock.close()
