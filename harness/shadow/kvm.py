@@ -34,29 +34,18 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness.shadow.hardware import Vcpu
 from mmufuzz.harness.shadow.mmu import ShadowMmu
 from mmufuzz.harness.tdp.dirty import DirtyLogger
-from mmufuzz.harness.tdp.hostmem import Backing, HostMemory
+from mmufuzz.harness.tdp.hostmem import Backing
 from mmufuzz.harness.tdp.kvm import Kvm as TdpKvm
-from mmufuzz.harness.tdp.memslots import (DirtyLogState, Memslot, Memslots,
-                                          check_memory_region_flags)
+from mmufuzz.harness.tdp.memslots import DirtyLogState, Memslot, check_memory_region_flags
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
-from mmufuzz.harness.tdp.sched import Rcu, RwLock
 
 
 class Kvm:
     """One VM (struct kvm) whose vCPUs run on shadow paging."""
 
     def __init__(self, header: VmHeader):
-        self.vm_type = header.type
-        self.host = HostMemory()
+        TdpKvm.init_common(self, header)  # the generic struct kvm
         self.pgalloc = PageTableAllocator(self.host)
-        self.memslots = Memslots()
-        self.mmu_lock = RwLock()
-        self.slots_lock = RwLock()
-        self.srcu = Rcu()
-        self.mmu_invalidate_seq = 0
-        self.mmu_invalidate_in_progress = 0
-        self.mmu_invalidate_range = (0, 0)
-        self.mn_active_invalidate_count = 0
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.mmu = ShadowMmu(self)
         self.dirty_log = ShadowDirtyLogger(self)

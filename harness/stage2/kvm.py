@@ -24,10 +24,7 @@ from mmufuzz.harness.stage2.hardware import Tlbi, Vcpu
 from mmufuzz.harness.stage2.pgtable import KvmPgtable
 from mmufuzz.harness.tdp import memslots, notifier
 from mmufuzz.harness.tdp.attributes import MemoryAttributes
-from mmufuzz.harness.tdp.hostmem import HostMemory
 from mmufuzz.harness.tdp.kvm import Kvm
-from mmufuzz.harness.tdp.memslots import Memslots
-from mmufuzz.harness.tdp.sched import Rcu, RwLock
 
 
 class Stage2Kvm(Kvm):
@@ -35,21 +32,11 @@ class Stage2Kvm(Kvm):
     stage 2, every walk is exclusive, and an unlinked table is freed at once."""
 
     def __init__(self, header: VmHeader, protected: bool = False):
-        # Not Kvm.__init__: that builds the TDP MMU.  The fields are the same struct kvm.
-        self.vm_type = header.type
+        # Not Kvm.__init__: that builds the TDP MMU.  The generic struct kvm is the same.
+        self.init_common(header)
         self.tdx = False
         self.protected = protected
-        self.host = HostMemory()
-        self.memslots = Memslots()
         self.attributes = MemoryAttributes()
-        self.mmu_lock = RwLock()
-        self.slots_lock = RwLock()
-        self.rcu = Rcu()
-        self.srcu = Rcu()
-        self.mmu_invalidate_seq = 0
-        self.mmu_invalidate_in_progress = 0
-        self.mmu_invalidate_range = (0, 0)
-        self.mn_active_invalidate_count = 0
         self.sept = None
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.tlbi = Tlbi(self.vcpus)

@@ -45,13 +45,23 @@ class Kvm:
     """One VM (struct kvm), created from a program header."""
 
     def __init__(self, header: VmHeader):
-        self.vm_type = header.type
+        self.init_common(header)
         self.tdx = header.type is VmType.TDX
         self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
-        self.host = HostMemory()
         self.pgalloc = PageTableAllocator(self.host)
-        self.memslots = Memslots()
         self.attributes = MemoryAttributes()
+        self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
+        self.sept = SecureEpt(self) if self.tdx else None
+        self.mmu = TdpMmu(self)
+        self.dirty_log = DirtyLogger(self)
+
+    def init_common(self, header: VmHeader) -> None:
+        """The architecture-neutral fields of struct kvm (virt/kvm/kvm_main.c), which every
+        MMU here (TDP, shadow, stage 2) builds on: host memory, memslots, the locks and
+        the mmu-notifier invalidation sequence."""
+        self.vm_type = header.type
+        self.host = HostMemory()
+        self.memslots = Memslots()
         self.mmu_lock = RwLock()
         self.slots_lock = RwLock()
         self.rcu = Rcu()
@@ -61,10 +71,6 @@ class Kvm:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range = (0, 0)
         self.mn_active_invalidate_count = 0
-        self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
-        self.sept = SecureEpt(self) if self.tdx else None
-        self.mmu = TdpMmu(self)
-        self.dirty_log = DirtyLogger(self)
 
     # --- mmu-notifier invalidation sequence -------------------------------------
 
