@@ -21,7 +21,9 @@ from mmufuzz.harness.ops import (
     PFERR_WRITE_MASK,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    PTE_ACCESSED,
     PTE_ADDR_MASK,
+    PTE_DIRTY,
     UNSUPPORTED,
     WORDS_PER_PAGE,
     Access,
@@ -67,6 +69,16 @@ _PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, Pte
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
 
 
+class SetBits:
+    """The value of the guest walker's write of A/D bits into a guest PTE: a locked OR
+    (the CPU's atomic update of the entry), done when the write lands."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+
 def _ept_needs(kind) -> int:
     """The EPT permission bit an access of ``kind`` needs (no enum hashing: hot path)."""
     if kind is WRITE:
@@ -76,6 +88,9 @@ def _ept_needs(kind) -> int:
 
 class Vcpu:
     """One vCPU: CR3, its TLBs, and the memslot lookup cache (last_used_slot)."""
+
+    # x86 KVM emulates the instruction whose guest walk exited (table_without_slot).
+    emulates_walk_exits = True
 
     def __init__(self, kvm, index: int):
         self.kvm, self.index = kvm, index
@@ -202,6 +217,8 @@ class Vcpu:
         host = self.kvm.host
         word = (gpa >> 3) & (WORDS_PER_PAGE - 1)
         if kind is WRITE:
+            if type(value) is SetBits:
+                value = host.read(pfn, word) | value.bits
             host.write(pfn, word, value)
             if not private:
                 self.kvm.dirty_log.note_guest_write(gpa >> PAGE_SHIFT)
@@ -320,18 +337,29 @@ class Vcpu:
                 return out
 
     def _walk_guest(self, gva: int, kind):
-        """Generator: one walk of the guest's tables (or a TLB hit) for ``translate``."""
+        """Generator: one walk of the guest's tables (or a TLB hit) for ``translate``.
+
+        A completed walk that permits the access sets A in every entry it used
+        and D in the leaf of a write (SEMANTICS §F), after the permission check
+        as KVM's walker does.  The TLB caches a translation writable only if
+        its leaf is dirty: a write through a clean one walks again to set D.
+        """
         gpa = self._linear_hit(gva, kind)
         if gpa is not None:
             return gpa
         access_bits = _PF_ACCESS_BITS[kind]
         table, level = self.cr3, ROOT_LEVEL
         writable = executable = True
+        used = []  # (entry gpa, entry) per level, root first
         while True:
             shift = PAGE_SHIFT + 9 * (level - 1)
-            out = yield from self.physical((table << PAGE_SHIFT) + 8 * ((gva >> shift) & 511),
-                                           READ, None, False, False)
+            pte_gpa = (table << PAGE_SHIFT) + 8 * ((gva >> shift) & 511)
+            out = yield from self.physical(pte_gpa, READ, None, False, False)
             if type(out) is not Ok:
+                if type(out) is MmioExit and not self.kvm.tdx:
+                    out = self.table_without_slot(gva, kind, pte_gpa)
+                    if type(out) is PageFault:
+                        self._drop_linear(gva)
                 return out
             pte = out.value
             if not pte & _PTE_P:
@@ -342,6 +370,7 @@ class Vcpu:
                 return PageFault(gva, PFERR_PRESENT_MASK | PFERR_RSVD_MASK | access_bits)
             writable = writable and bool(pte & _PTE_RW)
             executable = executable and not pte & _PTE_NX
+            used.append((pte_gpa, pte))
             if level == PG_LEVEL_4K or pte & _PTE_PS:
                 break
             table, level = (pte & PTE_ADDR_MASK) >> PAGE_SHIFT, level - 1
@@ -349,8 +378,27 @@ class Vcpu:
         if (kind is WRITE and not writable) or (kind is FETCH and not executable):
             self._drop_linear(gva)
             return PageFault(gva, PFERR_PRESENT_MASK | access_bits)
+        for index, (pte_gpa, entry) in enumerate(used):
+            bits = PTE_ACCESSED | (PTE_DIRTY if kind is WRITE and index == len(used) - 1 else 0)
+            if entry & bits != bits:
+                yield from self.physical(pte_gpa, WRITE, SetBits(bits), False, False)
         gpa_base = pte & PTE_ADDR_MASK & -size
         tlb = self.tlb_4k if level == PG_LEVEL_4K else self.tlb_2m
-        tlb[gva >> shift] = (gpa_base, writable, executable)
+        tlb[gva >> shift] = (gpa_base, writable and (kind is WRITE or bool(pte & PTE_DIRTY)),
+                             executable)
         return gpa_base + (gva & (size - 1))
 
+    def table_without_slot(self, gva: int, kind, pte_gpa: int):
+        """What the walk gives when the guest table entry at ``pte_gpa`` has no memslot.
+
+        The CPU's walk exits (an EPT violation, an MMIO SPTE), and KVM emulates
+        the instruction: its walker faults on the table (an error hva is a
+        not-present #PF), unless the data operand's page offset equals the
+        entry's: the emulator then takes the exit's gpa for the operand's
+        (x86.c, ``emulator_read_write_onepage``, ``gpa_available``; the
+        instruction fetch never does) and exits to userspace there.
+        """
+        if (self.emulates_walk_exits and kind is not FETCH
+                and not (gva ^ pte_gpa) & ((1 << PAGE_SHIFT) - 1)):
+            return MmioExit(pte_gpa, kind is WRITE)
+        return PageFault(gva, _PF_ACCESS_BITS[kind])
