@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from mmufuzz.fuzz.corpus import replay
-from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
+from mmufuzz.bench import throughput
+from mmufuzz.fuzz.encoding import decode, encode, load_reproducer, parse_reproducer
 from mmufuzz.fuzz.mutator import mutate
 from mmufuzz.fuzz.runner import run_program
 from mmufuzz.harness.kvm import APIC_GFN, KvmCapabilities, KvmTarget
@@ -303,3 +304,20 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@needs_kvm
+def test_bench_replay_loop_runs_the_programs_bent_to_the_target(tmp_path):
+    """The throughput phase's plain replay runs what a kvm campaign worker runs: the
+    corpus's programs without the ops this target refuses (here, `split`)."""
+    prog = program("""\
+memslot_add slot=0 base=0x100 npages=0x10 flags= host_offset=0
+split slot=0
+access vcpu=0 gpa=0x100000 word=0 kind=write value=0x1 private=0
+access vcpu=1 gpa=0x100000 word=0 kind=read private=0
+""")
+    (tmp_path / "input").write_bytes(encode(prog))
+    results = []
+    throughput.replay_loop(results.append, str(tmp_path), "kvm", 1e-9)  # one pass
+    assert results[0]["execs"] == 1
+    assert results[0]["ops"] == len(CAPS.restrict(decode(encode(prog))).ops) == 3
