@@ -75,7 +75,7 @@ class PteFlag(enum.IntFlag):
     NX = 1 << 63
 
 
-# A and D are always set by write_pte: the walker never writes them (SEMANTICS §F).
+# write_pte always sets A and D; a guest walk sets them where missing (SEMANTICS §F).
 PTE_ACCESSED = 1 << 5
 PTE_DIRTY = 1 << 6
 PTE_ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
