@@ -17,6 +17,7 @@ and a vCPU's hardware walk, at the same points as the kernel could.
 Table pages are refcounted as the kernel's struct page: one reference for the
 page itself plus one per non-zero entry.  The last ``put_page`` frees it, and a
 freed page is poison: any later read or write raises ``walker_read_freed_table``.
+Freeing a page that a live entry still links is ``reachable_freed_table`` at once.
 """
 
 from __future__ import annotations
