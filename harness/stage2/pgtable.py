@@ -203,7 +203,7 @@ class KvmPgtable:
         """
         table.refcount -= 1
         if table.refcount == 0:
-            level = self.hardware_reach(table)
+            level = self.linked_at(table)
             if level is not None:
                 raise InvariantViolation("reachable_freed_table", f"gfn={table.gfn:#x} "
                                          f"level={table.level} pfn={table.pfn:#x} freed while "
@@ -214,7 +214,7 @@ class KvmPgtable:
             raise InvariantViolation("double_free_table", f"gfn={table.gfn:#x} "
                                      f"level={table.level} pfn={table.pfn:#x}")
 
-    def hardware_reach(self, table: S2Table):
+    def linked_at(self, table: S2Table):
         """The level of the live entry that still links ``table``, or None.
 
         The entry a walk from the root for the table's gfn reaches one level up;
