@@ -128,8 +128,7 @@ _STAGE2_FAULTS = (
           "break-before-make\"): the teardown must follow the break; pKVM frees at once. Series "
           "https://lore.kernel.org/kvmarm/20220830194132.962932-1-oliver.upton@linux.dev/",
           "the map walker's pre-order callback tears the old subtree down before it breaks the "
-          "table entry and invalidates its range: hardware walkers still reach freed pages",
-          concurrent=True),
+          "table entry and invalidates its range: hardware walkers still reach freed pages"),
     Fault("stage2-table-break-tlbi-ipa", "stage2",
           "KVM commit 5c359cca1faf (the removed code's own comment: a table has 'numerous leaf "
           "entries below us which would otherwise need invalidating individually'); mainline "
