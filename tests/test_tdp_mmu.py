@@ -35,6 +35,7 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness import faults
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.harness.tdp.sched import run
 from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     SHADOW_NONPRESENT_VALUE,
@@ -371,3 +372,96 @@ def test_unlogged_write_is_an_invariant_violation():
     with pytest.raises(InvariantViolation) as error:
         vm.target.check_invariants()
     assert error.value.name == "dirty_log_covers_writes"
+
+
+# --- roots: fast zap_all, references, obsolete roots ------------------------------------------
+
+def test_zap_all_invalidates_the_root_and_vcpus_move_to_a_new_one():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1, vcpu=0)
+    vm.read(0x301, vcpu=1)
+    mmu = vm.kvm.mmu
+    old = mmu.direct_root
+    assert mmu.root_count[old] == 3            # the TDP MMU's and two vCPUs'
+    table = vm.table_at_2m(0x300)
+    vm.do(ZapAll())
+    assert mmu.is_invalid(old) and old.refcount == 0 and table.freed
+    assert mmu.root_count[old] == 2 and mmu.direct_root is None   # the MMU's reference is put
+    assert vm.read(0x300, vcpu=0) == Ok(1)     # vCPU 0 reloads onto a fresh root
+    new = mmu.direct_root
+    assert new is not old and vm.kvm.vcpus[0].root is new and mmu.root_count[new] == 2
+    assert vm.read(0x301, vcpu=1) == Ok(0)     # the last reference: the old root goes
+    assert old not in mmu.tdp_mmu_roots and old.freed
+    assert mmu.root_count[new] == 3
+
+
+def test_zap_all_spares_the_mirror_root():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x200, PRIVATE, 0))
+    vm.do(SetAttributes(0x200, 1, True))
+    vm.read(0x200, private=True)
+    mirror = vm.kvm.mmu.mirror_root
+    leaf = vm.leaf(0x200, private=True)
+    vm.do(ZapAll())
+    assert not vm.kvm.mmu.is_invalid(mirror) and vm.leaf(0x200, private=True) == leaf
+
+
+def _fault_started_then_zap_all(vm):
+    """vCPU 0's read of 0x300 parked inside the fault handler (root chosen, mmu_lock not yet
+    taken), then a whole zap_all; returns the access, to be finished."""
+    kvm = vm.kvm
+    access = kvm.run(Access(0, 0x300 << 12, False, 0, AccessKind.READ, None, False))
+    while not kvm.srcu._readers:               # kvm_mmu_page_fault holds kvm->srcu
+        next(access)
+    assert run(kvm.run(ZapAll())) == OK
+    kvm.quiesce()
+    return access
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_a_fault_on_an_obsolete_root_retries_on_the_new_one(inject):
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.read(0x200)                             # vCPU 0 has the first root loaded
+    old = vm.kvm.mmu.direct_root
+    with faults.injected(["fault-on-obsolete-root"] if inject else []):
+        access = _fault_started_then_zap_all(vm)
+        assert run(access) == Ok(0)
+    vm.kvm.quiesce()
+    if inject:       # mapped behind the zap into the obsolete root, whose last put frees
+        assert old.refcount == 1 and old.freed   # it: the tables under it leak
+        with pytest.raises(InvariantViolation) as error:
+            vm.target.check_invariants()
+        assert error.value.name == "leaked_table_page"
+    else:
+        assert old.refcount == 0 and vm.kvm.vcpus[0].root is not old
+        vm.target.check_invariants()
+
+
+def test_root_refcounts_catches_a_lost_reference():
+    vm = huge_vm()
+    vm.read(0x200)
+    vm.kvm.mmu.root_count[vm.kvm.mmu.direct_root] += 1
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.check_invariants()
+    assert error.value.name == "root_refcounts"
+
+
+# --- the non-present value -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault, ops", [
+    ("table-init-zero", ()),
+    ("nonpresent-zero", (MemslotDelete(0),)),                  # a zap under mmu_lock for write
+    ("nonpresent-zero", (HostInvalidate(0x200, 1),)),
+])
+def test_a_zero_entry_is_a_nonpresent_value_violation_and_a_ve_in_a_td(fault, ops):
+    with faults.injected([fault]):
+        vm = Vm(tdx=True)
+        vm.do(MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0)) if fault != "table-init-zero" \
+            else vm.target.execute(MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0))
+        if fault != "table-init-zero":
+            vm.read(0x200)
+        for op in ops:
+            vm.target.execute(op)
+        with pytest.raises(InvariantViolation) as error:
+            vm.target.check_invariants()
+        assert error.value.name == "nonpresent_value"
