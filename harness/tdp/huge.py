@@ -213,7 +213,7 @@ def recover_range(kvm, root, slot, private: bool):
 
 
 def recover_slot(kvm, slot):
-    """Generator: kvm_mmu_zap_collapsible_sptes for one slot (and the TDX merge)."""
+    """Generator: kvm_mmu_recover_huge_pages for one slot (and the TDX merge)."""
     yield from kvm.mmu_lock.read_lock()
     for root in kvm.mmu.direct_roots(only_valid=True):
         yield from recover_range(kvm, root, slot, private=False)
