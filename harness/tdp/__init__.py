@@ -112,7 +112,8 @@ class TdpTarget:
         kvm = self.kvm
         gfn = getattr(op, field) >> PAGE_SHIFT
         private = kvm.tdx and (type(op) is Accept or op.private)
-        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        root = kvm.mmu.root(private)
+        level, leaf = kvm.mmu.walk_depth(root, gfn) if root is not None else (0, False)
         return OP_NAMES[type(op)], gfn, private, level, leaf
 
     def _mapping(self, op):

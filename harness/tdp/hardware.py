@@ -65,6 +65,9 @@ _SHIFT_2M = PAGE_SHIFT + 9
 _PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, PteFlag.RW,
                                                       PteFlag.NX))
 
+# The gfn shift that keys a cached table at each level: a table at level L covers 512**L gfns.
+_CACHE_SHIFT = (0,) + tuple(9 * level for level in range(1, ROOT_LEVEL + 1))
+
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
 
@@ -99,15 +102,48 @@ class Vcpu:
         self.tlb_private: dict[int, int] = {}              # gfn -> pfn (accepted pages only)
         self.tlb_4k: dict[int, tuple[int, bool, bool]] = {}  # gva >> 12 -> (gpa, w, x)
         self.tlb_2m: dict[int, tuple[int, bool, bool]] = {}  # gva >> 21 -> (gpa, w, x)
+        # The EPT paging-structure caches (SDM vol. 3 §29.4.2): (level, gfn >> 9*level) ->
+        # the table at ``level`` the walk reached through a cached upper-level entry.
+        self.walk_cache: dict[tuple[int, int], object] = {}
         self.flush_epoch = 0
         self._last_used_slot = (-1, None)
+        # mmu->root.hpa, a reference to a direct root, loaded on entry; and whether
+        # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS is pending.
+        self.root = None
+        self.obsolete_roots_request = False
+
+    # --- roots ------------------------------------------------------------------
+
+    def request_free_obsolete_roots(self) -> None:
+        """kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), mmu_lock held for
+        write: the vCPU is kicked out of the guest (a walk in flight aborts) and enters
+        again only on a freshly loaded root, whose load flushes its translations
+        (kvm_mmu_load's flush_tlb_current; dropped here at the kick, as nothing can use
+        them in between)."""
+        self.obsolete_roots_request = True
+        self.flush_guest_physical()
+
+    def mmu_reload(self):
+        """The root this vCPU runs on: vcpu_enter_guest handles the request
+        (kvm_mmu_free_obsolete_roots puts an invalid root), then kvm_mmu_reload loads one
+        (kvm_tdp_mmu_alloc_root takes a reference)."""
+        if self.obsolete_roots_request:
+            self.obsolete_roots_request = False
+            if self.root is not None and self.kvm.mmu.is_invalid(self.root):
+                self.kvm.mmu.put_root(self.root)
+                self.root = None
+        if self.root is None:
+            self.root = self.kvm.mmu.alloc_root()
+        return self.root
 
     # --- flushes ----------------------------------------------------------------
 
     def flush_guest_physical(self) -> None:
-        """INVEPT: forget gpa translations and abort any walk in flight."""
+        """INVEPT: forget gpa translations and cached upper-level entries, and abort any
+        walk in flight."""
         self.tlb_shared.clear()
         self.tlb_private.clear()
+        self.walk_cache.clear()
         self.flush_epoch += 1
 
     def flush_linear(self) -> None:
@@ -252,28 +288,56 @@ class Vcpu:
     def _walk_ept(self, gfn: int, kind):
         """Generator: the hardware walk of the direct root; caches a usable leaf.
 
-        A flush while the walk is in flight aborts it (the IPI forced an exit),
-        so it restarts from the root.
+        The walk starts at the deepest table its paging-structure caches hold
+        for ``gfn`` and caches every table it steps into: an entry that
+        unlinked a table is used until a flush drops it, which is why KVM must
+        flush before a removed table can be freed.  An EPT violation drops the
+        cached entries for its gpa (SDM vol. 3 §29.4.3.1).  A flush while the
+        walk is in flight aborts it (the IPI forced an exit), so it restarts.
         """
         kvm = self.kvm
+        cache = self.walk_cache
         while True:
             epoch = self.flush_epoch
-            page, level = kvm.mmu.direct_root, ROOT_LEVEL
+            page, level = self._walk_start(gfn)
             while True:
                 spte = page.spt[spte_index(gfn, level)]
                 yield
                 if self.flush_epoch != epoch:
                     break
                 if not is_shadow_present_pte(spte):
+                    self._drop_walk_cache(gfn)
                     return self._nonpresent(spte, gfn)
                 if is_last_spte(spte, level):
                     if not spte & _ept_needs(kind):
+                        self._drop_walk_cache(gfn)
                         return _VIOLATION
                     pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
                     self.tlb_shared[gfn] = (pfn, spte & (PT_READABLE_MASK | PT_WRITABLE_MASK
                                                          | PT_EXECUTABLE_MASK))
                     return None
                 page, level = kvm.mmu.alloc.child(spte), level - 1
+                cache[(level, gfn >> _CACHE_SHIFT[level])] = page
+
+    def _walk_start(self, gfn: int):
+        """(table, level) an EPT walk of ``gfn`` starts at: the deepest cached table, else
+        the root."""
+        root = self.mmu_reload()
+        cache = self.walk_cache
+        if cache:
+            for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
+                page = cache.get((level, gfn >> _CACHE_SHIFT[level]))
+                if page is not None:
+                    return page, level
+        return root, ROOT_LEVEL
+
+    def _drop_walk_cache(self, gfn: int) -> None:
+        """An EPT violation (or misconfiguration) at ``gfn`` invalidates the cached entries
+        that would translate it."""
+        cache = self.walk_cache
+        if cache:
+            for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
+                cache.pop((level, gfn >> _CACHE_SHIFT[level]), None)
 
     def _nonpresent(self, spte: int, gfn: int):
         """What hardware does with a non-present EPT entry (SEMANTICS §E)."""
