@@ -118,7 +118,7 @@ def test_meta_keeps_a_finding_line_with_colons_whole():
 def test_parallel_of_one_vcpu_twice_is_rejected():
     text = ("vm type=default vcpus=2\nparallel a=(flush_tlb vcpu=1) b=(invlpg vcpu=1 gva=0x0) "
             "schedule=0x0\n")
-    with pytest.raises(ReproError, match=r"<string>:2: field 'b': both sides run on vcpu 1"):
+    with pytest.raises(ReproError, match=r"<string>:2: field 'b': a and b both run on vcpu 1"):
         parse_reproducer(text)
 
 

@@ -35,7 +35,7 @@ def _trace(steps_a: int, steps_b: int, schedule: int) -> str:
             log.append(name)
             yield
         log.append(name)
-    interleave(side("a", steps_a), side("b", steps_b), schedule)
+    interleave([side("a", steps_a), side("b", steps_b)], schedule)
     return "".join(log)
 
 

@@ -205,7 +205,7 @@ def _steps(log, name, n):
 
 def test_interleave_follows_schedule_bits_then_round_robin():
     log = []
-    assert interleave(_steps(log, "a", 3), _steps(log, "b", 3), 0b110) == ("a", "b")
+    assert interleave([_steps(log, "a", 3), _steps(log, "b", 3)], 0b110) == ("a", "b")
     assert log[:3] == ["a0", "b0", "b1"]
     assert sorted(log) == ["a0", "a1", "a2", "b0", "b1", "b2"]
 
@@ -224,7 +224,7 @@ def test_blocked_side_lets_the_other_run_and_deadlock_is_a_hang():
         lock.read_unlock()
         return "r"
 
-    assert interleave(writer(), reader(), 0b10) == ("w", "r")
+    assert interleave([writer(), reader()], 0b10) == ("w", "r")
     held = RwLock()
     held.writer = True
     with pytest.raises(Hang):
