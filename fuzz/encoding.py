@@ -277,7 +277,8 @@ def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
         if cls is Access and item.name == "addr":
             kwargs["virtual"] = present[0] == "gva"
     if given:
-        raise _FieldError(next(iter(given)), f"unknown field for {OP_NAMES.get(cls, 'vm')}")
+        hint = f" (its actors are {', '.join(SIDE_NAMES)})" if cls is Parallel else ""
+        raise _FieldError(next(iter(given)), f"unknown field for {OP_NAMES.get(cls, 'vm')}{hint}")
     return kwargs
 
 
