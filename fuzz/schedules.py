@@ -22,6 +22,12 @@ ops before the pair run once and each variant resumes from that checkpoint: it
 runs the pair and its tail only.  The pairs come from the programs the worker
 runs, and from the collisions of each input that showed new behaviour: its
 ops run in parallel with the ops that can race them, pairing by pairing.
+
+A ``parallel`` of three or four actors (a "pair" below is any ``parallel``)
+is explored the same way over every actor: each one preempted after k steps,
+the others then running in each order, and a sample of the schedules where
+the actor that preempted it is preempted in turn.  With two actors these are
+the schedules two-actor exploration always ran, in the same order.
 """
 
 from __future__ import annotations
@@ -91,14 +97,8 @@ def _alternate(*lists) -> list:
     return [s for turn in itertools.zip_longest(*lists) for s in turn if s is not None]
 
 
-def two_preemption_schedules(*taken: int) -> Iterator[int]:
-    """Every distinct schedule with two preemptions, earliest preemptions first.
-
-    ``taken`` is the steps each actor took in a run.  An actor ``x`` is
-    preempted after k steps by ``y``, which is preempted after m; then ``x``
-    and the others run in turn (``x`` for the rest of its steps, the others
-    for theirs, the last until done), in every order.
-    """
+def _two_preemption_choices(taken) -> Iterator[tuple]:
+    """``(first, k, second, m, rest)`` of every two-preemption schedule, earliest first."""
     actors = len(taken)
     limit = schedule_horizon(actors) - 1
     steps = [min(t, limit) for t in taken]
@@ -107,11 +107,25 @@ def two_preemption_schedules(*taken: int) -> Iterator[int]:
         for first, second in pairs:
             rests = _rests(actors, (second,))
             for k in range(max(1, total - steps[second] + 1), min(steps[first], total)):
-                m = total - k
                 for rest in rests:
-                    runs = [(first, k), (second, m)]
-                    runs += [(a, taken[a] - (k if a == first else 0)) for a in rest]
-                    yield preemptions(runs, actors)
+                    yield first, k, second, total - k, rest
+
+
+def _two_preemptions(taken, choice: tuple) -> int:
+    first, k, second, m, rest = choice
+    runs = [(first, k), (second, m)] + [(a, taken[a] - (k if a == first else 0)) for a in rest]
+    return preemptions(runs, len(taken))
+
+
+def two_preemption_schedules(*taken: int) -> Iterator[int]:
+    """Every distinct schedule with two preemptions, earliest preemptions first.
+
+    ``taken`` is the steps each actor took in a run.  An actor ``x`` is
+    preempted after k steps by ``y``, which is preempted after m; then ``x``
+    and the others run in turn (``x`` for the rest of its steps, the others
+    for theirs, the last until done), in every order.
+    """
+    return (_two_preemptions(taken, choice) for choice in _two_preemption_choices(taken))
 
 
 def bounded_schedules(*taken: int) -> Iterator[int]:
@@ -147,8 +161,9 @@ def sampled_two_preemptions(taken, rng: random.Random,
     the first few pairs, while a sample per pair reaches many pairs, and a
     state seen again gets another sample.
     """
-    schedules = list(two_preemption_schedules(*taken))
-    yield from rng.sample(schedules, min(count, len(schedules)))
+    choices = list(_two_preemption_choices(taken))  # (the schedules are built when drawn)
+    for choice in rng.sample(choices, min(count, len(choices))):
+        yield _two_preemptions(taken, choice)
 
 
 def _variants(program: Program, index: int, schedules) -> Iterator[Program]:

@@ -1,8 +1,9 @@
-"""``parallel``: two ops interleaved at the yield points, for every short schedule.
+"""``parallel``: two to four ops interleaved at the yield points, for many schedules.
 
 Each pair is replayed under many schedules from the same starting program;
 every pair of outcomes must be explained by ``a;b`` or ``b;a`` and every
-invariant must hold once both sides (and the RCU callbacks) are done.
+invariant must hold once both sides (and the RCU callbacks) are done.  The
+last tests race three and four actors.
 """
 
 from __future__ import annotations
