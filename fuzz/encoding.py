@@ -523,7 +523,8 @@ _PARALLEL_WEIGHTS = {2: 24, 3: 4, 4: 2}
 assert sum(w for _, w in _OP_WEIGHTS) + sum(_PARALLEL_WEIGHTS.values()) == 256
 # An opcode stands for (op class, actors); actors is 0 for a simple op.
 _OPCODES = (tuple((OP_CLASSES[name], 0) for name, weight in _OP_WEIGHTS for _ in range(weight))
-            + tuple((Parallel, n) for n, weight in _PARALLEL_WEIGHTS.items() for _ in range(weight)))
+            + tuple((Parallel, n) for n, weight in _PARALLEL_WEIGHTS.items()
+                    for _ in range(weight)))
 _FIRST_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_OPCODES)}
 _SIMPLE_OPCODES = _OPCODES[:sum(w for _, w in _OP_WEIGHTS)]
 _FIRST_SIMPLE_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_SIMPLE_OPCODES)}

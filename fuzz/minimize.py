@@ -257,9 +257,10 @@ def _shared(op):
     """``op`` with private memory taken out; None for an op that only serves it."""
     if isinstance(op, Parallel):
         shared = [_shared(side) for side in op.sides]
-        if not any(shared):
+        if all(side is None for side in shared):
             return None
-        result = Parallel.of([new or old for new, old in zip(shared, op.sides)], op.schedule)
+        result = Parallel.of([old if new is None else new for new, old in zip(shared, op.sides)],
+                             op.schedule)
         for index in reversed(range(len(shared))):
             if shared[index] is None:
                 result = result.without(index)  # the sides that stay keep their order
@@ -369,7 +370,8 @@ def _simpler_ops(op) -> list:
         sides = op.sides
         variants += dict.fromkeys(sides + tuple(op.without(i) for i in reversed(range(len(sides)))))
         for name, side in zip(SIDE_NAMES, sides):
-            variants += [dataclasses.replace(op, **{name: simpler}) for simpler in _simpler_ops(side)]
+            variants += [dataclasses.replace(op, **{name: simpler})
+                         for simpler in _simpler_ops(side)]
     for item in dataclasses.fields(op):
         for simpler in _simpler_values(getattr(op, item.name), domain(type(op), item.name)):
             variants.append(dataclasses.replace(op, **{item.name: simpler}))

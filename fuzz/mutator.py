@@ -21,8 +21,8 @@ import dataclasses
 import random
 from typing import Callable, Iterator, Optional
 
-from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Parallel, Program,
-                                 VmHeader, VmType, domain, gpa_field, op_gfns, op_vcpu)
+from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Parallel,
+                                 Program, VmHeader, VmType, domain, gpa_field, op_gfns, op_vcpu)
 from mmufuzz.fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.

@@ -5,9 +5,10 @@ reference judges the outcome; the first disallowed outcome, broken invariant or
 target exception ends the run with a :class:`Finding`.
 
 The reference may allow several outcomes (SEMANTICS §B) and, for ``parallel``,
-several resulting states, one per order of its sides (§H).  The runner therefore keeps a short list of
-candidate reference states consistent with everything the target did so far;
-outside ``parallel`` the list holds exactly one state.
+several resulting states, one per order of its sides (§H).  The runner
+therefore keeps a short list of candidate reference states consistent with
+everything the target did so far; outside ``parallel`` the list holds exactly
+one state.
 """
 
 from __future__ import annotations

@@ -409,6 +409,7 @@ def schedule_horizon(actors: int) -> int:
         horizon += 1
     return horizon
 
+
 # The op kinds in their canonical order; the name is the text keyword.
 OP_NAMES: dict[type, str] = {
     MemslotAdd: "memslot_add", MemslotDelete: "memslot_delete", MemslotMove: "memslot_move",
