@@ -171,6 +171,17 @@ _STAGE2_FAULTS = (
           "invalid\"): read the MMU notifier seq before the lookup",
           "user_mem_abort snapshots mmu_invalidate_seq after looking up the pfn, so an "
           "invalidation in between goes unseen and the stale pfn is mapped", concurrent=True),
+    Fault("stage2-free-unlinked-no-rcu", "stage2",
+          "KVM commits c3119ae45dfb (\"KVM: arm64: Protect stage-2 traversal with RCU\": "
+          "shared walks run under rcu_read_lock and mmu.c's stage2_free_unlinked_table frees "
+          "through call_rcu; posted through v3 as \"KVM: arm64: Free removed stage-2 tables "
+          "in RCU callback\") and 5c359cca1faf (\"KVM: arm64: Tear down unlinked stage-2 "
+          "subtree after break-before-make\": the teardown is indirected because RCU is not "
+          "available to pKVM), applied series https://lore.kernel.org/r/"
+          "20221107215644.1895162-1-oliver.upton@linux.dev",
+          "a normal VM frees an unlinked subtree at once (pKVM's path) instead of after an RCU "
+          "grace period: a concurrent fault's shared walk still inside the old table reads "
+          "the freed page", concurrent=True),
 )
 
 _SHADOW_FAULTS = (

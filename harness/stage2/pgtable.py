@@ -233,7 +233,14 @@ class KvmPgtable:
         return level if kvm_pte_table(pte, level) and kvm_pte_to_pfn(pte) == table.pfn else None
 
     def free_unlinked_table_rcu(self, table: S2Table, level: int) -> None:
-        """stage2_free_unlinked_table (mmu.c): free the subtree after a grace period."""
+        """stage2_free_unlinked_table (mmu.c): free the subtree after a grace period.
+
+        The break's TLBI already took the subtree from hardware walkers; the grace
+        period is for shared software walkers (other faults) still inside it.
+        """
+        if faults.active("stage2-free-unlinked-no-rcu"):
+            self.free_unlinked(table, level)  # pKVM's immediate path on a normal VM
+            return
         self.rcu.call_rcu(lambda: self.free_unlinked(table, level))
 
     def free_unlinked(self, table: S2Table, level: int) -> None:
