@@ -361,6 +361,30 @@ def test_every_bounded_schedule_of_a_race_runs_clean(race, cls):
         assert finding is None, (hex(schedule), finding.summary(cls.name))
 
 
+# A fault that read the slot as logging walks into a 2M range's page table; memslot_set_flags
+# clears logging; recover reads it as not logging and coalesces the range while the fault's
+# shared walk is still inside the old table.  Only the RCU deferral keeps that table alive.
+RCU_RACE = ("vm type=default vcpus=1\n" + HUGE_SLOT.replace("host_huge", "host_huge,dirty_log")
+            + _read(0, 0x200) + "parallel a=(" + _read(0, 0x201).strip()
+            + ") b=(memslot_set_flags slot=0 flags=host_huge) c=(recover) schedule=0x0\n")
+
+
+def test_a_shared_walker_inside_a_coalesced_table_needs_the_grace_period():
+    target = Stage2Target()
+    assert run_program(parse_reproducer(RCU_RACE).program, target) is None
+    assert len(target.taken) == 3
+    freed = 0
+    for schedule in bounded_schedules(*target.taken):
+        variant = parse_reproducer(RCU_RACE.replace("schedule=0x0", f"schedule={schedule:#x}"))
+        assert run_program(variant.program, Stage2Target()) is None, hex(schedule)
+        with faults.injected(["stage2-free-unlinked-no-rcu"]):
+            finding = run_program(variant.program, Stage2Target())
+        if finding is not None:
+            assert "walker_read_freed_table" in finding.summary("stage2")
+            freed += 1
+    assert freed > 0
+
+
 def test_snapshot_restore_continues_exactly_as_a_rerun():
     program = parse_reproducer(PREFIX + _read(0, 0x205) + "recover\n" + _read(1, 0x3ff)).program
     target = Stage2Target()
