@@ -8,8 +8,10 @@ private memory needs the TDP MMU's mirror root, which shadow paging has not.
 
 from __future__ import annotations
 
+import dataclasses
+
 from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, FlushTlb, Invlpg,
-                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte)
+                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte, op_vcpu)
 from mmufuzz.harness.shadow.invariants import check_invariants
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -40,6 +42,22 @@ class ShadowCapabilities(Capabilities):
         if type(op) is Paging and op.root is not None and op.vcpu != 0:
             return "paging with a root on a vCPU other than 0 is not supported by this target"
         return None
+
+    def restrict(self, program):
+        """As :meth:`Capabilities.restrict`, but a CR3 load on another vCPU becomes vCPU 0's
+        (rather than being dropped): guest paging stays as frequent as the decoder made it."""
+        ops = tuple(self._to_vcpu0(op) for op in program.ops)
+        return super().restrict(program.with_ops(ops))
+
+    @classmethod
+    def _to_vcpu0(cls, op):
+        if type(op) is Paging and op.root is not None and op.vcpu != 0:
+            return dataclasses.replace(op, vcpu=0)
+        if type(op) is Parallel:
+            a, b = cls._to_vcpu0(op.a), cls._to_vcpu0(op.b)
+            if (a, b) != (op.a, op.b) and op_vcpu(a) != op_vcpu(b):
+                return dataclasses.replace(op, a=a, b=b)
+        return op
 
 
 class ShadowTarget(TdpTarget):

@@ -86,6 +86,9 @@ class Vcpu:
         self.mmio_gen = 0
         self.request_free_obsolete_roots = False
         self._last_used_slot = (-1, None)
+        # Not KVM: (mmu.unsync_marks, prev_roots too) when the guest's last TLB flush or CR3
+        # load began, for the invariant flushed_roots_synced; None before the first.
+        self.synced_since = None
 
     # --- guest memory through the memslots (kvm_vcpu_read_guest & co) ---------------
 
@@ -284,6 +287,8 @@ class Vcpu:
     def paging(self, op: Paging):
         """Generator: MOV CR3 (kvm_set_cr3), or CR0.PG toggled (paging on/off)."""
         kvm = self.kvm
+        if op.root is not None:
+            self.synced_since = (kvm.mmu.unsync_marks, False)
         yield from kvm.mmu_lock.write_lock()
         old = self.cr3
         toggled = (old is None) != (op.root is None)
@@ -302,6 +307,7 @@ class Vcpu:
 
     def flush_tlb(self, op):
         """Generator: the guest flushes its TLB (kvm_vcpu_flush_tlb_guest)."""
+        self.synced_since = (self.kvm.mmu.unsync_marks, True)
         yield
         if not faults.active("guest-flush-no-sync"):
             yield from self.kvm_mmu_reload()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
-from mmufuzz.harness.shadow.paging_tmpl import gpte_access, is_rsvd_bits_set
+from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT, gpte_access, is_rsvd_bits_set
 from mmufuzz.harness.shadow.spte import (
     ACC_WRITE_MASK,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
     describe_role,
+    check_mmio_spte,
     get_mmio_spte_gfn,
     is_last_spte,
     is_mmio_spte,
@@ -184,8 +185,49 @@ def leaf_pfn_matches_backing(kvm, pages: list) -> None:
                       writable)
 
 
+def flushed_roots_synced(kvm, pages: list) -> None:
+    """A guest TLB flush leaves no unsync page under the vCPU's current and previous roots
+    (kvm_vcpu_flush_tlb_guest: kvm_mmu_sync_roots, kvm_mmu_sync_prev_roots), a CR3 load none
+    under the new current root (KVM_REQ_MMU_SYNC), unless a page went unsync under a root
+    (an unsync_child_bitmap bit was set) since that flush or load began: the guest's
+    flush must make every later write it did to its tables visible."""
+    mmu = kvm.mmu
+    for vcpu in kvm.vcpus:
+        if vcpu.synced_since is None or vcpu.synced_since[0] != mmu.unsync_marks:
+            continue
+        roots = [vcpu.root] + ([root for _, root in vcpu.prev_roots] if vcpu.synced_since[1]
+                               else [])
+        for root in roots:
+            if (root is not None and root is not DUMMY_ROOT and not mmu.is_obsolete_sp(root)
+                    and (root.unsync or root.unsync_children)):
+                _fail("flushed_roots_synced", root, f"vcpu={vcpu.index} unsync_children="
+                                                    f"{root.unsync_children} after its flush")
+
+
+def mmio_current_gen_has_no_slot(kvm, pages: list) -> None:
+    """An MMIO SPTE or a vCPU's MMIO cache of the current memslot generation names a gfn
+    no memslot covers: the generation is what keeps a cached "no slot here" from
+    outliving a memslot update (check_mmio_spte, vcpu_match_mmio_gen)."""
+    memslots = kvm.memslots
+    if memslots.update_in_progress:
+        return
+    for sp, entries in pages:
+        for index, spte in entries:
+            if (is_mmio_spte(spte) and check_mmio_spte(spte, memslots.generation)
+                    and memslots.lookup(get_mmio_spte_gfn(spte)) is not None):
+                _fail("mmio_current_gen_has_no_slot", sp, f"index={index} spte={spte:#x} "
+                                                          "names a gfn with a memslot")
+    for vcpu in kvm.vcpus:
+        if ((vcpu.mmio_gva or vcpu.mmio_gfn) and vcpu.mmio_gen == memslots.generation
+                and memslots.lookup(vcpu.mmio_gfn) is not None):
+            raise InvariantViolation("mmio_current_gen_has_no_slot",
+                                     f"vcpu={vcpu.index} mmio cache gfn={vcpu.mmio_gfn:#x} "
+                                     "has a memslot")
+
+
 INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync_bits_agree,
-              synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing)
+              synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing,
+              flushed_roots_synced, mmio_current_gen_has_no_slot)
 
 
 def check_invariants(kvm) -> None:

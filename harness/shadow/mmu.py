@@ -133,6 +133,9 @@ class ShadowMmu:
         # gfn_write_track: upper-level pages shadowing each gfn (page_track.c).
         self.gfn_write_track: dict[int, int] = {}
         self.indirect_shadow_pages = 0
+        # How many unsync_child_bitmap bits were ever set (not KVM: the invariant
+        # flushed_roots_synced asks whether a page went unsync under a root since a flush).
+        self.unsync_marks = 0
 
     # --- lookup ---------------------------------------------------------------
 
@@ -385,6 +388,7 @@ class ShadowMmu:
             return
         parent.unsync_child_bitmap |= bit
         parent.unsync_children += 1
+        self.unsync_marks += 1
         if parent.unsync_children == 1:
             self.kvm_mmu_mark_parents_unsync(parent)
 
