@@ -36,6 +36,7 @@ from mmufuzz.harness.shadow.fault import RET_PF_EMULATE, emulate, kvm_mmu_page_f
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
 from mmufuzz.harness.tdp.hardware import Vcpu as TdpVcpu
+from mmufuzz.harness.tdp.spte import pages_per_level
 from mmufuzz.harness.shadow.spte import (
     ACC_ALL,
     PT64_NX_MASK,
@@ -463,10 +464,11 @@ class Vcpu:
                     return _pf_bits(kind)
                 if is_mmio_spte(spte):
                     return PFERR_PRESENT_MASK | PFERR_RSVD_MASK | _pf_bits(kind)
-                if level == PG_LEVEL_4K:
-                    entry = (spte_to_pfn(spte), bool(spte & PT_WRITABLE_MASK),
+                if is_last_spte(spte, level):
+                    offset = (addr >> PAGE_SHIFT) & (pages_per_level(level) - 1)
+                    entry = (spte_to_pfn(spte) + offset, bool(spte & PT_WRITABLE_MASK),
                              not spte & PT64_NX_MASK,
-                             kvm_mmu_page_get_gfn(sp, index) << PAGE_SHIFT)
+                             (kvm_mmu_page_get_gfn(sp, index) + offset) << PAGE_SHIFT)
                     if not self._permits(entry, kind):
                         return PFERR_PRESENT_MASK | _pf_bits(kind)
                     tlb[addr >> PAGE_SHIFT] = entry
@@ -499,6 +501,6 @@ class Vcpu:
         sp, level = root, PT64_ROOT_4LEVEL
         while True:
             spte = sp.spt[(addr >> paging_tmpl.level_shift(level)) & 511]
-            if level == PG_LEVEL_4K or not is_shadow_present_pte(spte):
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 return spte
             sp, level = self.kvm.mmu.sp_of(spte), level - 1

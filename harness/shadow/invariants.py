@@ -8,7 +8,7 @@ mmu.c keeps unreachable pages (still shadowing, still write-protecting).
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
+from mmufuzz.harness.ops import PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT, gpte_access, is_rsvd_bits_set
 from mmufuzz.harness.shadow.spte import (
@@ -71,8 +71,8 @@ def nonpresent_value(kvm, pages: list) -> None:
 
 
 def rmaps_and_parents_match(kvm, pages: list) -> None:
-    """The rmaps hold exactly the present leaves (under the gfn each maps), and each
-    page's parent_ptes exactly the present entries linking it."""
+    """The rmaps hold exactly the present leaves (under the gfn each maps, in the rmap of
+    the leaf's level), and each page's parent_ptes exactly the present entries linking it."""
     mmu = kvm.mmu
     leaves, links = {}, {}
     for sp, entries in pages:
@@ -80,15 +80,17 @@ def rmaps_and_parents_match(kvm, pages: list) -> None:
             if not is_shadow_present_pte(spte):
                 continue
             if is_last_spte(spte, sp.level):
-                leaves[(sp, index)] = kvm_mmu_page_get_gfn(sp, index)
+                leaves[(sp, index)] = (sp.level, kvm_mmu_page_get_gfn(sp, index))
             else:
                 links.setdefault(mmu.sp_of(spte), {})[(sp, index)] = None
-    rmapped = {key: gfn for gfn, head in mmu.rmap.items() for key in head}
-    for (sp, index), gfn in leaves.items():
-        if rmapped.get((sp, index)) != gfn:
+    rmapped = {key: (level, gfn) for level in (PG_LEVEL_4K, PG_LEVEL_2M)
+               for gfn, head in mmu.rmaps(level).items() for key in head}
+    for (sp, index), (level, gfn) in leaves.items():
+        if rmapped.get((sp, index)) != (level, gfn):
+            found = rmapped.get((sp, index))
             _fail("rmaps_and_parents_match", sp, f"index={index} leaf for gfn={gfn:#x} "
-                                                 f"rmapped as {rmapped.get((sp, index))}")
-    for (sp, index), gfn in rmapped.items():
+                                                 f"rmapped as {found and found[1]}")
+    for (sp, index), (_, gfn) in rmapped.items():
         if (sp, index) not in leaves:
             _fail("rmaps_and_parents_match", sp, f"index={index} rmap gfn={gfn:#x} "
                                                  "names no present leaf")
@@ -126,7 +128,7 @@ def synced_gfn_write_protected(kvm, pages: list) -> None:
             continue
         if sp.level > PG_LEVEL_4K and not mmu.kvm_gfn_is_write_tracked(sp.gfn):
             _fail("synced_gfn_write_protected", sp, "upper-level page, gfn not tracked")
-        for other, index in mmu.rmap.get(sp.gfn, {}):
+        for other, index in mmu.gfn_rmap_entries(sp.gfn):
             if is_writable_pte(other.spt[index]):
                 _fail("synced_gfn_write_protected", sp,
                       f"writable SPTE in gfn={other.gfn:#x} index={index}")
@@ -151,6 +153,7 @@ def synced_shadow_matches_guest(kvm, pages: list) -> None:
                 ok = get_mmio_spte_gfn(spte) == gfn
             elif is_last_spte(spte, sp.level):
                 ok = (kvm_mmu_page_get_gfn(sp, index) == gfn
+                      and (sp.level == PG_LEVEL_4K or gpte & PT_PAGE_SIZE_MASK)
                       and (access & ACC_WRITE_MASK or not is_writable_pte(spte)))
             else:
                 child = kvm.mmu.sp_of(spte)
@@ -176,13 +179,39 @@ def leaf_pfn_matches_backing(kvm, pages: list) -> None:
     for sp, entries in pages:
         for index, spte in entries:
             if is_shadow_present_pte(spte) and is_last_spte(spte, sp.level):
-                check(f"sp gfn={sp.gfn:#x} index={index}", kvm_mmu_page_get_gfn(sp, index),
-                      spte_to_pfn(spte), is_writable_pte(spte))
+                gfn = kvm_mmu_page_get_gfn(sp, index)
+                for offset in ((0, PAGES_PER_2M - 1) if sp.level > PG_LEVEL_4K else (0,)):
+                    check(f"sp gfn={sp.gfn:#x} index={index}", gfn + offset,
+                          spte_to_pfn(spte) + offset, is_writable_pte(spte))
     for vcpu in kvm.vcpus:
         for tlb in (vcpu.tlb_linear, vcpu.tlb_phys):
             for page, (pfn, writable, _, gpa_page) in sorted(tlb.items()):
                 check(f"vcpu={vcpu.index} tlb page={page:#x}", gpa_page >> PAGE_SHIFT, pfn,
                       writable)
+
+
+def huge_leaf_allowed(kvm, pages: list) -> None:
+    """A 2M leaf was allowed when it was made (one host 2M page inside its slot, no
+    shadowed gfn in it, no dirty logging) and stays writable only while that holds:
+    shadowing a gfn in it or starting dirty logging write-protects it, and an
+    invalidation or a memslot change zaps it."""
+    mmu = kvm.mmu
+    for sp, entries in pages:
+        if sp.level == PG_LEVEL_4K:
+            continue
+        for index, spte in entries:
+            if not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.level):
+                continue
+            gfn = kvm_mmu_page_get_gfn(sp, index)
+            slot = kvm.memslots.lookup(gfn)
+            if slot is None or not slot.hugepage_inside(gfn) or (
+                    slot.backing.host_level(gfn - slot.base_gfn) < PG_LEVEL_2M):
+                _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} not one host 2M "
+                                               "page in one slot")
+            if is_writable_pte(spte) and (slot.dirty is not None
+                                          or gfn // PAGES_PER_2M in mmu.lpage_disallowed):
+                _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} writable over a "
+                                               "shadowed or dirty-logged 2M range")
 
 
 def flushed_roots_synced(kvm, pages: list) -> None:
@@ -227,7 +256,7 @@ def mmio_current_gen_has_no_slot(kvm, pages: list) -> None:
 
 INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync_bits_agree,
               synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing,
-              flushed_roots_synced, mmio_current_gen_has_no_slot)
+              huge_leaf_allowed, flushed_roots_synced, mmio_current_gen_has_no_slot)
 
 
 def check_invariants(kvm) -> None:

@@ -5,7 +5,8 @@ reading guest memory through the memslots, and turns the walk into shadow
 pages (``FNAME(fetch)``): one indirect page per guest table on the path, each
 with the access the path down to it allows (its role's ``access``: the
 inherited permissions of CVE-2021-38198), then the leaf with the walk's full
-access.  A guest 2M page is shadowed by a direct page of 4K leaves.
+access.  A guest 2M page is mapped by a 2M SPTE where the host page and
+lpage_info allow one, else by a direct page of 4K leaves.
 ``FNAME(sync_spte)`` re-reads one guest PTE of an unsync page.
 
 The guest runs in one CPU mode (docs/semantics.md): CPL 0, CR0.WP=1,
@@ -58,7 +59,9 @@ from mmufuzz.harness.shadow.spte import (
     SHADOW_NONPRESENT_VALUE,
     check_mmio_spte,
     get_mmio_spte_gfn,
+    is_large_pte,
     is_mmio_spte,
+    is_shadow_present_pte,
     is_writable_pte,
     make_mmio_spte,
     role_access,
@@ -204,9 +207,11 @@ def fetch(vcpu, fault, walker: GuestWalker) -> int:
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    # Only 4K SPTEs: below a guest huge page, direct pages down to the 4K leaf.
+    # Only now the huge-page size: the shadow pages just made may disallow it.  Below a
+    # guest huge page mapped smaller, direct pages down to the goal level.
+    mmu.kvm_mmu_hugepage_adjust(fault)
     direct_access = walker.pte_access
-    while level > PG_LEVEL_4K:
+    while level > fault.goal_level:
         index = (addr >> level_shift(level)) & 511
         base_gfn = fault.gfn & -pages_per_level(level)
         validate_direct_spte(kvm, sp, index, direct_access)
@@ -214,14 +219,14 @@ def fetch(vcpu, fault, walker: GuestWalker) -> int:
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    index = (addr >> PAGE_SHIFT) & 511
+    index = (addr >> level_shift(level)) & 511
     return mmu.mmu_set_spte(sp, index, walker.pte_access, fault)
 
 
 def validate_direct_spte(kvm, sp: KvmMmuPage, index: int, direct_access: int) -> None:
     """Unlink a direct child made for other access bits (the guest PDE's changed)."""
     spte = sp.spt[index]
-    if spte & PT_PRESENT_MASK and not is_mmio_spte(spte):
+    if is_shadow_present_pte(spte) and not is_large_pte(spte):
         child = kvm.mmu.sp_of(spte)
         if role_access(child.role) == direct_access:
             return
