@@ -12,6 +12,7 @@ from mmufuzz.fuzz.runner import run_program
 from mmufuzz.harness.ops import EINVAL, Ok, PageFault
 from mmufuzz.harness.shadow import ShadowTarget
 from mmufuzz.harness.shadow.hardware import NONPAGING_ROOT_ROLE, PAGING_ROOT_ROLE
+from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
 from mmufuzz.harness.shadow.spte import (ACC_ALL, ACC_EXEC_MASK, ACC_WRITE_MASK,
                                          SHADOW_NONPRESENT_VALUE, is_large_pte, is_mmio_spte,
                                          is_writable_pte, make_role, role_access, role_level)
@@ -273,6 +274,34 @@ def test_physical_access_maps_2m_split_is_a_no_op_and_invalidation_zaps_the_2m_s
     assert not mmu.rmap_2m and not mmu.rmap
 
 
+def test_a_fault_prefetches_its_neighbours_into_a_synced_page_not_an_unsync_one():
+    target, _ = run(TABLES)  # gva 0 faulted: entry 1 (gfn 0x11) was prefetched
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    assert not leaf.unsync and leaf.spt[1] != SHADOW_NONPRESENT_VALUE
+    assert (leaf, 1) in target.kvm.mmu.rmap[0x11]
+    # The table goes unsync (its leaves dropped); a fault now maps only what it walked.
+    more(target, "write_pte vcpu=0 table=0x4 index=2 target=0x12 flags=p,rw\n"
+                 "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert leaf.unsync and leaf.spt[0] != SHADOW_NONPRESENT_VALUE
+    assert leaf.spt[1] == leaf.spt[2] == SHADOW_NONPRESENT_VALUE
+
+
+def test_a_physical_fault_prefetches_its_group_of_eight_from_the_slot():
+    target, _ = run("vm type=default vcpus=1\n"
+                    "memslot_add slot=0 base=0x0 npages=0x6 flags= host_offset=0\n"
+                    "memslot_add slot=1 base=0x6 npages=0x2 flags=readonly host_offset=0\n"
+                    "memslot_add slot=2 base=0x8 npages=0x10 flags=dirty_log host_offset=0\n"
+                    "access vcpu=0 gpa=0x2000 word=0 kind=read private=0\n"
+                    "access vcpu=0 gpa=0x9000 word=0 kind=read private=0\n")
+    mmu = target.kvm.mmu
+    # The run 0-1 before the faulting entry comes from slot 0; the run 3-7 crosses slot 0's
+    # end (kvm_prefetch_pages maps a run from one slot or not at all); the dirty-logged
+    # slot's group is not prefetched (a writable SPTE there must fault to be logged).
+    assert sorted(mmu.rmap) == [0x0, 0x1, 0x2, 0x9]
+    more(target, "access vcpu=0 gpa=0x4000 word=0 kind=read private=0\n")
+    assert sorted(mmu.rmap) == [0x0, 0x1, 0x2, 0x3, 0x4, 0x9]  # the run 3; 5-7 crosses still
+
+
 @pytest.mark.parametrize("breakage, name", [
     (lambda mmu, sp: mmu.mmu_page_hash[sp.gfn].append(
         type(sp)(sp.pfn + 10**6, sp.gfn, sp.role, sp.mmu_valid_gen)), "unique_gfn_role"),
@@ -297,6 +326,17 @@ def test_snapshot_restores_the_same_behaviour():
     b = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\nflush_tlb vcpu=0\n"
                      "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
     assert a == b == [Ok(), Ok(), Ok(0, 0x11000)]
+
+
+def test_snapshot_keeps_the_dummy_root_a_dummy_root():
+    """A CR3 without a memslot is the dummy root; restored from a snapshot it must still be
+    (a campaign's schedule explorer restores snapshots: it once crashed on a copy)."""
+    program = "vm type=default vcpus=1\npaging vcpu=0 root=0x800\n"
+    access = "access vcpu=0 gva=0x0 word=0 kind=read private=0\n"
+    target, _ = run(program)
+    target.restore(target.snapshot())
+    assert target.kvm.vcpus[0].root is DUMMY_ROOT
+    assert more(target, access) == run(program + access)[1][-1:]
 
 
 CORPUS = sorted((Path(__file__).resolve().parent.parent / "corpus").rglob("*.repro"))

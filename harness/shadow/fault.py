@@ -60,6 +60,7 @@ class KvmPageFault:
     gen: int = 0  # the memslot generation the fault looked the gfn up in
     max_level: int = PG_LEVEL_2M  # the guest's page size (direct: the largest KVM maps here)
     goal_level: int = PG_LEVEL_4K  # what kvm_mmu_hugepage_adjust allows
+    prefetch: bool = False  # a prefetched neighbour's (FNAME(prefetch_gpte), direct_pte_prefetch)
 
 
 def kvm_mmu_page_fault(vcpu, addr: int, kind: AccessKind, error_code: int, direct: bool):
@@ -198,7 +199,10 @@ def direct_map(vcpu, fault: KvmPageFault) -> int:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
     index = (fault.gfn >> (9 * (level - 1))) & 511
-    return mmu.mmu_set_spte(sp, index, ACC_ALL, fault)
+    ret = mmu.mmu_set_spte(sp, index, ACC_ALL, fault)
+    if ret != RET_PF_SPURIOUS:
+        paging_tmpl.pte_prefetch(vcpu, fault, sp, index)  # direct_pte_prefetch
+    return ret
 
 
 def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):

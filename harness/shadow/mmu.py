@@ -343,8 +343,8 @@ class ShadowMmu:
                 flush = True
             else:
                 was_rmapped = True
-        wrprot, spte = self.make_spte(sp, slot, pte_access, gfn, pfn, sp.spt[index], False,
-                                      False, fault.map_writable, sp.level)
+        wrprot, spte = self.make_spte(sp, slot, pte_access, gfn, pfn, sp.spt[index],
+                                      fault.prefetch, False, fault.map_writable, sp.level)
         ret = RET_PF_FIXED
         if sp.spt[index] == spte:
             ret = RET_PF_SPURIOUS
