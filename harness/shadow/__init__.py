@@ -76,7 +76,7 @@ class ShadowTarget(TdpTarget):
         self.kvm = Kvm(header)
 
     def check_invariants(self) -> None:
-        check_invariants(self.kvm)
+        check_invariants(self.kvm, self._last)
 
     def features(self) -> list:
         """Coverage the guest cannot see: a parallel's context switches; the shadow state

@@ -8,15 +8,18 @@ mmu.c keeps unreachable pages (still shadowing, still write-protecting).
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.ops import (PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K,
+                                 PTE_ACCESSED, Invlpg)
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT, gpte_access, is_rsvd_bits_set
 from mmufuzz.harness.shadow.spte import (
     ACC_WRITE_MASK,
+    PT64_ROOT_4LEVEL,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
-    describe_role,
+    SHADOW_NONPRESENT_VALUE,
     check_mmio_spte,
+    describe_role,
     get_mmio_spte_gfn,
     is_last_spte,
     is_mmio_spte,
@@ -233,6 +236,45 @@ def flushed_roots_synced(kvm, pages: list) -> None:
                                                     f"{root.unsync_children} after its flush")
 
 
+def invalidated_gva_synced(kvm, invlpg) -> None:
+    """Right after an ``invlpg`` (not one half of a ``parallel``: the other half may write
+    the tables), every unsync page on the gva's path in the vCPU's current and previous
+    roots agrees with the guest at the gva's entry: kvm_mmu_invalidate_addr syncs it
+    (kvm_sync_spte), so a leaf maps its guest PTE's gfn with at most its access, an MMIO
+    SPTE names that gfn in the current generation, and an invalid guest PTE has no SPTE."""
+    vcpu = kvm.vcpus[invlpg.vcpu]
+    if vcpu.cr3 is None:
+        return
+    mmu, gva = kvm.mmu, invlpg.gva
+    for root in [vcpu.root] + [root for _, root in vcpu.prev_roots]:
+        if root is None or root is DUMMY_ROOT or mmu.is_obsolete_sp(root):
+            continue
+        sp, level = root, PT64_ROOT_4LEVEL
+        while True:
+            index = (gva >> (PAGE_SHIFT + 9 * (level - 1))) & 511
+            spte = sp.spt[index]
+            if sp.unsync and spte != SHADOW_NONPRESENT_VALUE:
+                gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
+                if gpte is None:
+                    gpte = 0  # no slot: sync zaps the entry as for a non-present PTE
+                valid = (gpte and gpte & PT_PRESENT_MASK and gpte & PTE_ACCESSED
+                         and not is_rsvd_bits_set(gpte, sp.level))
+                gfn = (gpte >> PAGE_SHIFT) & _GFN_MASK if valid else None
+                if is_mmio_spte(spte):
+                    ok = (gfn == get_mmio_spte_gfn(spte)
+                          and check_mmio_spte(spte, kvm.memslots.generation))
+                else:
+                    access = role_access(sp.role) & gpte_access(gpte) if valid else 0
+                    ok = gfn == kvm_mmu_page_get_gfn(sp, index) and (
+                        access & ACC_WRITE_MASK or not is_writable_pte(spte))
+                if not ok:
+                    _fail("invalidated_gva_synced", sp, f"vcpu={vcpu.index} gva={gva:#x} "
+                                                        f"index={index} spte={spte:#x} gpte={gpte:#x}")
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                break
+            sp, level = mmu.sp_of(spte), level - 1
+
+
 def mmio_current_gen_has_no_slot(kvm, pages: list) -> None:
     """An MMIO SPTE or a vCPU's MMIO cache of the current memslot generation names a gfn
     no memslot covers: the generation is what keeps a cached "no slot here" from
@@ -259,10 +301,13 @@ INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync
               huge_leaf_allowed, flushed_roots_synced, mmio_current_gen_has_no_slot)
 
 
-def check_invariants(kvm) -> None:
-    """Raise InvariantViolation for the first invariant that does not hold."""
+def check_invariants(kvm, last_op=None) -> None:
+    """Raise InvariantViolation for the first invariant that does not hold (``last_op``:
+    the op that just ran, for the invariants of one op's postcondition)."""
     pages = _live(kvm)
     for invariant in INVARIANTS:
         invariant(kvm, pages)
+    if type(last_op) is Invlpg:
+        invalidated_gva_synced(kvm, last_op)
     dirty_log_covers_writes(kvm, None)
 
