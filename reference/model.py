@@ -219,19 +219,20 @@ class Reference:
         return outcome
 
     def settle(self, pair, actual, before: "Reference") -> None:
-        """Apply what a ``parallel`` may leave beyond either order of its sides.
+        """Apply what a ``parallel`` may leave beyond any order of its sides.
 
         KVM logs a gfn when a fault installs a writable SPTE, before the access
-        that fault serves completes.  The other side can act in between: a
+        that fault serves completes.  Another side can act in between: a
         ``get_dirty_log`` reports the gfn and write-protects it (the retried
         write faults and logs it again), a conversion or memslot change zaps
         the SPTE (the retried access exits).  Either way the gfn stays logged
         whatever the access's outcome, so a guest access or PTE write of a
-        pair leaves its gpa touched for the next get if its slot (found in
-        ``before``, the state the pair started from, else after it) still logs.
+        ``parallel`` leaves its gpa touched for the next get if its slot (found
+        in ``before``, the state the parallel started from, else after it) still
+        logs.
         See docs/semantics.md, "Concurrency".
         """
-        for side, outcome in ((pair.a, actual.a), (pair.b, actual.b)):
+        for side, outcome in zip(pair.sides, actual.sides):
             if op_name(side) == "write_pte":
                 gfn = side.table
             elif op_name(side) == "access" and not side.private:
