@@ -2,7 +2,7 @@
 
 ``ShadowTarget`` turns ops into calls on a :class:`~harness.shadow.kvm.Kvm`;
 each op is a generator drained to completion, and a ``parallel`` interleaves
-two with tdp's scheduler.  The target runs default (non-TDX) VMs only: a TD's
+its actors with tdp's scheduler.  The target runs default (non-TDX) VMs only: a TD's
 private memory needs the TDP MMU's mirror root, which shadow paging has not.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, FlushTlb, Invlpg,
-                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte, op_vcpu)
+from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb,
+                                 Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
+                                 WritePte, op_vcpu)
 from mmufuzz.harness.shadow.invariants import check_invariants
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -51,12 +52,15 @@ class ShadowCapabilities(Capabilities):
 
     @classmethod
     def _to_vcpu0(cls, op):
+        """``op`` with its CR3 load moved to vCPU 0; a ``parallel``'s sides likewise, unless
+        two of them would then run on one vCPU (restrict drops the refused side instead)."""
         if type(op) is Paging and op.root is not None and op.vcpu != 0:
             return dataclasses.replace(op, vcpu=0)
         if type(op) is Parallel:
-            a, b = cls._to_vcpu0(op.a), cls._to_vcpu0(op.b)
-            if (a, b) != (op.a, op.b) and op_vcpu(a) != op_vcpu(b):
-                return dataclasses.replace(op, a=a, b=b)
+            sides = tuple(cls._to_vcpu0(side) for side in op.sides)
+            vcpus = [op_vcpu(side) for side in sides if op_vcpu(side) is not None]
+            if sides != op.sides and len(vcpus) == len(set(vcpus)):
+                return Parallel.of(sides, op.schedule)
         return op
 
 
@@ -86,8 +90,8 @@ class ShadowTarget(TdpTarget):
         features = sorted(self._switches)
         self._switches.clear()
         op = self._last
-        for prefix, side in ((("a.", op.a), ("b.", op.b)) if type(op) is Parallel
-                             else (("", op),)):
+        for prefix, side in (zip((f"{name}." for name in SIDE_NAMES), op.sides)
+                             if type(op) is Parallel else (("", op),)):
             state = self._shadow_state(side)
             if state is not None:
                 features.append(prefix + state)
