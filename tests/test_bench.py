@@ -195,6 +195,18 @@ def test_a_baseline_stopped_at_its_cap_has_said_how_far_it_got(monkeypatch):
     assert progress[-1]["execs"] == reports[-1]["execs"] and progress[-1]["ops"] > 0
 
 
+def test_a_finding_counts_for_a_fault_only_if_the_fault_shows_it_and_nothing_else_does():
+    """Clean without the fault, and a finding with it on replay: a crash a campaign met
+    that no replay shows (a harness bug) is no detection of any fault."""
+    regression = load_reproducer(Path(__file__).resolve().parents[1] / "corpus" / "regressions"
+                                 / "merge-by-zap.repro").program
+    assert engines.fault_needed(regression, "tdp", "merge-by-zap")
+    assert not engines.fault_needed(regression, "tdp", "convert-no-zap")  # clean both ways
+    clean = load_reproducer(seed_files()[0]).program
+    assert not engines.fault_needed(clean, "tdp", "merge-by-zap")
+    assert engines.fault_needed(clean, "tdp")  # no fault named: clean is all it asks
+
+
 def test_the_seeds_engine_runs_each_seed_once_and_stops():
     reports = []
     engines.seeds_engine(reports.append, "tdp", "none", 1)
