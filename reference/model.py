@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, WORDS_PER_PAGE, ALREADY_ACCEPTED,
                          GFN_LIMIT, PG_LEVEL_2M, SIZE_MISMATCH, UNSUPPORTED, AccessKind, DirtyLog,
                          MemoryFaultExit, MemslotFlag, MmioExit, Ok, PageFault, VePending, VmHeader,
-                         VmType, op_name)
+                         VmType, OP_NAMES, op_name)
 from mmufuzz.reference.intervals import IntervalSet
 from mmufuzz.reference.paging import Translation, permission_fault, walk_addr
 
@@ -84,6 +84,9 @@ class DirtyLogBound(Expect):
             return str(self.canonical)
         return f"{self.canonical} ⊆ R ⊆ {DirtyLog(tuple(sorted(self.upper)))}"
 
+
+# The mutable containers of a Reference's state, which copy() copies.
+_CONTAINERS = ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3", "_tlb")
 
 # pick()'s "no allowed outcome matches"; distinct from an effect of None.
 _REJECT = object()
@@ -156,10 +159,10 @@ class Reference:
     def copy(self) -> "Reference":
         """An independent copy: the containers are copied, their values shared."""
         new = object.__new__(Reference)
-        new.__dict__.update(self.__dict__)
-        for name in ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3",
-                     "_tlb"):
-            setattr(new, name, getattr(self, name).copy())
+        state = new.__dict__
+        state.update(self.__dict__)
+        for name in _CONTAINERS:
+            state[name] = state[name].copy()
         return new
 
     def __eq__(self, other) -> bool:
@@ -172,7 +175,7 @@ class Reference:
 
     def allowed(self, op) -> Expect:
         """What ``op`` may do from this state (a simple op, not a ``parallel``)."""
-        return getattr(self, "_" + op_name(op))(op)
+        return _RULES[type(op)](self, op)
 
     def step(self, op, actual):
         """Accept ``actual`` and advance to the state it implies (None), or return the Expect."""
@@ -506,3 +509,9 @@ class Reference:
         def clear():
             self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
         return DirtyLogBound(written, touched, clear)
+
+
+# Op class -> the Reference method that lists its allowed outcomes (``_`` + its op name):
+# one dict lookup per op instead of building the name and looking it up.
+_RULES = {cls: getattr(Reference, "_" + name) for cls, name in OP_NAMES.items()
+          if hasattr(Reference, "_" + name)}

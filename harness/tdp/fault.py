@@ -31,7 +31,7 @@ from mmufuzz.harness.tdp.spte import (
 RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_FIXED = 0, 1, 2, 5
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmPageFault:
     """struct kvm_page_fault: what one EPT violation asks for and what it resolved to."""
 
