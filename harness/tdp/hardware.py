@@ -38,19 +38,21 @@ from mmufuzz.harness.ops import (
 )
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.spte import (
+    LEVEL_SHIFT,
+    PAGES_PER_LEVEL,
     PT_EXECUTABLE_MASK,
+    PT_PAGE_SIZE_MASK,
     PT_READABLE_MASK,
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
+    SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
     VMX_EPT_SUPPRESS_VE_BIT,
     check_mmio_spte,
     get_mmio_spte_gfn,
-    is_last_spte,
     is_mmio_spte,
-    is_shadow_present_pte,
     pages_per_level,
-    spte_index,
-    spte_to_pfn,
 )
 
 READ, WRITE, FETCH = AccessKind.READ, AccessKind.WRITE, AccessKind.FETCH
@@ -62,6 +64,8 @@ _SHIFT_2M = PAGE_SHIFT + 9
 # ``__rand__``, which builds an enum member each time.
 _PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, PteFlag.RW,
                                                       PteFlag.NX))
+
+_LAST_INDEX = SPTE_ENT_PER_PAGE - 1
 
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
@@ -239,24 +243,28 @@ class Vcpu:
         so it restarts from the root.
         """
         kvm = self.kvm
+        mmu = kvm.mmu
+        # spte_index, is_shadow_present_pte, is_last_spte and spte_to_pfn inline: every
+        # fault walks twice, four entries each.
         while True:
             epoch = self.flush_epoch
-            page, level = kvm.mmu.direct_root, ROOT_LEVEL
+            page, level = mmu.direct_root, ROOT_LEVEL
             while True:
-                spte = page.spt[spte_index(gfn, level)]
+                spte = page.spt[(gfn >> LEVEL_SHIFT[level]) & _LAST_INDEX]
                 yield
                 if self.flush_epoch != epoch:
                     break
-                if not is_shadow_present_pte(spte):
+                if not spte & SPTE_MMU_PRESENT_MASK:
                     return self._nonpresent(spte, gfn)
-                if is_last_spte(spte, level):
+                if level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
                     if not spte & _ept_needs(kind):
                         return _VIOLATION
-                    pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
+                    pfn = ((spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) + (
+                        gfn & (PAGES_PER_LEVEL[level] - 1))
                     self.tlb_shared[gfn] = (pfn, spte & (PT_READABLE_MASK | PT_WRITABLE_MASK
                                                          | PT_EXECUTABLE_MASK))
                     return None
-                page, level = kvm.mmu.alloc.child(spte), level - 1
+                page, level = mmu.alloc.child(spte), level - 1
 
     def _nonpresent(self, spte: int, gfn: int):
         """What hardware does with a non-present EPT entry (SEMANTICS §E)."""
