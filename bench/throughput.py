@@ -145,7 +145,9 @@ def coverage_loop(emit: Callable, corpus: str, target: str, seconds: float) -> N
     cpu = time.process_time() - started
     emit({"event": "result", "execs": execs, "ops": worker.ops - explorer["ops"],
           "seconds": cpu - explorer["cpu_seconds"], "explorer_ops": explorer["ops"],
-          "explorer_seconds": explorer["cpu_seconds"], "cpu_seconds": cpu})
+          "explorer_seconds": explorer["cpu_seconds"], "explorer_runs": worker.explorer.runs,
+          "cpu_seconds": cpu})
+
 
 
 def profile_loop(emit: Callable, corpus: str, target: str, seconds: float) -> None:
