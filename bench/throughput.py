@@ -137,7 +137,7 @@ def coverage_loop(emit: Callable, corpus: str, target: str, seconds: float) -> N
         raise ValueError("empty workload: the campaign left no corpus")
     execs = 0
     started = time.process_time()
-    while time.process_time() - started < seconds:
+    while not execs or time.process_time() - started < seconds:  # one pass at least
         for data in inputs:
             worker.run(data)
             record.fold()
