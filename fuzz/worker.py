@@ -147,7 +147,7 @@ class CampaignTarget:
 
 def _op_feature(op, coarse: bool = False) -> str:
     if isinstance(op, Parallel):
-        return "parallel" if coarse else f"parallel({_op_feature(op.a)},{_op_feature(op.b)})"
+        return "parallel" if coarse else f"parallel({','.join(map(_op_feature, op.sides))})"
     if isinstance(op, Access):
         return (f"access.{op.kind.value}.{'gva' if op.virtual else 'gpa'}"
                 f"{'.private' if op.private else ''}")
@@ -156,7 +156,7 @@ def _op_feature(op, coarse: bool = False) -> str:
 
 def _outcome_feature(outcome, coarse: bool = False) -> str:
     if isinstance(outcome, PairOutcome) and not coarse:
-        return f"({_outcome_feature(outcome.a)},{_outcome_feature(outcome.b)})"
+        return f"({','.join(map(_outcome_feature, outcome.sides))})"
     try:
         return outcome_kind(outcome)
     except KeyError:
