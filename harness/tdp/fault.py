@@ -17,8 +17,9 @@ from mmufuzz.harness.tdp import huge
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
-    is_frozen_spte,
-    is_large_pte,
+    FROZEN_SPTE,
+    PT_PAGE_SIZE_MASK,
+    SPTE_MMU_PRESENT_MASK,
     is_last_spte,
     is_shadow_present_pte,
     leaf_spte_change_needs_tlb_flush,
@@ -31,7 +32,7 @@ from mmufuzz.harness.tdp.spte import (
 RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_FIXED = 0, 1, 2, 5
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmPageFault:
     """struct kvm_page_fault: what one EPT violation asks for and what it resolved to."""
 
@@ -142,17 +143,20 @@ def kvm_tdp_mmu_map(kvm, fault: KvmPageFault):
     try:
         root = mmu.mirror_root if fault.is_private else fault.root
         it = mmu.iter(root, fault.gfn, fault.gfn + 1)
+        goal_level = fault.goal_level
         while True:
             yield
             spte = it.read()
-            if is_frozen_spte(spte):
+            # is_frozen_spte, is_shadow_present_pte and is_large_pte inline: once per level.
+            if spte == FROZEN_SPTE:
                 return RET_PF_RETRY
-            if it.level == fault.goal_level:
+            if it.level == goal_level:
                 return (yield from _map_target_level(kvm, fault, it))
-            if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            present = spte & SPTE_MMU_PRESENT_MASK
+            if present and not spte & PT_PAGE_SIZE_MASK:
                 it.next()
                 continue
-            if is_shadow_present_pte(spte):
+            if present:
                 linked = yield from huge.split_huge_page(kvm, it)
             else:
                 linked = yield from mmu.link_sp(it)
