@@ -63,6 +63,24 @@ def _started(emit: Callable) -> None:
     emit({"event": "started", "cpu": time.process_time()})
 
 
+# A baseline stopped at its cap is asked nothing more: its last progress record says how
+# many programs the budget bought.
+PROGRESS_CPU_SECONDS = 1.0
+
+
+class Progress:
+    """Emits ``{"event": "progress", "execs", "ops", "cpu"}`` at most once a CPU second."""
+
+    def __init__(self, emit: Callable):
+        self.emit, self.due = emit, time.process_time() + PROGRESS_CPU_SECONDS
+
+    def __call__(self, execs: int, ops: int) -> None:
+        now = time.process_time()
+        if now >= self.due:
+            self.emit({"event": "progress", "execs": execs, "ops": ops, "cpu": now})
+            self.due = now + PROGRESS_CPU_SECONDS
+
+
 def _counted(emit: Callable, worker: Worker, program: Program, finding: Finding, target: str,
              inject: str) -> bool:
     """Report a finding of ``worker``'s if it needs the fault; True if it did."""
@@ -82,11 +100,13 @@ def random_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
     """Random bytes -> decode -> differential run, until the first finding the fault causes."""
     rng = random.Random(seed)
     worker = Worker(CampaignConfig(target, inject))
+    progress = Progress(emit)
     _started(emit)
     while True:
         program, finding = worker.run(random_input(rng))
         if finding is not None and _counted(emit, worker, program, finding, target, inject):
             return
+        progress(worker.execs, worker.ops)
 
 
 def seeds_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
@@ -112,9 +132,27 @@ def _finding_in(error: BaseException) -> Optional[FindingError]:
     return None
 
 
+def counted_machine(target: str, counts: dict, progress: Callable):
+    """``machine_for(target)`` that adds each example it ran to ``counts`` (execs, ops).
+
+    ``teardown`` runs after every example, the failing one too, so the counts
+    are those of a campaign worker: programs run and the ops in them.
+    """
+    base = machine_for(target)
+
+    def teardown(self):
+        counts["execs"] += 1
+        counts["ops"] += len(getattr(self, "ops", ()))
+        progress(counts["execs"], counts["ops"])
+        base.teardown(self)
+
+    return type(base.__name__, (base,), {"teardown": teardown})
+
+
 def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> None:
     """The stateful machine's test, generate phase only, until it fails."""
-    test = get_state_machine_test(machine_for(target), settings=settings(
+    counts = {"execs": 0, "ops": 0}
+    test = get_state_machine_test(counted_machine(target, counts, Progress(emit)), settings=settings(
         phases=[Phase.generate], database=None, deadline=None,
         max_examples=UNBOUNDED_EXAMPLES, suppress_health_check=list(HealthCheck),
         verbosity=Verbosity.quiet))
@@ -123,7 +161,7 @@ def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> No
     with faults.injected(injected_faults(inject)):
         try:
             test()
-            emit({"event": "exhausted"})
+            emit({"event": "exhausted", **counts})
             return
         except Exception as error:  # the test fails exactly when the target does
             found = _finding_in(error)
@@ -133,5 +171,4 @@ def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> No
         # Hypothesis stops at its first failure: it found the target's own bug, not the fault.
         emit({"event": "stopped at a fault-free finding", "signature": found.finding.signature})
         return
-    emit(_finding_record(found.finding, found.program, target, execs=None,
-                         ops=len(found.program.ops)))
+    emit(_finding_record(found.finding, found.program, target, **counts))

@@ -501,7 +501,8 @@ def _method(results: dict, raw: Path) -> str:
   1..4096 (the campaign's `-max_len`), `fuzz.encoding.decode`, the campaign worker's run
   (`fuzz.runner.run_program`, invariants sampled as campaigns do), no coverage; **hypothesis**:
   `fuzz.stateful.machine_for(target)` through `get_state_machine_test`, `phases=[generate]`,
-  `database=None`, `deadline=None`, default `stateful_step_count`, `hypothesis.seed(S)`.
+  `database=None`, `deadline=None`, default `stateful_step_count`, `hypothesis.seed(S)`; its
+  execs are the examples it ran (each one program), counted in the machine's `teardown`.
 {_engines_measured(results)}{_mutant_method(results)}- Parallelism: at most {config['jobs']} measurements at once, one process per core, trials
   queued fault -> seed -> engine so each engine's neighbour is a mix of all of them.  The
   throughput phase and the over-time campaign ran alone, one measurement at a time (but for

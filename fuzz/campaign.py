@@ -605,11 +605,14 @@ class Campaign:
                 signal.signal(signum, handler)
         code = self._stop(fuzzer)
         final = monitor.snapshot(time.monotonic() - started)
-        reason = reason or ("limit reached" if code == 0 else f"libFuzzer exited with {code}")
+        failed = code not in (0, None) and reason is None
+        if failed:
+            reason = f"libFuzzer exited with {code}" + _worker_error(self.layout.logs)
+        reason = reason or "limit reached"
         self._append_stats(final, _rate(first, final), final=True)
         self._finish_minimizing()
-        self._summary(reason, final)
-        if code not in (0, None) and reason not in ("interrupted", "max-time reached"):
+        self._summary(reason, final, failed)
+        if failed:
             return EXIT_FAILED
         return 1 if self.findings.entries() else 0
 
@@ -633,6 +636,12 @@ class Campaign:
         the supervisor (:mod:`mmufuzz.fuzz.lifeline`).
         """
         env = dict(os.environ, **{CAMPAIGN_ENV: str(self.layout.root)}, **self.lifeline.env())
+        # The worker runs in logs/: a relative PYTHONPATH (a target module beside the user)
+        # means what it meant where the user typed it.
+        if env.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.pathsep.join(
+                os.path.abspath(entry) if entry else entry
+                for entry in env["PYTHONPATH"].split(os.pathsep))
         # With -jobs, libFuzzer writes each job's output to fuzz-N.log itself.
         name = "libfuzzer.log" if self.options.jobs > 1 else "fuzz-0.log"
         with open(self.layout.logs / name, "wb") as log:
@@ -747,7 +756,7 @@ class Campaign:
         finally:
             os.close(fd)
 
-    def _summary(self, reason: str, final: Snapshot) -> None:
+    def _summary(self, reason: str, final: Snapshot, failed: bool = False) -> None:
         seconds = max(final.elapsed, 1e-9)
         lines = [
             f"mmufuzz: stopped: {reason}",
@@ -760,7 +769,8 @@ class Campaign:
             f"{self.totals.seconds + final.elapsed:.0f} s over {self.totals.runs + 1} run(s)",
         ]
         entries = self.findings.entries()
-        lines.append(f"  findings: {len(entries)}" + ("" if entries else " (clean)"))
+        clean = "" if entries or failed else " (clean)"
+        lines.append(f"  findings: {len(entries)}{clean}")
         for finding in entries:
             shown = finding.minimized if finding.minimized.exists() else finding.raw
             lines.append(f"    {finding.signature}  {_clip(finding.summary())}")
@@ -771,6 +781,26 @@ class Campaign:
                          "an exception escaped the differential run (the reference, a target's "
                          "reset, or mmufuzz itself), see logs/")
         self._say("\n".join(lines))
+
+
+def _worker_error(logs: Path) -> str:
+    """``: `` and the last line of the first worker log that ends in a traceback, if any.
+
+    A worker that cannot start (a target module that does not import in the worker's
+    environment, say) leaves its traceback in its log; the console names the error, so a
+    campaign that ran nothing never reads as clean.
+    """
+    for path in sorted(logs.glob("fuzz-*.log")):
+        try:
+            with open(path, "rb") as log:
+                log.seek(max(0, path.stat().st_size - 4096))
+                tail = log.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        last = next((line for line in reversed(tail) if line.strip()), "")
+        if "Traceback (most recent call last):" in tail:
+            return f": {_clip(last.strip())} (in {path})"
+    return ""
 
 
 def _clip(text: str, width: int = 160) -> str:

@@ -20,6 +20,7 @@ from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIF
                          VmHeader, VmType, domain)
 from mmufuzz.fuzz.encoding import conform, format_program
 from mmufuzz.fuzz.runner import Differential, make_target
+from mmufuzz.harness.target import capabilities
 
 # Gfns every program finds interesting: 2M frames and their neighbours.
 GFNS = (0x0, 0x1, 0x1ff, 0x200, 0x201, 0x3ff, 0x400, 0x600, 0x800)
@@ -104,19 +105,31 @@ def build_op(raw, header: VmHeader, known: tuple):
 
 
 class DifferentialMachine(RuleBasedStateMachine):
-    """Runs drawn ops on ``target_name`` and the reference; fails on the first finding."""
+    """Runs drawn ops on ``target_name`` and the reference; fails on the first finding.
+
+    Programs are bent to the target's capabilities as a campaign's are
+    (:meth:`~mmufuzz.harness.target.Capabilities.restrict`): a drawn header of a
+    VM type the target cannot run becomes one it can, and a drawn op it cannot
+    run is not run.
+    """
 
     target_name = "tdp"
 
     @initialize(header=st.builds(VmHeader, st.sampled_from(VmType), st.integers(1, 4)))
     def start(self, header):
-        self.header, self.ops = header, []
+        target = make_target(self.target_name)
+        self.restrict = capabilities(target).restrict
+        self.header, self.ops = self.restrict(Program(header, ())).header, []
         self.known = GFNS
-        self.differential = Differential(header, make_target(self.target_name))
+        self.differential = Differential(self.header, target)
 
     @rule(data=st.data())
     def step(self, data):
         op = build_op(data.draw(RAW_OPS, label="op"), self.header, self.known)
+        runnable = self.restrict(Program(self.header, (op,))).ops
+        if not runnable:
+            return
+        op, = runnable
         self.ops.append(op)
         finding = self.differential.step(op)
         if finding is not None:

@@ -170,14 +170,29 @@ def test_render_names_the_malformed_field(tmp_path, capsys, breakage, field):
 
 @pytest.mark.parametrize("engine", [engines.random_engine, engines.hypothesis_engine,
                                     engines.seeds_engine])
-def test_each_baseline_reports_the_planted_bug_with_its_cpu_and_program(engine):
+def test_each_baseline_reports_the_planted_bug_with_its_cpu_counts_and_program(engine):
     reports = []
     engine(reports.append, PLANTED, "none", 1)
-    started, found = reports
+    started, *progress, found = reports
     assert started["event"] == "started" and found["event"] == "finding"
     assert "crash" in found["summary"] and found["cpu"] >= started["cpu"] > 0
     program = parse_reproducer(found["repro"]).program
     assert any(isinstance(op, Recover) for op in program.ops)
+    # Programs run and their ops, the failing one included, as a campaign counts them.
+    assert found["execs"] >= 1 and found["ops"] >= len(program.ops)
+    counts = [(r["execs"], r["ops"]) for r in progress] + [(found["execs"], found["ops"])]
+    assert all(r["event"] == "progress" for r in progress) and counts == sorted(counts)
+
+
+def test_a_baseline_stopped_at_its_cap_has_said_how_far_it_got(monkeypatch):
+    """Progress records, at most one a CPU second: the last one before the cap is the
+    budget's count of programs (the parent reads it for a trial that found nothing)."""
+    monkeypatch.setattr(engines, "PROGRESS_CPU_SECONDS", 0.0)
+    reports = []
+    engines.hypothesis_engine(reports.append, PLANTED, "none", 1)
+    progress = [r for r in reports if r["event"] == "progress"]
+    assert [r["execs"] for r in progress] == list(range(1, len(progress) + 1))
+    assert progress[-1]["execs"] == reports[-1]["execs"] and progress[-1]["ops"] > 0
 
 
 def test_the_seeds_engine_runs_each_seed_once_and_stops():

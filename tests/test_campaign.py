@@ -196,9 +196,12 @@ def campaign_dir(tmp_path_factory):
     Bounded by inputs with a fixed seed, it does not depend on the machine's
     load (its schedule explorer budgets by ops then).  The bug needs the fuzzer
     to make a fetch of a written word: of seeds 1-6, half found it within 2000
-    inputs, and in a fresh clone seeds 1 and 2 found it within ~3000; the same
-    seed does not run the same inputs in every checkout, so the bound leaves a
-    wide margin rather than betting on one path.
+    inputs, and in a fresh clone seeds 1 and 2 found it within ~3000.  One
+    checkout runs the same inputs every time (any load, any PYTHONHASHSEED), but
+    a checkout at another path parts from it after ~1,000 inputs (libFuzzer
+    picks another input to mutate, with the same features reported up to there;
+    not through its compare hooks: ``-use_cmp=0 -use_memmem=0`` parts too), so
+    the bound leaves a wide margin rather than betting on one path.
     """
     out = tmp_path_factory.mktemp("campaign")
     done = subprocess.run(fuzz_command(out, "--max-execs", str(CAMPAIGN_EXECS), "--seed", "1"),
@@ -313,6 +316,35 @@ def test_max_execs_stops_the_campaign_and_every_input_is_counted(tmp_path):
     final = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["execs"] == 200 and final["findings"] == 0
     assert "200 execs" in done.stderr and "findings: 0 (clean)" in done.stderr
+
+
+def test_a_relative_pythonpath_reaches_the_worker_as_the_user_meant_it(tmp_path):
+    """The worker runs in DIR/logs; ``PYTHONPATH=tests`` typed in the checkout still finds
+    the target module there."""
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(["tests", "."]))
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", "--target", PLANTED,
+                           "--max-execs", "20", "--out", str(tmp_path / "run")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr
+    assert "20 execs" in done.stderr
+
+
+def test_a_worker_that_cannot_start_is_a_failure_named_on_the_console(tmp_path):
+    """Not "clean": exit 3, and the stop line quotes the worker's error and its log."""
+    (tmp_path / "workerfails.py").write_text(
+        "import os\n"
+        f"if os.environ.get({campaign.CAMPAIGN_ENV!r}):\n"
+        "    raise ImportError('only the supervisor can import this')\n"
+        "from planted import FetchForgets\n")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]]))
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz",
+                           "--target", "workerfails:FetchForgets", "--max-execs", "20",
+                           "--out", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == campaign.EXIT_FAILED, done.stderr
+    stop = next(line for line in done.stderr.splitlines() if "stopped:" in line)
+    assert "only the supervisor can import this" in stop and "fuzz-0.log" in stop
+    assert "(clean)" not in done.stderr
 
 
 def test_a_targets_own_features_reach_libfuzzer():

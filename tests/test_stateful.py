@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from mmufuzz.harness import target as harness_target
-from mmufuzz.harness.ops import Access, AccessKind, MmioExit, VmHeader, VmType
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MmioExit, Parallel, Split, VmHeader,
+                                 VmType)
 from mmufuzz.fuzz.encoding import parse_reproducer
 from mmufuzz.fuzz.runner import ReferenceTarget, run_program
 from mmufuzz.fuzz.stateful import FindingError, Known, build_op, machine_for
@@ -28,6 +29,32 @@ class MmioWriteAsRead(ReferenceTarget):
 
 def test_machine_runs_clean_on_the_reference():
     run_state_machine_as_test(machine_for("reference"), settings=FAST)
+
+
+class DefaultVmsWithoutSplit(ReferenceTarget):
+    """A target that runs default VMs only and no ``split``, and says so."""
+
+    capabilities = harness_target.Capabilities({VmType.DEFAULT}, set(OP_NAMES) - {Split})
+    headers: list = []
+    ops: list = []
+
+    def reset(self, header):
+        self.headers.append(header)
+        super().reset(header)
+
+    def execute(self, op):
+        self.ops.extend((op.a, op.b) if isinstance(op, Parallel) else (op,))
+        return super().execute(op)
+
+
+def test_machine_draws_only_programs_its_target_can_run(monkeypatch):
+    """As a campaign does, by the target's Capabilities: bench's Hypothesis baseline on
+    stage2, shadow or kvm must not stop at the first TDX header."""
+    monkeypatch.setitem(harness_target.TARGETS, "restricted", f"{__name__}:DefaultVmsWithoutSplit")
+    run_state_machine_as_test(machine_for("restricted"), settings=FAST)
+    assert DefaultVmsWithoutSplit.headers and DefaultVmsWithoutSplit.ops
+    assert {h.type for h in DefaultVmsWithoutSplit.headers} == {VmType.DEFAULT}
+    assert not any(isinstance(op, Split) for op in DefaultVmsWithoutSplit.ops)
 
 
 def test_machine_finds_a_planted_divergence(monkeypatch):
