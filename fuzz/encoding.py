@@ -20,6 +20,7 @@ naming the file, line and field and quoting at most a short excerpt.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import stat
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M,
-                         Access, AccessKind, Accept, Domain, Parallel, Program, PteFlag,
-                         VmHeader, VmType, WritePte, domain, op_vcpu)
+from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M,
+                                 PG_LEVEL_2M, SIDE_NAMES, Access, AccessKind, Accept, Domain,
+                                 Parallel, Program, PteFlag, VmHeader, VmType, WritePte, domain,
+                                 op_vcpu, schedule_digits, schedule_of)
 
 FORMAT_LINE = "# mmufuzz reproducer v1"
 MARKER = ">>> "
@@ -82,17 +84,27 @@ class _FieldError(Exception):
 
 # --- cross-field rules, shared by the parser and the decoder -----------------
 
-def _guest_ops_collide(a, b) -> bool:
-    """Two guest ops of one vCPU cannot run concurrently: a vCPU is sequential."""
-    va, vb = op_vcpu(a), op_vcpu(b)
-    return va is not None and va == vb
+def _collision(sides) -> Optional[tuple]:
+    """``(i, j)`` of the first two guest sides of one vCPU (j the later), or None: a vCPU
+    is sequential, so two of its ops cannot run concurrently."""
+    for j in range(1, len(sides)):
+        vcpu = op_vcpu(sides[j])
+        for i in range(j):
+            if vcpu is not None and op_vcpu(sides[i]) == vcpu:
+                return i, j
+    return None
 
 
 def _check_op(op, header: VmHeader) -> None:
     """The rules no single field domain states (docs/reproducers.md, "Field rules")."""
     if isinstance(op, Parallel):
-        if _guest_ops_collide(op.a, op.b):
-            raise _FieldError("b", f"both sides run on vcpu {op.b.vcpu}")
+        if op.d is not None and op.c is None:
+            raise _FieldError("d", "d= needs c= (the actors are a, b, c, d, in order)")
+        clash = _collision(op.sides)
+        if clash is not None:
+            i, j = clash
+            raise _FieldError(SIDE_NAMES[j], f"{SIDE_NAMES[i]} and {SIDE_NAMES[j]} both run on "
+                                             f"vcpu {op_vcpu(op.sides[j])}")
         return
     vcpu = op_vcpu(op)
     if vcpu is not None and vcpu >= header.vcpus:
@@ -265,7 +277,8 @@ def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
         if cls is Access and item.name == "addr":
             kwargs["virtual"] = present[0] == "gva"
     if given:
-        raise _FieldError(next(iter(given)), f"unknown field for {OP_NAMES.get(cls, 'vm')}")
+        hint = f" (its actors are {', '.join(SIDE_NAMES)})" if cls is Parallel else ""
+        raise _FieldError(next(iter(given)), f"unknown field for {OP_NAMES.get(cls, 'vm')}{hint}")
     return kwargs
 
 
@@ -501,13 +514,20 @@ _OP_WEIGHTS = (
     ("memslot_add", 18), ("memslot_delete", 6), ("memslot_move", 6), ("memslot_set_flags", 8),
     ("set_attributes", 12), ("accept", 12), ("paging", 6), ("write_pte", 18), ("access", 90),
     ("invlpg", 8), ("flush_tlb", 4), ("host_invalidate", 12), ("zap_all", 4), ("split", 6),
-    ("recover", 8), ("get_dirty_log", 8), ("parallel", 30),
+    ("recover", 8), ("get_dirty_log", 8),
 )
-assert sum(w for _, w in _OP_WEIGHTS) == 256
-_OPCODES = tuple(OP_CLASSES[name] for name, weight in _OP_WEIGHTS for _ in range(weight))
-_FIRST_OPCODE = {cls: _OPCODES.index(cls) for cls in OP_NAMES}
-_SIMPLE_OPCODES = tuple(cls for cls in _OPCODES if cls is not Parallel)
-_FIRST_SIMPLE_OPCODE = {cls: _SIMPLE_OPCODES.index(cls) for cls in OP_NAMES if cls is not Parallel}
+# ``parallel`` by number of actors, after the simple ops.  Pairs keep the opcodes they had
+# when two was the only arity, but the last six (a v1 input decodes as it did unless one of
+# those starts an op); three and four actors cost more to run, and are rarer.
+_PARALLEL_WEIGHTS = {2: 24, 3: 4, 4: 2}
+assert sum(w for _, w in _OP_WEIGHTS) + sum(_PARALLEL_WEIGHTS.values()) == 256
+# An opcode stands for (op class, actors); actors is 0 for a simple op.
+_OPCODES = (tuple((OP_CLASSES[name], 0) for name, weight in _OP_WEIGHTS for _ in range(weight))
+            + tuple((Parallel, n) for n, weight in _PARALLEL_WEIGHTS.items()
+                    for _ in range(weight)))
+_FIRST_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_OPCODES)}
+_SIMPLE_OPCODES = _OPCODES[:sum(w for _, w in _OP_WEIGHTS)]
+_FIRST_SIMPLE_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_SIMPLE_OPCODES)}
 
 _GFN_CONSTANTS = (0x0, 0x1, 0x1ff, 0x200, 0x201, 0x3ff, 0x400, 0x600, 0x800, 0x1000)
 _NPAGES = (0x1, 0x2, 0x10, 0x1ff, 0x200, 0x201, 0x400, 0x600)
@@ -542,8 +562,8 @@ class _Context:
     def note(self, op) -> None:
         """Remember the gfns an op names: slot bounds, 2M frames inside, pages touched."""
         if isinstance(op, Parallel):
-            self.note(op.a)
-            self.note(op.b)
+            for side in op.sides:
+                self.note(side)
             return
         base = getattr(op, "base", None)
         if base is not None:
@@ -629,55 +649,67 @@ def _encode_int(out: bytearray, value: int, dom: Domain, pool) -> None:
     out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")
 
 
-# Schedules.  Races need one side parked mid-update while the other runs
-# through, so most selectors build a run shape: one side takes k steps, the
-# other m, then they alternate.  Selectors from _RUN_SELECTORS on pick a
-# classic pattern from _SCHEDULES or escape to a literal.
+# Schedules.  Races need one side parked mid-update while the others run through, so
+# most selectors build a run shape: each actor in turn takes a run of steps, then the
+# first resumes (its one step is the shape's last digit) and, after the digits, the
+# actors take turns.  With N actors a run shape is an order of the actors (selector
+# mod N!), the first run's length (the selector's quotient, mod its limit), and a byte for
+# the length of each later run; with two it is "one side k steps, the other m, then
+# alternation", as in v1.  Selectors from _RUN_SELECTORS on pick a classic pattern from
+# _SCHEDULES or escape to a literal.
 _RUN_SELECTORS = 0x80
-_MAX_FIRST_RUN, _MAX_SECOND_RUN = 32, 31  # k + m + 1 stays within 64 schedule bits
+# actors -> (the most steps of the first run, of each later run): the whole shape fits
+# the schedule's horizon (64, 40 and 32 digits), and N! times the first limit fits the
+# run selectors.
+_RUN_LIMITS = {2: (32, 31), 3: (13, 13), 4: (5, 8)}
+_ORDERS = {n: tuple(itertools.permutations(range(n))) for n in _RUN_LIMITS}
 
 
-def _run_schedule(b_first: bool, k: int, m: int) -> int:
-    """``b`` k steps, ``a`` m, then ``b`` and alternation; or ``a`` k steps, ``b`` m, then alternation."""
-    if b_first:
-        return ((1 << k) - 1) | 1 << (k + m)
-    return ((1 << m) - 1) << k
+def _run_schedule(order: tuple, lengths: list) -> int:
+    """Actor ``order[i]`` takes ``lengths[i]`` steps, in turn; then ``order[0]`` one more."""
+    digits = [actor for actor, length in zip(order, lengths) for _ in range(length)]
+    return schedule_of(digits + [order[0]], len(order))
 
 
-def _run_shape(schedule: int):
-    """``(b_first, k, m)`` if ``schedule`` is a run shape the decoder builds, else None."""
-    if not schedule:
+def _run_shape(schedule: int, actors: int):
+    """``(order index, lengths)`` if ``schedule`` is a run shape the decoder builds, else None."""
+    runs: list = []  # [actor, length], in step order
+    for digit in schedule_digits(schedule, actors):
+        if runs and runs[-1][0] == digit:
+            runs[-1][1] += 1
+        else:
+            runs.append([digit, 1])
+    if len(runs) == actors + 1 and runs[-1] == [runs[0][0], 1]:
+        runs.pop()  # the first actor's last step
+    elif not (len(runs) == actors and runs[0][0] == 0):  # else that step is a leading zero
         return None
-    if schedule & 1:
-        k = ((schedule ^ (schedule + 1)) >> 1).bit_length()  # trailing ones
-        rest = schedule >> k
-        m = rest.bit_length() - 1
-        shape = (True, k, m) if rest and rest == 1 << m else None
-    else:
-        k = (schedule & -schedule).bit_length() - 1  # trailing zeros
-        rest = schedule >> k
-        m = rest.bit_length()
-        shape = (False, k, m) if rest & (rest + 1) == 0 else None
-    if shape and 1 <= shape[1] <= _MAX_FIRST_RUN and 1 <= shape[2] <= _MAX_SECOND_RUN:
-        return shape
-    return None
+    order, lengths = tuple(actor for actor, _ in runs), [length for _, length in runs]
+    first, later = _RUN_LIMITS[actors]
+    if sorted(order) != list(range(actors)) or lengths[0] > first \
+            or max(lengths[1:]) > later:
+        return None
+    return _ORDERS[actors].index(order), lengths
 
 
-def _decode_schedule(reader: _Reader, dom: Domain) -> int:
+def _decode_schedule(reader: _Reader, dom: Domain, actors: int) -> int:
     selector = reader.byte()
     if selector < _RUN_SELECTORS:
-        k = 1 + (selector >> 1) % _MAX_FIRST_RUN
-        return _run_schedule(bool(selector & 1), k, 1 + reader.byte() % _MAX_SECOND_RUN)
+        orders = _ORDERS[actors]
+        first, later = _RUN_LIMITS[actors]
+        lengths = [1 + selector // len(orders) % first]
+        lengths += [1 + reader.byte() % later for _ in range(actors - 1)]
+        return _run_schedule(orders[selector % len(orders)], lengths)
     if selector != LITERAL:
         return _SCHEDULES[(selector - _RUN_SELECTORS) % len(_SCHEDULES)]
     return reader.literal(_literal_width(dom))
 
 
-def _encode_schedule(out: bytearray, schedule: int, dom: Domain) -> None:
-    shape = _run_shape(schedule)
+def _encode_schedule(out: bytearray, schedule: int, dom: Domain, actors: int) -> None:
+    shape = _run_shape(schedule, actors)
     if shape is not None:
-        b_first, k, m = shape
-        out += bytes(((k - 1) << 1 | b_first, m - 1))
+        order, lengths = shape
+        out.append((lengths[0] - 1) * len(_ORDERS[actors]) + order)
+        out += bytes(length - 1 for length in lengths[1:])
     elif schedule in _SCHEDULES:
         out.append(_RUN_SELECTORS + _SCHEDULES.index(schedule))
     else:
@@ -685,7 +717,8 @@ def _encode_schedule(out: bytearray, schedule: int, dom: Domain) -> None:
         out += schedule.to_bytes(_literal_width(dom), "little")
 
 
-def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, so_far: dict):
+def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, so_far: dict,
+                  actors: int):
     if name == "vcpu":
         return reader.byte() % ctx.header.vcpus
     if name == "slot":
@@ -708,12 +741,12 @@ def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, s
     if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
         return None
     if name == "schedule":
-        return _decode_schedule(reader, dom)
+        return _decode_schedule(reader, dom, actors)
     return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
 
 
 def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Context,
-                  so_far: dict) -> None:
+                  so_far: dict, actors: int) -> None:
     if name == "vcpu":
         out.append(value)
     elif name == "slot":
@@ -729,7 +762,7 @@ def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Cont
     elif name == "value" and value is None:
         pass
     elif name == "schedule":
-        _encode_schedule(out, value, dom)
+        _encode_schedule(out, value, dom, actors)
     else:
         # root's pool starts with None, so "off" is selector 0 and never a literal.
         _encode_int(out, value, dom, ctx.pool(cls, name, so_far))
@@ -739,19 +772,29 @@ def conform(op, header: VmHeader):
     """Bend an op into the cross-field rules the parser enforces (``_check_op``).
 
     The vCPU is taken modulo the VM's, a write gets a value and nothing else
-    does, 2m accepts and ``ps`` targets are aligned down, and the two sides of
-    a ``parallel`` get distinct vCPUs (in a one-vCPU VM only ``a`` remains).
-    Generators that draw fields independently (the byte decoder, the
-    Hypothesis engine) use it to stay valid by construction.
+    does, 2m accepts and ``ps`` targets are aligned down, and the guest sides
+    of a ``parallel`` get distinct vCPUs: a side whose vCPU an earlier side
+    runs on moves to the next vCPU no earlier side uses, or, with none left,
+    is dropped (:meth:`Parallel.without`; in a one-vCPU VM a pair of guest ops
+    becomes its ``a``).  Generators that draw fields independently (the byte
+    decoder, the Hypothesis engine) use it to stay valid by construction.
     """
     if isinstance(op, Parallel):
-        op = dataclasses.replace(op, a=conform(op.a, header), b=conform(op.b, header))
-        if not _guest_ops_collide(op.a, op.b):
-            return op
-        if header.vcpus == 1:
-            return op.a
-        return dataclasses.replace(op, b=dataclasses.replace(
-            op.b, vcpu=(op.b.vcpu + 1) % header.vcpus))
+        op = Parallel.of([conform(side, header) for side in op.sides], op.schedule)
+        while (clash := _collision(op.sides)) is not None:
+            j = clash[1]
+            side, used = op.sides[j], {op_vcpu(s) for s in op.sides[:j]}
+            free = [v % header.vcpus for v in range(side.vcpu + 1, side.vcpu + header.vcpus)
+                    if v % header.vcpus not in used]
+            if not free:
+                op = op.without(j)
+                if not isinstance(op, Parallel):
+                    return op
+                continue
+            sides = list(op.sides)
+            sides[j] = dataclasses.replace(side, vcpu=free[0])
+            op = Parallel.of(sides, op.schedule)
+        return op
     vcpu = op_vcpu(op)
     if vcpu is not None and vcpu >= header.vcpus:
         op = dataclasses.replace(op, vcpu=vcpu % header.vcpus)
@@ -764,33 +807,38 @@ def conform(op, header: VmHeader):
     return op
 
 
-def _byte_order(cls) -> list[str]:
-    """Field names in byte order: an access's ``virtual`` comes first, as it picks the address pool."""
+def _byte_order(cls, actors: int) -> list[str]:
+    """Field names in byte order: an access's ``virtual`` comes first, as it picks the
+    address pool; a ``parallel`` has the fields of its ``actors`` sides only."""
     names = [item.name for item in dataclasses.fields(cls)]
     if cls is Access:
         names.remove("virtual")
         names.insert(0, "virtual")
+    if cls is Parallel:
+        names = [*SIDE_NAMES[:actors], "schedule"]
     return names
 
 
-_BYTE_ORDER = {cls: _byte_order(cls) for cls in OP_NAMES}
+_BYTE_ORDER = {kind: _byte_order(*kind) for kind in _FIRST_OPCODE}
 
 
 def _decode_op(reader: _Reader, ctx: _Context, opcodes):
-    cls = opcodes[reader.byte() % len(opcodes)]
+    cls, actors = kind = opcodes[reader.byte() % len(opcodes)]
     values: dict = {}
-    for name in _BYTE_ORDER[cls]:
-        values[name] = _decode_field(reader, cls, name, domain(cls, name), ctx, values)
+    for name in _BYTE_ORDER[kind]:
+        values[name] = _decode_field(reader, cls, name, domain(cls, name), ctx, values, actors)
     return conform(cls(**values), ctx.header)
 
 
 def _encode_op(out: bytearray, op, ctx: _Context, first_opcode) -> None:
     cls = type(op)
-    out.append(first_opcode[cls])
+    kind = (cls, len(op.sides) if cls is Parallel else 0)
+    actors = kind[1]
+    out.append(first_opcode[kind])
     so_far: dict = {}
-    for name in _BYTE_ORDER[cls]:
+    for name in _BYTE_ORDER[kind]:
         value = getattr(op, name)
-        _encode_field(out, value, cls, name, domain(cls, name), ctx, so_far)
+        _encode_field(out, value, cls, name, domain(cls, name), ctx, so_far, actors)
         so_far[name] = value
 
 

@@ -15,13 +15,16 @@ the stages run cheapest first and repeat to a fixpoint:
    (one at a time, each of these breaks the private path the others build);
 6. drop an op that relocates memory (a slot move) while moving the later ops'
    addresses back to where the memory was;
-7. unwrap a ``parallel`` one side of which is a failing no-op (an ``einval``
+7. drop each side of a ``parallel`` that is a failing no-op (an ``einval``
    or ``unsupported`` op that changes nothing, like an overlapping
-   ``memslot_add`` or ``set_attributes npages=0``): only the other side stays.
-   If the finding was at that ``parallel``, its signature names the remaining
-   op's kind instead (the one change of signature the minimizer makes);
+   ``memslot_add`` or ``set_attributes npages=0``); of a pair only the other
+   side stays.  If the finding was at a pair that became a plain op, its
+   signature names the remaining op's kind instead (the one change of
+   signature the minimizer makes);
 8. simplify fields toward the smallest value of their domain (0, fewer pages,
-   4k instead of 2m, vcpu 0, no flags, schedule 0, one side of a parallel);
+   4k instead of 2m, vcpu 0, no flags, schedule 0), and a ``parallel`` toward
+   fewer actors: one side alone, or all but one (:meth:`Parallel.without`
+   keeps the order the schedule ran the others in);
 9. move an op earlier where that lets another op go (a smaller program in
    another order, which deletions alone never reach);
 10. renumber slots and vCPUs densely from 0 and shrink the VM's vCPU count.
@@ -39,9 +42,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, Accept, Access,
-                         MemslotAdd, MemslotFlag, Parallel, Program, SetAttributes, VmType,
-                         domain, op_gfns, op_name, op_vcpu, outcome_kind)
+from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES,
+                                 Accept, Access, MemslotAdd, MemslotFlag, Parallel, Program,
+                                 SetAttributes, VmType, domain, op_gfns, op_name, op_vcpu,
+                                 outcome_kind)
 from mmufuzz.fuzz.corpus import Replay
 from mmufuzz.fuzz.encoding import Reproducer, conform
 from mmufuzz.fuzz.runner import Finding, make_target, run_program
@@ -127,8 +131,8 @@ def _cut_after_failure(program: Program, oracle: _Oracle) -> Program:
 def _resources(op, slot_ranges: dict) -> Optional[frozenset]:
     """What an op touches: slots, vCPUs and 2M frames; None for VM-wide ops."""
     if isinstance(op, Parallel):
-        a, b = _resources(op.a, slot_ranges), _resources(op.b, slot_ranges)
-        return None if a is None or b is None else a | b
+        sides = [_resources(side, slot_ranges) for side in op.sides]
+        return None if None in sides else frozenset().union(*sides)
     tokens = set()
     vcpu = op_vcpu(op)
     if vcpu is not None:
@@ -209,8 +213,7 @@ def _ddmin(program: Program, oracle: _Oracle) -> Program:
 def _relocated(op, source: int, image: int):
     """``op`` with every location in the 2M span from gfn ``source`` moved to start at ``image``."""
     if isinstance(op, Parallel):
-        return dataclasses.replace(op, a=_relocated(op.a, source, image),
-                                   b=_relocated(op.b, source, image))
+        return Parallel.of([_relocated(side, source, image) for side in op.sides], op.schedule)
     changes = {}
     for names, shift in ((GFN_FIELDS, 0), (ADDRESS_FIELDS, PAGE_SHIFT)):
         for name in names:
@@ -253,10 +256,15 @@ def _drop_and_relocate(program: Program, oracle: _Oracle) -> Program:
 def _shared(op):
     """``op`` with private memory taken out; None for an op that only serves it."""
     if isinstance(op, Parallel):
-        a, b = _shared(op.a), _shared(op.b)
-        if a is None or b is None:
-            return b if a is None else a
-        return dataclasses.replace(op, a=a, b=b)
+        shared = [_shared(side) for side in op.sides]
+        if all(side is None for side in shared):
+            return None
+        result = Parallel.of([old if new is None else new for new, old in zip(shared, op.sides)],
+                             op.schedule)
+        for index in reversed(range(len(shared))):
+            if shared[index] is None:
+                result = result.without(index)  # the sides that stay keep their order
+        return result
     if isinstance(op, (SetAttributes, Accept)):
         return None
     if isinstance(op, Access) and op.private:
@@ -288,35 +296,36 @@ def _failing_noop(state: Reference, op) -> bool:
 
 
 def _unwrap_noop_sides(program: Program, oracle: _Oracle) -> Program:
-    """Replace each ``parallel`` one side of which is a failing no-op by its other side.
+    """Drop each side of a ``parallel`` that is a failing no-op; a pair becomes its other side.
 
-    Such a pair is one op in disguise: the reference, run to just before it,
-    says the side fails and changes nothing.  The candidate must fail the same
-    way; when the failing op is the pair itself, the same way means the same
-    finding at the remaining op (its kind, and its own outcome instead of the
-    pair's), and the oracle takes that finding's signature on.
+    Such a side is no actor in disguise: the reference, run to just before the
+    parallel, says it fails and changes nothing.  The candidate must fail the
+    same way; when the failing op is the pair itself and it becomes a plain op,
+    the same way means the same finding at the remaining op (its kind, and its
+    own outcome instead of the pair's), and the oracle takes that finding's
+    signature on.
     """
     state = Reference(program.header)
     for index, op in enumerate(program.ops):
-        if isinstance(op, Parallel):
-            for keep, other in ((op.a, op.b), (op.b, op.a)):
-                if not _failing_noop(state, other):
-                    continue
-                candidate = program.with_ops(program.ops[:index] + (conform(keep, program.header),)
-                                             + program.ops[index + 1:])
-                original = oracle.finding(program)
-                if original.op_index != index:
-                    same = oracle.fails
-                else:
-                    def same(program, original=original, keep=keep):
-                        return oracle.matches(program, lambda found: _same_at(original, found,
-                                                                              keep))
-                if same(candidate):
-                    program, op = candidate, candidate.ops[index]
-                    oracle.signature = oracle.finding(candidate).signature
-                    break
-        for side in ((op.a, op.b) if isinstance(op, Parallel) else (op,)):
-            state.run(side)
+        side = len(op.sides) - 1 if isinstance(op, Parallel) else -1
+        while isinstance(op, Parallel) and side >= 0:
+            if not _failing_noop(state, op.sides[side]):
+                side -= 1
+                continue
+            keep = conform(op.without(side), program.header)
+            candidate = program.with_ops(program.ops[:index] + (keep,) + program.ops[index + 1:])
+            original = oracle.finding(program)
+            if original.op_index != index or isinstance(keep, Parallel):
+                same = oracle.fails
+            else:
+                def same(program, original=original, keep=keep):
+                    return oracle.matches(program, lambda found: _same_at(original, found, keep))
+            if same(candidate):
+                program, op = candidate, keep
+                oracle.signature = oracle.finding(candidate).signature
+            side -= 1
+        for part in (op.sides if isinstance(op, Parallel) else (op,)):
+            state.run(part)
     return program
 
 
@@ -354,11 +363,15 @@ def _simpler_values(value, dom) -> list:
 
 
 def _simpler_ops(op) -> list:
-    """Simpler variants of one op, one change each; a ``parallel`` first tries each side alone."""
-    variants = [op.a, op.b] if isinstance(op, Parallel) else []
+    """Simpler variants of one op, one change each; a ``parallel`` first tries each side
+    alone, then without one of its actors (the last first), then simpler sides."""
+    variants = []
     if isinstance(op, Parallel):
-        variants += [dataclasses.replace(op, a=a) for a in _simpler_ops(op.a)]
-        variants += [dataclasses.replace(op, b=b) for b in _simpler_ops(op.b)]
+        sides = op.sides
+        variants += dict.fromkeys(sides + tuple(op.without(i) for i in reversed(range(len(sides)))))
+        for name, side in zip(SIDE_NAMES, sides):
+            variants += [dataclasses.replace(op, **{name: simpler})
+                         for simpler in _simpler_ops(side)]
     for item in dataclasses.fields(op):
         for simpler in _simpler_values(getattr(op, item.name), domain(type(op), item.name)):
             variants.append(dataclasses.replace(op, **{item.name: simpler}))
@@ -414,7 +427,7 @@ def _renumber(program: Program, oracle: _Oracle) -> Program:
 
     def rename(op):
         if isinstance(op, Parallel):
-            return dataclasses.replace(op, a=rename(op.a), b=rename(op.b))
+            return Parallel.of(map(rename, op.sides), op.schedule)
         changes = {}
         for name, mapping in maps.items():
             if hasattr(op, name):

@@ -21,8 +21,8 @@ import dataclasses
 import random
 from typing import Callable, Iterator, Optional
 
-from mmufuzz.harness.ops import (PAGE_SHIFT, PAGES_PER_2M, Parallel, Program, VmHeader, VmType, domain,
-                         gpa_field, op_gfns, op_vcpu)
+from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Parallel,
+                                 Program, VmHeader, VmType, domain, gpa_field, op_gfns, op_vcpu)
 from mmufuzz.fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
@@ -137,7 +137,7 @@ def _edit_field(program: Program, rng: random.Random, kinds: tuple,
         return None
     index = rng.randrange(len(program.ops))
     op = program.ops[index]
-    side = rng.choice(("a", "b", None)) if isinstance(op, Parallel) else None
+    side = rng.choice(SIDE_NAMES[:len(op.sides)] + (None,)) if isinstance(op, Parallel) else None
     target = getattr(op, side) if side else op
     names = [f.name for f in dataclasses.fields(target)
              if domain(type(target), f.name).kind in kinds and getattr(target, f.name) is not None]
@@ -186,24 +186,38 @@ def recast_field(program: Program, rng: random.Random) -> Optional[Program]:
 
 
 def pair_ops(program: Program, rng: random.Random) -> Optional[Program]:
-    """Join two neighbouring ops into a ``parallel``, or split a ``parallel`` into its sides."""
+    """Join two neighbouring ops into a ``parallel``, join the op after a ``parallel`` to it
+    as one more actor, or split a ``parallel`` into its sides."""
     if not program.ops:
         return None
     index = rng.randrange(len(program.ops))
     ops = program.ops
+    joinable = index + 1 < len(ops) and not isinstance(ops[index + 1], Parallel)
     if isinstance(ops[index], Parallel):
-        if len(ops) >= MAX_OPS:
-            return None
         pair = ops[index]
-        sides = (pair.a, pair.b) if rng.random() < 0.5 else (pair.b, pair.a)
-        return program.with_ops(ops[:index] + sides + ops[index + 1:])
-    if index + 1 >= len(ops) or isinstance(ops[index + 1], Parallel):
+        if joinable and len(pair.sides) < ACTORS_MAX and rng.random() < 0.5:
+            grown = _join(pair.sides, ops[index + 1], pair.schedule)
+            return grown and program.with_ops(ops[:index] + (grown,) + ops[index + 2:])
+        if len(ops) + len(pair.sides) - 1 > MAX_OPS:
+            return None
+        sides = list(pair.sides)
+        if len(sides) == 2:
+            sides = sides if rng.random() < 0.5 else sides[::-1]
+        else:
+            rng.shuffle(sides)
+        return program.with_ops(ops[:index] + tuple(sides) + ops[index + 1:])
+    if not joinable:
         return None
-    a, b = ops[index], ops[index + 1]
-    if op_vcpu(a) is not None and op_vcpu(a) == op_vcpu(b):
+    pair = _join((ops[index],), ops[index + 1], _random_schedule(rng))
+    return pair and program.with_ops(ops[:index] + (pair,) + ops[index + 2:])
+
+
+def _join(sides: tuple, op, schedule: int) -> Optional[Parallel]:
+    """The ``parallel`` of ``sides`` and ``op``, or None if ``op`` runs on a side's vCPU."""
+    vcpu = op_vcpu(op)
+    if vcpu is not None and vcpu in map(op_vcpu, sides):
         return None
-    pair = Parallel(a, b, _random_schedule(rng))
-    return program.with_ops(ops[:index] + (pair,) + ops[index + 2:])
+    return Parallel.of(sides + (op,), schedule)
 
 
 def _fault_frame(op) -> int:
@@ -212,10 +226,21 @@ def _fault_frame(op) -> int:
     return gfn - gfn % PAGES_PER_2M
 
 
+def _guest_side(op):
+    """The guest op faulting on a gpa that ``op`` is or, for a ``parallel`` that can take
+    one more actor, its first such side; else None."""
+    if isinstance(op, Parallel):
+        if len(op.sides) == ACTORS_MAX:
+            return None
+        return next((side for side in op.sides if gpa_field(side)), None)
+    return op if gpa_field(op) else None
+
+
 def _frame_partners(ops: tuple, index: int) -> dict:
-    """The ops that can race the guest op at ``index``, by kind: every other op that names
-    only its 2M frame, or no memory at all (like ``zap_all``); races need shared state."""
-    frame = _fault_frame(ops[index])
+    """The ops that can race the guest op at ``index`` (a ``parallel``'s guest side), by
+    kind: every other op that names only its 2M frame, or no memory at all (like
+    ``zap_all``); races need shared state."""
+    frame = _fault_frame(_guest_side(ops[index]))
     partners: dict = {}
     for i, op in enumerate(ops):
         if i != index and not isinstance(op, Parallel) \
@@ -225,28 +250,34 @@ def _frame_partners(ops: tuple, index: int) -> dict:
 
 
 def _collision(program: Program, index: int, partner, schedule: int) -> Program:
-    """``program`` with its op at ``index`` run in parallel with ``partner`` on another vCPU
-    (the VM gets a second one if needed)."""
-    header = program.header
-    if header.vcpus == 1 and op_vcpu(partner) is not None:
-        header = dataclasses.replace(header, vcpus=2)
+    """``program`` with ``partner`` run in parallel with its op at ``index`` (one more actor,
+    if that is a ``parallel``) on a vCPU of its own (the VM gets one more if needed)."""
     ops = program.ops
-    pair = conform(Parallel(ops[index], partner, schedule), header)
+    sides = ops[index].sides if isinstance(ops[index], Parallel) else (ops[index],)
+    sides += (partner,)
+    header = program.header
+    guests = sum(op_vcpu(side) is not None for side in sides)
+    if guests > header.vcpus:
+        header = dataclasses.replace(header, vcpus=guests)
+    pair = conform(Parallel.of(sides, schedule), header)
     return Program(header, ops[:index] + (pair,) + ops[index + 1:])
 
 
 def collide(program: Program, rng: random.Random) -> Optional[Program]:
     """Run a guest op concurrently with a conflicting op (syzkaller's "collide").
 
-    The op is a guest access or accept by gpa: the MMU's concurrent paths
-    are the faults they take.  Its partner is another op of the program that
-    can race it (:func:`_frame_partners`).  Each kind of partner is equally
-    likely, however many ops of a kind the program has.  Half the time a guest partner
-    moves to a page of the frame no op has named yet, so that two vCPUs
-    fault, accept or convert fresh pages side by side.
+    The op is a guest access or accept by gpa, or a ``parallel`` of fewer
+    than four actors with one, which gets the partner as one more actor
+    (races of three: two faults and a memslot change, a fault, a zap and a
+    conversion): the MMU's concurrent paths are the faults they take.  Its
+    partner is another op of the program that can race it
+    (:func:`_frame_partners`).  Each kind of partner is equally likely,
+    however many ops of a kind the program has.  Half the time a guest
+    partner moves to a page of the frame no op has named yet, so that
+    vCPUs fault, accept or convert fresh pages side by side.
     """
     ops = program.ops
-    guests = [i for i, op in enumerate(ops) if gpa_field(op)]
+    guests = [i for i, op in enumerate(ops) if _guest_side(op)]
     if not guests:
         return None
     index = rng.choice(guests)
@@ -256,7 +287,7 @@ def collide(program: Program, rng: random.Random) -> Optional[Program]:
     partner = rng.choice(rng.choice(list(partners.values())))
     field = gpa_field(partner)
     if field and rng.random() < 0.5:
-        frame = _fault_frame(ops[index])
+        frame = _fault_frame(_guest_side(ops[index]))
         named = set().union(*map(op_gfns, ops))
         fresh = [g for g in range(frame, frame + PAGES_PER_2M) if g not in named]
         if fresh:
@@ -303,7 +334,7 @@ def change_header(program: Program, rng: random.Random) -> Optional[Program]:
 
 def _max_vcpu(op) -> int:
     if isinstance(op, Parallel):
-        return max(_max_vcpu(op.a), _max_vcpu(op.b))
+        return max(map(_max_vcpu, op.sides))
     vcpu = op_vcpu(op)
     return -1 if vcpu is None else vcpu
 

@@ -5,9 +5,10 @@ reference judges the outcome; the first disallowed outcome, broken invariant or
 target exception ends the run with a :class:`Finding`.
 
 The reference may allow several outcomes (SEMANTICS §B) and, for ``parallel``,
-several resulting states (§H).  The runner therefore keeps a short list of
-candidate reference states consistent with everything the target did so far;
-outside ``parallel`` the list holds exactly one state.
+several resulting states, one per order of its sides (§H).  The runner
+therefore keeps a short list of candidate reference states consistent with
+everything the target did so far; outside ``parallel`` the list holds exactly
+one state.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from mmufuzz.harness.target import (InvariantViolation, Target, UnknownTarget,
                             make_target as make_harness_target)
 from mmufuzz.reference.model import Expect, Reference
 
-# SEMANTICS §H: the candidate set of a parallel oracle is capped.
-MAX_CANDIDATES = 8
+# SEMANTICS §H: the candidate set of a parallel oracle is capped: at the 24 orders of a
+# four-actor parallel, so that one parallel run from one state never loses an order.
+MAX_CANDIDATES = 24
 # The differential harness itself: its frames are never a finding's site.
 _HARNESS_PACKAGE = __name__.rpartition(".")[0] + "."
 
@@ -84,7 +86,7 @@ class ReferenceTarget:
 
     def execute(self, op):
         if isinstance(op, Parallel):
-            return PairOutcome(self._ref.run(op.a), self._ref.run(op.b))
+            return PairOutcome(*map(self._ref.run, op.sides))
         return self._ref.run(op)
 
     def check_invariants(self) -> None:
@@ -140,26 +142,40 @@ def _judge(candidates: list, op, actual):
 
 
 def _judge_parallel(candidates: list, op: Parallel, actual):
-    """Linearizability: the pair must be explained by ``a;b`` or ``b;a`` from some candidate."""
-    if not isinstance(actual, PairOutcome):
+    """Linearizability: the sides' outcomes must be explained by running them one after
+    another, in some order, from some candidate (SEMANTICS §H).
+
+    The orders are explored as a tree, side ``a`` first: an order that fails
+    at its k-th side cuts every order that starts the same way, and a state
+    reached by two orders is kept once.  The first failure met (in the order
+    ``a, b, ...`` from the first candidate, where it can) is the one reported.
+    """
+    sides = op.sides
+    if not isinstance(actual, PairOutcome) or len(actual.sides) != len(sides):
         trial = candidates[0].copy()
-        return [], (Expect(((PairOutcome(trial.run(op.a), trial.run(op.b)), None),)), op, actual)
+        return [], (Expect(((PairOutcome(*map(trial.run, sides)), None),)), op, actual)
+    outcomes = actual.sides
     survivors, first = [], None
-    for state in candidates:
-        for (x, ox), (y, oy) in (((op.a, actual.a), (op.b, actual.b)),
-                                 ((op.b, actual.b), (op.a, actual.a))):
+
+    def explore(state, before, left: tuple) -> None:
+        nonlocal first
+        for position, index in enumerate(left):
             trial = state.copy()
-            failed = x, ox
-            expect = trial.step(x, ox)
-            if expect is None:
-                failed = y, oy
-                expect = trial.step(y, oy)
-            if expect is None:
-                trial.settle(op, actual, state)
-                if trial not in survivors:
-                    survivors.append(trial)
-            elif first is None:
-                first = (expect, *failed)
+            expect = trial.step(sides[index], outcomes[index])
+            if expect is not None:
+                if first is None:
+                    first = (expect, sides[index], outcomes[index])
+                continue
+            rest = left[:position] + left[position + 1:]
+            if rest:
+                explore(trial, before, rest)
+                continue
+            trial.settle(op, actual, before)
+            if trial not in survivors:
+                survivors.append(trial)
+
+    for state in candidates:
+        explore(state, state, tuple(range(len(sides))))
     return survivors[:MAX_CANDIDATES], first
 
 

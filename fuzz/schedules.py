@@ -22,6 +22,12 @@ ops before the pair run once and each variant resumes from that checkpoint: it
 runs the pair and its tail only.  The pairs come from the programs the worker
 runs, and from the collisions of each input that showed new behaviour: its
 ops run in parallel with the ops that can race them, pairing by pairing.
+
+A ``parallel`` of three or four actors (a "pair" below is any ``parallel``)
+is explored the same way over every actor: each one preempted after k steps,
+the others then running in each order, and a sample of the schedules where
+the actor that preempted it is preempted in turn.  With two actors these are
+the schedules two-actor exploration always ran, in the same order.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ import random
 import time
 from typing import Callable, Iterator
 
-from mmufuzz.harness.ops import PAGES_PER_2M, SCHEDULE_LIMIT, Parallel, Program, op_gfns
+from mmufuzz.harness.ops import (PAGES_PER_2M, Parallel, Program, op_gfns, schedule_horizon,
+                                 schedule_of)
 
-HORIZON = SCHEDULE_LIMIT.bit_length() - 1  # schedule bits; after them the sides alternate
 # Share of a worker's time that may go to exploration, and the most one input gets.
 SHARE = 0.65
 MAX_SECONDS_PER_INPUT = 1.0
@@ -50,81 +56,114 @@ _COLLISIONS = 2  # the source that is not a queue of pairs
 _SOURCES = range(len(SOURCE_WEIGHTS))
 
 
-def one_preemption(b_first: bool, k: int) -> int:
-    """The first side takes ``k`` steps, the other runs until done (within the horizon)."""
-    ones = (1 << HORIZON) - 1
-    if b_first:
-        return ((1 << k) - 1) | 1 << (HORIZON - 1)
-    return (ones >> k) << k
+def preemptions(runs, actors: int) -> int:
+    """The schedule in which each actor of ``runs`` (``(actor, steps)``, in turn) takes its
+    steps, and the last one runs on to the horizon (until done: picking a finished actor
+    steps the next).  A run of ``a``'s to the horizon ends in one step of ``b``, since
+    a number's last digit is never 0 (its step would go to whoever's turn it is).
+
+    With two actors: ``[(0, k), (1, 0)]`` is ``a`` preempted after ``k`` steps by ``b``,
+    which runs until done; ``[(0, k), (1, m), (0, 0)]`` preempts ``b`` after ``m`` in turn.
+    """
+    horizon = schedule_horizon(actors)
+    digits = [actor for actor, steps in runs[:-1] for _ in range(steps)][:horizon]
+    digits += [runs[-1][0]] * (horizon - len(digits))
+    if digits[-1] == 0:
+        digits[-1] = 1
+    return schedule_of(digits, actors)
 
 
-def two_preemptions(b_first: bool, k: int, m: int) -> int:
-    """The first side takes ``k`` steps, the other ``m``, then the first runs until done."""
-    ones = (1 << HORIZON) - 1
-    if b_first:
-        return ((1 << k) - 1) | (ones >> (k + m)) << (k + m)
-    return ((1 << m) - 1) << k | 1 << (HORIZON - 1)
+def _rests(actors: int, exclude) -> list:
+    """The orders in which the actors not in ``exclude`` may run after the preemptions."""
+    return list(itertools.permutations(a for a in range(actors) if a not in exclude))
 
 
-def _one_preemptions(b_first: bool, steps: int) -> list:
-    """One-preemption schedules of the side that goes first and took ``steps``, earliest first.
+def _one_preemptions(first: int, taken) -> list:
+    """One-preemption schedules of actor ``first``, which took ``taken[first]`` steps,
+    earliest preemption first: it is preempted after k steps, then every other actor
+    runs in turn (for the steps it took; the last until done), in every order.
 
     Its last step is the one that finishes it, so it can be preempted after
     1 .. steps-1 of them; steps past the horizon are out of a schedule's reach.
     """
-    return [one_preemption(b_first, k) for k in range(1, min(steps, HORIZON - 1))]
+    actors = len(taken)
+    limit = min(taken[first], schedule_horizon(actors) - 1)
+    return [preemptions([(first, k)] + [(other, taken[other]) for other in rest], actors)
+            for k in range(1, limit) for rest in _rests(actors, (first,))]
 
 
-def _alternate(first: list, second: list) -> list:
-    """``first[0], second[0], first[1], ...``, the longer list's rest at the end."""
-    return [s for pair in itertools.zip_longest(first, second) for s in pair if s is not None]
+def _alternate(*lists) -> list:
+    """``lists[0][0], lists[1][0], ..., lists[0][1], ...``, the longer lists' rest at the end."""
+    return [s for turn in itertools.zip_longest(*lists) for s in turn if s is not None]
 
 
-def two_preemption_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
+def _two_preemption_choices(taken) -> Iterator[tuple]:
+    """``(first, k, second, m, rest)`` of every two-preemption schedule, earliest first."""
+    actors = len(taken)
+    limit = schedule_horizon(actors) - 1
+    steps = [min(t, limit) for t in taken]
+    pairs = list(itertools.permutations(range(actors), 2))
+    for total in range(2, limit):
+        for first, second in pairs:
+            rests = _rests(actors, (second,))
+            for k in range(max(1, total - steps[second] + 1), min(steps[first], total)):
+                for rest in rests:
+                    yield first, k, second, total - k, rest
+
+
+def _two_preemptions(taken, choice: tuple) -> int:
+    first, k, second, m, rest = choice
+    runs = [(first, k), (second, m)] + [(a, taken[a] - (k if a == first else 0)) for a in rest]
+    return preemptions(runs, len(taken))
+
+
+def two_preemption_schedules(*taken: int) -> Iterator[int]:
     """Every distinct schedule with two preemptions, earliest preemptions first.
 
-    ``taken_a`` and ``taken_b`` are the steps each side took in a run.
+    ``taken`` is the steps each actor took in a run.  An actor ``x`` is
+    preempted after k steps by ``y``, which is preempted after m; then ``x``
+    and the others run in turn (``x`` for the rest of its steps, the others
+    for theirs, the last until done), in every order.
     """
-    limit = HORIZON - 1
-    firsts = ((False, min(taken_a, limit), min(taken_b, limit)),
-              (True, min(taken_b, limit), min(taken_a, limit)))
-    for total in range(2, limit):
-        for b_first, n_first, n_second in firsts:
-            for k in range(max(1, total - n_second + 1), min(n_first, total)):
-                yield two_preemptions(b_first, k, total - k)
+    return (_two_preemptions(taken, choice) for choice in _two_preemption_choices(taken))
 
 
-def bounded_schedules(taken_a: int, taken_b: int) -> Iterator[int]:
+def bounded_schedules(*taken: int) -> Iterator[int]:
     """Every distinct schedule with one preemption, then with two; earliest preemptions first."""
-    yield from _alternate(_one_preemptions(False, taken_a), _one_preemptions(True, taken_b))
-    yield from two_preemption_schedules(taken_a, taken_b)
+    yield from _alternate(*(_one_preemptions(first, taken) for first in range(len(taken))))
+    yield from two_preemption_schedules(*taken)
 
 
-def sampled_preemptions(taken_a: int, taken_b: int, rng: random.Random) -> list:
-    """The one-preemption schedules in a random order that alternates the preempted side.
+def sampled_preemptions(taken, rng: random.Random) -> list:
+    """The one-preemption schedules in a random order that alternates the preempted actor.
 
-    Either side is as likely to be the one preempted first, however long the
-    other runs (a side spinning on a frozen SPTE takes hundreds of steps,
+    Each actor is as likely to be the one preempted first, however long the
+    others run (a side spinning on a frozen SPTE takes hundreds of steps,
     which would otherwise crowd out the other side's few preemption points).
     """
-    orders = [_one_preemptions(False, taken_a), _one_preemptions(True, taken_b)]
+    orders = [_one_preemptions(first, taken) for first in range(len(taken))]
     for order in orders:
         rng.shuffle(order)
     if rng.random() < 0.5:
         orders.reverse()
+    if len(orders) > 2:  # (two actors: the reversal alone makes either first)
+        turn = rng.randrange(len(orders))
+        orders = orders[turn:] + orders[:turn]
     return _alternate(*orders)
 
 
-def sampled_two_preemptions(taken_a: int, taken_b: int, rng: random.Random,
+def sampled_two_preemptions(taken, rng: random.Random,
                             count: int = TWO_PREEMPTION_SAMPLE) -> Iterator[int]:
     """``count`` of the two-preemption schedules, drawn when first asked for.
 
-    There are about ``2 * taken_a * taken_b`` of them: all of them for every
-    pair would leave no time for any but the first few pairs, while a sample
-    per pair reaches many pairs, and a state seen again gets another sample.
+    There are about ``2 * taken_a * taken_b`` of them for a pair (more for
+    more actors): all of them for every pair would leave no time for any but
+    the first few pairs, while a sample per pair reaches many pairs, and a
+    state seen again gets another sample.
     """
-    schedules = list(two_preemption_schedules(taken_a, taken_b))
-    yield from rng.sample(schedules, min(count, len(schedules)))
+    choices = list(_two_preemption_choices(taken))  # (the schedules are built when drawn)
+    for choice in rng.sample(choices, min(count, len(choices))):
+        yield _two_preemptions(taken, choice)
 
 
 def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
@@ -241,8 +280,8 @@ class ScheduleExplorer:
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
             runner = _Runner(start, program, index)  # one per pair: both queues share it
             for queue, schedules, order in (
-                    (0, iter(sampled_preemptions(*taken, rng)), (met, -self._arrivals)),
-                    (1, sampled_two_preemptions(*taken, later), -self._arrivals)):
+                    (0, iter(sampled_preemptions(taken, rng)), (met, -self._arrivals)),
+                    (1, sampled_two_preemptions(taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
                 heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,
                                        (_variants(program, index, schedules), runner)))
@@ -364,7 +403,7 @@ class _Runner:
 
 
 def conflicting(pair: Parallel) -> bool:
-    """The sides can race: they name the same 2M frame, or one names no memory (host work
-    such as ``zap_all`` or a memslot change reaches every frame)."""
-    frames = [{gfn // PAGES_PER_2M for gfn in op_gfns(side)} for side in (pair.a, pair.b)]
-    return not frames[0] or not frames[1] or bool(frames[0] & frames[1])
+    """Two of the sides can race: they name the same 2M frame, or one names no memory
+    (host work such as ``zap_all`` or a memslot change reaches every frame)."""
+    frames = [{gfn // PAGES_PER_2M for gfn in op_gfns(side)} for side in pair.sides]
+    return any(not x or not y or bool(x & y) for x, y in itertools.combinations(frames, 2))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from mmufuzz.harness.ops import (ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT, Parallel, Program,
-                         VmHeader, VmType, domain)
+from mmufuzz.harness.ops import (ACTORS_MAX, ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT,
+                                 SCHEDULE_LIMIT, Parallel, Program, VmHeader, VmType, domain)
 from mmufuzz.fuzz.encoding import conform, format_program
 from mmufuzz.fuzz.runner import Differential, make_target
 from mmufuzz.harness.target import capabilities
@@ -83,17 +83,18 @@ def _raw_op(cls):
 # Built once: strategies are costly to construct and validate, cheap to draw from.
 _SIMPLE = st.one_of(*[_raw_op(cls) for cls in SIMPLE_OPS])
 RAW_OPS = st.one_of(_SIMPLE, _SIMPLE, _SIMPLE,
-                    st.tuples(st.just(Parallel), st.tuples(_SIMPLE, _SIMPLE,
-                                                           st.integers(0, 2**64 - 1))))
+                    st.tuples(st.just(Parallel), st.tuples(
+                        st.lists(_SIMPLE, min_size=2, max_size=ACTORS_MAX),
+                        st.integers(0, SCHEDULE_LIMIT - 1))))
 
 
 def build_op(raw, header: VmHeader, known: tuple):
     """The op a drawn ``(cls, values)`` means for ``header`` and the ``known`` gfns."""
     cls, values = raw
     if cls is Parallel:
-        a, b, schedule = values
-        return conform(Parallel(build_op(a, header, known), build_op(b, header, known),
-                                schedule), header)
+        sides, schedule = values
+        return conform(Parallel.of([build_op(side, header, known) for side in sides], schedule),
+                       header)
     resolved = []
     for item, value in zip(dataclasses.fields(cls), values):
         if type(value) is Known:
@@ -134,7 +135,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         finding = self.differential.step(op)
         if finding is not None:
             raise FindingError(Program(self.header, tuple(self.ops)), finding)
-        for side in (op.a, op.b) if isinstance(op, Parallel) else (op,):
+        for side in op.sides if isinstance(op, Parallel) else (op,):
             base = getattr(side, "base", None)
             if base is not None and base not in self.known:
                 self.known = self.known + (base, base + getattr(side, "npages", 1) - 1)

@@ -143,7 +143,7 @@ class CampaignTarget:
 
 def _op_feature(op) -> str:
     if isinstance(op, Parallel):
-        return f"parallel({_op_feature(op.a)},{_op_feature(op.b)})"
+        return f"parallel({','.join(map(_op_feature, op.sides))})"
     if isinstance(op, Access):
         return (f"access.{op.kind.value}.{'gva' if op.virtual else 'gpa'}"
                 f"{'.private' if op.private else ''}")
@@ -152,7 +152,7 @@ def _op_feature(op) -> str:
 
 def _outcome_feature(outcome) -> str:
     if isinstance(outcome, PairOutcome):
-        return f"({_outcome_feature(outcome.a)},{_outcome_feature(outcome.b)})"
+        return f"({','.join(map(_outcome_feature, outcome.sides))})"
     try:
         return outcome_kind(outcome)
     except KeyError:

@@ -54,12 +54,15 @@ _TDP_FAULTS = (
           "table memory with RCU\" (handle_removed_pt, call_rcu)",
           "a removed table page is freed at once, not after the TLB flush and the RCU grace "
           "period", concurrent=True),
-    Fault("huge-without-break", "tdp",
-          "KVM commit 13e2e4f62a4b (\"KVM: x86/mmu: Recover TDP MMU huge page mappings "
-          "in-place instead of zapping\"): the table is replaced by cmpxchg and TLBs are "
-          "flushed before it is freed; arm64 breaks before making: 5c359cca1faf, series "
-          + _STAGE2_SERIES,
-          "a huge leaf replaces a table without freeze -> flush -> write (break-before-make)"),
+    Fault("huge-over-table-no-flush", "tdp",
+          "KVM commit bb95dfb9e2df (\"KVM: x86/mmu: Defer TLB flush to caller when freeing TDP "
+          "MMU shadow pages\"): handle_removed_pt no longer flushes, so a caller that unlinks a "
+          "table must flush before it leaves its RCU section; tdp_mmu_map_handle_target_level's "
+          "kvm_flush_remote_tlbs_gfn after replacing a non-leaf SPTE (range fixed by "
+          "1e203847aa92). The same class of bug: 048f49809c52 (\"KVM: x86/mmu: Ensure TLBs are "
+          "flushed for TDP MMU during NX zapping\")",
+          "the fault path replaces a table with a huge leaf by cmpxchg and omits the flush: "
+          "the old table is freed after the grace period while a vCPU may still walk it"),
     Fault("mmio-stale-generation", "tdp",
           "KVM commit ce88decffd17 (\"KVM: MMU: mmio page fault support\"), and the memslot "
           "generation in MMIO SPTEs of \"KVM: MMU: fast invalidate all mmio sptes\" (2013): "
@@ -69,9 +72,25 @@ _TDP_FAULTS = (
     Fault("nonpresent-zero", "tdp",
           "KVM commit 803482f472cc (\"KVM: x86/mmu: Use SHADOW_NONPRESENT_VALUE for atomic zap "
           "in TDP MMU\"), fixing 7f01cab84928 (\"KVM: x86/mmu: Allow non-zero value for "
-          "non-present SPTE and removed SPTE\"): tdp_mmu_zap_spte_atomic() was missed",
-          "tdp_mmu_zap_spte_atomic writes 0 instead of SHADOW_NONPRESENT_VALUE after the "
-          "flush (suppress-#VE clear)"),
+          "non-present SPTE and removed SPTE\"): tdp_mmu_zap_spte_atomic() was missed when "
+          "d8fa2031faab (\"KVM: x86/mmu: Replace hardcoded value 0 for the initial value for "
+          "SPTE\") converted the zaps (tdp_mmu_zap_leafs, __tdp_mmu_zap_root)",
+          "a zap writes 0 instead of SHADOW_NONPRESENT_VALUE after the flush (suppress-#VE "
+          "clear): the atomic zap, the zaps under mmu_lock held for write, any of them"),
+    Fault("table-init-zero", "tdp",
+          "KVM commit d8fa2031faab (\"KVM: x86/mmu: Replace hardcoded value 0 for the initial "
+          "value for SPTE\"): mmu_topup_shadow_page_cache fills new shadow pages with "
+          "SHADOW_NONPRESENT_VALUE (kvm_init_shadow_page) instead of taking them __GFP_ZERO",
+          "a new table page comes zero-filled: every entry the MMU has not written is 0, "
+          "suppress-#VE clear"),
+    Fault("fault-on-obsolete-root", "tdp",
+          "KVM commit a955cad84cda (\"KVM: x86/mmu: Retry page fault if root is invalidated "
+          "by memslot update\"): is_page_fault_stale() checks the root under mmu_lock, as the "
+          "TDP MMU relies on kvm_mmu_zap_all_fast() marking roots invalid; \"inserting a SPTE "
+          "into an obsolete root can leak a SP if kvm_tdp_mmu_zap_invalidated_roots() has "
+          "already zapped\" past it",
+          "a fault that started on a root zap_all then invalidated does not retry: it "
+          "installs into the obsolete root, possibly behind the zap", concurrent=True),
     Fault("convert-no-zap", "tdp",
           "KVM commit 5a475554db1e (\"KVM: Introduce per-page memory attributes\"): "
           "kvm_vm_set_mem_attributes() unmaps the range before changing its attributes",
@@ -128,8 +147,7 @@ _STAGE2_FAULTS = (
           "break-before-make\"): the teardown must follow the break; pKVM frees at once. Series "
           "https://lore.kernel.org/kvmarm/20220830194132.962932-1-oliver.upton@linux.dev/",
           "the map walker's pre-order callback tears the old subtree down before it breaks the "
-          "table entry and invalidates its range: hardware walkers still reach freed pages",
-          concurrent=True),
+          "table entry and invalidates its range: hardware walkers still reach freed pages"),
     Fault("stage2-table-break-tlbi-ipa", "stage2",
           "KVM commit 5c359cca1faf (the removed code's own comment: a table has 'numerous leaf "
           "entries below us which would otherwise need invalidating individually'); mainline "

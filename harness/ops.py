@@ -75,7 +75,7 @@ class PteFlag(enum.IntFlag):
     NX = 1 << 63
 
 
-# A and D are always set by write_pte: the walker never writes them (SEMANTICS §F).
+# write_pte always sets A and D; a guest walk sets them where missing (SEMANTICS §F).
 PTE_ACCESSED = 1 << 5
 PTE_DIRTY = 1 << 6
 PTE_ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
@@ -151,9 +151,9 @@ ADDRESS_FIELDS = ("gpa", "gva", "addr")
 
 
 def op_gfns(op) -> set:
-    """The gfns an op names (both sides of a ``parallel``)."""
+    """The gfns an op names (every side of a ``parallel``)."""
     if isinstance(op, Parallel):
-        return op_gfns(op.a) | op_gfns(op.b)
+        return set().union(*map(op_gfns, op.sides))
     gfns = {getattr(op, n) for n in GFN_FIELDS if getattr(op, n, None) is not None}
     return gfns | {getattr(op, n) >> PAGE_SHIFT for n in ADDRESS_FIELDS
                    if getattr(op, n, None) is not None}
@@ -325,16 +325,90 @@ SimpleOp = Union[MemslotAdd, MemslotDelete, MemslotMove, MemslotSetFlags, SetAtt
                  Split, Recover, GetDirtyLog]
 
 
+# The actors of a ``parallel``, in order: a schedule digit of 0 picks ``a``, 1 ``b``, ...
+SIDE_NAMES = ("a", "b", "c", "d")
+ACTORS_MAX = len(SIDE_NAMES)
+
+
+def _side(optional: bool = False):
+    dom = Domain("op", optional=optional)
+    if optional:  # keyword-only, so ``Parallel(a, b, schedule)`` stays the two-actor form
+        return field(default=None, kw_only=True, metadata={"domain": dom})
+    return field(metadata={"domain": dom})
+
+
 @dataclass(frozen=True)
 class Parallel:
-    """Run ``a`` and ``b`` interleaved; bit i of ``schedule`` picks who takes step i (1 = b)."""
+    """Run two to four actors interleaved (SEMANTICS §H).
 
-    a: SimpleOp = field(metadata={"domain": Domain("op")})
-    b: SimpleOp = field(metadata={"domain": Domain("op")})
+    ``a`` and ``b`` always, ``c`` and then ``d`` optionally.  With N actors the
+    ``schedule`` is read in base N, least significant digit first: digit i
+    names the actor that takes step i (0 = a, 1 = b, ...); after the last
+    non-zero digit the actors take turns (step i goes to actor i mod N).  With
+    two actors that is bit i picking ``a`` (0) or ``b`` (1), the v1 format.
+    """
+
+    a: SimpleOp = _side()
+    b: SimpleOp = _side()
+    c: Optional[SimpleOp] = _side(optional=True)
+    d: Optional[SimpleOp] = _side(optional=True)
     schedule: int = _int(0, SCHEDULE_LIMIT)
+
+    @property
+    def sides(self) -> tuple:
+        """The actors' ops, in schedule-digit order (``a``, ``b``, then ``c``, ``d`` if given)."""
+        if self.c is None:
+            return (self.a, self.b)
+        return (self.a, self.b, self.c) if self.d is None else (self.a, self.b, self.c, self.d)
+
+    @classmethod
+    def of(cls, sides, schedule: int) -> "Parallel":
+        """The ``parallel`` of two to four ``sides`` (the digit order of ``schedule``)."""
+        sides = tuple(sides)
+        extra = dict(zip(SIDE_NAMES[2:], sides[2:]))
+        return cls(sides[0], sides[1], schedule, **extra)
+
+    def without(self, index: int):
+        """This ``parallel`` with side ``index`` dropped: the others keep the order in
+        which the schedule's explicit steps ran them (the dropped side's steps go, the
+        later sides' digits move down).  Of two sides, the other side alone."""
+        sides = self.sides[:index] + self.sides[index + 1:]
+        if len(sides) == 1:
+            return sides[0]
+        digits = [d - (d > index) for d in schedule_digits(self.schedule, len(self.sides))
+                  if d != index]
+        return Parallel.of(sides, schedule_of(digits, len(sides)))
 
 
 Op = Union[SimpleOp, Parallel]
+
+
+def schedule_digits(schedule: int, actors: int) -> list:
+    """The explicit steps of ``schedule`` for ``actors`` sides: its base-``actors`` digits,
+    least significant first, up to the last non-zero one (SEMANTICS §H)."""
+    digits = []
+    while schedule:
+        schedule, digit = divmod(schedule, actors)
+        digits.append(digit)
+    return digits
+
+
+def schedule_of(digits, actors: int) -> int:
+    """The schedule whose explicit steps are ``digits`` (trailing zeros add nothing)."""
+    schedule = 0
+    for digit in reversed(digits):
+        schedule = schedule * actors + digit
+    return schedule
+
+
+def schedule_horizon(actors: int) -> int:
+    """How many steps a schedule of ``actors`` sides can spell in any order: the most
+    base-``actors`` digits every sequence of which is below 2**64 (64, 40, 32)."""
+    horizon = 0
+    while actors ** (horizon + 1) <= SCHEDULE_LIMIT:
+        horizon += 1
+    return horizon
+
 
 # The op kinds in their canonical order; the name is the text keyword.
 OP_NAMES: dict[type, str] = {
@@ -493,13 +567,20 @@ class DirtyLog:
 
 @dataclass(frozen=True)
 class PairOutcome:
-    """The outcomes of the two sides of a ``parallel``."""
+    """The outcomes of the sides of a ``parallel``, in side order (two to four)."""
 
     a: "Outcome"
     b: "Outcome"
+    c: Optional["Outcome"] = None
+    d: Optional["Outcome"] = None
+
+    @property
+    def sides(self) -> tuple:
+        """The outcomes of the actors, in the order of :attr:`Parallel.sides`."""
+        return tuple(o for o in (self.a, self.b, self.c, self.d) if o is not None)
 
     def __str__(self) -> str:
-        return f"({self.a}; {self.b})"
+        return f"({'; '.join(map(str, self.sides))})"
 
 
 Outcome = Union[Ok, MmioExit, MemoryFaultExit, VePending, VeUnexpected, PageFault,

@@ -72,7 +72,7 @@ class Capabilities:
     def _refusal(self, op, header: VmHeader) -> Optional[str]:
         reason = self.op_refusal(op, header)
         if reason is None and isinstance(op, Parallel):
-            reason = self._refusal(op.a, header) or self._refusal(op.b, header)
+            reason = next(filter(None, (self._refusal(side, header) for side in op.sides)), None)
         return reason
 
     def refusal(self, program: Program) -> Optional[str]:
@@ -88,16 +88,21 @@ class Capabilities:
 
     def restrict(self, program: Program) -> Program:
         """``program`` bent into one this target runs: the header's VM type replaced by an
-        allowed one, refused ops dropped, a ``parallel`` this target cannot pair reduced to
-        the side it can run."""
+        allowed one, refused ops dropped, a ``parallel`` without the sides this target
+        cannot run, or, if it cannot run a ``parallel``, reduced to its first side it can."""
         header = program.header
         if self.header_refusal(header) is not None:
             header = dataclasses.replace(header, type=self._fallback)
         ops = []
         for op in program.ops:
             if isinstance(op, Parallel) and self._refusal(op, header) is not None:
-                sides = [side for side in (op.a, op.b) if self._refusal(side, header) is None]
-                op = sides[0] if sides else None
+                for index in reversed(range(len(op.sides))):
+                    if self._refusal(op.sides[index], header) is not None:
+                        op = op.without(index)
+                        if not isinstance(op, Parallel):
+                            break
+                if isinstance(op, Parallel) and self._refusal(op, header) is not None:
+                    op = next((s for s in op.sides if self._refusal(s, header) is None), None)
             if op is not None and self._refusal(op, header) is None:
                 ops.append(op)
         return Program(header, tuple(ops))

@@ -15,13 +15,16 @@ shallow copies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
-from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGES_PER_2M, WORDS_PER_PAGE, ALREADY_ACCEPTED,
-                         GFN_LIMIT, PG_LEVEL_2M, SIZE_MISMATCH, UNSUPPORTED, AccessKind, DirtyLog,
-                         MemoryFaultExit, MemslotFlag, MmioExit, Ok, PageFault, VePending, VmHeader,
-                         VmType, op_name)
+from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, WORDS_PER_PAGE,
+                         ALREADY_ACCEPTED, GFN_LIMIT, PG_LEVEL_2M, PTE_ACCESSED, SIZE_MISMATCH,
+                         UNSUPPORTED, AccessKind, DirtyLog, MemoryFaultExit, MemslotFlag, MmioExit,
+                         Ok, PageFault, VePending, VmHeader, VmType, op_name)
 from mmufuzz.reference.intervals import IntervalSet
-from mmufuzz.reference.paging import Translation, permission_fault, walk_addr
+from mmufuzz.reference.paging import (Translation, access_error_bits, accessed_dirty_bits,
+                                      permission_fault, walk_addr)
 
 
 class Expect:
@@ -118,6 +121,26 @@ def check_memory_region_flags(flags: MemslotFlag, vm_type: VmType) -> bool:
     return not (flags & MemslotFlag.READONLY and vm_type is VmType.TDX)
 
 
+def _values(word) -> frozenset:
+    """The values a stored word may have: one, or several when A/D bits are unknown."""
+    return word if type(word) is frozenset else frozenset((word,))
+
+
+def _word(values: frozenset):
+    """A stored word: an int when it is known, else the frozenset of its possible values."""
+    return next(iter(values)) if len(values) == 1 else values
+
+
+def _with_bits(word, bits: int):
+    """``word`` with ``bits`` set in each of its possible values."""
+    return _word(frozenset(v | bits for v in _values(word)))
+
+
+def _word_key(slot, table: int, index: int) -> tuple:
+    """The ``_shared_mem`` key of entry ``index`` of the table at gfn ``table`` in ``slot``."""
+    return (slot.backing, (table - slot.base) * WORDS_PER_PAGE + index)
+
+
 def _without(rows: dict, backing: int, lo: int, hi: int) -> dict:
     """``rows`` keyed ``(backing, index)`` minus the keys of ``backing`` with lo <= index < hi."""
     return {key: v for key, v in rows.items() if key[0] != backing or not lo <= key[1] < hi}
@@ -129,7 +152,9 @@ class Reference:
     State (all values immutable, so copies share them):
     ``_slots`` slot id -> Memslot; ``_private`` the gfns whose attribute is
     private (VM-wide); ``_shared_mem``/``_private_mem`` ``(backing, page*512 +
-    word)`` -> value, written words only; ``_accepted`` backing -> IntervalSet
+    word)`` -> value, written words only (a shared word whose A/D bits a walk
+    may or may not have set is the frozenset of its possible values until a
+    read tells which, SEMANTICS §F); ``_accepted`` backing -> IntervalSet
     of accepted slot pages; ``_dirty`` ``(backing, page)`` -> written (True) or
     only touched (False) since the last get, for logging slots; ``_cr3`` and
     ``_tlb`` per vCPU.  Slot pages are slot-relative, so moves need no rewrite.
@@ -194,19 +219,20 @@ class Reference:
         return outcome
 
     def settle(self, pair, actual, before: "Reference") -> None:
-        """Apply what a ``parallel`` may leave beyond either order of its sides.
+        """Apply what a ``parallel`` may leave beyond any order of its sides.
 
         KVM logs a gfn when a fault installs a writable SPTE, before the access
-        that fault serves completes.  The other side can act in between: a
+        that fault serves completes.  Another side can act in between: a
         ``get_dirty_log`` reports the gfn and write-protects it (the retried
         write faults and logs it again), a conversion or memslot change zaps
         the SPTE (the retried access exits).  Either way the gfn stays logged
         whatever the access's outcome, so a guest access or PTE write of a
-        pair leaves its gpa touched for the next get if its slot (found in
-        ``before``, the state the pair started from, else after it) still logs.
+        ``parallel`` leaves its gpa touched for the next get if its slot (found
+        in ``before``, the state the parallel started from, else after it) still
+        logs.
         See docs/semantics.md, "Concurrency".
         """
-        for side, outcome in ((pair.a, actual.a), (pair.b, actual.b)):
+        for side, outcome in zip(pair.sides, actual.sides):
             if op_name(side) == "write_pte":
                 gfn = side.table
             elif op_name(side) == "access" and not side.private:
@@ -367,8 +393,13 @@ class Reference:
             return (VePending(gpa),)
         return slot
 
-    def _physical(self, gpa: int, kind: AccessKind, value, private: bool, tag: bool) -> tuple:
-        """The choices of a physical access at byte ``gpa``; ``tag``: report ``gpa=`` in ok."""
+    def _physical(self, gpa: int, kind: AccessKind, value, private: bool, tag: bool,
+                  overlay=None) -> tuple:
+        """The choices of a physical access at byte ``gpa``; ``tag``: report ``gpa=`` in ok.
+
+        ``overlay``: shared words as the access's own walk left them (its A/D
+        updates, applied by the caller's effect before this access's).
+        """
         slot = self._resolve(gpa, kind, private)
         if type(slot) is tuple:
             return tuple((exit_, None) for exit_ in slot)
@@ -389,8 +420,22 @@ class Reference:
         def read():
             if logged:
                 self._dirty.setdefault((slot.backing, page), False)
-        contents = self._private_mem if private else self._shared_mem
-        return ((Ok(contents.get(key, 0), reported), read if logged else None),)
+        if private:
+            stored = self._private_mem.get(key, 0)
+        elif overlay and key in overlay:
+            stored = overlay[key]
+        else:
+            stored = self._shared_mem.get(key, 0)
+        if type(stored) is not frozenset:
+            return ((Ok(stored, reported), read if logged else None),)
+
+        def resolve(known):
+            # The read tells which A/D bits the walk set.
+            def settle():
+                self._shared_mem[key] = known
+                read()
+            return settle
+        return tuple((Ok(v, reported), resolve(v)) for v in sorted(stored))
 
     def _access(self, op) -> Expect:
         addr = op.addr + 8 * op.word
@@ -412,25 +457,36 @@ class Reference:
 
         Every choice marks the walk's table reads as touched (hardware may walk
         speculatively) and caches the fresh walk if it completed; a #PF instead
-        drops every entry covering ``gva``.
+        drops every entry covering ``gva``.  A completed, permitted fresh walk
+        sets A/D bits (SEMANTICS §F): the fresh choice sets them; a choice
+        through a cached translation may or may not have walked, so each bit
+        the walk would set becomes unknown until a read of its entry tells.
+        When both give the same outcome, the unknown bits win.
         """
         vcpu, kind = op.vcpu, op.kind
-        tables = []
+        tables = []  # (slot, table gfn, index) of each entry the walk read, root first
 
         def read_pte(table: int, index: int):
             gpa = (table << PAGE_SHIFT) + 8 * index
             slot = self._resolve(gpa, AccessKind.READ, False)
             if type(slot) is tuple:
-                return slot
-            tables.append((slot, table))
-            return self._shared_mem.get(
-                (slot.backing, (table - slot.base) * WORDS_PER_PAGE + index), 0)
+                return self._table_exit(gva, kind, gpa, slot)
+            tables.append((slot, table, index))
+            word = self._shared_mem.get(_word_key(slot, table, index), 0)
+            if type(word) is frozenset:
+                # The values differ in A/D bits only, which steer no walk but the
+                # translation's D: count D as set if it may be (no write is refused).
+                word = reduce(or_, word)
+            return word
 
         fresh = walk_addr(root, gva, kind, read_pte)
         walked = fresh if type(fresh) is Translation else None
+        certain, unknown, written = {}, {}, []
+        if walked is not None and permission_fault(walked, kind) is None:
+            certain, unknown, written = self._accessed_dirty(tables, kind)
 
         def touch_tables():
-            for slot, table in tables:
+            for slot, table, _ in tables:
                 if slot.flags & MemslotFlag.DIRTY_LOG:
                     self._dirty.setdefault((slot.backing, table - slot.base), False)
 
@@ -438,34 +494,90 @@ class Reference:
             touch_tables()
             self._tlb[vcpu] = frozenset(e for e in self._tlb[vcpu] if not e.covers(gva))
 
-        def through(effect):
+        def through(words, effect):
             def use_translation():
                 touch_tables()
+                self._shared_mem.update(words)
+                if words is certain:
+                    for slot, table in written:
+                        if slot.flags & MemslotFlag.DIRTY_LOG:
+                            self._dirty[(slot.backing, table - slot.base)] = True
                 if walked is not None:
                     self._tlb[vcpu] = self._tlb[vcpu] | {walked}
                 if effect is not None:
                     effect()
             return use_translation
 
-        def choices_of(translation):
+        def choices_of(translation, words):
             code = permission_fault(translation, kind)
             if code is not None:
                 return ((PageFault(gva, code), fault),)
-            return tuple((outcome, through(effect)) for outcome, effect in
-                         self._physical(translation.gpa(gva), kind, op.value, op.private, True))
+            if kind is AccessKind.WRITE and not translation.dirty:
+                return ()  # a write through a clean translation walks again
+            return tuple((outcome, through(words, effect)) for outcome, effect in
+                         self._physical(translation.gpa(gva), kind, op.value, op.private, True,
+                                        words))
 
         if walked is None:
             choices = tuple((o, fault if type(o) is PageFault else touch_tables) for o in fresh)
         else:
-            choices = choices_of(walked)
+            choices = choices_of(walked, certain)
         for entry in sorted(e for e in self._tlb[vcpu] if e.covers(gva)):
-            choices += choices_of(entry)
-        seen, unique = set(), []
+            choices += choices_of(entry, unknown)
+        first, unique = {}, []
         for outcome, effect in choices:
-            if outcome not in seen:
-                seen.add(outcome)
+            if outcome in first:
+                unique[first[outcome]] = (outcome, effect)  # a later choice's bits are unknown
+            else:
+                first[outcome] = len(unique)
                 unique.append((outcome, effect))
         return tuple(unique)
+
+    def _table_exit(self, gva: int, kind: AccessKind, gpa: int, exits: tuple) -> tuple:
+        """What a walk gives when the table entry at byte ``gpa`` has no memslot (§F).
+
+        KVM's walker faults (``FNAME(walk_addr_generic)``: an error hva is
+        ``goto error``, a not-present #PF).  With TDP the CPU's walk exits
+        instead, and KVM emulates: the emulator walks in software (the same
+        #PF), unless the data operand's page offset equals the entry's, when it
+        takes the exit's gpa for the operand's (x86.c,
+        ``emulator_read_write_onepage``: ``gpa_available``) and exits to
+        userspace at the entry with the access's direction.  A TD's walk is not
+        emulated: it keeps the table read's own exits.
+        """
+        if self._tdx:
+            return exits
+        fault = (PageFault(gva, access_error_bits(kind)),)
+        if kind is not AccessKind.FETCH and not (gva ^ gpa) & (PAGE_SIZE - 1):
+            return fault + (MmioExit(gpa, kind is AccessKind.WRITE),)
+        return fault
+
+    def _accessed_dirty(self, tables: list, kind: AccessKind):
+        """The A/D updates of a completed, permitted walk of ``tables`` (SEMANTICS §F).
+
+        Returns ``(certain, unknown, written)``: each word the walk changes,
+        as the walk leaves it; the same words with every value they may have
+        if the walk may or may not have happened; the (slot, table) of each
+        change, for the dirty log.  A table read at several levels gets every
+        level's bits.  (KVM leaves an entry in a readonly slot alone,
+        ``!walker->pte_writable`` -> ``continue``; here a readonly slot always
+        reads zero, so no walk uses an entry in one.)
+        """
+        certain, written = {}, []
+        leaf = len(tables) - 1
+        for level_index, (slot, table, index) in enumerate(tables):
+            key = _word_key(slot, table, index)
+            old = certain.get(key, self._shared_mem.get(key, 0))
+            new = _with_bits(old, accessed_dirty_bits(level_index == leaf, kind))
+            if new != old:
+                certain[key] = new
+                written.append((slot, table))
+        unknown = {}
+        for key, new in certain.items():
+            old = _values(self._shared_mem.get(key, 0))
+            unknown[key] = _word(old | _values(_with_bits(_word(old), PTE_ACCESSED))
+                                 | _values(new))
+        return certain, unknown, written
 
     def _paging(self, op) -> Expect:
         def load_cr3():

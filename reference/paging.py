@@ -5,7 +5,9 @@ arch/x86/kvm/mmu/paging_tmpl.h) for the one CPU mode the fuzzer uses
 (SEMANTICS §F): CPL 0, CR0.WP=1, EFER.NXE=1, no PGE/PCID/SMEP/SMAP/PKE,
 MAXPHYADDR 52, no 1G pages.  Table reads are the caller's business (they are
 shared physical reads that can exit), so the walk takes a ``read_pte``
-callback; it never writes A/D bits.
+callback.  Setting the Accessed and Dirty bits of a completed walk is the
+caller's business too (:func:`accessed_dirty_bits` says which), because it
+writes guest memory (SEMANTICS §F).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmufuzz.harness.ops import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
-                         PFERR_WRITE_MASK, PG_LEVEL_2M, PG_LEVEL_4K, PTE_ADDR_MASK, AccessKind,
-                         PageFault)
+                         PFERR_WRITE_MASK, PG_LEVEL_2M, PG_LEVEL_4K, PTE_ACCESSED, PTE_ADDR_MASK,
+                         PTE_DIRTY, AccessKind, PageFault)
 
 PT_PRESENT_MASK = 1 << 0
 PT_WRITABLE_MASK = 1 << 1
@@ -41,7 +43,12 @@ class Translation:
     """One completed walk: what a TLB entry caches.
 
     ``writable``/``executable`` combine every level (RW all set, NX none set).
-    Ordered so that a TLB set can be iterated deterministically.
+    ``dirty``: the leaf's Dirty bit as the walk left it (set by a write walk).
+    A write may use a cached translation only if it is dirty: a CPU sets D
+    with a walk of the tables in memory, and shadow-paging KVM write-protects
+    the SPTE of a clean guest PTE (``FNAME(protect_clean_gpte)``) so that the
+    write faults and walks.  Ordered so that a TLB set can be iterated
+    deterministically.
     """
 
     gva_base: int
@@ -49,6 +56,7 @@ class Translation:
     gpa_base: int
     writable: bool
     executable: bool
+    dirty: bool
 
     def covers(self, gva: int) -> bool:
         """The entry's page (at its level) contains ``gva``."""
@@ -66,6 +74,18 @@ def access_error_bits(kind: AccessKind) -> int:
     if kind is AccessKind.FETCH:
         return PFERR_FETCH_MASK
     return 0
+
+
+def accessed_dirty_bits(leaf: bool, kind: AccessKind) -> int:
+    """The bits a completed, permitted walk sets in an entry it used: A in every
+    entry, D too in the leaf of a write.
+
+    ``FNAME(update_accessed_dirty_bits)`` (paging_tmpl.h) after
+    ``permission_fault``; the CPU (SDM vol. 3 §4.8) likewise.
+    """
+    if leaf and kind is AccessKind.WRITE:
+        return PTE_ACCESSED | PTE_DIRTY
+    return PTE_ACCESSED
 
 
 def permission_fault(translation: Translation, kind: AccessKind):
@@ -88,7 +108,8 @@ def walk_addr(root: int, gva: int, kind: AccessKind, read_pte):
     """Walk the tables under PML4 gfn ``root`` for byte address ``gva``.
 
     ``read_pte(table_gfn, index)`` returns the entry as an int, or a tuple of
-    the outcomes the table read may have (an exit).  Returns a completed
+    the outcomes the table read may have (a #PF or an exit).  A completed walk
+    read exactly one entry per level, the last one its leaf.  Returns a completed
     :class:`Translation` (permissions not yet checked: see
     :func:`permission_fault`) or a tuple of outcomes: the #PF of a not-present
     or reserved entry, or the table read's exit.
@@ -109,5 +130,5 @@ def walk_addr(root: int, gva: int, kind: AccessKind, read_pte):
         if level == PG_LEVEL_4K or pte & PT_PAGE_SIZE_MASK:
             size = level_size(level)
             return Translation(gva & -size, level, pte & PTE_ADDR_MASK & -size, writable,
-                               executable)
+                               executable, kind is AccessKind.WRITE or bool(pte & PTE_DIRTY))
         table, level = (pte & PTE_ADDR_MASK) >> 12, level - 1

@@ -26,7 +26,7 @@ class ForgetsAfter(ReferenceTarget):
     def execute(self, op):
         outcome = super().execute(op)
         if isinstance(op, Parallel):
-            return PairOutcome(self._forget(op.a, outcome.a), self._forget(op.b, outcome.b))
+            return PairOutcome(*map(self._forget, op.sides, outcome.sides))
         return self._forget(op, outcome)
 
     def _forget(self, op, outcome):

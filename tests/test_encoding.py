@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, MemslotAdd, MemslotDelete, MemslotFlag, Parallel,
-                         Program, VmHeader, VmType, ZapAll, domain)
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, FlushTlb, MemslotAdd, MemslotDelete,
+                                 MemslotFlag, Parallel, Program, Recover, VmHeader, VmType, ZapAll,
+                                 domain, schedule_digits)
 from mmufuzz.fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
 from mmufuzz.fuzz.stateful import domain_strategy
@@ -118,7 +119,7 @@ def test_meta_keeps_a_finding_line_with_colons_whole():
 def test_parallel_of_one_vcpu_twice_is_rejected():
     text = ("vm type=default vcpus=2\nparallel a=(flush_tlb vcpu=1) b=(invlpg vcpu=1 gva=0x0) "
             "schedule=0x0\n")
-    with pytest.raises(ReproError, match=r"<string>:2: field 'b': both sides run on vcpu 1"):
+    with pytest.raises(ReproError, match=r"<string>:2: field 'b': a and b both run on vcpu 1"):
         parse_reproducer(text)
 
 
@@ -186,3 +187,89 @@ def test_a_long_gap_still_separates_comment_pairs():
     """Two or more spaces separate ``key: value`` pairs, however many there are."""
     text = "# target:" + " " * 200_000 + "tdp   inject: none\nvm type=default vcpus=1\n"
     assert parse_reproducer(text).meta == {"target": "tdp", "inject": "none"}
+
+
+# --- more than two actors -------------------------------------------------------------
+
+def test_two_actor_bytes_are_what_they_were_before_there_were_more():
+    """The canonical bytes of a program with pairs only are those the two-actor format wrote
+    (taken from it), so every stored input and seed decodes as it did."""
+    program = Program(VmHeader(VmType.TDX, 2), (
+        MemslotAdd(0, 0x200, 0x200, MemslotFlag.HOST_HUGE, 0),
+        Parallel(Access(0, 0x200000, False, 0, AccessKind.WRITE, 0x2a, False), ZapAll(), 0x2007f),
+        Parallel(FlushTlb(1), Recover(), 0x1234567890abcdef)))
+    data = bytes.fromhex("03000003040800e25600000300010200c80d09e2b801d2ffefcdab9078563412")
+    assert encode(program) == data and decode(data) == program
+
+
+def test_three_and_four_actors_round_trip_through_bytes_and_text():
+    import random
+    rng = random.Random(5)
+    arities = {2: 0, 3: 0, 4: 0}
+    for _ in range(400):
+        program = decode(rng.randbytes(rng.randrange(200)))
+        for op in program.ops:
+            if isinstance(op, Parallel):
+                arities[len(op.sides)] += 1
+        assert decode(encode(program)) == program
+        assert encode(decode(encode(program))) == encode(program)
+        text = format_program(program)
+        assert parse_reproducer(text).program == program
+        assert format_program(parse_reproducer(text).program) == text
+    assert min(arities.values()) >= 20, arities
+
+
+@pytest.mark.parametrize("actors", [3, 4])
+def test_a_run_shaped_schedule_of_n_actors_is_its_order_and_run_lengths(actors):
+    """Selector: order (mod N!) and first run (quotient); a byte for each later run; then
+    the first actor one step more: N bytes, never a literal."""
+    orders = encoding._ORDERS[actors]
+    order = orders[-1]  # d c b a, or c b a
+    first, later = encoding._RUN_LIMITS[actors]
+    lengths = [first] + [later] * (actors - 1)
+    selector = (first - 1) * len(orders) + len(orders) - 1
+    data = bytes([selector] + [later - 1] * (actors - 1))
+    dom = domain(Parallel, "schedule")
+    schedule = encoding._decode_schedule(encoding._Reader(data), dom, actors)
+    expected = [actor for actor, n in zip(order, lengths) for _ in range(n)] + [order[0]]
+    assert schedule_digits(schedule, actors) == expected
+    out = bytearray()
+    encoding._encode_schedule(out, schedule, dom, actors)
+    assert bytes(out) == data
+
+
+def test_the_decoder_makes_pairs_triples_and_quadruples_by_opcode():
+    header = bytes([0b110])  # default VM, 4 vCPUs
+    zap = bytes([encoding._FIRST_SIMPLE_OPCODE[(ZapAll, 0)]])
+    for actors in (2, 3, 4):
+        opcode = encoding._FIRST_OPCODE[(Parallel, actors)]
+        program = decode(header + bytes([opcode]) + zap * actors + bytes([0x80]))
+        (op,) = program.ops
+        assert op == Parallel.of([ZapAll()] * actors, 0)
+        assert format_op(op) == "parallel " + " ".join(
+            f"{name}=(zap_all)" for name in "abcd"[:actors]) + " schedule=0x0"
+
+
+def test_conform_moves_a_side_to_a_free_vcpu_or_drops_it():
+    reads = [Access(1, 0, False, 0, AccessKind.READ, None, False)] * 3
+    three = Parallel.of(reads, 0x15)  # a b c
+    assert [side.vcpu for side in conform(three, VmHeader(VmType.DEFAULT, 4)).sides] == [1, 2, 3]
+    two = conform(three, VmHeader(VmType.DEFAULT, 2))
+    assert [side.vcpu for side in two.sides] == [1, 0] and two.schedule == 0b10  # c went
+    assert conform(three, VmHeader(VmType.DEFAULT, 1)) == dataclasses.replace(reads[0], vcpu=0)
+
+
+def test_n_actor_text_rules():
+    vm = "vm type=default vcpus=3\n"
+    text = vm + "parallel schedule=0x15 c=(zap_all) a=(flush_tlb vcpu=0) b=(flush_tlb vcpu=1)\n"
+    op = parse_reproducer(text).program.ops[0]
+    assert format_op(op) == ("parallel a=(flush_tlb vcpu=0) b=(flush_tlb vcpu=1) c=(zap_all) "
+                             "schedule=0x15")
+    for line, error in (
+            ("parallel a=(zap_all) b=(recover) d=(zap_all) schedule=0x0", "field 'd': d= needs c="),
+            ("parallel a=(flush_tlb vcpu=2) b=(zap_all) c=(flush_tlb vcpu=2) schedule=0x0",
+             "field 'c': a and c both run on vcpu 2"),
+            ("parallel a=(zap_all) b=(zap_all) c=(zap_all) d=(zap_all) e=(zap_all) schedule=0x0",
+             "field 'e': unknown field for parallel \\(its actors are a, b, c, d\\)")):
+        with pytest.raises(ReproError, match=f"<string>:2: {error}"):
+            parse_reproducer(vm + line + "\n")

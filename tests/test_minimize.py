@@ -301,3 +301,30 @@ def test_cli_minimize_of_a_clean_file_exits_1(tmp_path, capsys):
     clean.write_text(format_program(Program(HEADER, (SLOT, read(0x100000)))))
     assert main(["minimize", str(clean), "--target", "reference"]) == 1
     assert "not reproduced: no finding in 3 replays" in capsys.readouterr().err
+
+
+def test_the_actors_a_finding_does_not_need_are_dropped():
+    """A read racing a zap_all loses its page (planted); a flush and a TLB invalidation on
+    other vCPUs race along.  The minimizer drops them, one actor at a time, down to the
+    pair that fails: a parallel of the zap and the read, or the read alone cannot fail."""
+    prefix = (SLOT, write(0x100000, 0x2a))
+    pair = minimize(Program(HEADER, prefix + (Parallel(ZapAll(), read(0x100000), 0x0),)),
+                    spec(ZapForgets))
+    assert isinstance(pair.program.ops[-1], Parallel) and len(pair.program.ops) == 3
+    noise = (FlushTlb(2), Invlpg(3, 0x5000))
+    zap, access = ZapAll(), read(0x100000)
+    for actors in ((zap, noise[0], access), (noise[1], zap, noise[0], access)):
+        program = Program(HEADER, prefix + (Parallel.of(actors, 0x1b),))
+        result = minimize(program, spec(ZapForgets))
+        assert result.reproducible and result.signature == pair.signature
+        assert result.program == pair.program, format_program(result.program)
+
+
+def test_a_dropped_actor_takes_its_schedule_digits_with_it():
+    """Without c, a b c's schedule keeps the order it ran a and b in, in base 2."""
+    digits = (0, 1, 2, 0, 1, 2)  # a b c a b c, step 0 first
+    op = Parallel.of((ZapAll(), Recover(), FlushTlb(0)),
+                     sum(d * 3 ** i for i, d in enumerate(digits)))
+    assert op.without(2) == Parallel(ZapAll(), Recover(), 0b1010)  # a b a b
+    assert op.without(0) == Parallel(Recover(), FlushTlb(0), 0b1010)  # b c b c -> a b a b
+    assert Parallel(ZapAll(), Recover(), 0b10).without(1) == ZapAll()

@@ -420,11 +420,33 @@ def test_bits_52_to_62_of_an_entry_are_ignored():
     assert ref.run(read(0x203000, gva=True)) == Ok(0, 0x11000)
 
 
-def test_table_gfn_without_slot_gives_mmio_exit_at_the_entry_byte():
+def test_table_gfn_without_slot_faults_not_present():
+    # KVM's walker: an error hva for the table is `goto error`, a not-present #PF.
     ref = paged()
     run(ref, pte(3, 5, 0x500))                       # PD[5] -> PT at gfn 0x500: no slot
-    assert ref.run(read(0xa00000, gva=True)) == MmioExit(0x500000, False)
-    assert ref.run(write(0xa07000, 1, gva=True)) == MmioExit(0x500038, False)
+    assert ref.run(write(0xa07000, 1, gva=True)) == PageFault(0xa07000, 0x2)
+    assert not allows(ref, write(0xa07000, 1, gva=True), MmioExit(0x500038, False))
+    assert ref.run(fetch(0xa00000, gva=True)) == PageFault(0xa00000, 0x10)
+
+
+def test_table_gfn_without_slot_may_exit_where_the_operand_offset_matches():
+    # With TDP, KVM emulates after the walk's exit and takes the exit's gpa for the
+    # operand's when their page offsets agree (emulator_read_write_onepage, gpa_available).
+    ref = paged()
+    run(ref, pte(3, 5, 0x500))
+    op = read(0xa00000, gva=True)                    # PT index 0: entry byte 0x500000
+    assert ref.run(op) == PageFault(0xa00000, 0)
+    assert allows(ref, op, MmioExit(0x500000, False))
+    assert allows(ref, write(0xa07000, 1, word=7, gva=True), MmioExit(0x500038, True))
+    assert not allows(ref, write(0xa07000, 1, word=7, gva=True), MmioExit(0x500038, False))
+    assert not allows(ref, fetch(0xa00000, gva=True), MmioExit(0x500000, False))
+
+
+def test_root_without_slot_faults_not_present():
+    # mmu_alloc_shadow_roots gives a dummy root; the walk's first read faults.
+    ref = vm(vcpus=1)
+    run(ref, add(0, 0x0, 0x10), Paging(0, 0x100))
+    assert ref.run(read(0x8, gva=True)) == PageFault(0x8, 0)
 
 
 def test_private_table_gfn_gives_memory_fault_exit():
@@ -654,3 +676,95 @@ def test_copy_is_independent():
     assert ref.run(read(0x10000)) == Ok(0)
     assert ref.run(read(0x200000, gva=True)) == Ok(0, 0x10000)
     assert twin.run(read(0x1010000)) == Ok(5)
+
+
+# --- §F Accessed and Dirty bits -------------------------------------------------------------
+
+A, D = 1 << 5, 1 << 6
+
+
+def plain_tables(flags="", rw=True):
+    """Tables built by plain stores, no A/D: gva 0x200000 -> gfn 0x10 (PML4 at gfn 1)."""
+    ref = vm(vcpus=1)
+    bits = 0x3 if rw else 0x1
+    run(ref, add(0, 0x0, 0x40, flags), write(0x1000, 0x2000 | 0x3), write(0x2000, 0x3000 | 0x3),
+        write(0x3000, 0x4000 | 0x3, word=1), write(0x4000, 0x10000 | bits), Paging(0, 1))
+    return ref
+
+
+def entries(ref):
+    return [ref.copy().run(read(gpa)).value for gpa in (0x1000, 0x2000, 0x3008, 0x4000)]
+
+
+def test_a_read_walk_sets_accessed_in_every_entry_it_used():
+    ref = plain_tables()
+    assert ref.run(read(0x200000, gva=True)) == Ok(0, 0x10000)
+    assert entries(ref) == [0x2003 | A, 0x3003 | A, 0x4003 | A, 0x10003 | A]
+
+
+def test_a_write_walk_also_sets_dirty_in_the_leaf():
+    ref = plain_tables()
+    assert ref.run(write(0x200000, 5, gva=True)) == Ok(None, 0x10000)
+    assert entries(ref) == [0x2003 | A, 0x3003 | A, 0x4003 | A, 0x10003 | A | D]
+
+
+def test_a_faulting_walk_sets_nothing():
+    # update_accessed_dirty_bits runs after permission_fault, only for a walk that succeeds.
+    ref = plain_tables(rw=False)
+    assert ref.run(write(0x200000, 5, gva=True)) == PageFault(0x200000, 0x3)
+    assert entries(ref) == [0x2003, 0x3003, 0x4003, 0x10001]
+
+
+def test_the_data_access_sees_the_bits_its_own_walk_set():
+    # corpus/regressions: a PML4 entry pointing at its own page is every level of the walk.
+    ref = vm(vcpus=1)
+    run(ref, add(0, 0x0, 0x2), write(0x1000, 0x1803), Paging(0, 1))
+    assert ref.run(read(0x0, gva=True)) == Ok(0x1823, 0x1000)
+    assert ref.run(write(0x8, 7, gva=True)) == Ok(None, 0x1008)
+    assert ref.run(read(0x1000)) == Ok(0x1863)                    # D: the leaf of the write
+
+
+def test_setting_bits_is_a_logged_write_of_the_table():
+    ref = plain_tables("dirty_log")
+    run(ref, GetDirtyLog(0), read(0x200000, gva=True))
+    assert str(ref.allowed(GetDirtyLog(0))) == "dirty_log(0x1, 0x2, 0x3, 0x4) ⊆ R ⊆ " \
+        "dirty_log(0x1, 0x2, 0x3, 0x4, 0x10)"
+    run(ref, GetDirtyLog(0), read(0x200000, gva=True))           # A already set: reads only
+    assert str(ref.allowed(GetDirtyLog(0))) == "dirty_log() ⊆ R ⊆ dirty_log(0x1, 0x2, 0x3, " \
+        "0x4, 0x10)"
+
+
+def test_a_tlb_hit_may_leave_a_cleared_accessed_bit_clear():
+    # The guest clears A with a plain store and does not invlpg: a TLB hit does not walk.
+    ref = plain_tables()
+    run(ref, read(0x200000, gva=True), write(0x4000, 0x10003))    # leaf without A again
+    assert ref.run(read(0x200000, gva=True)) == Ok(0, 0x10000)
+    op = read(0x4000)
+    assert allows(ref, op, Ok(0x10003)) and allows(ref, op, Ok(0x10003 | A))
+    assert not allows(ref, op, Ok(0x10003 | A | D))
+    after = ref.copy()
+    assert after.step(op, Ok(0x10003)) is None                      # the read tells which
+    assert after.run(op) == Ok(0x10003)
+
+
+def test_a_fresh_walk_after_invlpg_sets_it_again():
+    ref = plain_tables()
+    run(ref, read(0x200000, gva=True), write(0x4000, 0x10003), Invlpg(0, 0x200000),
+        read(0x200000, gva=True))
+    assert ref.run(read(0x4000)) == Ok(0x10003 | A)
+
+
+def test_a_write_through_a_clean_cached_translation_walks_again():
+    # The read cached a translation with D clear; the leaf now maps gfn 0x11.  A read may
+    # still use the stale entry, a write may not: setting D takes a walk of the tables.
+    ref = plain_tables()
+    run(ref, read(0x200000, gva=True), write(0x4000, 0x11003 | A))
+    assert allows(ref, read(0x200000, gva=True), Ok(0, 0x10000))
+    assert not allows(ref, write(0x200000, 1, gva=True), Ok(None, 0x10000))
+    assert ref.run(write(0x200000, 1, gva=True)) == Ok(None, 0x11000)
+
+
+def test_a_write_through_a_dirty_cached_translation_needs_no_walk():
+    ref = plain_tables()
+    run(ref, write(0x200000, 1, gva=True), write(0x4000, 0x11003 | A | D))
+    assert allows(ref, write(0x200000, 2, gva=True), Ok(None, 0x10000))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import (Access, AccessKind, DirtyLog, FlushTlb, MemslotAdd, MemslotFlag, MmioExit, Ok, Parallel,
-                         PairOutcome, Program, VmHeader, VmType, ZapAll)
+from mmufuzz.harness.ops import (EINVAL, Access, AccessKind, DirtyLog, FlushTlb, MemslotAdd,
+                                 MemslotDelete, MemslotFlag, MmioExit, Ok, Parallel, PairOutcome,
+                                 Program, VmHeader, VmType, ZapAll)
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.fuzz.corpus import injected_faults
 from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
@@ -260,3 +261,80 @@ def test_a_run_resumed_from_a_checkpoint_is_the_whole_run(target_name):
                     assert rest(run, program) == expected, (name, index)
                     resumed += 1
     assert resumed > 300
+
+
+# --- more than two actors -----------------------------------------------------------
+
+THREE = VmHeader(VmType.DEFAULT, 3)
+SLOT_1 = MemslotAdd(1, 0x300, 0x1, MemslotFlag(0), 0)
+
+
+def _orders_explaining(header, prefix, pair, actual) -> int:
+    """How many orders of ``pair``'s sides, run one after another after ``prefix``, give
+    exactly the outcomes ``actual``."""
+    import itertools
+    from mmufuzz.reference.model import Reference
+    count = 0
+    for order in itertools.permutations(range(len(pair.sides))):
+        state = Reference(header)
+        for op in prefix:
+            state.run(op)
+        count += all(state.step(pair.sides[i], actual.sides[i]) is None for i in order)
+    return count
+
+
+def test_three_actors_whose_outcomes_only_one_order_of_six_explains():
+    """A slot added, read and deleted concurrently: the read saw the slot and the delete
+    found it, so the add went first, the read second and the delete last."""
+    pair = Parallel(SLOT_1, read(0x300000, vcpu=1), 0, c=MemslotDelete(1))
+    run = Differential(THREE, ReferenceTarget())
+    assert run.step(SLOT) is None and run.step(pair) is None
+    assert run.outcome == PairOutcome(Ok(), Ok(0), Ok())
+    assert _orders_explaining(THREE, (SLOT,), pair, run.outcome) == 1
+    assert len(run.candidates) == 1
+    # The read exited: it ran before the add or after the delete (two orders, one state).
+    exits = PairOutcome(Ok(), MmioExit(0x300000, False), Ok())
+    assert _orders_explaining(THREE, (SLOT,), pair, exits) == 2
+    run = Differential(THREE, Planted(lambda op, o: exits if isinstance(op, Parallel) else o))
+    assert run.step(SLOT) is None and run.step(pair) is None and len(run.candidates) == 1
+    # No order makes the add fail: nothing else adds slot 1.  The first failing step met,
+    # order a, b, c from the first candidate, names the finding.
+    failed = PairOutcome(EINVAL, Ok(0), Ok())
+    finding = run_program(Program(THREE, (SLOT, pair)),
+                          Planted(lambda op, o: failed if isinstance(op, Parallel) else o))
+    assert (finding.kind, finding.op_kind, finding.side_kind) == ("divergence", "parallel",
+                                                                  "memslot_add")
+
+
+def test_four_actors_keep_every_state_their_orders_leave_and_later_ops_prune_them():
+    """Two writes of one word, a read and a flush: the read's value says which write it
+    followed, the later read which write was last."""
+    four = VmHeader(VmType.DEFAULT, 4)
+    pair = Parallel.of((write(0x100000, 1), write(0x100000, 2, vcpu=1), read(0x100000, vcpu=2),
+                        FlushTlb(3)), 0)
+    actual = PairOutcome(Ok(), Ok(), Ok(2), Ok())
+    # b;c with a before b or after c, the flush anywhere: 2 * 4 orders of the 24.
+    assert _orders_explaining(four, (SLOT,), pair, actual) == 8
+
+    def racing(op, outcome):
+        return actual if isinstance(op, Parallel) else outcome
+    run = Differential(four, Planted(racing))
+    assert run.step(SLOT) is None and run.step(pair) is None
+    assert len(run.candidates) == 2  # the word holds 2 (a first) or 1 (a last)
+    program = Program(four, (SLOT, pair, read(0x100000)))
+
+    def reading(value):
+        return Planted(lambda op, o: Ok(value) if op == read(0x100000) else racing(op, o))
+    for last in (2, 1):  # either candidate explains the later read
+        assert run_program(program, reading(last)) is None
+    finding = run_program(program, reading(0))  # neither does
+    assert (finding.kind, finding.op_index) == ("divergence", 2)
+
+
+def test_a_parallel_outcome_of_the_wrong_arity_is_a_divergence():
+    pair = Parallel(SLOT_1, read(0x300000, vcpu=1), 0, c=MemslotDelete(1))
+    finding = run_program(Program(THREE, (SLOT, pair)), Planted(
+        lambda op, o: PairOutcome(o.a, o.b) if isinstance(op, Parallel) else o))
+    assert (finding.kind, finding.op_kind, finding.actual_kind) == ("divergence", "parallel",
+                                                                    "pair")
+    assert finding.expected == "(ok; ok(0x0); ok)"

@@ -7,7 +7,9 @@ Not in CI (minutes to hours); run before a release or after touching a target:
 Each program is ``decode`` of seeded random bytes, so a failure names a seed
 that reproduces it anywhere.  The ``explored`` mode also reruns each program
 with some of every ``parallel``'s bounded schedules (:mod:`mmufuzz.fuzz.schedules`),
-as a campaign's schedule exploration does: a variant counts as a program.
+as a campaign's schedule exploration does: a variant counts as a program.  The
+``many-actors`` mode does the same with programs that have a ``parallel`` of three
+or four actors.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ CHUNK = 500
 EXPLORED_PER_PARALLEL = 16  # bounded schedules tried per parallel in the explored mode
 
 
-def _program(seed: int, parallel_only: bool):
+def _program(seed: int, mode: str):
+    """The first decoded program of ``seed``'s bytes that ``mode`` keeps: any program, one
+    with a ``parallel``, or (``many-actors``) one with a ``parallel`` of three or four."""
     rng = random.Random(seed)
+    least = {"any": 0, "many-actors": 3}.get(mode, 2)
     while True:
         program = decode(rng.randbytes(rng.randrange(400)))
-        if not parallel_only or any(isinstance(op, Parallel) for op in program.ops):
+        if not least or any(isinstance(op, Parallel) and len(op.sides) >= least
+                            for op in program.ops):
             return program
 
 
@@ -60,9 +66,9 @@ def _run_chunk(first: int, mode: str, name: str = "tdp", count: int = CHUNK):
     target, ops, runs = make_target(name), 0, 0
     restrict = capabilities(target).restrict
     for seed in range(first, first + count):
-        program = restrict(_program(seed, mode != "any"))
+        program = restrict(_program(seed, mode))
         programs = [program]
-        if mode == "explored":
+        if mode in ("explored", "many-actors"):
             programs += list(_variants(program, target, random.Random(seed)))
         for variant in programs:
             runs += 1
@@ -76,7 +82,7 @@ def _run_chunk(first: int, mode: str, name: str = "tdp", count: int = CHUNK):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tdp", "shadow"])
-@pytest.mark.parametrize("mode", ["any", "with-parallel", "explored"])
+@pytest.mark.parametrize("mode", ["any", "with-parallel", "explored", "many-actors"])
 def test_random_programs_run_clean(mode, name):
     starts = range(0, PROGRAMS, CHUNK)
     programs = ops = 0

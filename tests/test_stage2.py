@@ -156,6 +156,17 @@ def test_pkvm_frees_the_unlinked_table_at_once():
     assert old.freed and not kvm.rcu.pending()
 
 
+def test_freeing_a_table_that_a_live_entry_links_is_reachable_freed_table():
+    kvm = _kvm(cls=Stage2PkvmTarget)
+    run(kvm_pgtable_stage2_map(kvm.pgt, 0x203, 1, 0x1003, RW))
+    parent = kvm.pgt.follow(kvm.pgt.follow(kvm.pgt.root.ptes[0]).ptes[0])
+    linked = kvm.pgt.follow(parent.ptes[1])
+    with pytest.raises(InvariantViolation) as error:
+        kvm.pgt.free_unlinked(linked, 2)  # still linked: a hardware walk may enter it
+    assert error.value.name == "reachable_freed_table"
+    assert "level 2 entry links it" in error.value.detail
+
+
 def test_split_replaces_a_block_by_512_pages_with_its_permissions():
     kvm = _kvm()
     run(kvm_pgtable_stage2_map(kvm.pgt, 0x200, 512, 0x1000, KVM_PGTABLE_PROT_R))

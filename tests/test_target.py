@@ -10,8 +10,8 @@ import pytest
 from planted import DefaultOnly
 
 from mmufuzz.fuzz.encoding import parse_reproducer
-from mmufuzz.harness.ops import Parallel, VmType, ZapAll
-from mmufuzz.harness.target import EVERYTHING, StateEvents
+from mmufuzz.harness.ops import OP_NAMES, Parallel, VmType, ZapAll
+from mmufuzz.harness.target import EVERYTHING, Capabilities, StateEvents
 
 TDX_PROGRAM = """\
 vm type=tdx vcpus=2
@@ -46,6 +46,18 @@ def test_restrict_gives_a_program_the_target_accepts():
     assert not any(isinstance(op, (Parallel, ZapAll)) for op in restricted.ops)
     # The parallel keeps the side the target can run, in place.
     assert [type(op).__name__ for op in restricted.ops] == ["MemslotAdd", "Access", "Access"]
+
+
+def test_restrict_drops_the_actors_a_target_refuses_and_keeps_the_others_racing():
+    line = ("parallel a=(access vcpu=0 gpa=0x200000 word=0 kind=read private=0) b=(zap_all) "
+            "c=(access vcpu=1 gpa=0x200000 word=0 kind=read private=0) schedule=0x15\n")
+    program = parse_reproducer("vm type=default vcpus=2\n" + line).program
+    (three,) = program.ops
+    no_zap = Capabilities(ops=set(OP_NAMES) - {ZapAll})
+    # Without b: a and c, in the order the schedule ran them (a b c -> a c, base 2).
+    assert no_zap.restrict(program).ops == (Parallel(three.a, three.c, 0b10),)
+    # A target that runs no parallel gets its first side it can run.
+    assert DefaultOnly.capabilities.restrict(program).ops == (three.a,)
 
 
 def test_replay_refuses_with_file_and_reason_and_exit_2(tmp_path):

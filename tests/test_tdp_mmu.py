@@ -32,8 +32,10 @@ from mmufuzz.harness.ops import (
     VmType,
     ZapAll,
 )
+from mmufuzz.harness import faults
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.harness.tdp.sched import run
 from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     SHADOW_NONPRESENT_VALUE,
@@ -140,9 +142,9 @@ def test_read_fault_installs_writable_spte_and_readonly_slot_does_not():
     assert vm.write(0x800, 1) == MmioExit(0x800000, True)
 
 
-# --- split, collapse, break-before-make ---------------------------------------------
+# --- split, recovery, huge leaves over tables -----------------------------------------
 
-def test_eager_split_children_map_pfn_plus_i_and_recover_collapses():
+def test_eager_split_children_map_pfn_plus_i_and_recover_makes_huge_in_place():
     vm = huge_vm()
     vm.write(0x200, 5)
     huge_pfn = spte_to_pfn(vm.leaf(0x200)[1])
@@ -150,10 +152,24 @@ def test_eager_split_children_map_pfn_plus_i_and_recover_collapses():
     for i in (0, 1, 511):
         level, spte = vm.leaf(0x200 + i)
         assert level == PG_LEVEL_4K and spte_to_pfn(spte) == huge_pfn + i
+    table = vm.table_at_2m(0x200)
     vm.do(Recover())
-    assert vm.leaf(0x200) is None        # shared: collapsed by zap, refaults at 2M
-    assert vm.read(0x200) == Ok(5)
-    assert vm.leaf(0x200)[0] == PG_LEVEL_2M
+    level, spte = vm.leaf(0x200)           # recover_huge_pages_range: in place, no refault
+    assert level == PG_LEVEL_2M and spte_to_pfn(spte) == huge_pfn
+    assert table.freed
+    assert vm.read(0x3ff) == Ok(0) and vm.read(0x200) == Ok(5)
+
+
+def test_in_place_recovery_takes_the_first_present_leaf_and_aligns_its_pfn():
+    vm = huge_vm()
+    vm.do(MemslotSetFlags(0, HUGE | MemslotFlag.DIRTY_LOG))
+    vm.write(0x2f0, 7)                     # one 4K leaf, in the middle of its 2M range
+    assert vm.leaf(0x2f0)[0] == PG_LEVEL_4K
+    pfn = spte_to_pfn(vm.leaf(0x2f0)[1])
+    vm.do(MemslotSetFlags(0, HUGE))        # disabling the log recovers huge pages
+    level, spte = vm.leaf(0x2f0)
+    assert level == PG_LEVEL_2M and spte_to_pfn(spte) == pfn - 0xf0
+    assert vm.read(0x2f0) == Ok(7)
 
 
 def test_zap_is_break_before_make_frozen_at_flush_then_nonpresent():
@@ -168,35 +184,72 @@ def test_zap_is_break_before_make_frozen_at_flush_then_nonpresent():
     assert table.spt[index] == SHADOW_NONPRESENT_VALUE
 
 
-def test_2m_fault_over_a_shared_table_replaces_it_break_before_make():
+def _table_then_2m_legal():
+    """A TD whose 2M range at 0x200 is mapped by a table missing the entry of 0x205, with
+    2M legal again: the next fault on 0x205 maps 2M over the table."""
     vm = Vm(tdx=True)
     vm.do(MemslotAdd(0, 0x200, 0x200, HUGE, 0))
     vm.write(0x200, 9)
     vm.do(Split(0))
-    old_table = vm.table_at_2m(0x200)
     vm.do(SetAttributes(0x205, 1, True))    # zaps the 4K leaf of 0x205, marks 2M mixed
     vm.do(SetAttributes(0x205, 1, False))   # uniform again: 2M legal, the table remains
     mmu = vm.kvm.mmu
     parent = mmu.alloc.child(mmu.alloc.child(mmu.direct_root.spt[0]).spt[0])
+    return vm, parent
+
+
+def test_2m_fault_over_a_shared_table_replaces_it_by_cmpxchg_then_flushes():
+    vm, parent = _table_then_2m_legal()
+    old_table = vm.table_at_2m(0x200)
+    mmu = vm.kvm.mmu
     at_flush, flush = [], mmu.flush
     mmu.flush = lambda: (at_flush.append(parent.spt[1]), flush())
     assert vm.read(0x205) == Ok(0)
     assert vm.leaf(0x205)[0] == PG_LEVEL_2M
-    assert at_flush[0] == FROZEN_SPTE       # frozen, flushed, then the 2M leaf written
+    # x86: no break-before-make; the huge leaf is already in place when the flush comes.
+    assert is_large_pte(at_flush[0]) and at_flush[0] == parent.spt[1]
     assert old_table.freed
     assert vm.read(0x200) == Ok(9)
 
 
+def _walker_parked_in_old_table(vm):
+    """vCPU 1's hardware walk of 0x206, parked having read the table link at 2M."""
+    walker = vm.kvm.vcpus[1]._walk_ept(0x206, AccessKind.READ)
+    for _ in range(3):                       # root, 1G, 2M entries read; next reads the table
+        next(walker)
+    return walker
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_huge_over_table_flush_keeps_a_parked_walker_off_the_freed_table(inject):
+    vm, _ = _table_then_2m_legal()
+    old_table = vm.table_at_2m(0x200)
+    walker = _walker_parked_in_old_table(vm)
+    with faults.injected(["huge-over-table-no-flush"] if inject else []):
+        assert vm.target.execute(Access(0, 0x205 << 12, False, 0, AccessKind.READ, None,
+                                        False)) == Ok(0)
+    assert old_table.freed                   # the grace period ended with the fault
+    if inject:                               # no flush: the walk goes on into freed memory
+        with pytest.raises(InvariantViolation) as error:
+            next(walker)
+        assert error.value.name == "walker_read_freed_table"
+    else:                                    # flushed: the walk restarts from the root
+        with pytest.raises(StopIteration):
+            while True:
+                next(walker)
+        assert vm.leaf(0x206)[0] == PG_LEVEL_2M
+
+
 # --- deferred free -----------------------------------------------------------------------
 
-def test_removed_tables_are_freed_only_after_flush_and_grace_period():
+def test_removed_tables_are_freed_by_call_rcu_after_the_grace_period():
     vm = huge_vm(flags=MemslotFlag(0))
     vm.write(0x300, 1)
     kvm = vm.kvm
     table = vm.table_at_2m(0x300)
     reader = kvm.rcu.read_lock()   # a walker that could still see the table
     outcome = vm.target.execute(ZapAll())
-    assert outcome == OK and not kvm.mmu.awaiting_flush
+    assert outcome == OK
     assert not table.freed and kvm.rcu.pending()
     kvm.rcu.read_unlock(reader)
     kvm.quiesce()
@@ -208,7 +261,7 @@ def test_removed_tables_are_freed_only_after_flush_and_grace_period():
 def test_leaked_table_is_an_invariant_violation():
     vm = huge_vm(flags=MemslotFlag(0))
     vm.write(0x300, 1)
-    vm.kvm.mmu.awaiting_flush.append(vm.table_at_2m(0x300))
+    vm.kvm.pgalloc.alloc(1, 0x300, False)   # allocated, never linked, never freed
     with pytest.raises(InvariantViolation) as error:
         vm.target.check_invariants()
     assert error.value.name == "leaked_table_page"
@@ -319,3 +372,96 @@ def test_unlogged_write_is_an_invariant_violation():
     with pytest.raises(InvariantViolation) as error:
         vm.target.check_invariants()
     assert error.value.name == "dirty_log_covers_writes"
+
+
+# --- roots: fast zap_all, references, obsolete roots ------------------------------------------
+
+def test_zap_all_invalidates_the_root_and_vcpus_move_to_a_new_one():
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.write(0x300, 1, vcpu=0)
+    vm.read(0x301, vcpu=1)
+    mmu = vm.kvm.mmu
+    old = mmu.direct_root
+    assert mmu.root_count[old] == 3            # the TDP MMU's and two vCPUs'
+    table = vm.table_at_2m(0x300)
+    vm.do(ZapAll())
+    assert mmu.is_invalid(old) and old.refcount == 0 and table.freed
+    assert mmu.root_count[old] == 2 and mmu.direct_root is None   # the MMU's reference is put
+    assert vm.read(0x300, vcpu=0) == Ok(1)     # vCPU 0 reloads onto a fresh root
+    new = mmu.direct_root
+    assert new is not old and vm.kvm.vcpus[0].root is new and mmu.root_count[new] == 2
+    assert vm.read(0x301, vcpu=1) == Ok(0)     # the last reference: the old root goes
+    assert old not in mmu.tdp_mmu_roots and old.freed
+    assert mmu.root_count[new] == 3
+
+
+def test_zap_all_spares_the_mirror_root():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x200, PRIVATE, 0))
+    vm.do(SetAttributes(0x200, 1, True))
+    vm.read(0x200, private=True)
+    mirror = vm.kvm.mmu.mirror_root
+    leaf = vm.leaf(0x200, private=True)
+    vm.do(ZapAll())
+    assert not vm.kvm.mmu.is_invalid(mirror) and vm.leaf(0x200, private=True) == leaf
+
+
+def _fault_started_then_zap_all(vm):
+    """vCPU 0's read of 0x300 parked inside the fault handler (root chosen, mmu_lock not yet
+    taken), then a whole zap_all; returns the access, to be finished."""
+    kvm = vm.kvm
+    access = kvm.run(Access(0, 0x300 << 12, False, 0, AccessKind.READ, None, False))
+    while not kvm.srcu._readers:               # kvm_mmu_page_fault holds kvm->srcu
+        next(access)
+    assert run(kvm.run(ZapAll())) == OK
+    kvm.quiesce()
+    return access
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_a_fault_on_an_obsolete_root_retries_on_the_new_one(inject):
+    vm = huge_vm(flags=MemslotFlag(0))
+    vm.read(0x200)                             # vCPU 0 has the first root loaded
+    old = vm.kvm.mmu.direct_root
+    with faults.injected(["fault-on-obsolete-root"] if inject else []):
+        access = _fault_started_then_zap_all(vm)
+        assert run(access) == Ok(0)
+    vm.kvm.quiesce()
+    if inject:       # mapped behind the zap into the obsolete root, whose last put frees
+        assert old.refcount == 1 and old.freed   # it: the tables under it leak
+        with pytest.raises(InvariantViolation) as error:
+            vm.target.check_invariants()
+        assert error.value.name == "leaked_table_page"
+    else:
+        assert old.refcount == 0 and vm.kvm.vcpus[0].root is not old
+        vm.target.check_invariants()
+
+
+def test_root_refcounts_catches_a_lost_reference():
+    vm = huge_vm()
+    vm.read(0x200)
+    vm.kvm.mmu.root_count[vm.kvm.mmu.direct_root] += 1
+    with pytest.raises(InvariantViolation) as error:
+        vm.target.check_invariants()
+    assert error.value.name == "root_refcounts"
+
+
+# --- the non-present value -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault, ops", [
+    ("table-init-zero", ()),
+    ("nonpresent-zero", (MemslotDelete(0),)),                  # a zap under mmu_lock for write
+    ("nonpresent-zero", (HostInvalidate(0x200, 1),)),
+])
+def test_a_zero_entry_is_a_nonpresent_value_violation_and_a_ve_in_a_td(fault, ops):
+    with faults.injected([fault]):
+        vm = Vm(tdx=True)
+        vm.do(MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0)) if fault != "table-init-zero" \
+            else vm.target.execute(MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0))
+        if fault != "table-init-zero":
+            vm.read(0x200)
+        for op in ops:
+            vm.target.execute(op)
+        with pytest.raises(InvariantViolation) as error:
+            vm.target.check_invariants()
+        assert error.value.name == "nonpresent_value"

@@ -1,11 +1,14 @@
-"""``parallel``: two ops interleaved at the yield points, for every short schedule.
+"""``parallel``: two to four ops interleaved at the yield points, for many schedules.
 
 Each pair is replayed under many schedules from the same starting program;
 every pair of outcomes must be explained by ``a;b`` or ``b;a`` and every
-invariant must hold once both sides (and the RCU callbacks) are done.
+invariant must hold once both sides (and the RCU callbacks) are done.  The
+last tests race three and four actors.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from test_tdp_mmu import HUGE, PRIVATE, Vm
@@ -168,3 +171,104 @@ def test_ops_report_the_mmu_state_events_they_caused():
     assert vm.target.features() == []  # reported once: the next op starts from zero
     vm.do(read(0x300, vcpu=0))
     assert "spte:L2:direct:none>leaf" in vm.target.features()
+
+
+# --- more than two actors -------------------------------------------------------------
+
+def test_a_third_actor_reaches_an_mmio_spte_installed_over_a_present_leaf(monkeypatch):
+    """A fault that found no memslot is parked; a slot is added there and another vCPU's
+    fault maps the gfn; the first fault resumes and installs its MMIO SPTE over the present
+    leaf (tdp_mmu_map_handle_target_level with !fault->slot).  No pair of the three ops
+    reaches that, under any of its bounded schedules; the three do, and run clean."""
+    import itertools
+
+    from mmufuzz.fuzz.runner import make_target, run_program
+    from mmufuzz.fuzz.schedules import bounded_schedules
+    from mmufuzz.harness.ops import Program, VmHeader, VmType
+    from mmufuzz.harness.tdp.spte import is_shadow_present_pte
+
+    over_present = []
+    original = fault._map_target_level
+
+    def spy(kvm, f, it):
+        over_present.append(f.slot is None and is_shadow_present_pte(it.old_spte))
+        return (yield from original(kvm, f, it))
+    monkeypatch.setattr(fault, "_map_target_level", spy)
+    header = VmHeader(VmType.DEFAULT, 2)
+    sides = (read(0x200, vcpu=0), MemslotAdd(0, 0x200, 0x200, MemslotFlag(0), 0),
+             read(0x200, vcpu=1))
+    target = make_target("tdp")
+
+    def reaching(sides) -> tuple:
+        """(schedules, how many reach it) over the bounded schedules of ``sides``."""
+        target.reset(header)
+        target.execute(Parallel.of(sides, 0))
+        schedules = list(bounded_schedules(*target.taken))
+        reached = 0
+        for schedule in schedules:
+            over_present.clear()
+            program = Program(header, (Parallel.of(sides, schedule), read(0x200, vcpu=0)))
+            assert run_program(program, target) is None
+            reached += any(over_present)
+        return len(schedules), reached
+    for pair in itertools.combinations(sides, 2):
+        assert reaching(pair)[1] == 0
+    schedules, reached = reaching(sides)
+    assert schedules > 1000 and reached >= 50
+
+
+def test_three_and_four_actor_programs_run_clean_and_alike_in_every_process():
+    """Random decoded programs with a parallel of three or four actors, each with a few of
+    its bounded schedules: zero findings, and the same outcomes, steps and switch coverage
+    under another PYTHONHASHSEED (``tests/test_soak.py`` runs thousands)."""
+    import subprocess
+    import sys
+    code = "import test_tdp_parallel as t; print(t.many_actor_digest(60))"
+    here = str(Path(__file__).parent)
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={"PYTHONHASHSEED": seed, "PYTHONPATH": here}).stdout
+               for seed in ("0", "77")}
+    (digest,) = digests
+    programs, runs, arities, _ = digest.split()
+    assert int(programs) == 60 and int(runs) >= 200 and arities == "3,4"
+
+
+def many_actor_digest(count: int) -> str:
+    """``programs runs arities sha``: ``count`` decoded programs with a parallel of three or
+    more actors, and four bounded schedules of each such parallel, run on tdp; asserts none
+    has a finding; the digest covers every outcome, step count and switch feature."""
+    import dataclasses
+    import hashlib
+    import random
+
+    from mmufuzz.fuzz.encoding import decode
+    from mmufuzz.fuzz.runner import make_target, run_program
+    from mmufuzz.fuzz.schedules import bounded_schedules
+
+    target, digest, runs, arities, seed = make_target("tdp"), hashlib.sha256(), 0, set(), 0
+    programs = 0
+    while programs < count:
+        seed += 1
+        rng = random.Random(seed)
+        program = decode(rng.randbytes(rng.randrange(300)))
+        many = [i for i, op in enumerate(program.ops)
+                if isinstance(op, Parallel) and len(op.sides) > 2]
+        if not many:
+            continue
+        programs += 1
+        index = many[0]
+        arities.add(len(program.ops[index].sides))
+        target.reset(program.header)
+        for op in program.ops[:index + 1]:
+            target.execute(op)
+        schedules = list(bounded_schedules(*target.taken))
+        variants = [program] + [program.with_ops(program.ops[:index] + (dataclasses.replace(
+            program.ops[index], schedule=s),) + program.ops[index + 1:])
+            for s in rng.sample(schedules, min(4, len(schedules)))]
+        for variant in variants:
+            runs += 1
+            assert run_program(variant, target) is None, (seed, variant)
+            target.reset(variant.header)
+            for op in variant.ops:
+                digest.update(f"{target.execute(op)}|{target.taken}|{target.features()}".encode())
+    return f"{programs} {runs} {','.join(map(str, sorted(arities)))} {digest.hexdigest()}"

@@ -205,7 +205,7 @@ def _steps(log, name, n):
 
 def test_interleave_follows_schedule_bits_then_round_robin():
     log = []
-    assert interleave(_steps(log, "a", 3), _steps(log, "b", 3), 0b110) == ("a", "b")
+    assert interleave([_steps(log, "a", 3), _steps(log, "b", 3)], 0b110) == ("a", "b")
     assert log[:3] == ["a0", "b0", "b1"]
     assert sorted(log) == ["a0", "a1", "a2", "b0", "b1", "b2"]
 
@@ -224,7 +224,7 @@ def test_blocked_side_lets_the_other_run_and_deadlock_is_a_hang():
         lock.read_unlock()
         return "r"
 
-    assert interleave(writer(), reader(), 0b10) == ("w", "r")
+    assert interleave([writer(), reader()], 0b10) == ("w", "r")
     held = RwLock()
     held.writer = True
     with pytest.raises(Hang):
@@ -242,3 +242,24 @@ def test_rcu_callback_waits_for_older_readers_only():
     rcu.process()
     assert freed == [1] and not rcu.pending()
     rcu.read_unlock(young)
+
+
+def test_interleave_of_n_sides_reads_the_schedule_in_base_n_then_takes_turns():
+    log = []
+    # Base 3, least significant digit first: 0x15 = 21 = 2*9 + 1*3 + 0 -> a b c, then
+    # step i goes to side i mod 3.
+    sides = [_steps(log, name, 3) for name in "abc"]
+    assert interleave(sides, 0x15) == ("a", "b", "c")
+    assert log[:4] == ["a0", "b0", "c0", "a1"]
+    # Base 4: 0x1b = 0b00_01_10_11 -> d c b, then step 3 to d (3 mod 4), step 4 to a.
+    log.clear()
+    interleave([_steps(log, name, 2) for name in "abcd"], 0x1b)
+    assert log[:5] == ["d0", "c0", "b0", "d1", "a0"]
+
+
+def test_a_finished_side_passes_its_step_to_the_next_one_after_it():
+    log = []
+    # c c c c c c: c finishes after two steps, then its picks go to a (after c, cyclically).
+    assert interleave([_steps(log, n, s) for n, s in (("a", 2), ("b", 1), ("c", 2))],
+                      sum(2 * 3 ** i for i in range(6))) == ("a", "b", "c")
+    assert log == ["c0", "c1", "a0", "a1", "b0"]

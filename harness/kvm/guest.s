@@ -15,7 +15,8 @@
 # A gva access first copies the program's PML4 entry for that gva into this
 # vCPU's root copy (the root the CPU really uses: the program's PML4 cannot hold
 # the guest's own mapping), reading it through the window, so the walk below the
-# root is the program's own tables, walked by KVM.
+# root is the program's own tables, walked by KVM.  After the access, the Accessed
+# bit KVM's walker set in the copy's entry goes back to the program's (sync_back).
 #
 # Re-assemble: as --64 -o guest.o guest.s && objcopy -O binary -j .text guest.o guest.bin
 # (tests/test_kvm.py checks that guest.bin is exactly that).
@@ -33,6 +34,7 @@
         .equ MB_VALUE, 40
         .equ MB_CR2,   48
         .equ MB_CODE,  56
+        .equ MB_SAVED, 64      # the guest's own: the PML4 entry sync_pml4e copied
 
         .equ ST_DONE,  1
         .equ ST_PF,    2
@@ -79,6 +81,7 @@ virt_read:
         mov     rdi, [rbx + MB_A1]
         mov     rax, [rdi]
         mov     [rbx + MB_VALUE], rax
+        call    sync_back
         jmp     done
 
 # 4: write a3 to the word at byte gva a1 under the program's root at gpa a2.
@@ -87,6 +90,7 @@ virt_write:
         mov     rdi, [rbx + MB_A1]
         mov     rax, [rbx + MB_A3]
         mov     [rdi], rax
+        call    sync_back
         jmp     done
 
 # 5: load CR3 with a1 (this vCPU's root copy, or the base root for paging off).
@@ -134,7 +138,8 @@ map_window:
         add     rdi, r12
         ret
 
-# Copy the program's PML4 entry for gva a1 (root gpa a2) into the root copy, if it differs.
+# Copy the program's PML4 entry for gva a1 (root gpa a2) into the root copy, if it differs;
+# keep the copied value for sync_back.
 sync_pml4e:
         mov     rcx, [rbx + MB_A1]
         shr     rcx, 39
@@ -143,9 +148,30 @@ sync_pml4e:
         lea     rdi, [rdi + rcx * 8]
         call    map_window
         mov     rax, [rdi]
+        mov     [rbx + MB_SAVED], rax
         cmp     rax, [r14 + rcx * 8]
         je      1f
         mov     [r14 + rcx * 8], rax
+1:      ret
+
+# After a gva access that did not fault: if KVM's walker set A in the root copy's entry,
+# store the entry into the program's root too (a guest write, logged as KVM logs its
+# walker's), unless the access itself rewrote the program's entry (that store came after
+# the walk and stays).
+sync_back:
+        mov     rcx, [rbx + MB_A1]
+        shr     rcx, 39
+        and     ecx, 511
+        mov     rdx, [r14 + rcx * 8]
+        cmp     rdx, [rbx + MB_SAVED]
+        je      1f
+        mov     rdi, [rbx + MB_A2]
+        lea     rdi, [rdi + rcx * 8]
+        call    map_window
+        mov     rax, [rbx + MB_SAVED]
+        cmp     rax, [rdi]
+        jne     1f
+        mov     [rdi], rdx
 1:      ret
 
 # Every exception lands here with its vector on the stack (a #PF: then its error code).

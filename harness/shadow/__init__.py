@@ -2,13 +2,13 @@
 
 ``ShadowTarget`` turns ops into calls on a :class:`~harness.shadow.kvm.Kvm`;
 each op is a generator drained to completion, and a ``parallel`` interleaves
-two with tdp's scheduler.  The target runs default (non-TDX) VMs only: a TD's
+its actors with tdp's scheduler.  The target runs default (non-TDX) VMs only: a TD's
 private memory needs the TDP MMU's mirror root, which shadow paging has not.
 """
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, Accept, Access, FlushTlb, Invlpg,
+from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb, Invlpg,
                                  Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte)
 from mmufuzz.harness.shadow.invariants import check_invariants
 from mmufuzz.harness.shadow.kvm import Kvm
@@ -68,8 +68,8 @@ class ShadowTarget(TdpTarget):
         features = sorted(self._switches)
         self._switches.clear()
         op = self._last
-        for prefix, side in ((("a.", op.a), ("b.", op.b)) if type(op) is Parallel
-                             else (("", op),)):
+        for prefix, side in (zip((f"{name}." for name in SIDE_NAMES), op.sides)
+                             if type(op) is Parallel else (("", op),)):
             state = self._shadow_state(side)
             if state is not None:
                 features.append(prefix + state)

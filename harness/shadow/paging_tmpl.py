@@ -9,8 +9,10 @@ access.  A guest 2M page is shadowed by a direct page of 4K leaves.
 ``FNAME(sync_spte)`` re-reads one guest PTE of an unsync page.
 
 The guest runs in one CPU mode (docs/semantics.md): CPL 0, CR0.WP=1,
-EFER.NXE=1, 4-level paging, no PGE/PCID/SMEP/SMAP/PKE, no 1G pages, and
-write_pte always sets A and D (the walker never writes them).
+EFER.NXE=1, 4-level paging, no PGE/PCID/SMEP/SMAP/PKE, no 1G pages.  The
+walker sets A/D bits as KVM's does (``FNAME(update_accessed_dirty_bits)``),
+and a clean guest PTE is shadowed read-only (``FNAME(protect_clean_gpte)``)
+so that the first write faults and sets D.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from mmufuzz.harness.ops import (
     PG_LEVEL_4K,
     PTE_ACCESSED,
     PTE_ADDR_MASK,
+    PTE_DIRTY,
     AccessKind,
-    MmioExit,
     PageFault,
 )
 from mmufuzz.harness.shadow.mmu import (
@@ -125,15 +127,32 @@ class GuestWalker:
         return self.gfn << PAGE_SHIFT
 
 
+def protect_clean_gpte(access: int, gpte: int) -> int:
+    """FNAME(protect_clean_gpte): no write access through a guest PTE whose D is clear."""
+    if gpte & PTE_DIRTY:
+        return access
+    return access & ~ACC_WRITE_MASK
+
+
 def walk_addr_generic(vcpu, addr: int, kind: AccessKind):
     """Generator: walk the guest tables under CR3 for byte address ``addr``.
 
     Returns a :class:`GuestWalker`, the one-outcome tuple that ends the access
-    (the #PF to inject, or the exit of a table read: see docs/shadow.md, KVM
-    would inject a #PF for a table outside every memslot), or RET_PF_RETRY
-    when a table is in a slot being deleted or moved: the instruction
-    re-executes once the update is done, so no walk mixes both layouts.
+    (the #PF to inject: a table outside every memslot is one too, as KVM's
+    error hva is ``goto error``), or RET_PF_RETRY when a table is in a slot
+    being deleted or moved: the instruction re-executes once the update is
+    done, so no walk mixes both layouts.
     """
+    while True:
+        walker = yield from _walk_once(vcpu, addr, kind)
+        if type(walker) is not GuestWalker or not update_accessed_dirty_bits(
+                vcpu, walker, kind is AccessKind.WRITE):
+            return walker
+        # An entry changed under the walk (the cmpxchg failed): retry_walk.
+
+
+def _walk_once(vcpu, addr: int, kind: AccessKind):
+    """Generator: one pass of FNAME(walk_addr_generic), up to its A/D update."""
     walker = GuestWalker()
     table, level = vcpu.cr3, PT64_ROOT_4LEVEL
     pte_access = ACC_ALL
@@ -145,7 +164,7 @@ def walk_addr_generic(vcpu, addr: int, kind: AccessKind):
             return RET_PF_RETRY
         pte = vcpu.read_guest(pte_gpa)
         if pte is None:
-            return (MmioExit(pte_gpa, False),)
+            return (PageFault(addr, access_error_bits(kind)),)
         pt_access = pte_access
         pte_access = pt_access & gpte_access(pte)
         if not pte & PT_PRESENT_MASK:
@@ -165,7 +184,33 @@ def walk_addr_generic(vcpu, addr: int, kind: AccessKind):
     size = pages_per_level(level)
     walker.gfn = ((pte & PTE_ADDR_MASK) >> PAGE_SHIFT & -size) + (
         (addr >> PAGE_SHIFT) & (size - 1))
+    if kind is not AccessKind.WRITE:
+        walker.pte_access = protect_clean_gpte(pte_access, pte)
     return walker
+
+
+def update_accessed_dirty_bits(vcpu, walker: GuestWalker, write_fault: bool) -> bool:
+    """FNAME(update_accessed_dirty_bits): set A in every entry of the walk, D in the
+    leaf of a write, each by a cmpxchg on the guest's memory (kvm_vcpu_mark_page_dirty
+    logs the table).  True if an entry no longer holds what the walk read: walk again.
+
+    The store goes to the host page directly (``__try_cmpxchg_user``), not through
+    page tracking: only A/D change, which no shadow page depends on.  An entry in a
+    read-only slot is left alone (``!walker->pte_writable``).
+    """
+    for level in range(PT64_ROOT_4LEVEL, walker.level - 1, -1):
+        orig = walker.ptes[level - 1]
+        pte = orig | PTE_ACCESSED
+        if level == walker.level and write_fault:
+            pte |= PTE_DIRTY
+        if pte == orig:
+            continue
+        gpa = walker.pte_gpa[level - 1]
+        if vcpu.read_guest(gpa) != orig:
+            return True
+        if vcpu.write_guest(gpa, pte):
+            walker.ptes[level - 1] = pte
+    return False
 
 
 def gpte_changed(vcpu, walker: GuestWalker, level: int) -> bool:
@@ -266,7 +311,7 @@ def sync_spte(vcpu, sp: KvmMmuPage, index: int) -> int:
     if prefetch_invalid_gpte(kvm, sp, index, gpte):
         return 1
     gfn = (gpte & PTE_ADDR_MASK) >> PAGE_SHIFT
-    pte_access = role_access(sp.role) & gpte_access(gpte)
+    pte_access = protect_clean_gpte(role_access(sp.role) & gpte_access(gpte), gpte)
     if sync_mmio_spte(kvm, sp, index, gfn, pte_access):
         return 0
     if gfn != kvm_mmu_page_get_gfn(sp, index):

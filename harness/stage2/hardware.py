@@ -61,6 +61,12 @@ def access_needs(kind) -> int:
 class Vcpu(GuestWalkerVcpu):
     """One vCPU: the guest's stage-1 state (inherited) plus stage-2 TLB and walk cache."""
 
+    # A stage-1 walk into no memslot is not emulated: KVM re-injects the abort into the
+    # guest (mmu.c, kvm_handle_guest_abort: kvm_vcpu_abt_iss1tw() -> kvm_inject_sea_dabt()),
+    # in this vocabulary the not-present #PF of the access.  Stage 1 keeps x86's format
+    # and x86's A/D rules (hardware-managed, as with FEAT_HAFDBS), as the walker is shared.
+    emulates_walk_exits = False
+
     def __init__(self, kvm, index: int):
         super().__init__(kvm, index)
         self.s2_tlb: dict[tuple[int, int], tuple[int, int, int]] = {}  # (level, gfn) -> (pfn, perms, memattr)

@@ -183,6 +183,10 @@ class Stage2Mmu:
         self.kvm = kvm
         self.direct_root = kvm.pgt.root  # the one root the notifier unmaps in
 
+    def direct_roots(self, only_valid: bool = False) -> list:
+        """The roots the generic unmap and dirty-log code walks: stage 2 has just the one."""
+        return [self.direct_root]
+
     def zap_leafs_all_roots(self, start: int, end: int):
         """Generator: kvm_arch_flush_shadow_memslot (mmu_lock held for write)."""
         return stage2_apply_range(self.kvm, start, end, kvm_pgtable_stage2_unmap)

@@ -17,6 +17,7 @@ and a vCPU's hardware walk, at the same points as the kernel could.
 Table pages are refcounted as the kernel's struct page: one reference for the
 page itself plus one per non-zero entry.  The last ``put_page`` frees it, and a
 freed page is poison: any later read or write raises ``walker_read_freed_table``.
+Freeing a page that a live entry still links is ``reachable_freed_table`` at once.
 """
 
 from __future__ import annotations
@@ -192,14 +193,44 @@ class KvmPgtable:
         table.refcount += 1
 
     def put_page(self, table: S2Table) -> None:
-        """Drop a reference; the last one frees the page (it becomes poison)."""
+        """Drop a reference; the last one frees the page (it becomes poison).
+
+        A table page may be freed only once no hardware walker can reach it: the
+        entry that linked it was changed first (and the change's TLBI completed,
+        which ``stale_tlb_entry`` checks).  Freeing one that a live entry still
+        links is ``reachable_freed_table`` at once, whether or not a walker
+        happens to read it before the entry changes.
+        """
         table.refcount -= 1
         if table.refcount == 0:
+            level = self.linked_at(table)
+            if level is not None:
+                raise InvariantViolation("reachable_freed_table", f"gfn={table.gfn:#x} "
+                                         f"level={table.level} pfn={table.pfn:#x} freed while "
+                                         f"the level {level} entry links it")
             table.freed = True
             table.ptes = _FreedTable(table)
         elif table.refcount < 0:
             raise InvariantViolation("double_free_table", f"gfn={table.gfn:#x} "
                                      f"level={table.level} pfn={table.pfn:#x}")
+
+    def linked_at(self, table: S2Table):
+        """The level of the live entry that still links ``table``, or None.
+
+        The entry a walk from the root for the table's gfn reaches one level up;
+        a subtree unlinked as a whole is not reached (the walk never enters it).
+        A walk cache holding an unlinked table is ``stale_tlb_entry``'s business.
+        """
+        parent, level = self.root, KVM_PGTABLE_FIRST_LEVEL
+        while level < table.level - 1 and not parent.freed:
+            pte = parent.ptes[kvm_pgtable_idx(table.gfn, level)]
+            if not kvm_pte_table(pte, level):
+                return None
+            parent, level = self.follow(pte), level + 1
+        if parent.freed or level != table.level - 1:
+            return None
+        pte = parent.ptes[kvm_pgtable_idx(table.gfn, level)]
+        return level if kvm_pte_table(pte, level) and kvm_pte_to_pfn(pte) == table.pfn else None
 
     def free_unlinked_table_rcu(self, table: S2Table, level: int) -> None:
         """stage2_free_unlinked_table (mmu.c): free the subtree after a grace period."""

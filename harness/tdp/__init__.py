@@ -1,7 +1,8 @@
 """The optimized MMU under test: KVM's TDP MMU structure plus a hardware model.
 
 ``TdpTarget`` turns ops into calls on a :class:`~harness.tdp.kvm.Kvm`.  An op
-runs as a generator drained to completion; ``parallel`` interleaves two.  A
+runs as a generator drained to completion; ``parallel`` interleaves its two to
+four actors.  A
 data access whose translations are all cached skips the generator machinery.
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import pickle
 
-from mmufuzz.harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, Accept, Access, PairOutcome, Parallel,
-                         VmHeader, gpa_field)
+from mmufuzz.harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access,
+                                 PairOutcome, Parallel, VmHeader, gpa_field)
 from mmufuzz.harness.tdp.events import EVENTS
 from mmufuzz.harness.tdp.invariants import check_invariants
 from mmufuzz.harness.tdp.kvm import Kvm
@@ -32,7 +33,7 @@ class TdpTarget:
         self._switches: set = set()
         self._last = None
         # The last parallel, for schedule exploration: the state its sides started from
-        # (see :meth:`_start_state`) and the steps each side took.
+        # (see :meth:`_start_state`) and the steps each side took, in side order.
         self.pair_start = ""
         self.taken = [0, 0]
 
@@ -49,13 +50,13 @@ class TdpTarget:
             if outcome is not None:
                 return outcome
         if type(op) is Parallel:
-            self.pair_start = "|".join(sorted((self._start_state(op.a), self._start_state(op.b))))
-            self.taken = [0, 0]
+            sides = op.sides
+            self.pair_start = "|".join(sorted(map(self._start_state, sides)))
+            self.taken = [0] * len(sides)
             # kvm.quiesce, not kvm.rcu.process: each VM says what its quiescent points run
             # (the shadow MMU's is SRCU's), at the price of one call per step.
-            a, b = interleave(kvm.run(op.a), kvm.run(op.b), op.schedule, kvm.quiesce,
-                              self._note_switch, self.taken)
-            outcome = PairOutcome(a, b)
+            outcome = PairOutcome(*interleave([kvm.run(side) for side in sides], op.schedule,
+                                              kvm.quiesce, self._note_switch, self.taken))
         else:
             outcome = run(kvm.run(op))
         kvm.quiesce()
@@ -102,8 +103,8 @@ class TdpTarget:
         features += self.events.drain(self.kvm.events)
         op = self._last
         if type(op) is Parallel:
-            features += [f"a.{f}" for f in self._mapping(op.a) or ()]
-            features += [f"b.{f}" for f in self._mapping(op.b) or ()]
+            for name, side in zip(SIDE_NAMES, op.sides):
+                features += [f"{name}.{f}" for f in self._mapping(side) or ()]
         else:
             features += self._mapping(op) or ()
         return features
@@ -119,7 +120,8 @@ class TdpTarget:
         kvm = self.kvm
         gfn = getattr(op, field) >> PAGE_SHIFT
         private = kvm.tdx and (type(op) is Accept or op.private)
-        level, leaf = kvm.mmu.walk_depth(kvm.mmu.root(private), gfn)
+        root = kvm.mmu.root(private)
+        level, leaf = kvm.mmu.walk_depth(root, gfn) if root is not None else (0, False)
         return OP_NAMES[type(op)], gfn, private, level, leaf
 
     def _mapping(self, op):

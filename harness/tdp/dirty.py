@@ -47,11 +47,15 @@ class DirtyLogger:
         else:
             max_level = ROOT_LEVEL
             yield from kvm.mmu_lock.read_lock()
-            yield from split_range(kvm, mmu.direct_root, slot.base_gfn, slot.end_gfn)
+            for root in mmu.direct_roots(only_valid=True):
+                yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
             kvm.mmu_lock.read_unlock()
         yield from kvm.mmu_lock.write_lock()
-        if (yield from mmu.write_protect(mmu.direct_root, slot.base_gfn, slot.end_gfn,
-                                         max_level=max_level)):
+        changed = False
+        for root in mmu.direct_roots(only_valid=True):
+            changed |= yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn,
+                                                    max_level=max_level)
+        if changed:
             mmu.flush()
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True
@@ -69,8 +73,10 @@ class DirtyLogger:
         pages = sorted(state.bitmap)
         state.bitmap = set()
         gfns = {slot.base_gfn + i for i in pages}
-        if gfns and (yield from kvm.mmu.write_protect(kvm.mmu.direct_root, min(gfns),
-                                                      max(gfns) + 1, gfns)):
+        changed = False
+        for root in kvm.mmu.direct_roots(only_valid=True) if gfns else ():
+            changed |= yield from kvm.mmu.write_protect(root, min(gfns), max(gfns) + 1, gfns)
+        if changed:
             kvm.mmu.flush()
         state.written = set()
         kvm.mmu_lock.write_unlock()

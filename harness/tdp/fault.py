@@ -47,6 +47,7 @@ class KvmPageFault:
     mmu_seq: int = 0
     gen: int = 0
     goal_level: int = PG_LEVEL_4K
+    root: object = None  # the vCPU's direct root (vcpu->arch.mmu->root) the fault started on
 
 
 def kvm_mmu_page_fault(kvm, vcpu, addr: int, write: bool, exec_: bool, private: bool,
@@ -58,6 +59,9 @@ def kvm_mmu_page_fault(kvm, vcpu, addr: int, write: bool, exec_: bool, private: 
     """
     while True:
         fault = KvmPageFault(addr, addr >> 12, write, exec_, private, max_level)
+        # A retry re-enters the guest first: pending requests (a root made obsolete) are
+        # handled and a root is loaded (kvm_mmu_reload).
+        fault.root = vcpu.mmu_reload()
         fault.mmu_seq = kvm.mmu_invalidate_seq
         token = kvm.srcu.read_lock()  # the slot this fault resolves stays until it is done
         try:
@@ -107,7 +111,11 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
 
 
 def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
-    """mmu_invalidate_retry_gfn: an invalidation covering the gfn ran or is running."""
+    """is_page_fault_stale, under mmu_lock: the vCPU's root was invalidated (KVM commit
+    a955cad84cda: a fault into an obsolete root installs behind the zap of it), or an
+    invalidation covering the gfn ran or is running (mmu_invalidate_retry_gfn)."""
+    if kvm.mmu.is_invalid(fault.root) and not faults.active("fault-on-obsolete-root"):
+        return True
     if fault.slot is None or faults.active("invalidate-vs-memslot-race"):
         return False
     if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
@@ -137,7 +145,8 @@ def kvm_tdp_mmu_map(kvm, fault: KvmPageFault):
     mmu = kvm.mmu
     token = kvm.rcu.read_lock()
     try:
-        it = mmu.iter(mmu.root(fault.is_private), fault.gfn, fault.gfn + 1)
+        root = mmu.mirror_root if fault.is_private else fault.root
+        it = mmu.iter(root, fault.gfn, fault.gfn + 1)
         while True:
             yield
             spte = it.read()

@@ -21,7 +21,9 @@ from mmufuzz.harness.ops import (
     PFERR_WRITE_MASK,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    PTE_ACCESSED,
     PTE_ADDR_MASK,
+    PTE_DIRTY,
     UNSUPPORTED,
     WORDS_PER_PAGE,
     Access,
@@ -64,8 +66,21 @@ _SHIFT_2M = PAGE_SHIFT + 9
 _PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, PteFlag.RW,
                                                       PteFlag.NX))
 
+# The gfn shift that keys a cached table at each level: a table at level L covers 512**L gfns.
+_CACHE_SHIFT = (0,) + tuple(9 * level for level in range(1, ROOT_LEVEL + 1))
+
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
+
+
+class SetBits:
+    """The value of the guest walker's write of A/D bits into a guest PTE: a locked OR
+    (the CPU's atomic update of the entry), done when the write lands."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: int):
+        self.bits = bits
 
 
 def _ept_needs(kind) -> int:
@@ -78,6 +93,9 @@ def _ept_needs(kind) -> int:
 class Vcpu:
     """One vCPU: CR3, its TLBs, and the memslot lookup cache (last_used_slot)."""
 
+    # x86 KVM emulates the instruction whose guest walk exited (table_without_slot).
+    emulates_walk_exits = True
+
     def __init__(self, kvm, index: int):
         self.kvm, self.index = kvm, index
         self.cr3 = None
@@ -85,17 +103,50 @@ class Vcpu:
         self.tlb_private: dict[int, int] = {}              # gfn -> pfn (accepted pages only)
         self.tlb_4k: dict[int, tuple[int, bool, bool]] = {}  # gva >> 12 -> (gpa, w, x)
         self.tlb_2m: dict[int, tuple[int, bool, bool]] = {}  # gva >> 21 -> (gpa, w, x)
+        # The EPT paging-structure caches (SDM vol. 3 §29.4.2): (level, gfn >> 9*level) ->
+        # the table at ``level`` the walk reached through a cached upper-level entry.
+        self.walk_cache: dict[tuple[int, int], object] = {}
         self.flush_epoch = 0
         self._last_used_slot = (-1, None)
+        # mmu->root.hpa, a reference to a direct root, loaded on entry; and whether
+        # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS is pending.
+        self.root = None
+        self.obsolete_roots_request = False
+
+    # --- roots ------------------------------------------------------------------
+
+    def request_free_obsolete_roots(self) -> None:
+        """kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), mmu_lock held for
+        write: the vCPU is kicked out of the guest (a walk in flight aborts) and enters
+        again only on a freshly loaded root, whose load flushes its translations
+        (kvm_mmu_load's flush_tlb_current; dropped here at the kick, as nothing can use
+        them in between)."""
+        self.obsolete_roots_request = True
+        self.flush_guest_physical()
+
+    def mmu_reload(self):
+        """The root this vCPU runs on: vcpu_enter_guest handles the request
+        (kvm_mmu_free_obsolete_roots puts an invalid root), then kvm_mmu_reload loads one
+        (kvm_tdp_mmu_alloc_root takes a reference)."""
+        if self.obsolete_roots_request:
+            self.obsolete_roots_request = False
+            if self.root is not None and self.kvm.mmu.is_invalid(self.root):
+                self.kvm.mmu.put_root(self.root)
+                self.root = None
+        if self.root is None:
+            self.root = self.kvm.mmu.alloc_root()
+        return self.root
 
     # --- flushes ----------------------------------------------------------------
 
     def flush_guest_physical(self) -> None:
-        """INVEPT: forget gpa translations and abort any walk in flight."""
+        """INVEPT: forget gpa translations and cached upper-level entries, and abort any
+        walk in flight."""
         self.kvm.events[events.TLB_FLUSH_HELD if self.tlb_shared or self.tlb_private
                         else events.TLB_FLUSH_EMPTY] += 1
         self.tlb_shared.clear()
         self.tlb_private.clear()
+        self.walk_cache.clear()
         self.flush_epoch += 1
 
     def flush_linear(self) -> None:
@@ -205,6 +256,8 @@ class Vcpu:
         host = self.kvm.host
         word = (gpa >> 3) & (WORDS_PER_PAGE - 1)
         if kind is WRITE:
+            if type(value) is SetBits:
+                value = host.read(pfn, word) | value.bits
             host.write(pfn, word, value)
             if not private:
                 self.kvm.dirty_log.note_guest_write(gpa >> PAGE_SHIFT)
@@ -238,13 +291,18 @@ class Vcpu:
     def _walk_ept(self, gfn: int, kind):
         """Generator: the hardware walk of the direct root; caches a usable leaf.
 
-        A flush while the walk is in flight aborts it (the IPI forced an exit),
-        so it restarts from the root.
+        The walk starts at the deepest table its paging-structure caches hold
+        for ``gfn`` and caches every table it steps into: an entry that
+        unlinked a table is used until a flush drops it, which is why KVM must
+        flush before a removed table can be freed.  An EPT violation drops the
+        cached entries for its gpa (SDM vol. 3 §29.4.3.1).  A flush while the
+        walk is in flight aborts it (the IPI forced an exit), so it restarts.
         """
         kvm = self.kvm
+        cache = self.walk_cache
         while True:
             epoch = self.flush_epoch
-            page, level = kvm.mmu.direct_root, ROOT_LEVEL
+            page, level = self._walk_start(gfn)
             while True:
                 spte = page.spt[spte_index(gfn, level)]
                 yield
@@ -253,10 +311,12 @@ class Vcpu:
                     break
                 if not is_shadow_present_pte(spte):
                     kvm.events[events.WALK_ABSENT + level] += 1
+                    self._drop_walk_cache(gfn)
                     return self._nonpresent(spte, gfn)
                 if is_last_spte(spte, level):
                     if not spte & _ept_needs(kind):
                         kvm.events[events.WALK_PERMISSION + level] += 1
+                        self._drop_walk_cache(gfn)
                         return _VIOLATION
                     kvm.events[events.WALK_FILL + level] += 1
                     pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
@@ -264,6 +324,27 @@ class Vcpu:
                                                          | PT_EXECUTABLE_MASK))
                     return None
                 page, level = kvm.mmu.alloc.child(spte), level - 1
+                cache[(level, gfn >> _CACHE_SHIFT[level])] = page
+
+    def _walk_start(self, gfn: int):
+        """(table, level) an EPT walk of ``gfn`` starts at: the deepest cached table, else
+        the root."""
+        root = self.mmu_reload()
+        cache = self.walk_cache
+        if cache:
+            for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
+                page = cache.get((level, gfn >> _CACHE_SHIFT[level]))
+                if page is not None:
+                    return page, level
+        return root, ROOT_LEVEL
+
+    def _drop_walk_cache(self, gfn: int) -> None:
+        """An EPT violation (or misconfiguration) at ``gfn`` invalidates the cached entries
+        that would translate it."""
+        cache = self.walk_cache
+        if cache:
+            for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
+                cache.pop((level, gfn >> _CACHE_SHIFT[level]), None)
 
     def _nonpresent(self, spte: int, gfn: int):
         """What hardware does with a non-present EPT entry (SEMANTICS §E)."""
@@ -333,18 +414,29 @@ class Vcpu:
                 return out
 
     def _walk_guest(self, gva: int, kind):
-        """Generator: one walk of the guest's tables (or a TLB hit) for ``translate``."""
+        """Generator: one walk of the guest's tables (or a TLB hit) for ``translate``.
+
+        A completed walk that permits the access sets A in every entry it used
+        and D in the leaf of a write (SEMANTICS §F), after the permission check
+        as KVM's walker does.  The TLB caches a translation writable only if
+        its leaf is dirty: a write through a clean one walks again to set D.
+        """
         gpa = self._linear_hit(gva, kind)
         if gpa is not None:
             return gpa
         access_bits = _PF_ACCESS_BITS[kind]
         table, level = self.cr3, ROOT_LEVEL
         writable = executable = True
+        used = []  # (entry gpa, entry) per level, root first
         while True:
             shift = PAGE_SHIFT + 9 * (level - 1)
-            out = yield from self.physical((table << PAGE_SHIFT) + 8 * ((gva >> shift) & 511),
-                                           READ, None, False, False)
+            pte_gpa = (table << PAGE_SHIFT) + 8 * ((gva >> shift) & 511)
+            out = yield from self.physical(pte_gpa, READ, None, False, False)
             if type(out) is not Ok:
+                if type(out) is MmioExit and not self.kvm.tdx:
+                    out = self.table_without_slot(gva, kind, pte_gpa)
+                    if type(out) is PageFault:
+                        self._drop_linear(gva)
                 return out
             pte = out.value
             if not pte & _PTE_P:
@@ -355,6 +447,7 @@ class Vcpu:
                 return PageFault(gva, PFERR_PRESENT_MASK | PFERR_RSVD_MASK | access_bits)
             writable = writable and bool(pte & _PTE_RW)
             executable = executable and not pte & _PTE_NX
+            used.append((pte_gpa, pte))
             if level == PG_LEVEL_4K or pte & _PTE_PS:
                 break
             table, level = (pte & PTE_ADDR_MASK) >> PAGE_SHIFT, level - 1
@@ -362,8 +455,27 @@ class Vcpu:
         if (kind is WRITE and not writable) or (kind is FETCH and not executable):
             self._drop_linear(gva)
             return PageFault(gva, PFERR_PRESENT_MASK | access_bits)
+        for index, (pte_gpa, entry) in enumerate(used):
+            bits = PTE_ACCESSED | (PTE_DIRTY if kind is WRITE and index == len(used) - 1 else 0)
+            if entry & bits != bits:
+                yield from self.physical(pte_gpa, WRITE, SetBits(bits), False, False)
         gpa_base = pte & PTE_ADDR_MASK & -size
         tlb = self.tlb_4k if level == PG_LEVEL_4K else self.tlb_2m
-        tlb[gva >> shift] = (gpa_base, writable, executable)
+        tlb[gva >> shift] = (gpa_base, writable and (kind is WRITE or bool(pte & PTE_DIRTY)),
+                             executable)
         return gpa_base + (gva & (size - 1))
 
+    def table_without_slot(self, gva: int, kind, pte_gpa: int):
+        """What the walk gives when the guest table entry at ``pte_gpa`` has no memslot.
+
+        The CPU's walk exits (an EPT violation, an MMIO SPTE), and KVM emulates
+        the instruction: its walker faults on the table (an error hva is a
+        not-present #PF), unless the data operand's page offset equals the
+        entry's: the emulator then takes the exit's gpa for the operand's
+        (x86.c, ``emulator_read_write_onepage``, ``gpa_available``; the
+        instruction fetch never does) and exits to userspace there.
+        """
+        if (self.emulates_walk_exits and kind is not FETCH
+                and not (gva ^ pte_gpa) & ((1 << PAGE_SHIFT) - 1)):
+            return MmioExit(pte_gpa, kind is WRITE)
+        return PageFault(gva, _PF_ACCESS_BITS[kind])

@@ -1,10 +1,11 @@
-"""Huge pages: eager split, recovery (collapse and merge), and 2M installs over tables.
+"""Huge pages: eager split, recovery (in place and merge), and 2M installs over tables.
 
-Shared memory lives in host pages, so a table of 4K leaves can simply be
-zapped and refaulted at 2M (KVM's collapsible-SPTE path).  Private memory
-cannot: zapping a private page loses its accepted contents.  Private 4K
-children are therefore merged in place, and only when all 512 are present,
-contiguous, equally permissive and (the secure EPT checks) in one accept state.
+Shared memory is recovered in place: a table of 4K leaves becomes the 2M
+leaf its first leaf implies (recover_huge_pages_range, KVM commit
+13e2e4f62a4b; before it KVM zapped and refaulted).  Private 4K children are
+merged through the TDX module (the RFC merge series): only when all 512 are
+present, contiguous, equally permissive and (the secure EPT checks) in one
+accept state, since zapping a private page loses its accepted contents.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.tdp.lpage import max_mapping_level
+from mmufuzz.harness.tdp.pgalloc import next_used
 from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
     FROZEN_SPTE,
@@ -72,27 +74,29 @@ def split_slot(kvm, op):
     if slot is None:
         return EINVAL
     yield from kvm.mmu_lock.read_lock()
-    for root in kvm.mmu.roots():
+    for root in kvm.mmu.roots(only_valid=True):
         yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
     kvm.mmu_lock.read_unlock()
     return OK
 
 
 def replace_table_with_huge(kvm, it, huge: int):
-    """Generator: install huge leaf ``huge`` over the table at ``it`` with break-before-make.
+    """Generator: install huge leaf ``huge`` over the table at ``it``, as x86 does it.
 
-    Freeze (the table and its children are unlinked), flush, then write: no
-    vCPU can use a 4K translation of the old table beside the new leaf.
+    tdp_mmu_map_handle_target_level (and recover_huge_pages_range, in place
+    since KVM commit 13e2e4f62a4b) replace the table with one cmpxchg; no
+    vCPU sees a non-present entry in between (break-before-make is arm64's
+    rule).  handle_removed_pt queues the old table for call_rcu, and the
+    caller flushes (kvm_flush_remote_tlbs_gfn) before it leaves its RCU
+    section: a vCPU still walking the old table, or caching its 4K
+    translations, drops them before the page can be freed.  False if raced.
     """
     mmu = kvm.mmu
-    if faults.active("huge-without-break"):
-        return (yield from mmu.set_spte_atomic(it, huge))  # no freeze, no flush
-    if not (yield from mmu.set_spte_atomic(it, FROZEN_SPTE)):
+    if not (yield from mmu.set_spte_atomic(it, huge)):
         return False
-    mmu.flush()
-    yield from mmu.write_frozen([(it.page, it.index)], huge)
-    yield from mmu.handle_changed_spte(it.page, it.gfn, FROZEN_SPTE, huge, it.level)
-    it.old_spte = huge
+    # KVM commit bb95dfb9e2df made this flush the caller's duty.
+    if not faults.active("huge-over-table-no-flush"):
+        mmu.flush()
     return True
 
 
@@ -107,8 +111,10 @@ def merge_private_spt(kvm, it, fault=None):
     """
     mmu, sept = kvm.mmu, kvm.sept
     if fault is not None and faults.active("merge-by-zap"):
-        huge = make_spte(fault.pfn, PG_LEVEL_2M, ACC_ALL)
-        return MERGED if (yield from replace_table_with_huge(kvm, it, huge)) else RETRY
+        if not (yield from mmu.zap_spte_atomic(it)):  # the 4K leaves go (PAGE.REMOVE)
+            return RETRY
+        huge = make_spte(fault.pfn, PG_LEVEL_2M, ACC_ALL)  # and the range is AUGed at 2M
+        return MERGED if (yield from mmu.set_spte_atomic(it, huge)) else RETRY
     page, index, gfn, table = it.page, it.index, it.gfn, it.old_spte
     yield
     if page.spt[index] != table:
@@ -160,11 +166,31 @@ def _check_or_populate_children(kvm, child, fault):
     return MERGED
 
 
-def recover_range(kvm, slot, private: bool):
-    """Generator: collapse (shared) or merge (private) every legal 2M range of ``slot``."""
+def make_huge_spte_from_children(kvm, table: int):
+    """tdp_mmu_make_huge_spte: the 2M leaf made from the first present leaf under ``table``,
+    or None (-ENOENT: nothing mapped, nothing to recover)."""
+    child = kvm.mmu.alloc.child(table)
+    i = next_used(child.spt, 0, SPTE_ENT_PER_PAGE)
+    while i < SPTE_ENT_PER_PAGE:
+        spte = child.spt[i]
+        if is_shadow_present_pte(spte):
+            return make_huge_spte(spte, PG_LEVEL_2M)
+        i = next_used(child.spt, i + 1, SPTE_ENT_PER_PAGE)
+    return None
+
+
+def recover_range(kvm, root, slot, private: bool):
+    """Generator: recover (shared: in place) or merge (private) every legal 2M range of ``slot``.
+
+    Shared: recover_huge_pages_range (KVM commit 13e2e4f62a4b): each table at
+    2M whose range may be huge becomes the huge leaf its first present leaf
+    implies, by cmpxchg; one flush after the walk, before the RCU section
+    ends, covers the removed tables (kvm_flush_remote_tlbs_memslot).
+    """
     mmu = kvm.mmu
     token = kvm.rcu.read_lock()
-    it = mmu.iter(mmu.root(private), slot.base_gfn, slot.end_gfn, min_level=PG_LEVEL_2M)
+    flush = False
+    it = mmu.iter(root, slot.base_gfn, slot.end_gfn, min_level=PG_LEVEL_2M)
     while it.valid:
         yield
         spte = it.read()
@@ -174,18 +200,25 @@ def recover_range(kvm, slot, private: bool):
             if private:
                 if (yield from merge_private_spt(kvm, it)) is RETRY:
                     continue
-            elif not (yield from mmu.zap_spte_atomic(it)):
-                continue
+            else:
+                huge = make_huge_spte_from_children(kvm, spte)
+                if huge is not None:
+                    if not (yield from mmu.set_spte_atomic(it, huge)):
+                        continue
+                    flush = True
         it.next()
+    if flush:
+        mmu.flush()
     kvm.rcu.read_unlock(token)
 
 
 def recover_slot(kvm, slot):
-    """Generator: kvm_mmu_zap_collapsible_sptes for one slot (and the TDX merge)."""
+    """Generator: kvm_mmu_recover_huge_pages for one slot (and the TDX merge)."""
     yield from kvm.mmu_lock.read_lock()
-    yield from recover_range(kvm, slot, private=False)
+    for root in kvm.mmu.direct_roots(only_valid=True):
+        yield from recover_range(kvm, root, slot, private=False)
     if slot.private:
-        yield from recover_range(kvm, slot, private=True)
+        yield from recover_range(kvm, kvm.mmu.mirror_root, slot, private=True)
     kvm.mmu_lock.read_unlock()
 
 

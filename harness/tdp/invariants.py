@@ -25,6 +25,7 @@ from mmufuzz.harness.tdp.spte import (
     is_mmio_spte,
     is_shadow_present_pte,
     pages_per_level,
+    spte_index,
     spte_to_pfn,
 )
 
@@ -199,9 +200,6 @@ def mmio_spte_with_slot(kvm, snap: Snapshot) -> None:
 
 def leaked_table_page(kvm, snap: Snapshot) -> None:
     """After a quiescent point every live table page is reachable from a root."""
-    if kvm.mmu.awaiting_flush:
-        page = kvm.mmu.awaiting_flush[0]
-        _fail("leaked_table_page", f"gfn={page.gfn:#x} level={page.level} removed, never flushed")
     if kvm.rcu.pending():
         _fail("leaked_table_page", "RCU callbacks pending at a quiescent point")
     reachable = {page.pfn for page in snap.pages}
@@ -259,10 +257,52 @@ def tlb_matches_sptes(kvm, snap: Snapshot) -> None:
                 _fail("tlb_matches_sptes", f"gfn={gfn:#x} vcpu={vcpu.index} private pfn={pfn:#x}")
 
 
+def walk_cache_matches_sptes(kvm, snap: Snapshot) -> None:
+    """Every table a vCPU's paging-structure caches hold is still linked where it was.
+
+    KVM flushes after unlinking a table (and before the RCU grace period that
+    frees it can end); a cached upper-level entry to an unlinked table is a
+    flush that was missed, and the vCPU's next walk through it reads a
+    removed, or freed, table.
+    """
+    for vcpu in kvm.vcpus:
+        for (level, prefix), page in sorted(vcpu.walk_cache.items(), key=lambda e: e[0]):
+            gfn = prefix << (9 * level)
+            table, at = vcpu.root, ROOT_LEVEL
+            while at > level + 1 and not table.freed:
+                spte = table.spt[spte_index(gfn, at)]
+                if not is_shadow_present_pte(spte) or is_last_spte(spte, at):
+                    break
+                table, at = kvm.mmu.alloc.child(spte), at - 1
+            linked = (at == level + 1 and not table.freed
+                      and is_shadow_present_pte(table.spt[spte_index(gfn, at)])
+                      and spte_to_pfn(table.spt[spte_index(gfn, at)]) == page.pfn)
+            if not linked:
+                _fail("walk_cache_matches_sptes", f"gfn={gfn:#x} level={level} vcpu={vcpu.index} "
+                                                  f"table pfn={page.pfn:#x} freed={page.freed}")
+
+
+def root_refcounts(kvm, snap: Snapshot) -> None:
+    """Each root's tdp_mmu_root_count is its references: the TDP MMU's own while it is valid,
+    and one per vCPU that has it loaded; an invalid root on the list is empty (it was
+    zapped before the invalidation returned, and no fault may install into it)."""
+    mmu = kvm.mmu
+    for root in mmu.tdp_mmu_roots:
+        invalid, count = mmu.is_invalid(root), mmu.root_count[root]
+        refs = (not invalid) + sum(vcpu.root is root for vcpu in kvm.vcpus)
+        if count != refs:
+            _fail("root_refcounts", f"root pfn={root.pfn:#x} invalid={invalid} "
+                                    f"count={count} refs={refs}")
+        if invalid and root.refcount:
+            _fail("root_refcounts", f"root pfn={root.pfn:#x} invalid, "
+                                    f"{root.refcount} entries present")
+
+
 INVARIANTS = (nonpresent_value, leaf_pfn_matches_backing, huge_leaf_legal,
               private_leaf_placement, sept_matches_mirror, mmio_spte_with_slot,
               leaked_table_page, refcount_matches_children, page_stats_match_leaves,
-              dirty_log_covers_writes, tlb_matches_sptes)
+              dirty_log_covers_writes, tlb_matches_sptes, walk_cache_matches_sptes,
+              root_refcounts)
 
 
 def check_invariants(kvm) -> None:

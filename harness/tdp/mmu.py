@@ -4,8 +4,11 @@ All writers change an entry with ``set_spte_atomic`` (a cmpxchg against the
 value their iterator read) and then call ``handle_changed_spte``, which keeps
 the books: present-children refcounts, leaf statistics, dirty logging, the
 secure-EPT mirror hooks, and the teardown of tables an entry stopped linking
-(``handle_removed_pt``).  A removed table is freed only after the next TLB
-flush and an RCU grace period, so no walker can read a freed page.
+(``handle_removed_pt``).  A removed table is queued for freeing with
+call_rcu at once, as KVM's handle_removed_pt does; what keeps hardware walkers
+off it is that every caller that unlinks a table flushes TLBs before it leaves
+its own RCU read-side section (KVM commit bb95dfb9e2df made that flush the
+caller's duty), so the grace period cannot end before the flush.
 """
 
 from __future__ import annotations
@@ -41,21 +44,89 @@ RESCHED_ENTRIES = 256
 
 
 class TdpMmu:
-    """The direct root (shared gfns) and, in a TDX VM, the mirror root (private gfns)."""
+    """The roots (tdp_mmu_roots): direct roots for shared gfns, which ``zap_all`` replaces,
+    and in a TDX VM the mirror root for private gfns, which it never touches."""
 
     def __init__(self, kvm):
         self.kvm = kvm
         self.alloc = kvm.pgalloc
-        self.direct_root = self.alloc.alloc(ROOT_LEVEL, 0, mirror=False)
-        self.mirror_root = self.alloc.alloc(ROOT_LEVEL, 0, mirror=True) if kvm.tdx else None
-        self.awaiting_flush: list[TablePage] = []
+        self.tdp_mmu_roots: list[TablePage] = []
+        # Per root: role.invalid (membership only: a set of pages has no stable order) and
+        # tdp_mmu_root_count (kvm_tdp_mmu_get_root / put_root).
+        self.invalid_roots: set[TablePage] = set()
+        self.root_count: dict[TablePage, int] = {}
+        self._new_root(mirror=False)
+        self.mirror_root = self._new_root(mirror=True) if kvm.tdx else None
         self.stats = [0] * (ROOT_LEVEL + 1)  # present leaves per level (kvm_update_page_stats)
 
-    def roots(self) -> list[TablePage]:
-        return [r for r in (self.direct_root, self.mirror_root) if r is not None]
+    # --- roots (kvm_tdp_mmu_alloc_root, get_root/put_root, fast invalidation) --------
 
-    def root(self, private: bool) -> TablePage:
+    def _new_root(self, mirror: bool) -> TablePage:
+        """A root holding the TDP MMU's own reference, put only once it is invalidated and
+        zapped (kvm_tdp_mmu_zap_invalidated_roots).  The mirror root is the VM's for its
+        life: no vCPU takes references to it here."""
+        root = self.alloc.alloc(ROOT_LEVEL, 0, mirror)
+        self.root_count[root] = 1
+        self.tdp_mmu_roots.append(root)
+        return root
+
+    def roots(self, only_valid: bool = False) -> list[TablePage]:
+        """The roots in tdp_mmu_roots, invalid ones too unless ``only_valid``."""
+        return [r for r in self.tdp_mmu_roots if not (only_valid and r in self.invalid_roots)]
+
+    def is_invalid(self, root: TablePage) -> bool:
+        """role.invalid: the root was invalidated by zap_all (kvm_tdp_mmu_invalidate_roots)."""
+        return root in self.invalid_roots
+
+    def direct_roots(self, only_valid: bool = False) -> list[TablePage]:
+        return [r for r in self.roots(only_valid) if not r.mirror]
+
+    @property
+    def direct_root(self) -> TablePage | None:
+        """The valid direct root vCPUs load now, if any."""
+        valid = self.direct_roots(only_valid=True)
+        return valid[-1] if valid else None
+
+    def root(self, private: bool) -> TablePage | None:
         return self.mirror_root if private else self.direct_root
+
+    def alloc_root(self) -> TablePage:
+        """kvm_tdp_mmu_alloc_root: a reference to the valid direct root, made if none is left
+        (two references then: the vCPU's and the TDP MMU's)."""
+        root = self.direct_root
+        if root is None:
+            root = self._new_root(mirror=False)
+        self.root_count[root] += 1  # kvm_tdp_mmu_get_root
+        return root
+
+    def put_root(self, root: TablePage) -> None:
+        """kvm_tdp_mmu_put_root: the last reference (only ever of an invalid root) takes the
+        root off tdp_mmu_roots and frees its page after a grace period."""
+        self.root_count[root] -= 1
+        if self.root_count[root]:
+            return
+        del self.root_count[root]
+        self.invalid_roots.discard(root)
+        self.tdp_mmu_roots.remove(root)
+        self.kvm.rcu.call_rcu(partial(self.alloc.free, root))
+
+    def invalidate_roots(self) -> list[TablePage]:
+        """kvm_tdp_mmu_invalidate_roots(KVM_DIRECT_ROOTS), mmu_lock held for write: mark the
+        valid direct roots invalid; returns them, to be zapped (tdp_mmu_scheduled_root_to_zap)."""
+        roots = self.direct_roots(only_valid=True)
+        self.invalid_roots.update(roots)
+        return roots
+
+    def zap_invalidated_roots(self, roots: list):
+        """Generator: kvm_tdp_mmu_zap_invalidated_roots: zap each root with mmu_lock held for
+        read, then put the TDP MMU's reference (after the zap: mmu-notifiers must reach
+        the root while it is zapped)."""
+        lock = self.kvm.mmu_lock
+        yield from lock.read_lock()
+        for root in roots:
+            yield from self.zap_root(root)
+            self.put_root(root)
+        lock.read_unlock()
 
     def walk_depth(self, root: TablePage, gfn: int) -> tuple[int, bool]:
         """``(level, is_leaf)`` of the deepest present SPTE on ``gfn``'s walk; (0, False) if none."""
@@ -170,7 +241,9 @@ class TdpMmu:
         if faults.active("free-before-flush"):
             self.alloc.free(pt)  # walkers that still hold it read poison
         else:
-            self.awaiting_flush.append(pt)
+            # tdp_mmu_free_sp_rcu_callback: after the grace period, which waits for the
+            # caller's RCU section and so for the flush the caller owes before leaving it.
+            self.kvm.rcu.call_rcu(partial(self.alloc.free, pt))
 
     # --- writers ----------------------------------------------------------------
 
@@ -208,30 +281,34 @@ class TdpMmu:
         self.alloc.free(sp)  # never visible to anyone
         return False
 
-    def write_frozen(self, frozen: list, new: int = SHADOW_NONPRESENT_VALUE):
-        """Generator: the "make" of break-before-make, after the flush."""
+    @staticmethod
+    def nonpresent_value() -> int:
+        """What a zap writes: SHADOW_NONPRESENT_VALUE (suppress-#VE set), as every zap does
+        since KVM commits 7f01cab84928 and d8fa2031faab; the atomic zap was missed and
+        fixed by 803482f472cc."""
+        return 0 if faults.active("nonpresent-zero") else SHADOW_NONPRESENT_VALUE
+
+    def write_frozen(self, frozen: list):
+        """Generator: after the flush, write the frozen entries non-present; returns the value."""
+        nonpresent = self.nonpresent_value()
         for page, index in frozen:
             yield
-            page.spt[index] = new
+            page.spt[index] = nonpresent
+        return nonpresent
 
     def zap_spte_atomic(self, it: TdpIter):
         """Generator: freeze -> flush -> write non-present, for one entry (tdp_mmu_zap_spte_atomic)."""
         if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
             return False
         self.flush()
-        nonpresent = 0 if faults.active("nonpresent-zero") else SHADOW_NONPRESENT_VALUE
-        yield from self.write_frozen([(it.page, it.index)], nonpresent)
-        it.old_spte = nonpresent
+        it.old_spte = yield from self.write_frozen([(it.page, it.index)])
         return True
 
     def flush(self) -> None:
-        """kvm_flush_remote_tlbs: every vCPU drops its gpa translations; removed tables
-        become freeable once the RCU grace period that follows has elapsed."""
+        """kvm_flush_remote_tlbs: every vCPU drops its gpa translations and leaves any
+        walk in flight (the IPI forces an exit), so none still holds a removed table."""
         for vcpu in self.kvm.vcpus:
             vcpu.flush_guest_physical()
-        pages, self.awaiting_flush = self.awaiting_flush, []
-        for pt in pages:
-            self.kvm.rcu.call_rcu(partial(self.alloc.free, pt))
 
     # --- range operations (callers hold mmu_lock) ----------------------------------
 
@@ -307,19 +384,23 @@ class TdpMmu:
             yield from self.zap_leafs(root, start, end, max_level=max_level)
 
     def zap_root(self, root: TablePage):
-        """Generator: zap everything under ``root``; its tables go to the deferred free."""
+        """Generator: tdp_mmu_zap_root of an invalidated root, mmu_lock held for read.
+
+        Its top-level entries are set non-present by cmpxchg; their tables go to
+        the deferred free.  No flush: every vCPU was made to leave the root
+        (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before the zap, and loading a new root
+        flushes.
+        """
         rcu = self.kvm.rcu
         token = rcu.read_lock()
-        frozen = []
+        nonpresent = self.nonpresent_value()
         it = self.iter(root, 0, GFN_END, min_level=ROOT_LEVEL)
         while it.valid:
             if is_shadow_present_pte(it.old_spte):
-                if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
+                if not (yield from self.set_spte_atomic(it, nonpresent)):
                     continue
-                frozen.append((it.page, it.index))
             it.skip_absent(SPTE_ENT_PER_PAGE)
             it.next()
-        yield from self._finish_batch(frozen)
         rcu.read_unlock(token)
 
     def write_protect(self, root: TablePage, start: int, end: int, gfns=None,

@@ -30,8 +30,9 @@ def host_invalidate(kvm, op: HostInvalidate):
     yield from kvm.mmu_lock.write_lock()
     kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
                          ranges[-1][0].base_gfn + ranges[-1][2])
-    for slot, a, b in ranges:
-        yield from mmu.zap_leafs(mmu.direct_root, slot.base_gfn + a, slot.base_gfn + b)
+    for slot, a, b in ranges:  # kvm_tdp_mmu_unmap_gfn_range: every root, invalid ones too
+        for root in mmu.direct_roots():
+            yield from mmu.zap_leafs(root, slot.base_gfn + a, slot.base_gfn + b)
     kvm.mmu_lock.write_unlock()
     yield
     for slot, a, b in ranges:
@@ -46,8 +47,22 @@ def host_invalidate(kvm, op: HostInvalidate):
 
 
 def zap_all(kvm, op: ZapAll):
-    """Generator: kvm_mmu_zap_all_fast; drop every shared mapping and its tables."""
+    """Generator: kvm_mmu_zap_all_fast; drop every shared mapping and its tables.
+
+    Under slots_lock.  With mmu_lock held for write: invalidate the direct roots
+    and make every vCPU leave them (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS: a vCPU
+    puts its invalid root and loads a fresh one before it enters the guest
+    again; a fault holding an invalid root retries, is_page_fault_stale).  Then
+    zap the invalidated roots with mmu_lock held for read, before returning: a
+    memslot update that follows must find no SPTE left in them.
+    """
+    mmu = kvm.mmu
+    yield from kvm.slots_lock.write_lock()
     yield from kvm.mmu_lock.write_lock()
-    yield from kvm.mmu.zap_root(kvm.mmu.direct_root)
+    roots = mmu.invalidate_roots()
+    for vcpu in kvm.vcpus:
+        vcpu.request_free_obsolete_roots()
     kvm.mmu_lock.write_unlock()
+    yield from mmu.zap_invalidated_roots(roots)
+    kvm.slots_lock.write_unlock()
     return OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from itertools import compress, count
 
+from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PAGE_SHIFT
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp.hostmem import HostMemory
@@ -138,8 +139,15 @@ class PageTableAllocator:
         self.pages: dict[int, TablePage] = {}  # pfn -> page, freed ones included
 
     def alloc(self, level: int, gfn: int, mirror: bool) -> TablePage:
-        """A fresh table page whose entries are all SHADOW_NONPRESENT_VALUE."""
+        """A fresh table page whose entries are all SHADOW_NONPRESENT_VALUE.
+
+        KVM fills the pages of the vCPU's shadow-page cache with it when it
+        tops the cache up (mmu_topup_shadow_page_cache, KVM commit d8fa2031faab);
+        before, they came zeroed (__GFP_ZERO).
+        """
         page = TablePage(self._host.alloc(1), level, gfn, mirror)
+        if faults.active("table-init-zero"):
+            page.spt = [0] * SPTE_ENT_PER_PAGE
         self.pages[page.pfn] = page
         return page
 

@@ -211,7 +211,8 @@ def set_memory_attributes(kvm, op: SetAttributes):
     for slot in zapped:
         a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
         if private:
-            yield from mmu.zap_leafs(mmu.direct_root, a, b)
+            for root in mmu.direct_roots():
+                yield from mmu.zap_leafs(root, a, b)
         else:
             for edge in (a, b - 1):
                 yield from split_range(kvm, mmu.mirror_root, edge, edge + 1)

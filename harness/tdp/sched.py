@@ -1,15 +1,17 @@
-"""Yield points, mmu_lock, RCU and the two-sided interleaver.
+"""Yield points, mmu_lock, RCU and the interleaver of a ``parallel``'s actors.
 
 Every path that touches shared MMU state is a generator that yields at its
 yield points (each SPTE read, cmpxchg, write, lock and RCU boundary).  A yield
 of ``None`` is a plain yield point; a yield of a callable means "blocked until
 this returns true".  Sequential execution drains one generator (``run``);
-``interleave`` runs two, picking who steps by the bits of a schedule.
+``interleave`` runs two to four, picking who steps by the digits of a schedule.
 """
 
 from __future__ import annotations
 
 from collections import deque
+
+from mmufuzz.harness.ops import schedule_digits
 
 # A correct op finishes in far fewer steps; beyond this it is livelocked.
 STEP_CAP = 200_000
@@ -45,32 +47,42 @@ def yield_point(gen) -> str:
     return "done" if frame is None else f"{frame.f_code.co_name}:{frame.f_lineno}"
 
 
-def interleave(a, b, schedule: int, after_step=None, on_switch=None, taken=None):
-    """Run generators ``a`` and ``b`` interleaved; return their values ``(ra, rb)``.
+def interleave(sides, schedule: int, after_step=None, on_switch=None, taken=None):
+    """Run the generators ``sides`` (two to four) interleaved; return their values in order.
 
-    Bit i of ``schedule`` (LSB first) picks who takes step i (0 = a, 1 = b);
-    after its highest set bit the sides alternate.  Picking a blocked or
-    finished side steps the other.  ``after_step`` runs after every step (the
-    RCU grace-period machinery hangs off it).  ``on_switch(parked, resumed)``
-    hears of every context switch: the yield point where the side that stops
-    is parked and the one where the other resumes (interleaving coverage).
-    ``taken``, a two-element list, receives how many steps each side took:
-    the range of preemption points a schedule explorer can choose from.
+    With N sides, digit i of ``schedule`` in base N (least significant first)
+    picks who takes step i (0 = the first side); after its last non-zero
+    digit, step i goes to side i mod N (SEMANTICS §H; with two sides, bit i
+    picks, then they alternate).  Picking a blocked or finished side steps the
+    next runnable one after it, cyclically.  ``after_step`` runs after every
+    step (the RCU grace-period machinery hangs off it).  ``on_switch(parked,
+    resumed)`` hears of every context switch: the yield point where the side
+    that stops is parked and the one where the other resumes (interleaving
+    coverage).  ``taken``, a list with an element per side, receives how many
+    steps each side took: the range of preemption points a schedule explorer
+    can choose from.
     """
-    sides, waits, done, results = [a, b], [None, None], [False, False], [None, None]
-    last = schedule.bit_length()
+    sides = list(sides)
+    count = len(sides)
+    digits = schedule_digits(schedule, count)
+    last = len(digits)
+    waits, done, results = [None] * count, [False] * count, [None] * count
+    running = count
     step, previous = 0, None
-    while not (done[0] and done[1]):
-        want = (schedule >> step) & 1 if step < last else step & 1
-        # A side is runnable if not done and not blocked; the other side is asked
-        # only when the wanted one cannot run (the waits are pure tests).
+    while running:
+        want = digits[step] if step < last else step % count
+        # A side is runnable if not done and not blocked; the others are asked, in
+        # order after it, only when the wanted one cannot run (the waits are pure tests).
         wait = waits[want]
         if done[want] or (wait is not None and not wait()):
-            other = 1 - want
-            wait = waits[other]
-            if done[other] or (wait is not None and not wait()):
-                raise Hang("both sides blocked")
-            want = other
+            for offset in range(1, count):
+                other = (want + offset) % count
+                wait = waits[other]
+                if not done[other] and (wait is None or wait()):
+                    want = other
+                    break
+            else:
+                raise Hang("every side blocked")
         if on_switch is not None and previous is not None and want != previous \
                 and not done[previous]:
             on_switch(yield_point(sides[previous]), yield_point(sides[want]))
@@ -81,12 +93,13 @@ def interleave(a, b, schedule: int, after_step=None, on_switch=None, taken=None)
             waits[want] = next(sides[want])
         except StopIteration as stop:
             done[want], results[want], waits[want] = True, stop.value, None
+            running -= 1
         if after_step is not None:
             after_step()
         step += 1
         if step > STEP_CAP:
             raise Hang(f"no progress after {STEP_CAP} steps")
-    return results[0], results[1]
+    return tuple(results)
 
 
 class RwLock:

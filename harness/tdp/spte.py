@@ -139,9 +139,14 @@ def make_huge_page_split_spte(huge_spte: int, level: int, index: int) -> int:
     return spte
 
 
-def make_huge_spte(child_spte: int, level: int) -> int:
-    """The huge leaf at ``level`` that child 0 ``child_spte`` starts (the merge direction)."""
-    return child_spte | PT_PAGE_SIZE_MASK if level > PG_LEVEL_4K else child_spte
+def make_huge_spte(small_spte: int, level: int) -> int:
+    """KVM's make_huge_spte: the huge leaf at ``level`` that leaf ``small_spte`` lies in.
+
+    The small leaf's bits and permissions, the page-size bit, and its address
+    with the bits below the huge page cleared (KVM_HPAGE_MASK | ~PAGE_MASK).
+    """
+    huge = small_spte | PT_PAGE_SIZE_MASK
+    return huge & ~(((pages_per_level(level) - 1) << PAGE_SHIFT) & SPTE_BASE_ADDR_MASK)
 
 
 def mark_spte_for_write_protect(spte: int) -> int:

@@ -173,6 +173,21 @@ def _cases() -> dict[str, bytes | str]:
         "parallel-side-bad-field": "parallel a=(memslot_delete slot=99) b=(recover) schedule=0x0",
         "parallel-side-unknown-op": "parallel a=(frobnicate) b=(recover) schedule=0x0",
         "parallel-side-is-header": "parallel a=(vm type=tdx vcpus=1) b=(recover) schedule=0x0",
+        # More than two actors: at most four (a to d), in order, each named once, on
+        # vCPUs of their own; the schedule stays a 64-bit number whatever the count.
+        "parallel-five-actors": "parallel a=(zap_all) b=(recover) c=(zap_all) d=(recover) "
+                                "e=(zap_all) schedule=0x0",
+        "parallel-side-twice": "parallel a=(zap_all) b=(recover) c=(zap_all) c=(recover) "
+                               "schedule=0x0",
+        "parallel-d-without-c": "parallel a=(zap_all) b=(recover) d=(zap_all) schedule=0x0",
+        "parallel-c-alone": "parallel a=(zap_all) c=(recover) schedule=0x0",
+        "parallel-third-same-vcpu": "parallel a=(flush_tlb vcpu=1) b=(zap_all) "
+                                    "c=(invlpg vcpu=1 gva=0x0) schedule=0x0",
+        "parallel-four-schedule-over-64-bits": "parallel a=(zap_all) b=(recover) c=(zap_all) "
+                                               "d=(recover) schedule=0x10000000000000000",
+        "parallel-nested-in-c": "parallel a=(zap_all) b=(recover) "
+                                "c=(parallel a=(zap_all) b=(recover) schedule=0x0) schedule=0x0",
+        "parallel-side-named-0": "parallel a=(zap_all) b=(recover) 0=(zap_all) schedule=0x0",
         "parenthesised-op-alone": "(zap_all)",
         "op-then-parens": "zap_all()",
         "set-attributes-bad-private": "set_attributes base=0x200 npages=0x1 private=yes",
