@@ -110,6 +110,13 @@ def rate(measurement: dict) -> tuple:
     return measurement["execs"] / seconds, measurement["ops"] / seconds
 
 
+def explorer_part(coverage: dict) -> dict:
+    """The schedule explorer's share of a ``coverage`` loop's result, as a rate record
+    (its variants as execs)."""
+    return {"execs": coverage["explorer_runs"], "ops": coverage["explorer_ops"],
+            "seconds": coverage["explorer_seconds"]}
+
+
 def machine_scaling(throughput: dict) -> Optional[float]:
     """Two replay loops at once over one alone, in execs/s: what a second process can add here.
 
@@ -182,6 +189,15 @@ def check_targets(results: dict) -> list:
                                   f"≥ {TARGET_OPS_PER_CORE / 1000:g}k guest ops/s/core",
                                   f"{ops:,.0f} ops/s/core", ops >= TARGET_OPS_PER_CORE,
                                   shortfall))
+    if "coverage" in throughput:
+        ops = rate(throughput["coverage"])[1]
+        explored = rate(explorer_part(throughput["coverage"]))[1]
+        checks.append(TargetCheck("differential loop under the hit record (CPU time)",
+                                  f"≥ {TARGET_OPS_PER_CORE / 1000:g}k guest ops/s/core",
+                                  f"{ops:,.0f} ops/CPU-s (explorer: {explored:,.0f})",
+                                  ops >= TARGET_OPS_PER_CORE,
+                                  "" if ops >= TARGET_OPS_PER_CORE
+                                  else _factor(ops, TARGET_OPS_PER_CORE)))
     if "campaign" in throughput and "campaign_jobs2" in throughput:
         scale = rate(throughput["campaign_jobs2"])[0] / rate(throughput["campaign"])[0]
         ceiling = machine_scaling(throughput)

@@ -11,7 +11,12 @@ processes on a loaded machine cost less than they would in wall-clock time):
   the last op only (``invariants=False`` plus one check), what most campaign
   inputs do;
 - ``every-check``: ``run_program`` checking invariants after every op, as the soak
-  and replay do.
+  and replay do;
+- ``explore``: what schedule exploration runs: for every ``parallel`` of every
+  program, its first :data:`EXPLORED` bounded schedules (one preemption, then
+  two), each a variant that resumes from a checkpoint before the pair and runs
+  the pair and the ``TAIL`` ops after it
+  (invariants after its last op).  Only the variants' ops are counted.
 
 The fingerprint is a SHA-256 of every outcome, every ``parallel``'s step counts
 and every finding of the workload: a change that only speeds the model up
@@ -27,11 +32,16 @@ import argparse
 import hashlib
 import random
 import time
+from itertools import islice
 from pathlib import Path
 
 from mmufuzz.fuzz.encoding import decode
-from mmufuzz.fuzz.runner import make_target, run_program
+from mmufuzz.fuzz.runner import Differential, make_target, run_program
+from mmufuzz.fuzz.schedules import _variants, bounded_schedules
 from mmufuzz.harness.ops import Parallel
+
+# Schedules run per ``parallel`` by the ``explore`` loop.
+EXPLORED = 8
 
 
 def soak_programs(count: int) -> list:
@@ -88,9 +98,37 @@ def _differential(target, programs, digest, every_op: bool) -> int:
     return ops
 
 
+def _explore(target, programs, digest) -> int:
+    ops = 0
+    for program in programs:
+        for index, pair in enumerate(program.ops):
+            if type(pair) is not Parallel:
+                continue
+            run = Differential(program.header, target, invariants=False)
+            if any(run.step(op) is not None for op in program.ops[:index]):
+                break  # a finding before the pair: nothing after it is explored
+            checkpoint = run.checkpoint()
+            if run.step(pair) is not None:
+                break
+            for variant in islice(_variants(program, index, bounded_schedules(*target.taken)),
+                                  EXPLORED):
+                finding = run_program(variant, target, invariants=False, checkpoint=checkpoint)
+                if finding is None:
+                    try:
+                        target.check_invariants()
+                    except Exception as error:
+                        finding = f"{type(error).__name__}: {error}"
+                ops += (len(variant.ops) if finding is None or type(finding) is str
+                        else finding.op_index + 1) - index
+                if digest is not None:
+                    digest.update(repr((finding, target.taken)).encode())
+    return ops
+
+
 LOOPS = {"target": _target_only,
          "last-check": lambda t, p, d: _differential(t, p, d, False),
-         "every-check": lambda t, p, d: _differential(t, p, d, True)}
+         "every-check": lambda t, p, d: _differential(t, p, d, True),
+         "explore": _explore}
 
 
 def measure(programs: list, repeat: int, target_name: str = "tdp") -> dict:

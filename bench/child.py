@@ -20,6 +20,7 @@ def _kinds() -> dict:
     return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
             "seeds": engines.seeds_engine, "shallow": mutants.shallow_check,
             "replay": throughput.replay_loop, "differential": throughput.differential_loop,
+            "coverage": throughput.coverage_loop,
             "profile": throughput.profile_loop, "minimize": minimization.minimize_one,
             "soak": soak.soak_one}
 

@@ -98,12 +98,12 @@ def trials(fault_names, seeds, engines=ENGINES) -> list:
             if e not in DETERMINISTIC or s == seeds[0]]
 
 
-def _fault_needed(folder: Path, target: str) -> bool:
+def _fault_needed(folder: Path, target: str, inject: str) -> bool:
     try:
         program = load_reproducer(StoredFinding(folder).raw).program
     except ReproError:
         return False
-    return fault_needed(program, target)
+    return fault_needed(program, target, inject)
 
 
 def _searched(cpu: Optional[float], startup: Optional[float], cap: float) -> float:
@@ -149,7 +149,8 @@ def _campaign_trial(trial: Trial, bug: Bug, target: str, budget: Budget,
     log = work / "logs" / f"{name}.log"
 
     def counts(folder: Path) -> bool:
-        return (bug.inject == NO_FAULT and not bug.env) or _fault_needed(folder, target)
+        return ((bug.inject == NO_FAULT and not bug.env)
+                or _fault_needed(folder, target, bug.inject))
 
     run = run_campaign(args, out, log, counts=counts, budget=budget,
                        env={**CAMPAIGNS[trial.engine], **dict(bug.env)})

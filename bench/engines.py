@@ -43,12 +43,17 @@ from mmufuzz.fuzz.worker import Worker
 UNBOUNDED_EXAMPLES = 10**9
 
 
-def fault_needed(program: Program, target: str) -> bool:
+def fault_needed(program: Program, target: str, inject: str = NO_FAULT) -> bool:
     """True if ``program`` runs clean without any fault: its finding is the fault's doing.
 
     A finding the target also shows with no fault injected is a bug of the
     target itself, not a detection of the injected fault; it does not count.
+    Nor does one that a replay with the fault (``inject``, when named) does not
+    show: a crash of the harness in a campaign (a state a snapshot restore got
+    wrong, say) would otherwise count as every fault found.
     """
+    if inject != NO_FAULT and replay(Reproducer(program), target, inject).finding is None:
+        return False
     return replay(Reproducer(program), target, NO_FAULT).finding is None
 
 
@@ -84,7 +89,7 @@ class Progress:
 def _counted(emit: Callable, worker: Worker, program: Program, finding: Finding, target: str,
              inject: str) -> bool:
     """Report a finding of ``worker``'s if it needs the fault; True if it did."""
-    if inject == NO_FAULT or fault_needed(program, target):
+    if inject == NO_FAULT or fault_needed(program, target, inject):
         emit(_finding_record(finding, program, target, execs=worker.execs, ops=worker.ops))
         return True
     emit({"event": "fault-free finding", "signature": finding.signature})
@@ -167,7 +172,7 @@ def hypothesis_engine(emit: Callable, target: str, inject: str, seed: int) -> No
             found = _finding_in(error)
             if found is None:
                 raise
-    if inject != NO_FAULT and not fault_needed(found.program, target):
+    if inject != NO_FAULT and not fault_needed(found.program, target, inject):
         # Hypothesis stops at its first failure: it found the target's own bug, not the fault.
         emit({"event": "stopped at a fault-free finding", "signature": found.finding.signature})
         return

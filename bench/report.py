@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.schedules import SHARE
-from mmufuzz.bench.analysis import (check_targets, geomean, kills, machine_scaling,
+from mmufuzz.bench.analysis import (check_targets, explorer_part, geomean, kills, machine_scaling,
                                     mutant_summary, rate, speedups, summarize_detection)
 from mmufuzz.bench.detect import DETERMINISTIC, ENGINES
 from mmufuzz.bench.minimization import with_known_minima
@@ -103,9 +103,15 @@ def _throughput(results: dict) -> str:
     measured = results.get("throughput")
     if not measured:
         return ""
+    if "coverage" in measured:
+        measured = dict(measured, explorer=explorer_part(measured["coverage"]))
     modes = (("replay", "plain replay: target only (no reference, no coverage)"),
              ("differential", "differential loop: decode + target + reference + sampled "
                               "invariants (no coverage)"),
+             ("coverage", "differential loop under coverage (hit record) and its schedule "
+                          "explorer, per CPU-second: the inputs' own ops"),
+             ("explorer", "the same loop's schedule explorer: its variants' ops, per CPU-second "
+                          "(programs/s: variants)"),
              ("campaign", "campaign, 1 job: the differential loop under coverage and libFuzzer"),
              ("campaign_jobs2", "campaign, 2 jobs"))
     base = rate(measured["replay"])[1] if "replay" in measured else None

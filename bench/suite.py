@@ -122,7 +122,7 @@ def measure_throughput(config: Config) -> dict:
         results["campaign_jobs2"] = throughput.campaign_rate(double / "stats.jsonl")
     corpus = single / "corpus"
     results["corpus_inputs"] = len(throughput.corpus_inputs(str(corpus)))
-    for kind in ("replay", "differential"):
+    for kind in ("replay", "differential", "coverage"):
         _say(f"throughput: {kind} loop, {config.loop_time:g} s")
         results[kind] = _loop(config, kind, corpus)
     if config.jobs >= 2:

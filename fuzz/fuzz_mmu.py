@@ -7,17 +7,16 @@ fault) and reports a finding as a crash.  Started by ``mmufuzz fuzz`` (the
 campaign directory is in ``$MMUFUZZ_CAMPAIGN``) it fuzzes that campaign's
 target and fault, records findings and keeps going.
 
-Coverage comes from atheris's bytecode instrumentation of the branches (not
-the comparisons) of ``harness`` and ``reference`` (what the program exercised
-in the MMU and the model; the invariant checks and SPTE bit helpers left out)
-plus one extra libFuzzer counter per generic outcome feature
-(:class:`mmufuzz.fuzz.worker.CampaignTarget`).  With ``MMUFUZZ_COVERAGE=record``
-the blocks, comprehensions' included, count their hits inline into a
-:class:`~mmufuzz.fuzz.instrument.HitRecord` handed to libFuzzer once per input,
-several times cheaper than atheris's call per block; it is not the default
-yet: the planted-bug campaign test (20 s) missed its bug in 3 of 3 runs with
-it and found it with atheris's calls, so guidance with it must first be
-measured by the guided-vs-unguided benchmark.
+Coverage comes from atheris's block finder run over the branches (not the
+comparisons) of ``harness`` and ``reference`` (what the program exercised in
+the MMU and the model; the invariant checks and SPTE bit helpers left out)
+plus one extra libFuzzer counter per feature (:class:`mmufuzz.fuzz.worker.CampaignTarget`:
+op outcomes, and what the target reports of the MMU's state).  By default the
+blocks, those of comprehensions and generator expressions included, count
+their hits inline into a :class:`~mmufuzz.fuzz.instrument.HitRecord` handed to
+libFuzzer once per input, about twice as cheap as atheris's call per block
+(``docs/levers.md``); ``MMUFUZZ_COVERAGE=calls`` selects atheris's own
+instrumentation (a call per block, comprehensions not seen), for comparison.
 The encoder, mutator and runner are not instrumented: their branches say
 nothing about the system under test.  The instrumented code is cached
 between processes (:mod:`mmufuzz.fuzz.instrument`), so a worker starts in a fraction
@@ -66,8 +65,10 @@ def at_libfuzzer_exit(callback):
 # quarter of the instrumented run time, for no more edges or features in 60-s campaigns.
 # pgalloc.py is table-page bookkeeping: its branches are poison and double-free checks (the
 # oracle again) and the scans of a table's used entries for snapshots and checkpoints.
-# "record": the hit record instead of atheris's call per block (see the module's docstring).
+# "record" (the default): the hit record; "calls": atheris's call per block (see the
+# module's docstring).
 COVERAGE_ENV = "MMUFUZZ_COVERAGE"
+COVERAGE_MODES = ("record", "calls")
 
 NOT_INSTRUMENTED = {"mmufuzz.harness.tdp.invariants", "mmufuzz.harness.tdp.pgalloc", "mmufuzz.harness.tdp.spte"}
 
@@ -80,6 +81,16 @@ def guided() -> bool:
     return value == "on"
 
 
+def coverage_mode() -> str:
+    """How blocks are counted: ``MMUFUZZ_COVERAGE``, ``record`` unless it says ``calls``
+    (``calls`` also where the record's bytecode does not exist, before Python 3.11)."""
+    value = os.environ.get(COVERAGE_ENV, "record")
+    if value not in COVERAGE_MODES:
+        raise SystemExit(f"fuzz_mmu: error: {COVERAGE_ENV}={value!r}: must be "
+                         f"{' or '.join(repr(m) for m in COVERAGE_MODES)}")
+    return value if RECORD_SUPPORTED else "calls"
+
+
 def unguided_sink(sink_class):
     """A sink that numbers and counts features as the guided one does, and traces nothing."""
     return sink_class(itertools.count().__next__, lambda counter: None)
@@ -89,8 +100,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
     hold_on()  # under ``mmufuzz fuzz``: die with the supervisor
     guidance = guided()
-    record = (HitRecord() if guidance and RECORD_SUPPORTED
-              and os.environ.get(COVERAGE_ENV) == "record" else None)
+    record = HitRecord() if guidance and coverage_mode() == "record" else None
     instrumenting = instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED,
                                         record=record) if guidance else contextlib.nullcontext()
     # Everything that imports harness/ or reference/ (the target too) happens in here.

@@ -51,15 +51,16 @@ class CampaignTarget:
     """The target as a campaign runs it: outcome features out, invariant checks sampled.
 
     Features: each op's kind (with an access's read/write/fetch, gpa/gva and
-    shared/private, a parallel's two sides) and outcome kind; and for each pair
-    of consecutive ops, the first's plain op and outcome kinds with the
-    second's (its access details kept, its parallel sides dropped, so that
-    their number stays in the thousands).
-    This is coverage of the *guest-visible* behaviour the MMU produced, which
-    line coverage of ``harness/`` cannot tell apart (the same lines return
-    ``ok`` and ``mmio_exit``).  A target may add its own through an optional
-    ``features()`` (tdp: the context switches of a ``parallel``, which line
-    coverage cannot see either).  ``sink(key)`` feeds a feature to libFuzzer.
+    shared/private, a parallel's two sides) and outcome kind: coverage of the
+    *guest-visible* behaviour the MMU produced, which line coverage of
+    ``harness/`` cannot tell apart (the same lines return ``ok`` and
+    ``mmio_exit``).  A target adds its own through an optional ``features()``
+    (``harness.target.Target``: the context switches of a ``parallel``, the
+    MMU-state events of the op), which line coverage cannot see either; they
+    are keys here, never read.  ``sink(key)`` feeds a feature to libFuzzer.
+    (Consecutive (op, outcome) pairs were features too, until they were
+    measured: 53% of all keys, they grew the corpus with op sequences, not MMU
+    states; ``docs/levers.md``.)
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
     is noted with the steps its sides took and the state it started from (a
     feature too), for schedule exploration (:mod:`mmufuzz.fuzz.schedules`).  While
@@ -78,7 +79,6 @@ class CampaignTarget:
         self._explorable = hasattr(target, "taken")
         self.forkable = hasattr(target, "snapshot")
         self.executed = 0
-        self._previous = "start"
         self._check_from = 0
         # (op index, steps each side took, its start state) of each parallel
         # of this program: the candidates for schedule exploration.
@@ -92,14 +92,13 @@ class CampaignTarget:
     def reset(self, header) -> None:
         self.target.reset(header)
         self.executed = 0
-        self._previous = "start"
         self.parallels = []
 
     def snapshot(self):
-        return self.target.snapshot(), self.executed, self._previous
+        return self.target.snapshot(), self.executed
 
     def restore(self, snapshot) -> None:
-        target, self.executed, self._previous = snapshot
+        target, self.executed = snapshot
         self.target.restore(target)
         self.parallels = []
 
@@ -128,10 +127,7 @@ class CampaignTarget:
                                    self.target.pair_start))
         if self.sink is None or self._quiet:
             return outcome
-        kind = _outcome_feature(outcome, coarse=True)
-        keys = [f"{_op_feature(op)}->{_outcome_feature(outcome)}",
-                f"{self._previous}|{_op_feature(op, coarse=True)}->{kind}"]
-        self._previous = f"{op_name(op)}->{kind}"
+        keys = [f"{_op_feature(op)}->{_outcome_feature(outcome)}"]
         if self._features is not None:
             keys += [f"target:{feature}" for feature in self._features()]
         if pair:
@@ -145,17 +141,17 @@ class CampaignTarget:
             self.target.check_invariants()
 
 
-def _op_feature(op, coarse: bool = False) -> str:
+def _op_feature(op) -> str:
     if isinstance(op, Parallel):
-        return "parallel" if coarse else f"parallel({','.join(map(_op_feature, op.sides))})"
+        return f"parallel({','.join(map(_op_feature, op.sides))})"
     if isinstance(op, Access):
         return (f"access.{op.kind.value}.{'gva' if op.virtual else 'gpa'}"
                 f"{'.private' if op.private else ''}")
     return op_name(op)
 
 
-def _outcome_feature(outcome, coarse: bool = False) -> str:
-    if isinstance(outcome, PairOutcome) and not coarse:
+def _outcome_feature(outcome) -> str:
+    if isinstance(outcome, PairOutcome):
         return f"({','.join(map(_outcome_feature, outcome.sides))})"
     try:
         return outcome_kind(outcome)

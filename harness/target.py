@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from itertools import compress, count
 from typing import Optional, Protocol
 
 from mmufuzz.harness.ops import OP_NAMES, Outcome, Parallel, Program, VmHeader, VmType, op_name
@@ -131,8 +132,11 @@ class Target(Protocol):
         """Raise :class:`InvariantViolation` if any structural invariant is broken."""
 
     # Optional: ``features() -> list[str]``, coverage of the last op that the
-    # guest cannot see (e.g. interleaving: which yield points of a parallel's
-    # two sides were switched between).  Campaigns feed them to libFuzzer.
+    # guest cannot see: interleaving (which yield points of a parallel's two
+    # sides were switched between) and MMU-state events (:class:`StateEvents`:
+    # what the op did to the MMU's state, which line coverage cannot tell
+    # apart).  Campaigns feed each to libFuzzer as a counter of its own,
+    # knowing nothing of what it means.
     # Optional, together: ``taken``, the steps each side of the last ``parallel``
     # took, and ``pair_start``, a string naming the state its sides started from.
     # Campaigns explore that pair's other schedules, pairs from the states they
@@ -142,6 +146,38 @@ class Target(Protocol):
     # exactly as if the ops before it had been rerun (the same snapshot may be
     # restored many times).  Schedule exploration then runs a pair's variants
     # from one prefix instead of rerunning it for each.
+
+
+class StateEvents:
+    """The MMU-state events a target names, counted per op, for its ``features()``.
+
+    Line coverage says which code ran, not what it did to the MMU: the same
+    lines zap a 4K leaf and a 2M one, fill a TLB from a 4K leaf or a 1G one,
+    retry a fault for a stale sequence count or for a slot being deleted.
+    A target names its events once; its code counts one where it happens
+    (``counts[i] += 1`` into a plain list from :meth:`counts`, which it keeps
+    with the rest of its state, so a snapshot carries it), and its
+    ``features()`` hands the names of those the last op raised to the
+    campaign with :meth:`drain`.
+    """
+
+    def __init__(self, names):
+        self.names = tuple(names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("event names must be distinct")
+        self._zeros = [0] * len(self.names)
+
+    def counts(self) -> list:
+        """A fresh list of counts, one slot per event, all zero."""
+        return list(self._zeros)
+
+    def drain(self, counts: list) -> list:
+        """The names of the events ``counts`` holds, in index order; ``counts`` back to zero."""
+        if not any(counts):
+            return []
+        raised = [self.names[i] for i in compress(count(), counts)]
+        counts[:] = self._zeros
+        return raised
 
 
 def capabilities(target) -> Capabilities:

@@ -21,7 +21,7 @@ from operator import or_
 from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, WORDS_PER_PAGE,
                          ALREADY_ACCEPTED, GFN_LIMIT, PG_LEVEL_2M, PTE_ACCESSED, SIZE_MISMATCH,
                          UNSUPPORTED, AccessKind, DirtyLog, MemoryFaultExit, MemslotFlag, MmioExit,
-                         Ok, PageFault, VePending, VmHeader, VmType, op_name)
+                         Ok, OP_NAMES, PageFault, VePending, VmHeader, VmType, op_name)
 from mmufuzz.reference.intervals import IntervalSet
 from mmufuzz.reference.paging import (Translation, access_error_bits, accessed_dirty_bits,
                                       permission_fault, walk_addr)
@@ -87,6 +87,9 @@ class DirtyLogBound(Expect):
             return str(self.canonical)
         return f"{self.canonical} ⊆ R ⊆ {DirtyLog(tuple(sorted(self.upper)))}"
 
+
+# The mutable containers of a Reference's state, which copy() copies.
+_CONTAINERS = ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3", "_tlb")
 
 # pick()'s "no allowed outcome matches"; distinct from an effect of None.
 _REJECT = object()
@@ -181,10 +184,10 @@ class Reference:
     def copy(self) -> "Reference":
         """An independent copy: the containers are copied, their values shared."""
         new = object.__new__(Reference)
-        new.__dict__.update(self.__dict__)
-        for name in ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3",
-                     "_tlb"):
-            setattr(new, name, getattr(self, name).copy())
+        state = new.__dict__
+        state.update(self.__dict__)
+        for name in _CONTAINERS:
+            state[name] = state[name].copy()
         return new
 
     def __eq__(self, other) -> bool:
@@ -197,7 +200,7 @@ class Reference:
 
     def allowed(self, op) -> Expect:
         """What ``op`` may do from this state (a simple op, not a ``parallel``)."""
-        return getattr(self, "_" + op_name(op))(op)
+        return _RULES[type(op)](self, op)
 
     def step(self, op, actual):
         """Accept ``actual`` and advance to the state it implies (None), or return the Expect."""
@@ -618,3 +621,9 @@ class Reference:
         def clear():
             self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
         return DirtyLogBound(written, touched, clear)
+
+
+# Op class -> the Reference method that lists its allowed outcomes (``_`` + its op name):
+# one dict lookup per op instead of building the name and looking it up.
+_RULES = {cls: getattr(Reference, "_" + name) for cls, name in OP_NAMES.items()
+          if hasattr(Reference, "_" + name)}

@@ -23,7 +23,7 @@ from mmufuzz.fuzz import fuzz_mmu
 from mmufuzz.fuzz.campaign import CampaignConfig, seed_files, write_seeds
 from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
 from mmufuzz.fuzz.worker import CounterSink, Worker
-from mmufuzz.fuzz.runner import ReferenceTarget
+from mmufuzz.fuzz.runner import ReferenceTarget, make_target
 from mmufuzz.bench import (analysis, cli, detect, engines, mutants, procs, report, soak, suite,
                            throughput)
 from mmufuzz.bench.detect import ENGINES
@@ -193,6 +193,18 @@ def test_a_baseline_stopped_at_its_cap_has_said_how_far_it_got(monkeypatch):
     progress = [r for r in reports if r["event"] == "progress"]
     assert [r["execs"] for r in progress] == list(range(1, len(progress) + 1))
     assert progress[-1]["execs"] == reports[-1]["execs"] and progress[-1]["ops"] > 0
+
+
+def test_a_finding_counts_for_a_fault_only_if_the_fault_shows_it_and_nothing_else_does():
+    """Clean without the fault, and a finding with it on replay: a crash a campaign met
+    that no replay shows (a harness bug) is no detection of any fault."""
+    regression = load_reproducer(Path(__file__).resolve().parents[1] / "corpus" / "regressions"
+                                 / "merge-by-zap.repro").program
+    assert engines.fault_needed(regression, "tdp", "merge-by-zap")
+    assert not engines.fault_needed(regression, "tdp", "convert-no-zap")  # clean both ways
+    clean = load_reproducer(seed_files()[0]).program
+    assert not engines.fault_needed(clean, "tdp", "merge-by-zap")
+    assert engines.fault_needed(clean, "tdp")  # no fault named: clean is all it asks
 
 
 def test_the_seeds_engine_runs_each_seed_once_and_stops():
@@ -482,3 +494,32 @@ def test_quick_smoke_run_reports_every_phase(tmp_path, monkeypatch):
     assert {p.name for p in (report.parent / "bench").glob("*.png")} == \
         {"time_to_detect.png", "detected_over_time.png", "campaign_over_time.png"}
     assert not psutil.Process().children(recursive=True), "a measurement process outlived the run"
+
+
+def test_the_coverage_loop_counts_the_explorers_ops_apart_from_the_inputs(tmp_path):
+    """One pass over the seeds (one has a ``parallel``): the inputs' ops are theirs alone,
+    the explorer's variants are counted and timed apart."""
+    make_target("tdp")  # imported already: this process's tdp is not instrumented here
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    programs = [load_reproducer(path).program for path in seed_files()]
+    for i, program in enumerate(programs):
+        (corpus / f"{i:02d}").write_bytes(encode(program))
+    records = []
+    throughput.coverage_loop(records.append, str(corpus), "tdp", 1e-9)
+    (result,) = records
+    assert result["execs"] == len(programs)
+    assert result["ops"] == sum(len(p.ops) for p in programs)
+    assert result["explorer_runs"] > 0 and result["explorer_ops"] > 0
+    assert result["seconds"] + result["explorer_seconds"] == pytest.approx(result["cpu_seconds"])
+
+
+def test_the_hit_record_loop_is_checked_against_the_goal_with_the_explorer_beside_it():
+    results = {"config": {"cap": 60.0},
+               "throughput": {"coverage": {"execs": 10, "ops": 6000, "seconds": 1.0,
+                                           "explorer_ops": 3000, "explorer_seconds": 1.5,
+                                           "explorer_runs": 40}}}
+    check = {c.name: c for c in analysis.check_targets(results)}[
+        "differential loop under the hit record (CPU time)"]
+    assert not check.met and check.shortfall == "missed by 5.0x"
+    assert check.measured == "6,000 ops/CPU-s (explorer: 2,000)"

@@ -128,10 +128,10 @@ def test_outcome_features_get_one_counter_each():
     target = CampaignTarget(ReferenceTarget(), sink)
     run_program(CLEAN, target)
     run_program(CLEAN, target)
-    assert len(traced) == 2 * 2 * len(CLEAN.ops)
-    assert len(reserved) == len(set(traced)) == 2 * len(CLEAN.ops)
+    assert len(traced) == 2 * len(CLEAN.ops)
+    assert len(reserved) == len(set(traced)) == len(CLEAN.ops)  # one op of each kind
     assert "access.write.gpa->ok" in sink.counters
-    assert "memslot_add->ok|access.write.gpa->ok" in sink.counters
+    assert not [key for key in sink.counters if "|" in key]  # no op-sequence pairs
 
 
 # --- configuration, seeds, command line ------------------------------------------------
@@ -211,14 +211,16 @@ def campaign_dir(tmp_path_factory):
 
 def test_campaign_finds_the_planted_bug_and_minimizes_it_to_the_known_minimum(campaign_dir,
                                                                               capsys):
-    """The bug shows on a plain fetch and on a fetch inside a parallel: two signatures,
-    each minimal at three ops (slot, write, the fetch or the pair holding it)."""
+    """The bug shows on a plain fetch and on a fetch inside a parallel (which one a
+    campaign meets first depends on its path: seed 1 met it in a parallel once the
+    op-sequence pair features were dropped), each minimal at three ops (slot, write,
+    the fetch or the pair holding it)."""
     out, done = campaign_dir
     assert done.returncode == 1, done.stderr
     findings = FindingStore(out / "findings").entries()
     op_kinds = {re.match(r"divergence at op \d+ \((\w+)\)", f.summary()).group(1)
                 for f in findings}
-    assert "access" in op_kinds and op_kinds <= {"access", "parallel"}
+    assert op_kinds and op_kinds <= {"access", "parallel"}
     for finding in findings:
         text = finding.minimized.read_text()
         minimized = load_reproducer(finding.minimized)

@@ -9,11 +9,12 @@ import pytest
 
 from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
 from mmufuzz.fuzz.runner import run_program
-from mmufuzz.harness.ops import Ok, PageFault
+from mmufuzz.harness.ops import EINVAL, Ok, PageFault
 from mmufuzz.harness.shadow import ShadowTarget
 from mmufuzz.harness.shadow.hardware import NONPAGING_ROOT_ROLE, PAGING_ROOT_ROLE
+from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
 from mmufuzz.harness.shadow.spte import (ACC_ALL, ACC_EXEC_MASK, ACC_WRITE_MASK,
-                                         SHADOW_NONPRESENT_VALUE, is_mmio_spte,
+                                         SHADOW_NONPRESENT_VALUE, is_large_pte, is_mmio_spte,
                                          is_writable_pte, make_role, role_access, role_level)
 from mmufuzz.harness.target import InvariantViolation
 
@@ -188,7 +189,117 @@ def test_capabilities_refuse_tdx_private_and_paging_off_vcpu_0():
     paging = parse_reproducer("vm type=default vcpus=2\npaging vcpu=1 root=0x1\n"
                               "paging vcpu=1 root=off\n").program
     assert caps.refusal(paging).startswith("op 1: paging with a root on a vCPU other than 0")
+    # restrict bends a CR3 load of another vCPU into vCPU 0's, so guest paging stays common.
+    assert caps.restrict(paging).ops[0] == parse_reproducer(
+        "vm type=default vcpus=2\npaging vcpu=0 root=0x1\n").program.ops[0]
     assert caps.refusal(caps.restrict(paging)) is None
+
+
+HUGE = """\
+vm type=default vcpus=1
+memslot_add slot=0 base=0x0 npages=0x600 flags=host_huge host_offset=0
+write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p,rw
+write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p,rw
+write_pte vcpu=0 table=0x3 index=1 target=0x200 flags=p,rw,ps
+write_pte vcpu=0 table=0x3 index=2 target=0x400 flags=p,rw,ps
+paging vcpu=0 root=0x1
+access vcpu=0 gva=0x203000 word=0 kind=write value=0x7 private=0
+"""
+
+
+def huge_leaf(target, table_gfn, index):
+    """The SPTE at ``index`` of the indirect page shadowing guest table ``table_gfn``."""
+    [sp] = [sp for sp in pages(target, table_gfn) if not sp.direct]
+    return sp, sp.spt[index]
+
+
+def test_guest_2m_page_on_a_huge_host_page_is_one_2m_spte():
+    target, outcomes = run(HUGE)
+    assert outcomes[-1] == Ok(None, 0x203000)
+    sp, spte = huge_leaf(target, 0x3, 1)
+    assert is_large_pte(spte) and is_writable_pte(spte)
+    assert list(target.kvm.mmu.rmap_2m[0x200]) == [(sp, 1)]
+    # Another 4K of the same guest 2M page is reached through the same SPTE: no fault.
+    assert more(target, "access vcpu=0 gva=0x3ff000 word=0 kind=read private=0\n") == [
+        Ok(0, 0x3ff000)]
+    assert not [sp for sp in pages(target, 0x200) if sp.direct]
+
+
+def test_a_shadowed_gfn_disallows_its_2m_range_and_write_protects_a_huge_spte_over_it():
+    target, _ = run(HUGE)
+    # gfn 0x201 becomes a guest page table (of gva 0): its 2M range may map 4K only.
+    more(target, "write_pte vcpu=0 table=0x3 index=0 target=0x201 flags=p,rw\n"
+                 "write_pte vcpu=0 table=0x201 index=0 target=0x10 flags=p,rw\n"
+                 "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    mmu = target.kvm.mmu
+    assert 0x201 // 512 in mmu.lpage_disallowed
+    sp, spte = huge_leaf(target, 0x3, 1)
+    assert is_large_pte(spte) and not is_writable_pte(spte)
+    # A write elsewhere in that range faults and is mapped 4K through a direct page.
+    assert more(target, "access vcpu=0 gva=0x205000 word=0 kind=write value=0x1 private=0\n") \
+        == [Ok(None, 0x205000)]
+    assert not is_large_pte(sp.spt[1]) and mmu.sp_of(sp.spt[1]).direct
+    # The untouched 2M page at 0x400 still maps huge.
+    more(target, "access vcpu=0 gva=0x400000 word=0 kind=read private=0\n")
+    assert is_large_pte(huge_leaf(target, 0x3, 2)[1])
+
+
+def test_dirty_logging_maps_4k_and_disabling_it_recovers_the_huge_page():
+    target, _ = run(HUGE)
+    mmu = target.kvm.mmu
+    more(target, "memslot_set_flags slot=0 flags=dirty_log,host_huge\n")
+    assert not is_writable_pte(huge_leaf(target, 0x3, 1)[1])
+    out = more(target, "access vcpu=0 gva=0x204000 word=0 kind=write value=0x2 private=0\n"
+                       "get_dirty_log slot=0\n")
+    assert out[1].gfns == (0x204,)
+    sp, spte = huge_leaf(target, 0x3, 1)
+    direct = mmu.sp_of(spte)
+    assert direct.direct and direct.spt[4] != SHADOW_NONPRESENT_VALUE
+    # kvm_mmu_recover_huge_pages drops the direct page's leaves; the next fault maps 2M.
+    more(target, "memslot_set_flags slot=0 flags=host_huge\n")
+    assert direct.spt[4] == SHADOW_NONPRESENT_VALUE
+    more(target, "access vcpu=0 gva=0x204000 word=0 kind=read private=0\n")
+    assert is_large_pte(huge_leaf(target, 0x3, 1)[1])
+
+
+def test_physical_access_maps_2m_split_is_a_no_op_and_invalidation_zaps_the_2m_spte():
+    target, _ = run("vm type=default vcpus=1\n"
+                    "memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0\n"
+                    "access vcpu=0 gpa=0x201000 word=0 kind=write value=0x3 private=0\n")
+    mmu = target.kvm.mmu
+    assert [sp.level for sp, _ in mmu.rmap_2m[0x200]] == [2]
+    assert more(target, "split slot=0\nsplit slot=1\n") == [Ok(), EINVAL]
+    assert list(mmu.rmap_2m) == [0x200]
+    more(target, "host_invalidate base=0x3ff npages=0x1\n")
+    assert not mmu.rmap_2m and not mmu.rmap
+
+
+def test_a_fault_prefetches_its_neighbours_into_a_synced_page_not_an_unsync_one():
+    target, _ = run(TABLES)  # gva 0 faulted: entry 1 (gfn 0x11) was prefetched
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    assert not leaf.unsync and leaf.spt[1] != SHADOW_NONPRESENT_VALUE
+    assert (leaf, 1) in target.kvm.mmu.rmap[0x11]
+    # The table goes unsync (its leaves dropped); a fault now maps only what it walked.
+    more(target, "write_pte vcpu=0 table=0x4 index=2 target=0x12 flags=p,rw\n"
+                 "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert leaf.unsync and leaf.spt[0] != SHADOW_NONPRESENT_VALUE
+    assert leaf.spt[1] == leaf.spt[2] == SHADOW_NONPRESENT_VALUE
+
+
+def test_a_physical_fault_prefetches_its_group_of_eight_from_the_slot():
+    target, _ = run("vm type=default vcpus=1\n"
+                    "memslot_add slot=0 base=0x0 npages=0x6 flags= host_offset=0\n"
+                    "memslot_add slot=1 base=0x6 npages=0x2 flags=readonly host_offset=0\n"
+                    "memslot_add slot=2 base=0x8 npages=0x10 flags=dirty_log host_offset=0\n"
+                    "access vcpu=0 gpa=0x2000 word=0 kind=read private=0\n"
+                    "access vcpu=0 gpa=0x9000 word=0 kind=read private=0\n")
+    mmu = target.kvm.mmu
+    # The run 0-1 before the faulting entry comes from slot 0; the run 3-7 crosses slot 0's
+    # end (kvm_prefetch_pages maps a run from one slot or not at all); the dirty-logged
+    # slot's group is not prefetched (a writable SPTE there must fault to be logged).
+    assert sorted(mmu.rmap) == [0x0, 0x1, 0x2, 0x9]
+    more(target, "access vcpu=0 gpa=0x4000 word=0 kind=read private=0\n")
+    assert sorted(mmu.rmap) == [0x0, 0x1, 0x2, 0x3, 0x4, 0x9]  # the run 3; 5-7 crosses still
 
 
 @pytest.mark.parametrize("breakage, name", [
@@ -215,6 +326,17 @@ def test_snapshot_restores_the_same_behaviour():
     b = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\nflush_tlb vcpu=0\n"
                      "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
     assert a == b == [Ok(), Ok(), Ok(0, 0x11000)]
+
+
+def test_snapshot_keeps_the_dummy_root_a_dummy_root():
+    """A CR3 without a memslot is the dummy root; restored from a snapshot it must still be
+    (a campaign's schedule explorer restores snapshots: it once crashed on a copy)."""
+    program = "vm type=default vcpus=1\npaging vcpu=0 root=0x800\n"
+    access = "access vcpu=0 gva=0x0 word=0 kind=read private=0\n"
+    target, _ = run(program)
+    target.restore(target.snapshot())
+    assert target.kvm.vcpus[0].root is DUMMY_ROOT
+    assert more(target, access) == run(program + access)[1][-1:]
 
 
 CORPUS = sorted((Path(__file__).resolve().parent.parent / "corpus").rglob("*.repro"))

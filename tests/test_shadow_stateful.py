@@ -17,8 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from mmufuzz.fuzz.runner import Differential
 from mmufuzz.harness.ops import (Access, AccessKind, FlushTlb, GetDirtyLog, HostInvalidate,
                                  Invlpg, MemslotAdd, MemslotDelete, MemslotFlag, MemslotMove,
-                                 MemslotSetFlags, Paging, Parallel, PteFlag, VmHeader, VmType,
-                                 WritePte, ZapAll)
+                                 MemslotSetFlags, Paging, Parallel, PteFlag, Recover, Split,
+                                 VmHeader, VmType, WritePte, ZapAll)
 from mmufuzz.harness.shadow import ShadowTarget
 
 # Slot 0 holds the tables and data [0x0, 0x40); 0x40.. has no slot (MMIO) until added.
@@ -30,7 +30,7 @@ ROOTS = st.sampled_from([None, 0x1, 0x2])
 GVAS = st.sampled_from([0x0, 0x1000, 0x200000, 0x201000, 0x40000000, 0x8000000000])
 PTE_FLAGS = st.sampled_from([PteFlag.P | PteFlag.RW, PteFlag.P, PteFlag.P | PteFlag.RW | PteFlag.NX,
                              PteFlag.P | PteFlag.NX, PteFlag(0)])
-GFNS = st.sampled_from([0x1, 0x2, 0x4, 0x10, 0x11, 0x40])
+GFNS = st.sampled_from([0x1, 0x2, 0x4, 0x10, 0x11, 0x40, 0x201])
 VALUES = st.integers(1, 0xFF)
 
 
@@ -43,6 +43,8 @@ class ShadowVersusReference(RuleBasedStateMachine):
         self.header = VmHeader(VmType.DEFAULT, vcpus)
         self.differential = Differential(self.header, ShadowTarget())
         self.judge(MemslotAdd(0, 0x0, 0x40, flags, 0))
+        # Slot 2 is one host 2M page: guest 2M pages and physical accesses map it huge.
+        self.judge(MemslotAdd(2, 0x200, 0x200, flags | MemslotFlag.HOST_HUGE, 0))
 
     def judge(self, op):
         finding = self.differential.step(op)
@@ -73,15 +75,19 @@ class ShadowVersusReference(RuleBasedStateMachine):
         self.judge(WritePte(0, table, index, pointee & -512, PteFlag.P | PteFlag.RW | PteFlag.PS))
 
     @rule(data=st.data(), root=st.sampled_from([0x1, 0x2]), gva=GVAS, leaf=POINTEES,
-          chain=st.permutations([0x2, 0x3, 0x4, 0x5, 0x6]))
-    def build_walk(self, data, root, gva, leaf, chain):
-        """Write the four entries of gva's walk from ``root``: tables shared between
-        walks (with their own permissions) are what shadow pages and roles are about."""
-        tables = [root] + [t for t in chain if t != root][:3]
-        targets = tables[1:] + [leaf]
+          chain=st.permutations([0x2, 0x3, 0x4, 0x5, 0x6]), huge=st.booleans())
+    def build_walk(self, data, root, gva, leaf, chain, huge):
+        """Write the four entries of gva's walk from ``root`` (or three, the last a 2M
+        page of slot 2): tables shared between walks (with their own permissions) are
+        what shadow pages and roles are about."""
+        tables = [root] + [t for t in chain if t != root][:2 if huge else 3]
+        targets = tables[1:] + [0x200 if huge else leaf]
         for level, (table, target) in enumerate(zip(tables, targets)):
             index = (gva >> (39 - 9 * level)) & 511
-            self.judge(WritePte(self.vcpu(data), table, index, target, data.draw(PTE_FLAGS)))
+            flags = data.draw(PTE_FLAGS)
+            if huge and level == 2:
+                flags |= PteFlag.P | PteFlag.PS
+            self.judge(WritePte(self.vcpu(data), table, index, target, flags))
         if data.draw(st.booleans()):
             self.judge(Paging(0, root))
         self.judge(self.gva_access(data, gva))
@@ -122,13 +128,22 @@ class ShadowVersusReference(RuleBasedStateMachine):
     def memslot_move(self, slot, base):
         self.judge(MemslotMove(slot, base))
 
-    @rule(slot=st.sampled_from([0, 1]), log=st.booleans())
+    @rule(slot=st.sampled_from([0, 1, 2]), log=st.booleans())
     def memslot_set_flags(self, slot, log):
-        self.judge(MemslotSetFlags(slot, MemslotFlag.DIRTY_LOG if log else MemslotFlag(0)))
+        flags = MemslotFlag.HOST_HUGE if slot == 2 else MemslotFlag(0)
+        self.judge(MemslotSetFlags(slot, flags | MemslotFlag.DIRTY_LOG if log else flags))
 
-    @rule(slot=st.sampled_from([0, 1]))
+    @rule(slot=st.sampled_from([0, 1, 2]))
     def get_dirty_log(self, slot):
         self.judge(GetDirtyLog(slot))
+
+    @rule(slot=st.sampled_from([0, 2]))
+    def split(self, slot):
+        self.judge(Split(slot))
+
+    @rule()
+    def recover(self):
+        self.judge(Recover())
 
     @rule(base=GFNS, npages=st.sampled_from([1, 0x10]))
     def host_invalidate(self, base, npages):

@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from planted import DefaultOnly
 
 from mmufuzz.fuzz.encoding import parse_reproducer
 from mmufuzz.harness.ops import OP_NAMES, Parallel, VmType, ZapAll
-from mmufuzz.harness.target import EVERYTHING, Capabilities
+from mmufuzz.harness.target import EVERYTHING, Capabilities, StateEvents
 
 TDX_PROGRAM = """\
 vm type=tdx vcpus=2
@@ -72,3 +73,15 @@ def test_replay_refuses_with_file_and_reason_and_exit_2(tmp_path):
     assert done.stderr.strip() == (f"mmufuzz: error: {path}: target planted:DefaultOnly cannot "
                                    "run this program: header: vm type=tdx is not supported by "
                                    "this target")
+
+
+def test_state_events_drain_the_names_an_op_raised_in_index_order():
+    events = StateEvents(["walk", "zap", "flush"])
+    counts = events.counts()
+    assert events.drain(counts) == []
+    counts[2] += 1
+    counts[0] += 3
+    assert events.drain(counts) == ["walk", "flush"]
+    assert counts == [0, 0, 0] and events.drain(counts) == []
+    with pytest.raises(ValueError):
+        StateEvents(["walk", "walk"])

@@ -30,6 +30,7 @@ from mmufuzz.harness.ops import (
     ZapAll,
 )
 from mmufuzz.harness.tdp import fault
+from mmufuzz.harness.tdp.events import EVENTS
 
 SCHEDULES = range(0, 1 << 9, 3)
 
@@ -154,7 +155,22 @@ def test_sequential_ops_report_no_context_switches():
     vm = shared_vm()
     vm.do(write(0x300, 1, vcpu=0))
     vm.do(ZapAll())
-    assert vm.target.features() == []
+    assert [f for f in vm.target.features() if f not in EVENTS.names] == []
+
+
+def test_ops_report_the_mmu_state_events_they_caused():
+    """What the op did to the MMU, per level: line coverage runs the same zap code for both."""
+    vm = shared_vm()  # its first access mapped one 2M leaf
+    mapped = vm.target.features()
+    assert "spte:L2:direct:none>leaf" in mapped and "walk:absent:L4" in mapped
+    vm.do(write(0x300, 1, vcpu=0))
+    assert vm.target.features() == ["walk:fill:L2", "map:access:shared:2"]  # no SPTE changed
+    vm.do(ZapAll())
+    zapped = vm.target.features()
+    assert "spte:L2:direct:leaf>none" in zapped and "spte:L4:direct:table>none" in zapped
+    assert vm.target.features() == []  # reported once: the next op starts from zero
+    vm.do(read(0x300, vcpu=0))
+    assert "spte:L2:direct:none>leaf" in vm.target.features()
 
 
 # --- more than two actors -------------------------------------------------------------

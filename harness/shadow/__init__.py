@@ -8,8 +8,11 @@ private memory needs the TDP MMU's mirror root, which shadow paging has not.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb, Invlpg,
-                                 Parallel, Paging, SetAttributes, VmHeader, VmType, WritePte)
+import dataclasses
+
+from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb,
+                                 Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
+                                 WritePte, op_vcpu)
 from mmufuzz.harness.shadow.invariants import check_invariants
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -41,6 +44,25 @@ class ShadowCapabilities(Capabilities):
             return "paging with a root on a vCPU other than 0 is not supported by this target"
         return None
 
+    def restrict(self, program):
+        """As :meth:`Capabilities.restrict`, but a CR3 load on another vCPU becomes vCPU 0's
+        (rather than being dropped): guest paging stays as frequent as the decoder made it."""
+        ops = tuple(self._to_vcpu0(op) for op in program.ops)
+        return super().restrict(program.with_ops(ops))
+
+    @classmethod
+    def _to_vcpu0(cls, op):
+        """``op`` with its CR3 load moved to vCPU 0; a ``parallel``'s sides likewise, unless
+        two of them would then run on one vCPU (restrict drops the refused side instead)."""
+        if type(op) is Paging and op.root is not None and op.vcpu != 0:
+            return dataclasses.replace(op, vcpu=0)
+        if type(op) is Parallel:
+            sides = tuple(cls._to_vcpu0(side) for side in op.sides)
+            vcpus = [op_vcpu(side) for side in sides if op_vcpu(side) is not None]
+            if sides != op.sides and len(vcpus) == len(set(vcpus)):
+                return Parallel.of(sides, op.schedule)
+        return op
+
 
 class ShadowTarget(TdpTarget):
     """The ``shadow`` target (harness.target.Target).
@@ -58,7 +80,7 @@ class ShadowTarget(TdpTarget):
         self.kvm = Kvm(header)
 
     def check_invariants(self) -> None:
-        check_invariants(self.kvm)
+        check_invariants(self.kvm, self._last)
 
     def features(self) -> list:
         """Coverage the guest cannot see: a parallel's context switches; the shadow state

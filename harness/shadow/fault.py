@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmufuzz.harness.ops import (PAGE_SHIFT, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PG_LEVEL_4K,
+from mmufuzz.harness.ops import (PAGE_SHIFT, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PG_LEVEL_2M,
+                                 PG_LEVEL_4K,
                                  AccessKind, MmioExit, Ok, PageFault)
 from mmufuzz.harness.shadow import page_track, paging_tmpl
 from mmufuzz.harness.shadow.mmu import (
@@ -57,6 +58,9 @@ class KvmPageFault:
     map_writable: bool = False
     mmu_seq: int = 0
     gen: int = 0  # the memslot generation the fault looked the gfn up in
+    max_level: int = PG_LEVEL_2M  # the guest's page size (direct: the largest KVM maps here)
+    goal_level: int = PG_LEVEL_4K  # what kvm_mmu_hugepage_adjust allows
+    prefetch: bool = False  # a prefetched neighbour's (FNAME(prefetch_gpte), direct_pte_prefetch)
 
 
 def kvm_mmu_page_fault(vcpu, addr: int, kind: AccessKind, error_code: int, direct: bool):
@@ -149,7 +153,7 @@ def shadow_page_fault(vcpu, fault: KvmPageFault, kind: AccessKind):
         if type(outcome) is PageFault:
             yield from vcpu.kvm_inject_emulated_page_fault(outcome)
         return outcome
-    fault.gfn = walker.gfn
+    fault.gfn, fault.max_level = walker.gfn, walker.level
     if page_fault_handle_page_track(vcpu, fault):
         vcpu.shadow_page_table_clear_flood(fault.addr)
         return RET_PF_WRITE_PROTECTED
@@ -183,17 +187,22 @@ def direct_page_fault(vcpu, fault: KvmPageFault):
 
 
 def direct_map(vcpu, fault: KvmPageFault) -> int:
-    """Link direct pages down to 4K, then set the leaf."""
+    """Link direct pages down to the goal level (2M where allowed), then set the leaf."""
     mmu = vcpu.kvm.mmu
+    mmu.kvm_mmu_hugepage_adjust(fault)
     sp, level = vcpu.phys_root, PT64_ROOT_4LEVEL
-    while level > PG_LEVEL_4K:
+    while level > fault.goal_level:
         index = (fault.gfn >> (9 * (level - 1))) & 511
         base_gfn = fault.gfn & -pages_per_level(level)
         child = mmu.kvm_mmu_get_child_sp(vcpu, sp, index, base_gfn, True, ACC_ALL)
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    return mmu.mmu_set_spte(sp, fault.gfn & 511, ACC_ALL, fault)
+    index = (fault.gfn >> (9 * (level - 1))) & 511
+    ret = mmu.mmu_set_spte(sp, index, ACC_ALL, fault)
+    if ret != RET_PF_SPURIOUS:
+        paging_tmpl.pte_prefetch(vcpu, fault, sp, index)  # direct_pte_prefetch
+    return ret
 
 
 def emulate(vcpu, addr: int, kind: AccessKind, value, virtual: bool, tag: bool):

@@ -36,6 +36,7 @@ from mmufuzz.harness.shadow.fault import RET_PF_EMULATE, emulate, kvm_mmu_page_f
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
 from mmufuzz.harness.tdp.hardware import Vcpu as TdpVcpu
+from mmufuzz.harness.tdp.spte import pages_per_level
 from mmufuzz.harness.shadow.spte import (
     ACC_ALL,
     PT64_NX_MASK,
@@ -86,6 +87,9 @@ class Vcpu:
         self.mmio_gen = 0
         self.request_free_obsolete_roots = False
         self._last_used_slot = (-1, None)
+        # Not KVM: (mmu.unsync_marks, prev_roots too) when the guest's last TLB flush or CR3
+        # load began, for the invariant flushed_roots_synced; None before the first.
+        self.synced_since = None
 
     # --- guest memory through the memslots (kvm_vcpu_read_guest & co) ---------------
 
@@ -284,6 +288,8 @@ class Vcpu:
     def paging(self, op: Paging):
         """Generator: MOV CR3 (kvm_set_cr3), or CR0.PG toggled (paging on/off)."""
         kvm = self.kvm
+        if op.root is not None:
+            self.synced_since = (kvm.mmu.unsync_marks, False)
         yield from kvm.mmu_lock.write_lock()
         old = self.cr3
         toggled = (old is None) != (op.root is None)
@@ -302,6 +308,7 @@ class Vcpu:
 
     def flush_tlb(self, op):
         """Generator: the guest flushes its TLB (kvm_vcpu_flush_tlb_guest)."""
+        self.synced_since = (self.kvm.mmu.unsync_marks, True)
         yield
         if not faults.active("guest-flush-no-sync"):
             yield from self.kvm_mmu_reload()
@@ -457,10 +464,11 @@ class Vcpu:
                     return _pf_bits(kind)
                 if is_mmio_spte(spte):
                     return PFERR_PRESENT_MASK | PFERR_RSVD_MASK | _pf_bits(kind)
-                if level == PG_LEVEL_4K:
-                    entry = (spte_to_pfn(spte), bool(spte & PT_WRITABLE_MASK),
+                if is_last_spte(spte, level):
+                    offset = (addr >> PAGE_SHIFT) & (pages_per_level(level) - 1)
+                    entry = (spte_to_pfn(spte) + offset, bool(spte & PT_WRITABLE_MASK),
                              not spte & PT64_NX_MASK,
-                             kvm_mmu_page_get_gfn(sp, index) << PAGE_SHIFT)
+                             (kvm_mmu_page_get_gfn(sp, index) + offset) << PAGE_SHIFT)
                     if not self._permits(entry, kind):
                         return PFERR_PRESENT_MASK | _pf_bits(kind)
                     tlb[addr >> PAGE_SHIFT] = entry
@@ -493,6 +501,6 @@ class Vcpu:
         sp, level = root, PT64_ROOT_4LEVEL
         while True:
             spte = sp.spt[(addr >> paging_tmpl.level_shift(level)) & 511]
-            if level == PG_LEVEL_4K or not is_shadow_present_pte(spte):
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 return spte
             sp, level = self.kvm.mmu.sp_of(spte), level - 1

@@ -8,13 +8,17 @@ mmu.c keeps unreachable pages (still shadowing, still write-protecting).
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
+from mmufuzz.harness.ops import (PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K,
+                                 PTE_ACCESSED, Invlpg)
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
-from mmufuzz.harness.shadow.paging_tmpl import gpte_access, is_rsvd_bits_set
+from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT, gpte_access, is_rsvd_bits_set
 from mmufuzz.harness.shadow.spte import (
     ACC_WRITE_MASK,
+    PT64_ROOT_4LEVEL,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
+    SHADOW_NONPRESENT_VALUE,
+    check_mmio_spte,
     describe_role,
     get_mmio_spte_gfn,
     is_last_spte,
@@ -70,8 +74,8 @@ def nonpresent_value(kvm, pages: list) -> None:
 
 
 def rmaps_and_parents_match(kvm, pages: list) -> None:
-    """The rmaps hold exactly the present leaves (under the gfn each maps), and each
-    page's parent_ptes exactly the present entries linking it."""
+    """The rmaps hold exactly the present leaves (under the gfn each maps, in the rmap of
+    the leaf's level), and each page's parent_ptes exactly the present entries linking it."""
     mmu = kvm.mmu
     leaves, links = {}, {}
     for sp, entries in pages:
@@ -79,15 +83,17 @@ def rmaps_and_parents_match(kvm, pages: list) -> None:
             if not is_shadow_present_pte(spte):
                 continue
             if is_last_spte(spte, sp.level):
-                leaves[(sp, index)] = kvm_mmu_page_get_gfn(sp, index)
+                leaves[(sp, index)] = (sp.level, kvm_mmu_page_get_gfn(sp, index))
             else:
                 links.setdefault(mmu.sp_of(spte), {})[(sp, index)] = None
-    rmapped = {key: gfn for gfn, head in mmu.rmap.items() for key in head}
-    for (sp, index), gfn in leaves.items():
-        if rmapped.get((sp, index)) != gfn:
+    rmapped = {key: (level, gfn) for level in (PG_LEVEL_4K, PG_LEVEL_2M)
+               for gfn, head in mmu.rmaps(level).items() for key in head}
+    for (sp, index), (level, gfn) in leaves.items():
+        if rmapped.get((sp, index)) != (level, gfn):
+            found = rmapped.get((sp, index))
             _fail("rmaps_and_parents_match", sp, f"index={index} leaf for gfn={gfn:#x} "
-                                                 f"rmapped as {rmapped.get((sp, index))}")
-    for (sp, index), gfn in rmapped.items():
+                                                 f"rmapped as {found and found[1]}")
+    for (sp, index), (_, gfn) in rmapped.items():
         if (sp, index) not in leaves:
             _fail("rmaps_and_parents_match", sp, f"index={index} rmap gfn={gfn:#x} "
                                                  "names no present leaf")
@@ -125,7 +131,7 @@ def synced_gfn_write_protected(kvm, pages: list) -> None:
             continue
         if sp.level > PG_LEVEL_4K and not mmu.kvm_gfn_is_write_tracked(sp.gfn):
             _fail("synced_gfn_write_protected", sp, "upper-level page, gfn not tracked")
-        for other, index in mmu.rmap.get(sp.gfn, {}):
+        for other, index in mmu.gfn_rmap_entries(sp.gfn):
             if is_writable_pte(other.spt[index]):
                 _fail("synced_gfn_write_protected", sp,
                       f"writable SPTE in gfn={other.gfn:#x} index={index}")
@@ -150,6 +156,7 @@ def synced_shadow_matches_guest(kvm, pages: list) -> None:
                 ok = get_mmio_spte_gfn(spte) == gfn
             elif is_last_spte(spte, sp.level):
                 ok = (kvm_mmu_page_get_gfn(sp, index) == gfn
+                      and (sp.level == PG_LEVEL_4K or gpte & PT_PAGE_SIZE_MASK)
                       and (access & ACC_WRITE_MASK or not is_writable_pte(spte)))
             else:
                 child = kvm.mmu.sp_of(spte)
@@ -175,8 +182,10 @@ def leaf_pfn_matches_backing(kvm, pages: list) -> None:
     for sp, entries in pages:
         for index, spte in entries:
             if is_shadow_present_pte(spte) and is_last_spte(spte, sp.level):
-                check(f"sp gfn={sp.gfn:#x} index={index}", kvm_mmu_page_get_gfn(sp, index),
-                      spte_to_pfn(spte), is_writable_pte(spte))
+                gfn = kvm_mmu_page_get_gfn(sp, index)
+                for offset in ((0, PAGES_PER_2M - 1) if sp.level > PG_LEVEL_4K else (0,)):
+                    check(f"sp gfn={sp.gfn:#x} index={index}", gfn + offset,
+                          spte_to_pfn(spte) + offset, is_writable_pte(spte))
     for vcpu in kvm.vcpus:
         for tlb in (vcpu.tlb_linear, vcpu.tlb_phys):
             for page, (pfn, writable, _, gpa_page) in sorted(tlb.items()):
@@ -184,14 +193,121 @@ def leaf_pfn_matches_backing(kvm, pages: list) -> None:
                       writable)
 
 
+def huge_leaf_allowed(kvm, pages: list) -> None:
+    """A 2M leaf was allowed when it was made (one host 2M page inside its slot, no
+    shadowed gfn in it, no dirty logging) and stays writable only while that holds:
+    shadowing a gfn in it or starting dirty logging write-protects it, and an
+    invalidation or a memslot change zaps it."""
+    mmu = kvm.mmu
+    for sp, entries in pages:
+        if sp.level == PG_LEVEL_4K:
+            continue
+        for index, spte in entries:
+            if not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.level):
+                continue
+            gfn = kvm_mmu_page_get_gfn(sp, index)
+            slot = kvm.memslots.lookup(gfn)
+            if slot is None or not slot.hugepage_inside(gfn) or (
+                    slot.backing.host_level(gfn - slot.base_gfn) < PG_LEVEL_2M):
+                _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} not one host 2M "
+                                               "page in one slot")
+            if is_writable_pte(spte) and (slot.dirty is not None
+                                          or gfn // PAGES_PER_2M in mmu.lpage_disallowed):
+                _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} writable over a "
+                                               "shadowed or dirty-logged 2M range")
+
+
+def flushed_roots_synced(kvm, pages: list) -> None:
+    """A guest TLB flush leaves no unsync page under the vCPU's current and previous roots
+    (kvm_vcpu_flush_tlb_guest: kvm_mmu_sync_roots, kvm_mmu_sync_prev_roots), a CR3 load none
+    under the new current root (KVM_REQ_MMU_SYNC), unless a page went unsync under a root
+    (an unsync_child_bitmap bit was set) since that flush or load began: the guest's
+    flush must make every later write it did to its tables visible."""
+    mmu = kvm.mmu
+    for vcpu in kvm.vcpus:
+        if vcpu.synced_since is None or vcpu.synced_since[0] != mmu.unsync_marks:
+            continue
+        roots = [vcpu.root] + ([root for _, root in vcpu.prev_roots] if vcpu.synced_since[1]
+                               else [])
+        for root in roots:
+            if (root is not None and root is not DUMMY_ROOT and not mmu.is_obsolete_sp(root)
+                    and (root.unsync or root.unsync_children)):
+                _fail("flushed_roots_synced", root, f"vcpu={vcpu.index} unsync_children="
+                                                    f"{root.unsync_children} after its flush")
+
+
+def invalidated_gva_synced(kvm, invlpg) -> None:
+    """Right after an ``invlpg`` (not one half of a ``parallel``: the other half may write
+    the tables), every unsync page on the gva's path in the vCPU's current and previous
+    roots agrees with the guest at the gva's entry: kvm_mmu_invalidate_addr syncs it
+    (kvm_sync_spte), so a leaf maps its guest PTE's gfn with at most its access, an MMIO
+    SPTE names that gfn in the current generation, and an invalid guest PTE has no SPTE."""
+    vcpu = kvm.vcpus[invlpg.vcpu]
+    if vcpu.cr3 is None:
+        return
+    mmu, gva = kvm.mmu, invlpg.gva
+    for root in [vcpu.root] + [root for _, root in vcpu.prev_roots]:
+        if root is None or root is DUMMY_ROOT or mmu.is_obsolete_sp(root):
+            continue
+        sp, level = root, PT64_ROOT_4LEVEL
+        while True:
+            index = (gva >> (PAGE_SHIFT + 9 * (level - 1))) & 511
+            spte = sp.spt[index]
+            if sp.unsync and spte != SHADOW_NONPRESENT_VALUE:
+                gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
+                if gpte is None:
+                    gpte = 0  # no slot: sync zaps the entry as for a non-present PTE
+                valid = (gpte and gpte & PT_PRESENT_MASK and gpte & PTE_ACCESSED
+                         and not is_rsvd_bits_set(gpte, sp.level))
+                gfn = (gpte >> PAGE_SHIFT) & _GFN_MASK if valid else None
+                if is_mmio_spte(spte):
+                    ok = (gfn == get_mmio_spte_gfn(spte)
+                          and check_mmio_spte(spte, kvm.memslots.generation))
+                else:
+                    access = role_access(sp.role) & gpte_access(gpte) if valid else 0
+                    ok = gfn == kvm_mmu_page_get_gfn(sp, index) and (
+                        access & ACC_WRITE_MASK or not is_writable_pte(spte))
+                if not ok:
+                    _fail("invalidated_gva_synced", sp, f"vcpu={vcpu.index} gva={gva:#x} "
+                                                        f"index={index} spte={spte:#x} gpte={gpte:#x}")
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                break
+            sp, level = mmu.sp_of(spte), level - 1
+
+
+def mmio_current_gen_has_no_slot(kvm, pages: list) -> None:
+    """An MMIO SPTE or a vCPU's MMIO cache of the current memslot generation names a gfn
+    no memslot covers: the generation is what keeps a cached "no slot here" from
+    outliving a memslot update (check_mmio_spte, vcpu_match_mmio_gen)."""
+    memslots = kvm.memslots
+    if memslots.update_in_progress:
+        return
+    for sp, entries in pages:
+        for index, spte in entries:
+            if (is_mmio_spte(spte) and check_mmio_spte(spte, memslots.generation)
+                    and memslots.lookup(get_mmio_spte_gfn(spte)) is not None):
+                _fail("mmio_current_gen_has_no_slot", sp, f"index={index} spte={spte:#x} "
+                                                          "names a gfn with a memslot")
+    for vcpu in kvm.vcpus:
+        if ((vcpu.mmio_gva or vcpu.mmio_gfn) and vcpu.mmio_gen == memslots.generation
+                and memslots.lookup(vcpu.mmio_gfn) is not None):
+            raise InvariantViolation("mmio_current_gen_has_no_slot",
+                                     f"vcpu={vcpu.index} mmio cache gfn={vcpu.mmio_gfn:#x} "
+                                     "has a memslot")
+
+
 INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync_bits_agree,
-              synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing)
+              synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing,
+              huge_leaf_allowed, flushed_roots_synced, mmio_current_gen_has_no_slot)
 
 
-def check_invariants(kvm) -> None:
-    """Raise InvariantViolation for the first invariant that does not hold."""
+def check_invariants(kvm, last_op=None) -> None:
+    """Raise InvariantViolation for the first invariant that does not hold (``last_op``:
+    the op that just ran, for the invariants of one op's postcondition)."""
     pages = _live(kvm)
     for invariant in INVARIANTS:
         invariant(kvm, pages)
+    if type(last_op) is Invlpg:
+        invalidated_gva_synced(kvm, last_op)
     dirty_log_covers_writes(kvm, None)
 

@@ -35,6 +35,7 @@ from mmufuzz.harness.shadow.hardware import Vcpu
 from mmufuzz.harness.shadow.mmu import ShadowMmu
 from mmufuzz.harness.tdp.dirty import DirtyLogger
 from mmufuzz.harness.tdp.hostmem import Backing
+from mmufuzz.harness.tdp.huge import for_each_slot
 from mmufuzz.harness.tdp.kvm import Kvm as TdpKvm
 from mmufuzz.harness.tdp.memslots import DirtyLogState, Memslot, check_memory_region_flags
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
@@ -82,10 +83,13 @@ class ShadowDirtyLogger(DirtyLogger):
     """tdp's dirty bitmap; write protection through the rmaps (mmu.c's slot_rmap_* paths)."""
 
     def enable(self, slot):
-        """Generator: kvm_mmu_slot_remove_write_access: write-protect the slot's leaves."""
+        """Generator: kvm_mmu_slot_remove_write_access from PG_LEVEL_4K: write-protect the
+        slot's leaves of every level (no PML without EPT).  Eager splitting does not run:
+        kvm_mmu_slot_try_split_huge_pages returns at once without the TDP MMU, so a 2M
+        leaf stays, read-only, until a write fault maps that page 4K."""
         kvm = self.kvm
         yield from kvm.mmu_lock.write_lock()
-        if kvm.mmu.slot_rmap_write_protect(range(slot.base_gfn, slot.end_gfn)):
+        if kvm.mmu.slot_rmap_write_protect(range(slot.base_gfn, slot.end_gfn), True):
             kvm.mmu.kvm_flush_remote_tlbs()
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True
@@ -101,7 +105,7 @@ class ShadowDirtyLogger(DirtyLogger):
         yield from kvm.mmu_lock.write_lock()
         pages = sorted(slot.dirty.bitmap)
         slot.dirty.bitmap = set()
-        if kvm.mmu.slot_rmap_write_protect(slot.base_gfn + i for i in pages):
+        if kvm.mmu.slot_rmap_write_protect((slot.base_gfn + i for i in pages), False):
             kvm.mmu.kvm_flush_remote_tlbs()
         slot.dirty.written = set()
         kvm.mmu_lock.write_unlock()
@@ -194,7 +198,8 @@ def memslot_set_flags(kvm, op: MemslotSetFlags):
     yield from kvm.srcu.synchronize()
     if enable:
         yield from kvm.dirty_log.enable(slot)
-    # Disabling would zap collapsible SPTEs; this target maps 4K only (docs/shadow.md).
+    elif not slot.readonly:
+        yield from _recover_slot(kvm, slot)  # kvm_mmu_slot_apply_flags
     return _done(kvm, OK)
 
 
@@ -241,14 +246,26 @@ def zap_all(kvm, op: ZapAll):
 
 
 def split(kvm, op: Split):
-    """Generator: eager splitting has no huge SPTE to split: this target maps 4K only."""
+    """Generator: eager page splitting (kvm_mmu_slot_try_split_huge_pages,
+    kvm_mmu_try_split_huge_pages) returns at once when the TDP MMU is off: the shadow
+    MMU splits a huge SPTE only for nested MMUs under TDP (shadow_mmu_try_split_huge_pages).
+    Huge SPTEs here go 4K only on a fault that may not map them huge."""
     yield
     return OK if op.slot in kvm.memslots.by_id else EINVAL
 
 
+def _recover_slot(kvm, slot):
+    """Generator: kvm_mmu_recover_huge_pages, the rmap half (kvm_rmap_zap_collapsible_sptes)."""
+    yield from kvm.mmu_lock.write_lock()
+    if kvm.mmu.kvm_mmu_recover_huge_pages(slot):
+        kvm.mmu.kvm_flush_remote_tlbs()
+    kvm.mmu_lock.write_unlock()
+
+
 def recover(kvm, op: Recover):
-    """Generator: no 4K SPTE is collapsible into a huge one on a 4K-only target."""
-    yield
+    """Generator: kvm_mmu_recover_huge_pages on every slot, in gfn order, under kvm->srcu
+    (tdp's :func:`~harness.tdp.huge.for_each_slot`)."""
+    yield from for_each_slot(kvm, _recover_slot)
     return OK
 
 

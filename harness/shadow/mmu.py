@@ -23,7 +23,7 @@ is aborted by that flush.
 from __future__ import annotations
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import PG_LEVEL_4K
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.shadow.spte import (
     ACC_WRITE_MASK,
     ROLE_INVALID,
@@ -45,6 +45,7 @@ from mmufuzz.harness.shadow.spte import (
     spte_to_pfn,
     spte_write_protect,
 )
+from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.pgalloc import TablePage, used_entries
 from mmufuzz.harness.tdp.spte import pages_per_level
 
@@ -128,11 +129,19 @@ class ShadowMmu:
         self.mmu_page_hash: dict[int, list[KvmMmuPage]] = {}
         self.active_mmu_pages: dict[KvmMmuPage, None] = {}
         self.mmu_valid_gen = 0
-        # The rmaps: gfn -> {(sp, index): None} of present 4K leaves (slot->arch.rmap[0]).
+        # The rmaps: gfn -> {(sp, index): None} of present 4K leaves (slot->arch.rmap[0]),
+        # and 2M-aligned gfn -> the same of present 2M leaves (slot->arch.rmap[1]).
         self.rmap: dict[int, dict] = {}
+        self.rmap_2m: dict[int, dict] = {}
+        # lpage_info's disallow_lpage counts that shadowing adds: 2M frame (gfn >> 9) ->
+        # indirect pages shadowing a gfn in it (kvm_mmu_gfn_disallow_lpage).
+        self.lpage_disallowed: dict[int, int] = {}
         # gfn_write_track: upper-level pages shadowing each gfn (page_track.c).
         self.gfn_write_track: dict[int, int] = {}
         self.indirect_shadow_pages = 0
+        # How many unsync_child_bitmap bits were ever set (not KVM: the invariant
+        # flushed_roots_synced asks whether a page went unsync under a root since a flush).
+        self.unsync_marks = 0
 
     # --- lookup ---------------------------------------------------------------
 
@@ -219,17 +228,26 @@ class ShadowMmu:
 
     # --- rmaps and single SPTEs -----------------------------------------------
 
+    def rmaps(self, level: int) -> dict:
+        """The rmap heads of one level (gfn_to_rmap): 4K, or 2M keyed by the aligned gfn."""
+        return self.rmap if level == PG_LEVEL_4K else self.rmap_2m
+
     def rmap_add(self, sp: KvmMmuPage, index: int, gfn: int, access: int) -> None:
         if not sp.direct:
             sp.shadowed_translation[index] = (gfn << 12) | access
-        self.rmap.setdefault(gfn, {})[(sp, index)] = None
+        self.rmaps(sp.level).setdefault(gfn, {})[(sp, index)] = None
 
     def rmap_remove(self, sp: KvmMmuPage, index: int) -> None:
         gfn = kvm_mmu_page_get_gfn(sp, index)
-        head = self.rmap[gfn]
+        rmaps = self.rmaps(sp.level)
+        head = rmaps[gfn]
         del head[(sp, index)]
         if not head:
-            del self.rmap[gfn]
+            del rmaps[gfn]
+
+    def gfn_rmap_entries(self, gfn: int) -> list:
+        """Every present leaf mapping ``gfn``: its 4K rmap, then its 2M frame's."""
+        return [*self.rmap.get(gfn, ()), *self.rmap_2m.get(gfn & -PAGES_PER_2M, ())]
 
     def drop_spte(self, sp: KvmMmuPage, index: int) -> None:
         """mmu_spte_clear_track_bits + rmap_remove."""
@@ -259,7 +277,8 @@ class ShadowMmu:
         return False
 
     def make_spte(self, sp: KvmMmuPage, slot, pte_access: int, gfn: int, pfn: int,
-                  old_spte: int, prefetch: bool, synchronizing: bool, host_writable: bool):
+                  old_spte: int, prefetch: bool, synchronizing: bool, host_writable: bool,
+                  level: int = PG_LEVEL_4K):
         """spte.c make_spte: ``(wrprot, spte)``; a shadowed gfn is mapped read-only.
 
         Asking for W on a gfn that has shadow pages either unsyncs them (last-level
@@ -268,7 +287,7 @@ class ShadowMmu:
         """
         if not host_writable:
             pte_access &= ~ACC_WRITE_MASK
-        spte = make_leaf_spte(pfn, pte_access, host_writable)
+        spte = make_leaf_spte(pfn, pte_access, host_writable, level)
         wrprot = False
         if pte_access & ACC_WRITE_MASK:
             spte = spte_make_writable(spte)
@@ -303,8 +322,9 @@ class ShadowMmu:
             is_writable_pte(old) and not is_writable_pte(new))
 
     def mmu_set_spte(self, sp: KvmMmuPage, index: int, pte_access: int, fault) -> int:
-        """Install the leaf of ``fault`` (a KvmPageFault; ``pfn`` None: an MMIO SPTE)."""
-        slot, gfn, pfn = fault.slot, fault.gfn, fault.pfn
+        """Install the leaf of ``fault`` (a KvmPageFault; ``pfn`` None: an MMIO SPTE) at
+        ``sp``'s level: a huge one maps the aligned gfn and pfn (kvm_mmu_hugepage_adjust)."""
+        slot, gfn, pfn = fault.slot, fault.gfn & -pages_per_level(sp.level), fault.pfn
         old = sp.spt[index]
         flush = False
         was_rmapped = False
@@ -323,8 +343,8 @@ class ShadowMmu:
                 flush = True
             else:
                 was_rmapped = True
-        wrprot, spte = self.make_spte(sp, slot, pte_access, gfn, pfn, sp.spt[index], False,
-                                      False, fault.map_writable)
+        wrprot, spte = self.make_spte(sp, slot, pte_access, gfn, pfn, sp.spt[index],
+                                      fault.prefetch, False, fault.map_writable, sp.level)
         ret = RET_PF_FIXED
         if sp.spt[index] == spte:
             ret = RET_PF_SPURIOUS
@@ -352,7 +372,7 @@ class ShadowMmu:
         path restores W; dirty logging keeps it.
         """
         changed = False
-        for sp, index in self.rmap.get(gfn, {}):
+        for sp, index in self.gfn_rmap_entries(gfn):
             spte = sp.spt[index]
             if not (is_writable_pte(spte) or (pt_protect and is_mmu_writable_spte(spte))):
                 continue
@@ -361,8 +381,12 @@ class ShadowMmu:
         return changed
 
     def account_shadowed(self, sp: KvmMmuPage) -> None:
-        """A guest table gained a shadow page: write-protect its gfn (and track it if upper)."""
+        """A guest table gained a shadow page: no huge page may map its gfn
+        (kvm_mmu_gfn_disallow_lpage), its gfn is write-protected at every level (a huge
+        SPTE over it too: kvm_mmu_slot_gfn_write_protect) and tracked if upper."""
         self.indirect_shadow_pages += 1
+        frame = sp.gfn // PAGES_PER_2M
+        self.lpage_disallowed[frame] = self.lpage_disallowed.get(frame, 0) + 1
         if sp.level > PG_LEVEL_4K:
             self.gfn_write_track[sp.gfn] = self.gfn_write_track.get(sp.gfn, 0) + 1
         if self.rmap_write_protect(sp.gfn, True):
@@ -370,6 +394,12 @@ class ShadowMmu:
 
     def unaccount_shadowed(self, sp: KvmMmuPage) -> None:
         self.indirect_shadow_pages -= 1
+        frame = sp.gfn // PAGES_PER_2M
+        count = self.lpage_disallowed[frame] - 1
+        if count:
+            self.lpage_disallowed[frame] = count
+        else:
+            del self.lpage_disallowed[frame]
         if sp.level > PG_LEVEL_4K:
             count = self.gfn_write_track[sp.gfn] - 1
             if count:
@@ -385,6 +415,7 @@ class ShadowMmu:
             return
         parent.unsync_child_bitmap |= bit
         parent.unsync_children += 1
+        self.unsync_marks += 1
         if parent.unsync_children == 1:
             self.kvm_mmu_mark_parents_unsync(parent)
 
@@ -558,12 +589,14 @@ class ShadowMmu:
     # --- range operations through the rmaps ----------------------------------------
 
     def kvm_zap_rmap_range(self, lo: int, hi: int) -> bool:
-        """kvm_unmap_gfn_range via kvm_zap_rmap: drop every leaf mapping [lo, hi)."""
+        """kvm_unmap_gfn_range via kvm_zap_rmap: drop every leaf mapping [lo, hi), of
+        every level (a 2M leaf overlapping the range goes whole)."""
         flush = False
-        for gfn in sorted(g for g in self.rmap if lo <= g < hi):
-            for sp, index in list(self.rmap[gfn]):
-                self.drop_spte(sp, index)
-                flush = True
+        for rmaps, first in ((self.rmap, lo), (self.rmap_2m, lo & -PAGES_PER_2M)):
+            for gfn in sorted(g for g in rmaps if first <= g < hi):
+                for sp, index in list(rmaps[gfn]):
+                    self.drop_spte(sp, index)
+                    flush = True
         return flush
 
     def kvm_mmu_zap_all_fast(self) -> None:
@@ -576,9 +609,53 @@ class ShadowMmu:
                 self.kvm_mmu_prepare_zap_page(sp, invalid_list)
         self.kvm_mmu_commit_zap_page(invalid_list)
 
-    def slot_rmap_write_protect(self, gfns) -> bool:
-        """kvm_mmu_write_protect_pt_masked / slot_rmap_write_protect for dirty logging."""
+    def slot_rmap_write_protect(self, gfns, huge: bool) -> bool:
+        """Dirty logging's write protection of ``gfns``: 4K leaves only
+        (kvm_mmu_write_protect_pt_masked, after a get), or the 2M ones over them too
+        (kvm_mmu_slot_remove_write_access from PG_LEVEL_4K, when logging starts)."""
         changed = False
+        gfns = list(gfns)
         for gfn in sorted(g for g in gfns if g in self.rmap):
-            changed |= self.rmap_write_protect(gfn, False)
+            for sp, index in self.rmap[gfn]:
+                spte = sp.spt[index]
+                if is_writable_pte(spte):
+                    changed |= self.mmu_spte_update(sp, index, spte_write_protect(spte))
+        if huge:
+            for frame in sorted({g & -PAGES_PER_2M for g in gfns} & self.rmap_2m.keys()):
+                for sp, index in self.rmap_2m[frame]:
+                    spte = sp.spt[index]
+                    if is_writable_pte(spte):
+                        changed |= self.mmu_spte_update(sp, index, spte_write_protect(spte))
         return changed
+
+    # --- huge pages -----------------------------------------------------------------
+
+    def kvm_mmu_max_mapping_level(self, slot, gfn: int) -> int:
+        """The largest leaf over ``gfn``: lpage_info (slot bounds, host alignment, the
+        gfns shadowing disallows) and the host mapping (host_pfn_mapping_level)."""
+        if gfn // PAGES_PER_2M in self.lpage_disallowed:
+            return PG_LEVEL_4K
+        return max_mapping_level(slot, gfn, False)
+
+    def kvm_mmu_hugepage_adjust(self, fault) -> None:
+        """The fault's goal level: at most its max_level (the guest's page size), 4K for
+        MMIO or a slot being dirty-logged, else what the lpage rules allow."""
+        fault.goal_level = PG_LEVEL_4K
+        if fault.max_level == PG_LEVEL_4K or fault.pfn is None or fault.slot.dirty is not None:
+            return
+        level = min(fault.max_level, self.kvm_mmu_max_mapping_level(fault.slot, fault.gfn))
+        if level > PG_LEVEL_4K:
+            fault.goal_level = level
+            fault.pfn &= -pages_per_level(level)
+
+    def kvm_mmu_recover_huge_pages(self, slot) -> bool:
+        """kvm_mmu_zap_collapsible_spte over the slot's 4K rmaps: drop each leaf of a
+        direct page that is smaller than the slot now allows there (the next fault maps
+        it huge); indirect pages shadow 4K guest tables and stay.  True if a flush is due."""
+        flush = False
+        for gfn in sorted(g for g in self.rmap if slot.base_gfn <= g < slot.end_gfn):
+            for sp, index in list(self.rmap[gfn]):
+                if sp.direct and sp.level < self.kvm_mmu_max_mapping_level(slot, sp.gfn):
+                    self.drop_spte(sp, index)
+                    flush = True
+        return flush

@@ -5,7 +5,8 @@ reading guest memory through the memslots, and turns the walk into shadow
 pages (``FNAME(fetch)``): one indirect page per guest table on the path, each
 with the access the path down to it allows (its role's ``access``: the
 inherited permissions of CVE-2021-38198), then the leaf with the walk's full
-access.  A guest 2M page is shadowed by a direct page of 4K leaves.
+access.  A guest 2M page is mapped by a 2M SPTE where the host page and
+lpage_info allow one, else by a direct page of 4K leaves.
 ``FNAME(sync_spte)`` re-reads one guest PTE of an unsync page.
 
 The guest runs in one CPU mode (docs/semantics.md): CPL 0, CR0.WP=1,
@@ -17,6 +18,7 @@ so that the first write faults and sets D.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import compress
 
@@ -38,6 +40,7 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness.shadow.mmu import (
     EEXIST,
     RET_PF_RETRY,
+    RET_PF_SPURIOUS,
     KvmMmuPage,
     kvm_mmu_page_get_access,
     kvm_mmu_page_get_gfn,
@@ -60,7 +63,9 @@ from mmufuzz.harness.shadow.spte import (
     SHADOW_NONPRESENT_VALUE,
     check_mmio_spte,
     get_mmio_spte_gfn,
+    is_large_pte,
     is_mmio_spte,
+    is_shadow_present_pte,
     is_writable_pte,
     make_mmio_spte,
     role_access,
@@ -68,8 +73,21 @@ from mmufuzz.harness.shadow.spte import (
 )
 from mmufuzz.harness.tdp.spte import pages_per_level
 
-# A root whose gfn had no memslot (mmu_alloc_dummy_root): every access faults.
-DUMMY_ROOT = "dummy"
+class _DummyRoot:
+    """A root whose gfn had no memslot (mmu_alloc_dummy_root): every access faults.
+
+    One object, compared by identity; it pickles as a reference to :data:`DUMMY_ROOT`, so a
+    restored snapshot (``ShadowTarget.restore``) still holds that very object.
+    """
+
+    def __reduce__(self) -> str:
+        return "DUMMY_ROOT"
+
+    def __repr__(self) -> str:
+        return "DUMMY_ROOT"
+
+
+DUMMY_ROOT = _DummyRoot()
 
 # Address bits 13..20 of a 2M PDE are reserved (bit 12 is PAT).
 _PDE_2M_RSVD_MASK = ((1 << 21) - 1) & ~((1 << 13) - 1)
@@ -249,9 +267,11 @@ def fetch(vcpu, fault, walker: GuestWalker) -> int:
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    # Only 4K SPTEs: below a guest huge page, direct pages down to the 4K leaf.
+    # Only now the huge-page size: the shadow pages just made may disallow it.  Below a
+    # guest huge page mapped smaller, direct pages down to the goal level.
+    mmu.kvm_mmu_hugepage_adjust(fault)
     direct_access = walker.pte_access
-    while level > PG_LEVEL_4K:
+    while level > fault.goal_level:
         index = (addr >> level_shift(level)) & 511
         base_gfn = fault.gfn & -pages_per_level(level)
         validate_direct_spte(kvm, sp, index, direct_access)
@@ -259,14 +279,106 @@ def fetch(vcpu, fault, walker: GuestWalker) -> int:
         if child is not EEXIST:
             mmu.link_shadow_page(sp, index, child)
         sp, level = mmu.sp_of(sp.spt[index]), level - 1
-    index = (addr >> PAGE_SHIFT) & 511
-    return mmu.mmu_set_spte(sp, index, walker.pte_access, fault)
+    index = (addr >> level_shift(level)) & 511
+    ret = mmu.mmu_set_spte(sp, index, walker.pte_access, fault)
+    if ret != RET_PF_SPURIOUS:
+        pte_prefetch(vcpu, fault, sp, index)
+    return ret
+
+
+# PTE_PREFETCH_NUM: the aligned group of entries around a new leaf that a fault prefetches.
+PTE_PREFETCH_NUM = 8
+
+
+def pte_prefetch(vcpu, fault, sp: KvmMmuPage, index: int) -> None:
+    """FNAME(pte_prefetch): map the non-present neighbours of the 4K leaf just set.
+
+    An indirect page is prefetched from its guest table (what FNAME(gpte_changed) re-read
+    under mmu_lock as gw->prefetch_ptes), a direct one from the memslot.  Not mainline:
+    nothing is prefetched into an unsync page, whose prefetched SPTE would be a
+    translation no walk made once the guest rewrites its PTE (docs/shadow.md).
+    """
+    if sp.level > PG_LEVEL_4K or vcpu.kvm.mmu_invalidate_in_progress:
+        return
+    if sp.direct:
+        direct_pte_prefetch(vcpu, fault, sp, index)
+        return
+    if sp.unsync:
+        return
+    base = index & -PTE_PREFETCH_NUM
+    for i in range(base, base + PTE_PREFETCH_NUM):
+        if i == index or is_shadow_present_pte(sp.spt[i]):
+            continue
+        if not prefetch_gpte(vcpu, fault, sp, i, vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * i)):
+            break
+
+
+def gfn_to_memslot_dirty_bitmap(vcpu, gfn: int, no_dirty_log: bool):
+    """The slot a prefetch may map ``gfn`` from: none for a slot going away, or a
+    dirty-logged one when the SPTE would be writable (its write must fault to be logged)."""
+    slot = vcpu.gfn_to_memslot(gfn)
+    if slot is None or slot.invalid or (no_dirty_log and slot.dirty is not None):
+        return None
+    return slot
+
+
+def _prefetched(fault, slot, gfn: int):
+    """The fault-less mmu_set_spte of a prefetch (``fault == NULL``: prefetch, host-writable)."""
+    return dataclasses.replace(fault, gfn=gfn, slot=slot, pfn=slot.backing.pfn(gfn - slot.base_gfn),
+                               map_writable=True, write=False, prefetch=True)
+
+
+def prefetch_gpte(vcpu, fault, sp: KvmMmuPage, index: int, gpte) -> bool:
+    """FNAME(prefetch_gpte): shadow one more guest PTE; False stops the prefetch.
+
+    A read-only slot is not prefetched: KVM's atomic gfn-to-pfn asks for a writable page.
+    """
+    kvm = vcpu.kvm
+    if gpte is None or prefetch_invalid_gpte(kvm, sp, index, gpte):
+        return False
+    gfn = (gpte & PTE_ADDR_MASK) >> PAGE_SHIFT
+    pte_access = protect_clean_gpte(role_access(sp.role) & gpte_access(gpte), gpte)
+    slot = gfn_to_memslot_dirty_bitmap(vcpu, gfn, bool(pte_access & ACC_WRITE_MASK))
+    if slot is None or slot.readonly:
+        return False
+    kvm.mmu.mmu_set_spte(sp, index, pte_access, _prefetched(fault, slot, gfn))
+    return True
+
+
+def direct_pte_prefetch(vcpu, fault, sp: KvmMmuPage, index: int) -> None:
+    """__direct_pte_prefetch: each run of non-present entries in the group, from the slot."""
+    start = None
+    base = index & -PTE_PREFETCH_NUM
+    for i in range(base, base + PTE_PREFETCH_NUM):
+        if i == index or is_shadow_present_pte(sp.spt[i]):
+            if start is None:
+                continue
+            if not direct_pte_prefetch_many(vcpu, fault, sp, start, i):
+                return
+            start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        direct_pte_prefetch_many(vcpu, fault, sp, start, base + PTE_PREFETCH_NUM)
+
+
+def direct_pte_prefetch_many(vcpu, fault, sp: KvmMmuPage, start: int, end: int) -> bool:
+    """Map entries [start, end) of a direct page from the first one's slot; False (KVM: -1)
+    if that slot may not be prefetched or does not hold the whole run."""
+    access = role_access(sp.role)
+    gfn = kvm_mmu_page_get_gfn(sp, start)
+    slot = gfn_to_memslot_dirty_bitmap(vcpu, gfn, bool(access & ACC_WRITE_MASK))
+    if slot is None or slot.readonly or gfn + (end - start) > slot.end_gfn:
+        return False
+    for i in range(start, end):
+        vcpu.kvm.mmu.mmu_set_spte(sp, i, access, _prefetched(fault, slot, gfn + i - start))
+    return True
 
 
 def validate_direct_spte(kvm, sp: KvmMmuPage, index: int, direct_access: int) -> None:
     """Unlink a direct child made for other access bits (the guest PDE's changed)."""
     spte = sp.spt[index]
-    if spte & PT_PRESENT_MASK and not is_mmio_spte(spte):
+    if is_shadow_present_pte(spte) and not is_large_pte(spte):
         child = kvm.mmu.sp_of(spte)
         if role_access(child.role) == direct_access:
             return

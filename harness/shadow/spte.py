@@ -16,7 +16,7 @@ two shadow pages shadow the same guest table only if their role words match.
 
 from __future__ import annotations
 
-from mmufuzz.harness.ops import PAGE_SHIFT
+from mmufuzz.harness.ops import PAGE_SHIFT, PG_LEVEL_4K
 from mmufuzz.harness.tdp.spte import (  # noqa: F401  (spte.h helpers shared by both MMUs)
     MMIO_SPTE_GEN_MASK,
     PT_PAGE_SIZE_MASK,
@@ -84,12 +84,15 @@ def make_nonleaf_spte(child_pfn: int) -> int:
             | PT_ACCESSED_MASK | (child_pfn << PAGE_SHIFT))
 
 
-def make_leaf_spte(pfn: int, pte_access: int, host_writable: bool) -> int:
-    """The bits make_spte builds for a 4K leaf before the unsync/write-protect decision.
+def make_leaf_spte(pfn: int, pte_access: int, host_writable: bool, level: int) -> int:
+    """The bits make_spte builds for a leaf (PS above 4K) before the unsync/write-protect
+    decision.
 
     Writability is the caller's (make_spte in mmu): it may drop it.
     """
     spte = SPTE_MMU_PRESENT_MASK | PT_PRESENT_MASK | PT_ACCESSED_MASK | (pfn << PAGE_SHIFT)
+    if level > PG_LEVEL_4K:
+        spte |= PT_PAGE_SIZE_MASK
     if not pte_access & ACC_EXEC_MASK:
         spte |= PT64_NX_MASK
     if pte_access & ACC_USER_MASK:

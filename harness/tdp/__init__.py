@@ -12,6 +12,7 @@ import pickle
 
 from mmufuzz.harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access,
                                  PairOutcome, Parallel, VmHeader, gpa_field)
+from mmufuzz.harness.tdp.events import EVENTS
 from mmufuzz.harness.tdp.invariants import check_invariants
 from mmufuzz.harness.tdp.kvm import Kvm
 from mmufuzz.harness.tdp.lpage import max_mapping_level
@@ -24,6 +25,8 @@ class TdpTarget:
     """The ``tdp`` target (harness.target.Target)."""
 
     name = "tdp"
+    # The names of the MMU-state events its VM counts (``kvm.events``, harness.target.StateEvents).
+    events = EVENTS
 
     def __init__(self):
         self.kvm = None
@@ -89,11 +92,15 @@ class TdpTarget:
           4K, a 2M or no mapping are different MMU states (op x outcome x
           mapping level); a huge private mapping with some pages accepted is
           how the merge paths are reached.
+        - The MMU-state events the op raised (:mod:`mmufuzz.harness.tdp.events`):
+          SPTE transitions per level and root, secure-EPT calls, why faults
+          retried, what hardware walks found, TLB flushes.
         Sorted switches first, so consumers see them in a deterministic order.
         (The state a ``parallel`` started from is :attr:`pair_start`.)
         """
         features = sorted(self._switches)
         self._switches.clear()
+        features += self.events.drain(self.kvm.events)
         op = self._last
         if type(op) is Parallel:
             for name, side in zip(SIDE_NAMES, op.sides):

@@ -56,6 +56,15 @@ class MemoryAttributes:
         inside = self.private_ranges(lo, hi)
         return not inside or inside == [(lo, hi)]
 
+    def boundaries(self, lo: int, hi: int) -> list[int]:
+        """The gfns in [lo, hi) whose attribute differs from the one below: the starts and
+        ends of the private ranges there, in order."""
+        starts, ends = self._starts, self._ends
+        found = (starts[bisect_left(starts, lo):bisect_left(starts, hi)]
+                 + ends[bisect_left(ends, lo):bisect_left(ends, hi)])
+        found.sort()
+        return found
+
     def set(self, lo: int, hi: int, private: bool) -> None:
         """Give every gfn of [lo, hi) the attribute ``private``."""
         i = bisect_left(self._ends, lo)       # first range ending at or after lo

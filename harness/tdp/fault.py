@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
-from mmufuzz.harness.tdp import huge
+from mmufuzz.harness.tdp import events, huge
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
-    is_frozen_spte,
-    is_large_pte,
+    FROZEN_SPTE,
+    PT_PAGE_SIZE_MASK,
+    SPTE_MMU_PRESENT_MASK,
     is_last_spte,
     is_shadow_present_pte,
     leaf_spte_change_needs_tlb_flush,
@@ -31,7 +32,7 @@ from mmufuzz.harness.tdp.spte import (
 RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_FIXED = 0, 1, 2, 5
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmPageFault:
     """struct kvm_page_fault: what one EPT violation asks for and what it resolved to."""
 
@@ -100,6 +101,7 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
     if slot is None:
         return RET_PF_CONTINUE  # kvm_handle_noslot_fault: the map installs an MMIO SPTE
     if slot.invalid:
+        kvm.events[events.RETRY_SLOT_INVALID] += 1
         return RET_PF_RETRY  # being deleted or moved: its old SPTEs are not zapped yet
     if fault.write and slot.readonly:
         return MmioExit(fault.addr, True)  # KVM_PFN_ERR_RO_FAULT: emulate
@@ -118,8 +120,12 @@ def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
     if fault.slot is None or faults.active("invalidate-vs-memslot-race"):
         return False
     if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
+        kvm.events[events.RETRY_IN_PROGRESS] += 1
         return True
-    return kvm.mmu_invalidate_seq != fault.mmu_seq
+    if kvm.mmu_invalidate_seq != fault.mmu_seq:
+        kvm.events[events.RETRY_SEQUENCE] += 1
+        return True
+    return False
 
 
 def kvm_mmu_hugepage_adjust(fault: KvmPageFault) -> None:
@@ -142,17 +148,21 @@ def kvm_tdp_mmu_map(kvm, fault: KvmPageFault):
     try:
         root = mmu.mirror_root if fault.is_private else fault.root
         it = mmu.iter(root, fault.gfn, fault.gfn + 1)
+        goal_level = fault.goal_level
         while True:
             yield
             spte = it.read()
-            if is_frozen_spte(spte):
+            # is_frozen_spte, is_shadow_present_pte and is_large_pte inline: once per level.
+            if spte == FROZEN_SPTE:
+                kvm.events[events.RETRY_FROZEN] += 1
                 return RET_PF_RETRY
-            if it.level == fault.goal_level:
+            if it.level == goal_level:
                 return (yield from _map_target_level(kvm, fault, it))
-            if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            present = spte & SPTE_MMU_PRESENT_MASK
+            if present and not spte & PT_PAGE_SIZE_MASK:
                 it.next()
                 continue
-            if is_shadow_present_pte(spte):
+            if present:
                 linked = yield from huge.split_huge_page(kvm, it)
             else:
                 linked = yield from mmu.link_sp(it)
@@ -168,6 +178,8 @@ def _map_target_level(kvm, fault: KvmPageFault, it):
     mmu, old = kvm.mmu, it.old_spte
     if fault.slot is None:
         new = make_mmio_spte(fault.gfn, ACC_ALL, fault.gen, kvm.mmio_value)
+        kvm.events[events.MMIO_SPTE if fault.gen == kvm.memslots.generation
+                   else events.MMIO_SPTE_GENERATION_MOVED] += 1
     else:
         new = make_spte(fault.pfn, it.level, ACC_ALL, fault.map_writable)
         if is_shadow_present_pte(old) and not is_last_spte(old, it.level):
@@ -179,6 +191,7 @@ def _map_target_level(kvm, fault: KvmPageFault, it):
     if new == old:
         return RET_PF_FIXED  # spurious: another vCPU mapped it
     if not (yield from mmu.set_spte_atomic(it, new)):
+        kvm.events[events.RETRY_CMPXCHG] += 1
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and leaf_spte_change_needs_tlb_flush(old, new):
         mmu.flush()

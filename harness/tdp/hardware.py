@@ -38,6 +38,7 @@ from mmufuzz.harness.ops import (
     VeUnexpected,
     WritePte,
 )
+from mmufuzz.harness.tdp import events
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.spte import (
     PT_EXECUTABLE_MASK,
@@ -141,6 +142,8 @@ class Vcpu:
     def flush_guest_physical(self) -> None:
         """INVEPT: forget gpa translations and cached upper-level entries, and abort any
         walk in flight."""
+        self.kvm.events[events.TLB_FLUSH_HELD if self.tlb_shared or self.tlb_private
+                        else events.TLB_FLUSH_EMPTY] += 1
         self.tlb_shared.clear()
         self.tlb_private.clear()
         self.walk_cache.clear()
@@ -304,14 +307,18 @@ class Vcpu:
                 spte = page.spt[spte_index(gfn, level)]
                 yield
                 if self.flush_epoch != epoch:
+                    kvm.events[events.WALK_ABORTED] += 1
                     break
                 if not is_shadow_present_pte(spte):
+                    kvm.events[events.WALK_ABSENT + level] += 1
                     self._drop_walk_cache(gfn)
                     return self._nonpresent(spte, gfn)
                 if is_last_spte(spte, level):
                     if not spte & _ept_needs(kind):
+                        kvm.events[events.WALK_PERMISSION + level] += 1
                         self._drop_walk_cache(gfn)
                         return _VIOLATION
+                    kvm.events[events.WALK_FILL + level] += 1
                     pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
                     self.tlb_shared[gfn] = (pfn, spte & (PT_READABLE_MASK | PT_WRITABLE_MASK
                                                          | PT_EXECUTABLE_MASK))
@@ -347,9 +354,12 @@ class Vcpu:
             if faults.active("mmio-stale-generation") or (
                     not memslots.update_in_progress
                     and check_mmio_spte(spte, memslots.generation)):
+                kvm.events[events.WALK_MMIO_CURRENT] += 1
                 return _MMIO
+            kvm.events[events.WALK_MMIO_STALE] += 1
             return _VIOLATION  # handle_mmio_page_fault: stale, take the full fault path
         if kvm.tdx and not spte & VMX_EPT_SUPPRESS_VE_BIT:
+            kvm.events[events.WALK_VE] += 1
             return _VE
         return _VIOLATION
 
@@ -358,8 +368,11 @@ class Vcpu:
         leaf = self.kvm.sept.lookup(gfn)
         yield
         if leaf is None or leaf is not self.kvm.sept.lookup(gfn):
+            if leaf is not None:
+                self.kvm.events[events.SEPT_WALK_RACED] += 1
             return _VIOLATION
         if not leaf.accepted:
+            self.kvm.events[events.SEPT_WALK_PENDING] += 1
             return _PENDING
         self.tlb_private[gfn] = leaf.pfn + (gfn & (pages_per_level(leaf.level) - 1))
         return None

@@ -222,18 +222,23 @@ def recover_slot(kvm, slot):
     kvm.mmu_lock.read_unlock()
 
 
-def recover(kvm, op):
-    """The ``recover`` op: every slot, in gfn order.
+def for_each_slot(kvm, per_slot):
+    """Generator: ``per_slot(kvm, slot)`` for every slot, in gfn order.
 
     Like KVM's NX-recovery worker it reads the memslots under kvm->srcu, so a
     slot being deleted is either skipped (already invalid) or kept until the
-    recovery is done (the delete's synchronize_srcu waits for it).
+    work is done (the delete's synchronize_srcu waits for it).
     """
     token = kvm.srcu.read_lock()
     try:
         for slot in sorted(kvm.memslots.by_id.values(), key=lambda s: s.base_gfn):
             if not slot.invalid:
-                yield from recover_slot(kvm, slot)
+                yield from per_slot(kvm, slot)
     finally:
         kvm.srcu.read_unlock(token)
+
+
+def recover(kvm, op):
+    """The ``recover`` op: every slot (:func:`for_each_slot`)."""
+    yield from for_each_slot(kvm, recover_slot)
     return OK

@@ -31,6 +31,7 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness.tdp import huge, memslots, notifier, private
 from mmufuzz.harness.tdp.attributes import MemoryAttributes
 from mmufuzz.harness.tdp.dirty import DirtyLogger
+from mmufuzz.harness.tdp.events import EVENTS
 from mmufuzz.harness.tdp.hardware import Vcpu
 from mmufuzz.harness.tdp.hostmem import HostMemory
 from mmufuzz.harness.tdp.memslots import Memslots
@@ -71,6 +72,9 @@ class Kvm:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range = (0, 0)
         self.mn_active_invalidate_count = 0
+        # MMU-state events of the current op, for campaign feedback (tdp.events; a
+        # target whose VM counts others names them in its own ``events``).
+        self.events = EVENTS.counts()
 
     # --- mmu-notifier invalidation sequence -------------------------------------
 

@@ -21,23 +21,24 @@ def max_mapping_level(slot, gfn: int, private: bool) -> int:
     return backing.host_level(gfn - slot.base_gfn)
 
 
-def _hugepages_inside(slot, lo: int, hi: int) -> range:
-    """The 2M ranges (gfn >> 9) overlapping [lo, hi) that lie wholly in ``slot``."""
-    first = max(lo, slot.base_gfn) // PAGES_PER_2M
-    last = (min(hi, slot.end_gfn) - 1) // PAGES_PER_2M
-    return range(first, last + 1)
-
-
 def update_mixed(attributes, slot, lo: int, hi: int) -> None:
-    """kvm_arch_post_set_memory_attributes: recompute the mixed flags over [lo, hi)."""
-    for huge in _hugepages_inside(slot, lo, hi):
-        head = huge * PAGES_PER_2M
-        if head < slot.base_gfn or head + PAGES_PER_2M > slot.end_gfn:
-            continue
-        if attributes.uniform(head, head + PAGES_PER_2M):
-            slot.lpage_mixed.discard(huge)
-        else:
-            slot.lpage_mixed.add(huge)
+    """kvm_arch_post_set_memory_attributes: recompute the mixed flags over [lo, hi).
+
+    Only the 2M ranges wholly inside the slot have a flag.  A range is mixed
+    iff the attribute changes strictly inside it, so the ranges to flag are
+    found from the private ranges' bounds (:meth:`MemoryAttributes.boundaries`)
+    rather than by asking each of up to 512 ranges of a slot in turn.
+    """
+    first = max(lo, slot.base_gfn, slot.base_gfn + PAGES_PER_2M - 1) // PAGES_PER_2M
+    last = min((hi - 1) // PAGES_PER_2M, slot.end_gfn // PAGES_PER_2M - 1)
+    if first > last:
+        return
+    mixed = slot.lpage_mixed
+    if mixed:
+        mixed.difference_update(range(first, last + 1))
+    for gfn in attributes.boundaries(first * PAGES_PER_2M, (last + 1) * PAGES_PER_2M):
+        if gfn % PAGES_PER_2M:
+            mixed.add(gfn // PAGES_PER_2M)
 
 
 def init_memslot(attributes, slot) -> None:

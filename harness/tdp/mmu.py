@@ -169,6 +169,8 @@ class TdpMmu:
         was_leaf = was_present and (level == PG_LEVEL_4K or old & PT_PAGE_SIZE_MASK != 0)
         now_leaf = now_present and (level == PG_LEVEL_4K or new & PT_PAGE_SIZE_MASK != 0)
         same_pfn = not (old ^ new) & SPTE_BASE_ADDR_MASK
+        self.kvm.events[level << 6 | page.mirror << 5 | (was_present + was_leaf) << 3
+                        | (now_present + now_leaf) << 1 | same_pfn] += 1  # tdp.events
         if was_present != now_present:
             page.refcount += 1 if now_present else -1
         if was_leaf:

@@ -28,7 +28,7 @@ from mmufuzz.harness.ops import (
     SetAttributes,
 )
 from mmufuzz.harness.target import InvariantViolation
-from mmufuzz.harness.tdp import lpage
+from mmufuzz.harness.tdp import events, lpage
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.huge import split_range
 from mmufuzz.harness.tdp.spte import pages_per_level
@@ -73,7 +73,9 @@ class SecureEpt:
         states = {i in slot.accepted for i in pages}
         if len(states) != 1:
             raise self._sync_error("aug over mixed accept states", gfn, level)
-        self.leaves[(level, gfn)] = SeptLeaf(pfn, level, states.pop())
+        accepted = states.pop()
+        self.kvm.events[events.SEPT_AUG + 2 * (level - 1) + accepted] += 1
+        self.leaves[(level, gfn)] = SeptLeaf(pfn, level, accepted)
 
     def remove(self, gfn: int, level: int) -> None:
         """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf.
@@ -86,6 +88,7 @@ class SecureEpt:
         leaf = self.leaves.pop((level, gfn), None)
         if leaf is None:
             raise self._sync_error("remove of missing leaf", gfn, level)
+        self.kvm.events[events.SEPT_REMOVE + level - 1] += 1
         for vcpu in self.kvm.vcpus:
             vcpu.flush_guest_physical()
         slot = self.kvm.memslots.lookup(gfn)
@@ -98,16 +101,19 @@ class SecureEpt:
         leaf = self.leaves.pop((level, gfn), None)
         if leaf is None:
             raise self._sync_error("demote of missing leaf", gfn, level)
+        self.kvm.events[events.SEPT_DEMOTE] += 1
         for i in range(PAGES_PER_2M):
             self.leaves[(PG_LEVEL_4K, gfn + i)] = SeptLeaf(leaf.pfn + i, PG_LEVEL_4K,
                                                            leaf.accepted)
 
     def block(self, head: int) -> None:
         """TDH.MEM.RANGE.BLOCK of a 2M range ahead of a merge."""
+        self.kvm.events[events.SEPT_BLOCK] += 1
         self.blocked.add(head)
 
     def unblock(self, head: int) -> None:
         """TDH.MEM.RANGE.UNBLOCK after a merge the module refused."""
+        self.kvm.events[events.SEPT_UNBLOCK] += 1
         self.blocked.discard(head)
 
     def merge(self, head: int) -> bool:
@@ -119,7 +125,9 @@ class SecureEpt:
         mixed_ok = faults.active("merge-partial-accept")
         if any(c.pfn != first.pfn + i or (c.accepted != first.accepted and not mixed_ok)
                for i, c in enumerate(children)):
+            self.kvm.events[events.SEPT_PROMOTE_REFUSED] += 1
             return False
+        self.kvm.events[events.SEPT_PROMOTE] += 1
         slot = self.kvm.memslots.lookup(head)
         pages = range(head - slot.base_gfn, head - slot.base_gfn + PAGES_PER_2M)
         if first.accepted:  # the merged leaf's state is the state of all 512 pages
@@ -137,6 +145,7 @@ class SecureEpt:
         slot = self.kvm.memslots.lookup(gfn)
         n = pages_per_level(leaf.level)
         first = gfn - slot.base_gfn
+        self.kvm.events[events.SEPT_ACCEPT + leaf.level - 1] += 1
         leaf.accepted = True
         slot.accepted.update(range(first, first + n))
         self.kvm.host.clear(leaf.pfn, n)
