@@ -187,6 +187,11 @@ class Stage2Mmu:
         """The roots the generic unmap and dirty-log code walks: stage 2 has just the one."""
         return [self.direct_root]
 
+    def held(self, roots: list) -> list:
+        """``roots`` as they are: the stage-2 pgd lives as long as the VM, no reference
+        counts (the TDP MMU's roots take one while the generic code works on them)."""
+        return roots
+
     def zap_leafs_all_roots(self, start: int, end: int):
         """Generator: kvm_arch_flush_shadow_memslot (mmu_lock held for write)."""
         return stage2_apply_range(self.kvm, start, end, kvm_pgtable_stage2_unmap)

@@ -47,12 +47,12 @@ class DirtyLogger:
         else:
             max_level = ROOT_LEVEL
             yield from kvm.mmu_lock.read_lock()
-            for root in mmu.direct_roots(only_valid=True):
+            for root in mmu.held(mmu.direct_roots(only_valid=True)):
                 yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
             kvm.mmu_lock.read_unlock()
         yield from kvm.mmu_lock.write_lock()
         changed = False
-        for root in mmu.direct_roots(only_valid=True):
+        for root in mmu.held(mmu.direct_roots(only_valid=True)):
             changed |= yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn,
                                                     max_level=max_level)
         if changed:
@@ -74,7 +74,7 @@ class DirtyLogger:
         state.bitmap = set()
         gfns = {slot.base_gfn + i for i in pages}
         changed = False
-        for root in kvm.mmu.direct_roots(only_valid=True) if gfns else ():
+        for root in kvm.mmu.held(kvm.mmu.direct_roots(only_valid=True) if gfns else ()):
             changed |= yield from kvm.mmu.write_protect(root, min(gfns), max(gfns) + 1, gfns)
         if changed:
             kvm.mmu.flush()

@@ -74,7 +74,7 @@ def split_slot(kvm, op):
     if slot is None:
         return EINVAL
     yield from kvm.mmu_lock.read_lock()
-    for root in kvm.mmu.roots(only_valid=True):
+    for root in kvm.mmu.held(kvm.mmu.roots(only_valid=True)):
         yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
     kvm.mmu_lock.read_unlock()
     return OK
@@ -215,7 +215,7 @@ def recover_range(kvm, root, slot, private: bool):
 def recover_slot(kvm, slot):
     """Generator: kvm_mmu_recover_huge_pages for one slot (and the TDX merge)."""
     yield from kvm.mmu_lock.read_lock()
-    for root in kvm.mmu.direct_roots(only_valid=True):
+    for root in kvm.mmu.held(kvm.mmu.direct_roots(only_valid=True)):
         yield from recover_range(kvm, root, slot, private=False)
     if slot.private:
         yield from recover_range(kvm, kvm.mmu.mirror_root, slot, private=True)

@@ -110,6 +110,21 @@ class TdpMmu:
         self.tdp_mmu_roots.remove(root)
         self.kvm.rcu.call_rcu(partial(self.alloc.free, root))
 
+    def held(self, roots: list):
+        """Each of ``roots`` with a reference taken while the caller works on it, as
+        for_each_tdp_mmu_root_yield_safe does (tdp_mmu_next_root: kvm_tdp_mmu_get_root,
+        then kvm_tdp_mmu_put_root of the previous one): a zap that yields and drops
+        mmu_lock must not find its root freed by a vCPU putting the last reference
+        meanwhile.  A root whose last reference is already gone is skipped."""
+        for root in roots:
+            if root not in self.root_count:
+                continue
+            self.root_count[root] += 1
+            try:
+                yield root
+            finally:
+                self.put_root(root)
+
     def invalidate_roots(self) -> list[TablePage]:
         """kvm_tdp_mmu_invalidate_roots(KVM_DIRECT_ROOTS), mmu_lock held for write: mark the
         valid direct roots invalid; returns them, to be zapped (tdp_mmu_scheduled_root_to_zap)."""
@@ -380,7 +395,7 @@ class TdpMmu:
         """Generator: zap [start, end) in the direct and the mirror root (slot removal)."""
         # 4e103134b862 zapped the slot's gfns through the 4K rmaps only.
         max_level = PG_LEVEL_4K if faults.active("slot-delete-leaf-only") else ROOT_LEVEL
-        for root in self.roots():
+        for root in self.held(self.roots()):
             yield from self.zap_leafs(root, start, end, max_level=max_level)
 
     def zap_root(self, root: TablePage):

@@ -31,7 +31,7 @@ def host_invalidate(kvm, op: HostInvalidate):
     kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
                          ranges[-1][0].base_gfn + ranges[-1][2])
     for slot, a, b in ranges:  # kvm_tdp_mmu_unmap_gfn_range: every root, invalid ones too
-        for root in mmu.direct_roots():
+        for root in mmu.held(mmu.direct_roots()):
             yield from mmu.zap_leafs(root, slot.base_gfn + a, slot.base_gfn + b)
     kvm.mmu_lock.write_unlock()
     yield

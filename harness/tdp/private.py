@@ -211,7 +211,7 @@ def set_memory_attributes(kvm, op: SetAttributes):
     for slot in zapped:
         a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
         if private:
-            for root in mmu.direct_roots():
+            for root in mmu.held(mmu.direct_roots()):
                 yield from mmu.zap_leafs(root, a, b)
         else:
             for edge in (a, b - 1):
