@@ -231,6 +231,31 @@ def test_blocked_side_lets_the_other_run_and_deadlock_is_a_hang():
         run(held.read_lock())
 
 
+def test_a_waiting_writer_queues_new_readers_behind_it():
+    """qrwlock: a reader that retries cannot starve a writer that waits for the lock."""
+    lock, order = RwLock(), []
+    lock.readers = 1  # a reader holds the lock when the writer arrives
+
+    def writer():
+        yield from lock.write_lock()
+        order.append("w")
+        lock.write_unlock()
+
+    def reader():
+        yield from lock.read_lock()
+        order.append("r")
+        lock.read_unlock()
+
+    waiting = writer()
+    next(waiting)  # the writer spins: readers present
+    assert lock.writers_waiting == 1
+    late = reader()
+    assert next(late) is not None  # blocked behind the waiting writer, not admitted
+    lock.readers = 0  # the first reader leaves
+    assert interleave([late, waiting], 0) == (None, None)
+    assert order == ["w", "r"] and lock.writers_waiting == 0
+
+
 def test_rcu_callback_waits_for_older_readers_only():
     rcu, freed = Rcu(), []
     old = rcu.read_lock()

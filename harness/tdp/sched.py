@@ -103,15 +103,24 @@ def interleave(sides, schedule: int, after_step=None, on_switch=None, taken=None
 
 
 class RwLock:
-    """kvm->mmu_lock: faults take it for read; memslot updates and zap_all for write."""
+    """kvm->mmu_lock: faults take it for read; memslot updates and zap_all for write.
+
+    x86's rwlock is a queued rwlock, which is fair to writers: once a writer
+    waits, a new reader queues behind it (``queued_read_lock`` takes the fast
+    path only while no ``_QW_WMASK`` bit, _QW_WAITING included, is set).
+    Without that, a vCPU whose fault retries while an invalidation is in
+    progress re-takes the read lock forever ahead of the invalidation that
+    waits to finish: a livelock the kernel cannot have.
+    """
 
     def __init__(self):
         self.readers = 0
         self.writer = False
         self.waiters = 0  # threads spinning on the lock: what rwlock_needbreak sees
+        self.writers_waiting = 0  # _QW_WAITING: new readers queue behind them
 
     def _readable(self) -> bool:
-        return not self.writer
+        return not self.writer and not self.writers_waiting
 
     def _writable(self) -> bool:
         return not self.writer and self.readers == 0
@@ -127,8 +136,13 @@ class RwLock:
 
     def write_lock(self):
         """Generator: take the lock for write."""
-        yield from self._wait(self._writable)
-        self.writer = True
+        if self._writable():
+            self.writer = True
+        else:
+            self.writers_waiting += 1
+            yield from self._wait(self._writable)
+            self.writers_waiting -= 1
+            self.writer = True
         yield
 
     def write_unlock(self) -> None:
