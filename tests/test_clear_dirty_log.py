@@ -245,3 +245,31 @@ def test_decoded_headers_use_every_mode_and_mutation_can_switch_it():
     assert seen == set(ManualProtect)
     assert any(isinstance(op, ClearDirtyLog) for seed in range(200)
                for op in decode(random.Random(seed).randbytes(64)).ops)
+
+
+def _writable_2m(name: str, target) -> list:
+    """The writable flags of the target's 2M leaves, in its own page-table format."""
+    if name == "stage2":
+        from mmufuzz.harness.stage2.invariants import _BLOCK_2M, take_snapshot
+        from mmufuzz.harness.stage2.pte import KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+        return [bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+                for (level, _), pte in take_snapshot(target.kvm).leaves.items()
+                if level == _BLOCK_2M]
+    from mmufuzz.harness.shadow.invariants import _live
+    from mmufuzz.harness.shadow.spte import is_last_spte, is_shadow_present_pte, is_writable_pte
+    return [is_writable_pte(spte) for sp, entries in _live(target.kvm) for _, spte in entries
+            if sp.level == PG_LEVEL_2M and is_shadow_present_pte(spte)
+            and is_last_spte(spte, sp.level)]
+
+
+@pytest.mark.parametrize("name", ["shadow", "stage2"])
+def test_other_mmus_keep_the_2m_leaf_until_a_clear_write_protects_it(name):
+    """arm64's commit_memory_region and x86's shadow MMU also leave the 2M leaf writable when
+    logging starts initially-set; their clears write-protect it (any page of it will do)."""
+    target = make_target(name)
+    _run(target, program(HUGE, "init_set"))
+    assert _writable_2m(name, target) == [True]
+    target.check_invariants()
+    _run(target, program(HUGE + "clear_dirty_log slot=0 first=0x40 npages=0x40\n", "init_set"))
+    assert _writable_2m(name, target) == [False]
+    target.check_invariants()
