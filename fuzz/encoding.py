@@ -535,6 +535,17 @@ _FIRST_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_OPCODES)}
 _SIMPLE_OPCODES = _OPCODES[:sum(w for _, w in _OP_WEIGHTS)]
 _FIRST_SIMPLE_OPCODE = {kind: _OPCODES.index(kind) for kind in dict.fromkeys(_SIMPLE_OPCODES)}
 
+
+def opcode_table() -> tuple:
+    """The kind ``(op class, actors)`` each of the 256 opcode bytes decodes to: the
+    decoder's op mix, which a generator that draws op kinds itself starts from."""
+    return _OPCODES
+
+
+def opcode(kind: tuple) -> int:
+    """The first opcode byte that decodes to ``kind`` (``(op class, actors)``)."""
+    return _FIRST_OPCODE[kind]
+
 _GFN_CONSTANTS = (0x0, 0x1, 0x1ff, 0x200, 0x201, 0x3ff, 0x400, 0x600, 0x800, 0x1000)
 _NPAGES = (0x1, 0x2, 0x10, 0x1ff, 0x200, 0x201, 0x400, 0x600)
 _WORDS = (0, 1, 7, 255, 511)
