@@ -1,15 +1,17 @@
-"""Dirty logging: write-protect on enable, log on writable installs, clear on get.
+"""Dirty logging: arm on enable, log on writable installs and dirtying writes, re-arm on get.
 
 A gfn is logged when a writable SPTE for it is installed (make_spte's
-mark_page_dirty_in_slot, done here from handle_changed_spte), so a write can
-only go unlogged through a writable SPTE or TLB entry that predates the last
-get or the enable: both re-write-protect and flush.
+mark_page_dirty_in_slot, done here from handle_changed_spte), when the fast
+path makes a write-protected one writable again, and, with PML, when the CPU
+sets a leaf's Dirty bit.  So a write can only go unlogged through a writable
+(write-protect mode) or dirty (PML mode) SPTE or TLB entry that predates the
+last get or the enable: both re-arm the leaves and flush.
 """
 
 from __future__ import annotations
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import EINVAL, PG_LEVEL_4K, DirtyLog, GetDirtyLog
+from mmufuzz.harness.ops import EINVAL, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLog, GetDirtyLog
 from mmufuzz.harness.tdp.huge import split_range
 from mmufuzz.harness.tdp.spte import ROOT_LEVEL
 
@@ -20,12 +22,14 @@ class DirtyLogger:
     def __init__(self, kvm):
         self.kvm = kvm
 
-    def mark_page_dirty_in_slot(self, gfn: int) -> None:
-        """Log ``gfn`` if its slot logs."""
+    def mark_page_dirty_in_slot(self, gfn: int, slot=None) -> None:
+        """Log ``gfn`` if its slot logs: ``slot`` when the caller resolved it (a fault's
+        fault->slot), else the one the gfn is in now (kvm_vcpu_mark_page_dirty)."""
         memslots = self.kvm.memslots
         if not memslots.logging:
             return
-        slot = memslots.lookup(gfn)
+        if slot is None:
+            slot = memslots.lookup(gfn)
         if slot is not None and slot.dirty is not None:
             slot.dirty.bitmap.add(gfn - slot.base_gfn)
 
@@ -39,7 +43,15 @@ class DirtyLogger:
             slot.dirty.written.add(gfn - slot.base_gfn)
 
     def enable(self, slot):
-        """Generator: kvm_mmu_slot_apply_flags on enable: eager split, then write-protect."""
+        """Generator: kvm_mmu_slot_apply_flags on enable: eager split, then make every
+        later write of the slot reach the log, then flush unconditionally (KVM commit
+        b64d740ea7dd: stale TLB entries may exist where no SPTE changes).
+
+        With PML (``cpu_dirty_log_size``) that is clearing the Dirty bits of the
+        slot's leaves (kvm_mmu_slot_leaf_clear_dirty, mmu_lock for read) and
+        write-protecting its huge leaves (kvm_mmu_slot_remove_write_access from
+        PG_LEVEL_2M); without, write-protecting every leaf.
+        """
         kvm = self.kvm
         mmu = kvm.mmu
         if faults.active("dirty-log-keeps-huge"):
@@ -50,18 +62,26 @@ class DirtyLogger:
             for root in mmu.held(mmu.direct_roots(only_valid=True)):
                 yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
             kvm.mmu_lock.read_unlock()
+        pml = kvm.cpu_dirty_log_size != 0
+        if pml:
+            yield from kvm.mmu_lock.read_lock()
+            for root in mmu.held(mmu.direct_roots(only_valid=True)):
+                yield from mmu.clear_dirty(root, slot.base_gfn, slot.end_gfn,
+                                           max_level=max_level)
+            kvm.mmu_lock.read_unlock()
         yield from kvm.mmu_lock.write_lock()
-        changed = False
         for root in mmu.held(mmu.direct_roots(only_valid=True)):
-            changed |= yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn,
-                                                    max_level=max_level)
-        if changed:
-            mmu.flush()
+            yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn, max_level=max_level,
+                                         min_level=PG_LEVEL_2M if pml else PG_LEVEL_4K)
+        mmu.flush()
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True
 
     def get(self, op: GetDirtyLog):
-        """Generator: KVM_GET_DIRTY_LOG: report and clear, re-write-protect, flush."""
+        """Generator: KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): report and clear the
+        bitmap, then re-arm each reported gfn's 4K leaf (kvm_arch_mmu_enable_log_dirty_pt_masked:
+        clear its Dirty bit with PML, else write-protect it), and flush if anything was
+        reported.  (The PML buffers need no kick first: see Vcpu._set_dirty.)"""
         kvm = self.kvm
         yield from kvm.slots_lock.write_lock()
         slot = kvm.memslots.by_id.get(op.slot)
@@ -70,14 +90,19 @@ class DirtyLogger:
             return EINVAL
         yield from kvm.mmu_lock.write_lock()
         state = slot.dirty
+        late = faults.active("dirty-log-rearm-before-harvest")
         pages = sorted(state.bitmap)
-        state.bitmap = set()
+        if not late:
+            state.bitmap = set()
         gfns = {slot.base_gfn + i for i in pages}
-        changed = False
-        for root in kvm.mmu.held(kvm.mmu.direct_roots(only_valid=True) if gfns else ()):
-            changed |= yield from kvm.mmu.write_protect(root, min(gfns), max(gfns) + 1, gfns)
-        if changed:
-            kvm.mmu.flush()
+        mmu = kvm.mmu
+        rearm = mmu.clear_dirty if kvm.cpu_dirty_log_size else mmu.write_protect
+        for root in mmu.held(mmu.direct_roots(only_valid=True) if gfns else ()):
+            yield from rearm(root, min(gfns), max(gfns) + 1, gfns, max_level=PG_LEVEL_4K)
+        if late:  # the bitmap taken after the re-arm: what was logged meanwhile goes with it
+            pages, state.bitmap = sorted(state.bitmap), set()
+        if gfns:
+            mmu.flush()
         state.written = set()
         kvm.mmu_lock.write_unlock()
         kvm.slots_lock.write_unlock()
