@@ -18,6 +18,7 @@ from mmufuzz.harness.ops import (
     AccessKind,
     DirtyLog,
     GetDirtyLog,
+    HostInvalidate,
     MemslotAdd,
     MemslotFlag,
     MemslotSetFlags,
@@ -170,31 +171,37 @@ def _schedules(vm_factory, program, schedules, inject=()):
     return results
 
 
-RACE = [vm_write(0, 1), vm_write(1, 1),
-        (GetDirtyLog(0), vm_write(0, 2, vcpu=1))]
+# The get races a write on another vCPU to a logged page: in PML mode the CPU sets the
+# cleared Dirty bit, in write-protect mode (a TD) the write's fast path fixes the leaf.
+RACES = {
+    False: [vm_write(0, 1), (GetDirtyLog(0), vm_write(0, 2, vcpu=1))],
+    True: [vm_write(0, 1), GetDirtyLog(0), (GetDirtyLog(0), vm_write(0, 2, vcpu=1))],
+}
 
 
 @pytest.mark.parametrize("tdx", [False, True], ids=["pml", "write-protect"])
 def test_get_racing_a_lockless_dirtying_write_loses_nothing(tdx):
-    """The fast path (write-protect mode) or the CPU's Dirty-bit set (PML) races the get's
-    re-arm: every schedule is clean, and taking the bitmap after the re-arm
-    (edde99ce0529's bug) is caught by some."""
+    """Every schedule is clean; taking the bitmap after the re-arm (the order before KVM
+    commit edde99ce0529) is caught by some, through the invariants."""
     def factory():
-        return logging_vm(tdx)
-    schedules = range(0, 1 << 10, 3)
-    clean = _schedules(factory, RACE, schedules)
+        return logging_vm(tdx, npages=1)
+    schedules = range(0, 1 << 9)
+    clean = _schedules(factory, RACES[tdx], schedules)
     assert all(finding is None for finding in clean.values())
-    caught = _schedules(factory, RACE, schedules, ["dirty-log-rearm-before-harvest"])
-    names = {f.invariant or f.kind for f in caught.values() if f is not None}
-    assert names and names <= {"dirty_state_logged", "divergence"}
+    caught = _schedules(factory, RACES[tdx], schedules, ["dirty-log-rearm-before-harvest"])
+    names = {f.invariant for f in caught.values() if f is not None}
+    assert names and names <= {"dirty_state_logged", "dirty_log_covers_writes"}
 
 
-def test_fast_path_loses_its_cmpxchg_to_a_racing_write_protect_and_retries():
-    program = [vm_write(0, 1), vm_write(1, 1), GetDirtyLog(0), vm_write(0, 2),
-               (GetDirtyLog(0), vm_write(0, 3, vcpu=1))]
+@pytest.mark.parametrize("rival", ["fast-path", "zap"])
+def test_fast_path_loses_its_cmpxchg_to_a_rival_and_retries(rival):
+    """Two vCPUs fix the same write-protected leaf, or a host invalidation freezes it: the
+    loser's cmpxchg fails and it retries (then finds the leaf writable, or gone)."""
+    other = vm_write(0, 3) if rival == "fast-path" else HostInvalidate(0, 1)
+    program = [vm_write(0, 1), GetDirtyLog(0), (other, vm_write(0, 2, vcpu=1))]
     lost = 0
-    for schedule in range(0, 1 << 10, 3):
-        vm = logging_vm(True)
+    for schedule in range(0, 1 << 9):
+        vm = logging_vm(True, npages=1)
         for op in program[:-1]:
             vm.do(op)
         before = vm.kvm.events[events.FAST_PF_CMPXCHG_LOST]

@@ -90,20 +90,37 @@ class DirtyLogger:
             return EINVAL
         yield from kvm.mmu_lock.write_lock()
         state = slot.dirty
-        late = faults.active("dirty-log-rearm-before-harvest")
+        if faults.active("dirty-log-rearm-before-harvest"):
+            return (yield from self._get_rearm_first(slot))
         pages = sorted(state.bitmap)
-        if not late:
-            state.bitmap = set()
+        state.bitmap = set()
         gfns = {slot.base_gfn + i for i in pages}
-        mmu = kvm.mmu
-        rearm = mmu.clear_dirty if kvm.cpu_dirty_log_size else mmu.write_protect
-        for root in mmu.held(mmu.direct_roots(only_valid=True) if gfns else ()):
-            yield from rearm(root, min(gfns), max(gfns) + 1, gfns, max_level=PG_LEVEL_4K)
-        if late:  # the bitmap taken after the re-arm: what was logged meanwhile goes with it
-            pages, state.bitmap = sorted(state.bitmap), set()
-        if gfns:
-            mmu.flush()
+        yield from self._rearm(gfns)
         state.written = set()
         kvm.mmu_lock.write_unlock()
+        kvm.slots_lock.write_unlock()
+        return DirtyLog(tuple(slot.base_gfn + i for i in pages))
+
+    def _rearm(self, gfns: set):
+        """Generator: kvm_arch_mmu_enable_log_dirty_pt_masked for ``gfns`` (clear the Dirty
+        bit of their 4K leaves with PML, else write-protect them), then flush if any."""
+        mmu = self.kvm.mmu
+        rearm = mmu.clear_dirty if self.kvm.cpu_dirty_log_size else mmu.write_protect
+        for root in mmu.held(mmu.direct_roots(only_valid=True) if gfns else ()):
+            yield from rearm(root, min(gfns), max(gfns) + 1, gfns, max_level=PG_LEVEL_4K)
+        if gfns:
+            mmu.flush()
+
+    def _get_rearm_first(self, slot):
+        """Generator: the fault's KVM_GET_DIRTY_LOG, in the order of KVM before commit
+        edde99ce0529: re-arm the logged gfns under mmu_lock, then swap the bitmap out
+        after the memslot update's synchronize_srcu, so whatever a fault or the CPU
+        logged meanwhile is reported and its page left armed no more."""
+        kvm = self.kvm
+        state = slot.dirty
+        yield from self._rearm({slot.base_gfn + i for i in state.bitmap})
+        kvm.mmu_lock.write_unlock()
+        yield from kvm.srcu.synchronize()
+        pages, state.bitmap, state.written = sorted(state.bitmap), set(), set()
         kvm.slots_lock.write_unlock()
         return DirtyLog(tuple(slot.base_gfn + i for i in pages))
