@@ -225,6 +225,11 @@ class Stage2DirtyLogger(DirtyLogger):
         kvm.tlbi.flush_vmid()
         slot.dirty.armed = True
 
+    def rearm_leaves(self, root, gfns: set):
+        """Generator: arm64's kvm_arch_mmu_enable_log_dirty_pt_masked: write-protect the
+        span of the logged gfns (kvm_mmu_write_protect_pt_masked)."""
+        yield from self.kvm.mmu.write_protect(root, min(gfns), max(gfns) + 1, gfns)
+
 
 def memslot_set_flags(kvm, op):
     """Generator: KVM_MR_FLAGS_ONLY, then kvm_arch_commit_memory_region.

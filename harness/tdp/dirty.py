@@ -102,14 +102,19 @@ class DirtyLogger:
         return DirtyLog(tuple(slot.base_gfn + i for i in pages))
 
     def _rearm(self, gfns: set):
-        """Generator: kvm_arch_mmu_enable_log_dirty_pt_masked for ``gfns`` (clear the Dirty
-        bit of their 4K leaves with PML, else write-protect them), then flush if any."""
+        """Generator: re-arm ``gfns`` in every valid root, then flush if there were any."""
         mmu = self.kvm.mmu
-        rearm = mmu.clear_dirty if self.kvm.cpu_dirty_log_size else mmu.write_protect
         for root in mmu.held(mmu.direct_roots(only_valid=True) if gfns else ()):
-            yield from rearm(root, min(gfns), max(gfns) + 1, gfns, max_level=PG_LEVEL_4K)
+            yield from self.rearm_leaves(root, gfns)
         if gfns:
             mmu.flush()
+
+    def rearm_leaves(self, root, gfns: set):
+        """Generator: x86's kvm_arch_mmu_enable_log_dirty_pt_masked in ``root``: clear the
+        Dirty bit of the 4K leaves of ``gfns`` with PML, else write-protect them."""
+        mmu = self.kvm.mmu
+        rearm = mmu.clear_dirty if self.kvm.cpu_dirty_log_size else mmu.write_protect
+        yield from rearm(root, min(gfns), max(gfns) + 1, gfns, max_level=PG_LEVEL_4K)
 
     def _get_rearm_first(self, slot):
         """Generator: the fault's KVM_GET_DIRTY_LOG, in the order of KVM before commit
