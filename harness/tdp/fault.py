@@ -26,6 +26,7 @@ from mmufuzz.harness.tdp.spte import (
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
     SPTE_MMU_PRESENT_MASK,
+    TDP_MAX_GFN,
     is_access_allowed,
     is_last_spte,
     is_mmu_writable_spte,
@@ -190,6 +191,8 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
     if fault.is_private and (slot is None or not slot.private):
         return MemoryFaultExit(gfn << 12, True)
     if slot is None:
+        if gfn > TDP_MAX_GFN:
+            return MmioExit(fault.addr, fault.write)  # kvm_handle_noslot_fault: emulate
         return RET_PF_CONTINUE  # kvm_handle_noslot_fault: the map installs an MMIO SPTE
     if slot.invalid:
         kvm.events[events.RETRY_SLOT_INVALID] += 1
