@@ -178,12 +178,13 @@ def test_enable_keeps_the_2m_leaf_only_when_initially_set(mode, huge_after_enabl
 
 
 def test_clear_write_protects_the_2m_leaf_and_the_next_write_is_logged():
-    from mmufuzz.harness.tdp.spte import PT_WRITABLE_MASK
+    from mmufuzz.harness.tdp.spte import PT_WRITABLE_MASK, SPTE_DIRTY_MASK
     prog = program(HUGE + "clear_dirty_log slot=0 first=0x0 npages=0x200\n", "init_set")
     target = make_target("tdp")
     _run(target, prog)
     level, spte = _tdp_leaf_level(target, 0x3ff)
-    assert not spte & PT_WRITABLE_MASK
+    # Split, then re-armed: a default VM logs with PML (Dirty cleared), a TD write-protects.
+    assert level == 1 and not (spte & PT_WRITABLE_MASK and spte & SPTE_DIRTY_MASK)
     target.check_invariants()
     write = parse_reproducer("vm type=default vcpus=1\naccess vcpu=0 gpa=0x3ff000 word=0 "
                              "kind=write value=0x5 private=0\nget_dirty_log slot=0\n").program.ops
@@ -209,7 +210,8 @@ get_dirty_log slot=0
     assert checked.invariant == "dirty_log_write_protected" and checked.op_index == 3
 
 
-def test_dirty_log_write_protected_fails_on_a_writable_leaf_over_a_clear_bit():
+def test_a_writable_dirty_4k_leaf_over_a_clear_bit_breaks_an_invariant():
+    """Huge leaves are dirty_log_write_protected's (above); 4K leaves dirty_state_logged's."""
     target = make_target("tdp")
     _run(target, program(SLOT + "access vcpu=0 gpa=0x101000 word=0 kind=write value=0x1 "
                                 "private=0\n"))
@@ -219,7 +221,7 @@ def test_dirty_log_write_protected_fails_on_a_writable_leaf_over_a_clear_bit():
     state.written.discard(0x1)
     with pytest.raises(InvariantViolation) as error:
         target.check_invariants()
-    assert error.value.name == "dirty_log_write_protected" and "gfn=0x101" in str(error.value)
+    assert error.value.name == "dirty_state_logged" and "gfn=0x101" in str(error.value)
 
 
 # --- encodings -------------------------------------------------------------------------

@@ -42,6 +42,8 @@ from mmufuzz.harness.tdp.private import SecureEpt
 from mmufuzz.harness.tdp.sched import Rcu, RwLock
 from mmufuzz.harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
 
+PML_LOG_NR_ENTRIES = 512  # vmx.h: the PML buffer is one page of gpas
+
 
 class Kvm:
     """One VM (struct kvm), created from a program header."""
@@ -50,6 +52,10 @@ class Kvm:
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
         self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
+        # kvm->arch.cpu_dirty_log_size: vmx_vm_init sets it (enable_pml), tdx_vm_init does
+        # not (TDX has no PML).  Non-zero: dirty logging clears Dirty bits and the CPU logs
+        # writes (PML); zero: it write-protects (kvm_mmu_slot_apply_flags).
+        self.cpu_dirty_log_size = 0 if self.tdx else PML_LOG_NR_ENTRIES
         self.pgalloc = PageTableAllocator(self.host)
         self.attributes = MemoryAttributes()
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
