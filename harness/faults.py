@@ -132,6 +132,23 @@ _TDP_FAULTS = (
           "range_end()\")",
           "a fault installs an SPTE between invalidation start and end (mmu_invalidate_seq "
           "not checked)", concurrent=True),
+    Fault("td-mmio-misconfig", "tdp",
+          "\"[PATCH v14 032/113] KVM: x86/mmu: Allow non-zero value for non-present SPTE and "
+          "removed SPTE\" (Isaku Yamahata, 2023-05), https://lkml.iu.edu/hypermail/linux/"
+          "kernel/2305.3/05025.html: a TD's MMIO SPTE must have RWX=0 and suppress-#VE clear "
+          "so that the TD gets #VE \"instead of EPT misconfigration unlike VMX case\"; "
+          "mainline does it per VM in tdx_vm_init (kvm_mmu_set_mmio_spte_value(kvm, 0)), "
+          "and tdx_handle_exit answers an EPT-misconfig TD exit with KVM_BUG_ON",
+          "a TD keeps the VMX MMIO SPTE value (write+execute, a misconfiguration): the next "
+          "access to a cached MMIO gfn is an EPT-misconfig TD exit"),
+    Fault("noslot-before-attributes", "tdp",
+          "\"KVM: x86/mmu: Move private vs. shared check above slot validity checks\" (Sean "
+          "Christopherson, series \"KVM: x86/mmu: Page fault and MMIO cleanups\", "
+          "2024-02-27, https://lore.kernel.org/all/20240228024147.41573-1-seanjc@google.com/): "
+          "\"as is, KVM will exit to userspace if there is no memslot\" although the "
+          "attributes mismatch",
+          "a shared fault on a slot-less gfn whose attribute is private installs an MMIO "
+          "SPTE and emulates, instead of the memory-fault exit"),
 )
 
 _STAGE2_FAULTS = (

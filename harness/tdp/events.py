@@ -49,6 +49,8 @@ _OTHER = (
     *(f"walk:fill:L{level}" for level in _LEVELS),
     "walk:aborted_by_flush", "walk:mmio:current", "walk:mmio:stale", "walk:ve",
     "tlb:flush:held_entries", "tlb:flush:empty",
+    # A TD's walk met an MMIO SPTE: #VE to the guest, TDVMCALL<MMIO>, no generation check.
+    "walk:mmio:td_ve",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
@@ -77,4 +79,5 @@ WALK_FILL = event("walk:fill:L1") - PG_LEVEL_4K  # + level
 WALK_ABORTED = event("walk:aborted_by_flush")
 WALK_MMIO_CURRENT, WALK_MMIO_STALE = event("walk:mmio:current"), event("walk:mmio:stale")
 WALK_VE = event("walk:ve")
+WALK_MMIO_TD_VE = event("walk:mmio:td_ve")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")

@@ -8,6 +8,7 @@ generator (see sched) so that two ops can be interleaved.
 
 from __future__ import annotations
 
+from mmufuzz.harness import faults
 from mmufuzz.harness.ops import (
     Accept,
     Access,
@@ -48,7 +49,9 @@ class Kvm:
     def __init__(self, header: VmHeader):
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
-        self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
+        # tdx_vm_init: kvm_mmu_set_mmio_spte_value(kvm, 0), the per-VM MMIO value.
+        td_mmio = self.tdx and not faults.active("td-mmio-misconfig")
+        self.mmio_value = TDX_MMIO_VALUE if td_mmio else VMX_EPT_MISCONFIG_WX_VALUE
         self.pgalloc = PageTableAllocator(self.host)
         self.attributes = MemoryAttributes()
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
