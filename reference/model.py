@@ -213,7 +213,7 @@ class Reference:
         if effect is not None:
             effect()
         if type(actual) is MmioExit and self._tdx:
-            self._note_mmio(op, actual)
+            self._note_mmio(actual)
         return None
 
     def run(self, op):
@@ -224,23 +224,23 @@ class Reference:
         if effect is not None:
             effect()
         if type(outcome) is MmioExit and self._tdx:
-            self._note_mmio(op, outcome)
+            self._note_mmio(outcome)
         return outcome
 
-    def _note_mmio(self, op, exit_: MmioExit) -> None:
+    def _note_mmio(self, exit_: MmioExit) -> None:
         """A TD's shared access that exited to MMIO leaves an MMIO SPTE at the exit's gfn.
 
         KVM installs one whenever a shared fault finds no memslot
         (``kvm_handle_noslot_fault``, then ``RET_PF_EMULATE``), and the exit's gpa
-        is the gfn that faulted: the data's, or a guest table's for a walk's read.
-        In a TD nothing checks its generation (the CPU delivers #VE to the guest,
-        which asks for MMIO with TDVMCALL), so it keeps giving ``mmio_exit`` until
-        a fast zap replaces the direct root, even after a memslot or a private
-        attribute appears there (SEMANTICS §E).  A readonly slot's write exit
-        installs none, but a TD has no readonly slots.
+        is the gfn that faulted: the data's, or a guest table's for a walk's read
+        (always shared, whatever the op's ``private``; a private access never
+        exits to MMIO).  In a TD nothing checks its generation (the CPU delivers
+        #VE to the guest, which asks for MMIO with TDVMCALL), so it keeps giving
+        ``mmio_exit`` until a fast zap replaces the direct root, even after a
+        memslot or a private attribute appears there (SEMANTICS §E).  A readonly
+        slot's write exit installs none, but a TD has no readonly slots.
         """
-        if not getattr(op, "private", False):
-            self._mmio = self._mmio | {exit_.gpa >> PAGE_SHIFT}
+        self._mmio = self._mmio | {exit_.gpa >> PAGE_SHIFT}
 
     def settle(self, pair, actual, before: "Reference") -> None:
         """Apply what a ``parallel`` may leave beyond any order of its sides.
