@@ -149,6 +149,22 @@ _TDP_FAULTS = (
           "attributes mismatch",
           "a shared fault on a slot-less gfn whose attribute is private installs an MMIO "
           "SPTE and emulates, instead of the memory-fault exit"),
+    Fault("sept-remove-no-track", "tdp",
+          "\"KVM: TDX: Handle TLB tracking for TDX\" (Isaku Yamahata, TDX MMU part 2 series, "
+          "2024, https://lore.kernel.org/kvm/?q=%22KVM%3A+TDX%3A+Handle+TLB+tracking+for+TDX"
+          "%22): tdx_sept_remove_private_spte's \"TDX requires TLB tracking before dropping "
+          "private page.  Do it here, although it is also done later.\"; the TDX module fails "
+          "TDH.MEM.PAGE.REMOVE with TDX_TLB_TRACKING_NOT_DONE otherwise",
+          "removing a private leaf issues RANGE.BLOCK then PAGE.REMOVE with no TDH.MEM.TRACK "
+          "between them (the tracking left to the later remote TLB flush)"),
+    Fault("sept-busy-no-retry", "tdp",
+          "\"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page removal\" (Yan "
+          "Zhao, 2025-01, https://lore.kernel.org/kvm/?q=%22Kick+off+vCPUs+when+SEAMCALL+is+"
+          "busy%22); before it tdx_sept_zap_private_spte returned -EBUSY on TDX_OPERAND_BUSY "
+          "from TDH.MEM.RANGE.BLOCK and remove_external_spte answered with KVM_BUG_ON; "
+          "mainline's tdh_do_no_vcpus retries once with every vCPU forced out",
+          "a BLOCK/REMOVE that meets a guest TDCALL holding the S-EPT entry (TDX_OPERAND_BUSY) "
+          "is not retried: KVM_BUG_ON", concurrent=True),
 )
 
 _STAGE2_FAULTS = (

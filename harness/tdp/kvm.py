@@ -38,8 +38,8 @@ from mmufuzz.harness.tdp.hostmem import HostMemory
 from mmufuzz.harness.tdp.memslots import Memslots
 from mmufuzz.harness.tdp.mmu import TdpMmu
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
-from mmufuzz.harness.tdp.private import SecureEpt
 from mmufuzz.harness.tdp.sched import Rcu, RwLock
+from mmufuzz.harness.tdp.sept import SecureEpt
 from mmufuzz.harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
 
 
