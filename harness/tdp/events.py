@@ -51,6 +51,8 @@ _OTHER = (
     "tlb:flush:held_entries", "tlb:flush:empty",
     # A TD's walk met an MMIO SPTE: #VE to the guest, TDVMCALL<MMIO>, no generation check.
     "walk:mmio:td_ve",
+    # A SEAMCALL met a guest TDCALL holding its S-EPT entry (TDX_OPERAND_BUSY).
+    "sept:operand_busy",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
@@ -80,4 +82,5 @@ WALK_ABORTED = event("walk:aborted_by_flush")
 WALK_MMIO_CURRENT, WALK_MMIO_STALE = event("walk:mmio:current"), event("walk:mmio:stale")
 WALK_VE = event("walk:ve")
 WALK_MMIO_TD_VE = event("walk:mmio:td_ve")
+SEPT_OPERAND_BUSY = event("sept:operand_busy")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")

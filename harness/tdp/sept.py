@@ -143,8 +143,11 @@ class SecureEpt:
     def _busy(self, gfn: int, level: int) -> bool:
         """A TDCALL in flight holds an entry whose range meets this one's."""
         end = gfn + pages_per_level(level)
-        return any(call.entry.gfn < end and gfn < call.entry.gfn + pages_per_level(
-            call.entry.level) for call in self.held)
+        if any(call.entry.gfn < end and gfn < call.entry.gfn + pages_per_level(call.entry.level)
+               for call in self.held):
+            self.kvm.events[events.SEPT_OPERAND_BUSY] += 1
+            return True
+        return False
 
     # --- SEAMCALLs (host side); each returns a status ----------------------------
 
