@@ -237,3 +237,16 @@ def test_a_td_with_the_vmx_mmio_value_takes_an_ept_misconfig_exit():
         assert vm.read(0x300) == MmioExit(0x300000, False)
         with pytest.raises(AssertionError, match="td_ept_misconfig"):
             vm.read(0x300)
+
+
+def test_the_secure_ept_survives_a_snapshot_round_trip():
+    # Campaigns restore VMs from pickles: entry states must compare equal, not identical.
+    vm = private_vm()
+    vm.read(0x203, private=True)
+    vm.do(Accept(0, 0x203000, PG_LEVEL_4K))
+    target = vm.target
+    target.restore(target.snapshot())
+    kvm = target.kvm
+    assert kvm.sept.lookup(0x203).state == MAPPED and kvm.sept.lookup(0x204).state == PENDING
+    assert tdx.tdx_sept_merge_private_spt(kvm, 0x200) is False  # refused, and unblocked again
+    assert kvm.sept.lookup(0x203) is kvm.sept.entry(0x203, PG_LEVEL_4K)

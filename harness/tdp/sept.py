@@ -120,10 +120,10 @@ class SecureEpt:
             if entry is None:
                 return None
             state = entry.state
-            if state is NL_MAPPED:
+            if state == NL_MAPPED:
                 page = entry.child
                 continue
-            return entry if state is MAPPED or state is PENDING else None
+            return entry if state == MAPPED or state == PENDING else None
 
     def entries(self):
         """Every entry, depth first: (level, gfn) -> entry."""
@@ -227,7 +227,7 @@ class SecureEpt:
         where = self._slot(gfn, level)
         entry = None if where is None else where[0].entries.get(where[1])
         status = self._tracked(entry, (BLOCKED, PENDING_BLOCKED))
-        if status is TDX_SUCCESS:
+        if status == TDX_SUCCESS:
             self.kvm.events[events.SEPT_REMOVE + level - 1] += 1
             del where[0].entries[where[1]]
         return status
@@ -237,7 +237,7 @@ class SecureEpt:
         page of 512 4K leaves, unblocked, in its state."""
         entry = self.entry(gfn, level)
         status = self._tracked(entry, (BLOCKED, PENDING_BLOCKED))
-        if status is not TDX_SUCCESS:
+        if status != TDX_SUCCESS:
             return status
         self.kvm.events[events.SEPT_DEMOTE] += 1
         state = _UNBLOCK[entry.state]
@@ -253,7 +253,7 @@ class SecureEpt:
         accept state becomes a 2M leaf in that state; the S-EPT page goes back to KVM."""
         entry = self.entry(gfn, level)
         status = self._tracked(entry, (NL_BLOCKED,))
-        if status is not TDX_SUCCESS:
+        if status != TDX_SUCCESS:
             return status
         children = [entry.child.entries.get(i) for i in range(PAGES_PER_2M)]
         first = children[0]

@@ -52,7 +52,7 @@ def tdh_do_no_vcpus(kvm, seamcall, gfn: int, level: int) -> str:
     """A BLOCK/REMOVE/DEMOTE/PROMOTE SEAMCALL, retried once after forcing every vCPU out of
     the guest if a guest TDCALL held the entry (TDX_OPERAND_BUSY)."""
     status = seamcall(gfn, level)
-    if status is TDX_OPERAND_BUSY and not faults.active("sept-busy-no-retry"):
+    if status == TDX_OPERAND_BUSY and not faults.active("sept-busy-no-retry"):
         _force_vcpus_out(kvm)
         status = seamcall(gfn, level)
     return status
@@ -63,7 +63,7 @@ def tdx_track(kvm) -> None:
     shared and private EPT translations when it enters again (dropped at once here, as
     nothing can use them before)."""
     status = kvm.sept.track()
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.TRACK", 0, 0)
     _force_vcpus_out(kvm)
     for vcpu in kvm.vcpus:
@@ -73,21 +73,21 @@ def tdx_track(kvm) -> None:
 def tdx_block(kvm, gfn: int, level: int) -> None:
     """TDH.MEM.RANGE.BLOCK of the entry a removal, split or merge changes next."""
     status = tdh_do_no_vcpus(kvm, kvm.sept.range_block, gfn, level)
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.RANGE.BLOCK", gfn, level)
 
 
 def tdx_sept_link_private_spt(kvm, gfn: int, level: int) -> None:
     """A mirror table linked at ``level``: TDH.MEM.SEPT.ADD of its S-EPT page."""
     status = kvm.sept.sept_add(gfn, level)
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.SEPT.ADD", gfn, level)
 
 
 def tdx_sept_set_private_spte(kvm, gfn: int, level: int, pfn: int) -> None:
     """A mirror leaf added: TDH.MEM.PAGE.AUG (tdx_mem_page_aug)."""
     status = kvm.sept.page_aug(gfn, level, pfn)
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.PAGE.AUG", gfn, level)
 
 
@@ -99,7 +99,7 @@ def tdx_sept_remove_leaf_spte(kvm, gfn: int, level: int, pfn: int) -> None:
     if not faults.active("sept-remove-no-track"):
         tdx_track(kvm)
     status = tdh_do_no_vcpus(kvm, kvm.sept.page_remove, gfn, level)
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.PAGE.REMOVE", gfn, level)
     slot = kvm.memslots.lookup(gfn)
     first, n = gfn - slot.base_gfn, pages_per_level(level)
@@ -112,7 +112,7 @@ def tdx_sept_split_private_spt(kvm, gfn: int, level: int) -> None:
     tdx_block(kvm, gfn, level)
     tdx_track(kvm)
     status = tdh_do_no_vcpus(kvm, kvm.sept.page_demote, gfn, level)
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.PAGE.DEMOTE", gfn, level)
 
 
@@ -123,12 +123,12 @@ def tdx_sept_merge_private_spt(kvm, gfn: int) -> bool:
     tdx_block(kvm, gfn, PG_LEVEL_2M)
     tdx_track(kvm)
     status = tdh_do_no_vcpus(kvm, kvm.sept.page_promote, gfn, PG_LEVEL_2M)
-    if status is TDX_EPT_INVALID_PROMOTE_CONDITIONS:
+    if status == TDX_EPT_INVALID_PROMOTE_CONDITIONS:
         status = kvm.sept.range_unblock(gfn, PG_LEVEL_2M)
-        if status is not TDX_SUCCESS:
+        if status != TDX_SUCCESS:
             raise _seamcall_failed(status, "TDH.MEM.RANGE.UNBLOCK", gfn, PG_LEVEL_2M)
         return False
-    if status is not TDX_SUCCESS:
+    if status != TDX_SUCCESS:
         raise _seamcall_failed(status, "TDH.MEM.PAGE.PROMOTE", gfn, PG_LEVEL_2M)
     slot = kvm.memslots.lookup(gfn)
     pages = range(gfn - slot.base_gfn, gfn - slot.base_gfn + pages_per_level(PG_LEVEL_2M))
