@@ -134,8 +134,9 @@ _TDP_FAULTS = (
           "not checked)", concurrent=True),
     Fault("td-mmio-misconfig", "tdp",
           "\"[PATCH v14 032/113] KVM: x86/mmu: Allow non-zero value for non-present SPTE and "
-          "removed SPTE\" (Isaku Yamahata, 2023-05), https://lkml.iu.edu/hypermail/linux/"
-          "kernel/2305.3/05025.html: a TD's MMIO SPTE must have RWX=0 and suppress-#VE clear "
+          "removed SPTE\" (Isaku Yamahata, 2023-05, https://lore.kernel.org/kvm/?q=%22Allow+"
+          "non-zero+value+for+non-present+SPTE+and+removed+SPTE%22): a TD's MMIO SPTE must "
+          "have RWX=0 and suppress-#VE clear "
           "so that the TD gets #VE \"instead of EPT misconfigration unlike VMX case\"; "
           "mainline does it per VM in tdx_vm_init (kvm_mmu_set_mmio_spte_value(kvm, 0)), "
           "and tdx_handle_exit answers an EPT-misconfig TD exit with KVM_BUG_ON",
