@@ -169,6 +169,40 @@ _TDP_FAULTS = (
           "lost its partial last word (now DIV_ROUND_UP)",
           "KVM_CLEAR_DIRTY_LOG skips the last, partial 64-page word of a range that reaches the "
           "slot's end: those pages stay dirty and writable, reported again by the next get"),
+    Fault("td-mmio-misconfig", "tdp",
+          "\"[PATCH v14 032/113] KVM: x86/mmu: Allow non-zero value for non-present SPTE and "
+          "removed SPTE\" (Isaku Yamahata, 2023-05, https://lore.kernel.org/kvm/?q=%22Allow+"
+          "non-zero+value+for+non-present+SPTE+and+removed+SPTE%22): a TD's MMIO SPTE must "
+          "have RWX=0 and suppress-#VE clear "
+          "so that the TD gets #VE \"instead of EPT misconfigration unlike VMX case\"; "
+          "mainline does it per VM in tdx_vm_init (kvm_mmu_set_mmio_spte_value(kvm, 0)), "
+          "and tdx_handle_exit answers an EPT-misconfig TD exit with KVM_BUG_ON",
+          "a TD keeps the VMX MMIO SPTE value (write+execute, a misconfiguration): the next "
+          "access to a cached MMIO gfn is an EPT-misconfig TD exit"),
+    Fault("noslot-before-attributes", "tdp",
+          "\"KVM: x86/mmu: Move private vs. shared check above slot validity checks\" (Sean "
+          "Christopherson, series \"KVM: x86/mmu: Page fault and MMIO cleanups\", "
+          "2024-02-27, https://lore.kernel.org/all/20240228024147.41573-1-seanjc@google.com/): "
+          "\"as is, KVM will exit to userspace if there is no memslot\" although the "
+          "attributes mismatch",
+          "a shared fault on a slot-less gfn whose attribute is private installs an MMIO "
+          "SPTE and emulates, instead of the memory-fault exit"),
+    Fault("sept-remove-no-track", "tdp",
+          "\"KVM: TDX: Handle TLB tracking for TDX\" (Isaku Yamahata, TDX MMU part 2 series, "
+          "2024, https://lore.kernel.org/kvm/?q=%22KVM%3A+TDX%3A+Handle+TLB+tracking+for+TDX"
+          "%22): tdx_sept_remove_private_spte's \"TDX requires TLB tracking before dropping "
+          "private page.  Do it here, although it is also done later.\"; the TDX module fails "
+          "TDH.MEM.PAGE.REMOVE with TDX_TLB_TRACKING_NOT_DONE otherwise",
+          "removing a private leaf issues RANGE.BLOCK then PAGE.REMOVE with no TDH.MEM.TRACK "
+          "between them (the tracking left to the later remote TLB flush)"),
+    Fault("sept-busy-no-retry", "tdp",
+          "\"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page removal\" (Yan "
+          "Zhao, 2025-01, https://lore.kernel.org/kvm/?q=%22Kick+off+vCPUs+when+SEAMCALL+is+"
+          "busy%22); before it tdx_sept_zap_private_spte returned -EBUSY on TDX_OPERAND_BUSY "
+          "from TDH.MEM.RANGE.BLOCK and remove_external_spte answered with KVM_BUG_ON; "
+          "mainline's tdh_do_no_vcpus retries once with every vCPU forced out",
+          "a BLOCK/REMOVE that meets a guest TDCALL holding the S-EPT entry (TDX_OPERAND_BUSY) "
+          "is not retried: KVM_BUG_ON", concurrent=True),
 )
 
 _STAGE2_FAULTS = (

@@ -165,7 +165,8 @@ class Reference:
     read tells which, SEMANTICS §F); ``_accepted`` backing -> IntervalSet
     of accepted slot pages; ``_dirty`` ``(backing, page)`` -> written (True) or
     only touched (False) since the last get, for logging slots; ``_cr3`` and
-    ``_tlb`` per vCPU.  Slot pages are slot-relative, so moves need no rewrite.
+    ``_tlb`` per vCPU; ``_mmio`` (a TD only) the gfns whose shared-EPT entry
+    may hold an MMIO SPTE.  Slot pages are slot-relative, so moves need no rewrite.
 
     Private state exists only for gfns whose attribute is private: it is
     dropped on conversion to shared and private slots cannot move.  A page with
@@ -186,6 +187,7 @@ class Reference:
         self._dirty: dict = {}
         self._cr3: list = [None] * header.vcpus
         self._tlb: list = [frozenset()] * header.vcpus
+        self._mmio = frozenset()
         self._next_backing = 0
 
     def copy(self) -> "Reference":
@@ -217,6 +219,8 @@ class Reference:
             return expect
         if effect is not None:
             effect()
+        if type(actual) is MmioExit and self._tdx:
+            self._note_mmio(actual)
         return None
 
     def run(self, op):
@@ -226,7 +230,24 @@ class Reference:
         effect = expect.pick(outcome)
         if effect is not None:
             effect()
+        if type(outcome) is MmioExit and self._tdx:
+            self._note_mmio(outcome)
         return outcome
+
+    def _note_mmio(self, exit_: MmioExit) -> None:
+        """A TD's shared access that exited to MMIO leaves an MMIO SPTE at the exit's gfn.
+
+        KVM installs one whenever a shared fault finds no memslot
+        (``kvm_handle_noslot_fault``, then ``RET_PF_EMULATE``), and the exit's gpa
+        is the gfn that faulted: the data's, or a guest table's for a walk's read
+        (always shared, whatever the op's ``private``; a private access never
+        exits to MMIO).  In a TD nothing checks its generation (the CPU delivers
+        #VE to the guest, which asks for MMIO with TDVMCALL), so it keeps giving
+        ``mmio_exit`` until a fast zap replaces the direct root, even after a
+        memslot or a private attribute appears there (SEMANTICS §E).  A readonly
+        slot's write exit installs none, but a TD has no readonly slots.
+        """
+        self._mmio = self._mmio | {exit_.gpa >> PAGE_SHIFT}
 
     def settle(self, pair, actual, before: "Reference") -> None:
         """Apply what a ``parallel`` may leave beyond any order of its sides.
@@ -393,7 +414,8 @@ class Reference:
         """Where a physical access at byte ``gpa`` goes (SEMANTICS §D rules 1-5).
 
         Returns the slot when the access completes (rule 6), else the tuple of
-        allowed exits.
+        allowed exits.  An MMIO SPTE a TD may have cached adds its exit to either
+        (:meth:`_stale_mmio`; the callers add it).
         """
         if private and not self._tdx:
             return (UNSUPPORTED,)
@@ -401,11 +423,7 @@ class Reference:
         slot = self._slot_at(gfn)
         write = kind is AccessKind.WRITE
         if private != (gfn in self._private):
-            fault = (MemoryFaultExit(gfn << PAGE_SHIFT, private),)
-            if slot is None and not private:
-                # A cached MMIO SPTE survives the attribute zap (memslot walk).
-                return fault + (MmioExit(gpa, write),)
-            return fault
+            return (MemoryFaultExit(gfn << PAGE_SHIFT, private),)
         if private and (slot is None or not slot.flags & MemslotFlag.PRIVATE):
             return (MemoryFaultExit(gfn << PAGE_SHIFT, True),)
         if slot is None or (write and slot.flags & MemslotFlag.READONLY):
@@ -413,6 +431,20 @@ class Reference:
         if private and gfn - slot.base not in self._accepted.get(slot.backing, IntervalSet()):
             return (VePending(gpa),)
         return slot
+
+    def _stale_mmio(self, gpa: int, write: bool, private: bool) -> tuple:
+        """``(mmio_exit,)`` if a shared access at byte ``gpa`` may meet an MMIO SPTE, else ().
+
+        Only a TD's (``_mmio`` stays empty otherwise): in a default VM a stale
+        MMIO SPTE fails its generation check and the fault path decides.  In a
+        TD the CPU delivers #VE for it and the guest's TDVMCALL<MMIO> reaches
+        userspace whatever the gfn's slot or attribute is now (SEMANTICS §D
+        rule 4, §E).  A 2M leaf installed over its table can replace it, so the
+        exit is allowed, never required.
+        """
+        if private or (gpa >> PAGE_SHIFT) not in self._mmio:
+            return ()
+        return (MmioExit(gpa, write),)
 
     def _physical(self, gpa: int, kind: AccessKind, value, private: bool, tag: bool,
                   overlay=None) -> tuple:
@@ -422,8 +454,15 @@ class Reference:
         updates, applied by the caller's effect before this access's).
         """
         slot = self._resolve(gpa, kind, private)
+        stale = self._stale_mmio(gpa, kind is AccessKind.WRITE, private) if self._mmio else ()
         if type(slot) is tuple:
-            return tuple((exit_, None) for exit_ in slot)
+            return tuple((exit_, None) for exit_ in dict.fromkeys(slot + stale))
+        return self._slot_access(slot, gpa, kind, value, private, tag, overlay) + tuple(
+            (exit_, None) for exit_ in stale)
+
+    def _slot_access(self, slot, gpa: int, kind: AccessKind, value, private: bool, tag: bool,
+                     overlay) -> tuple:
+        """The choices of a physical access at byte ``gpa`` that completes in ``slot``."""
         page = (gpa >> PAGE_SHIFT) - slot.base
         key = (slot.backing, page * WORDS_PER_PAGE + ((gpa >> 3) & (WORDS_PER_PAGE - 1)))
         logged = not private and slot.flags & MemslotFlag.DIRTY_LOG
@@ -486,12 +525,15 @@ class Reference:
         """
         vcpu, kind = op.vcpu, op.kind
         tables = []  # (slot, table gfn, index) of each entry the walk read, root first
+        stale = []  # a TD's exits at table reads that may meet a cached MMIO SPTE
 
         def read_pte(table: int, index: int):
             gpa = (table << PAGE_SHIFT) + 8 * index
             slot = self._resolve(gpa, AccessKind.READ, False)
+            exits = self._stale_mmio(gpa, False, False) if self._mmio else ()
             if type(slot) is tuple:
-                return self._table_exit(gva, kind, gpa, slot)
+                return self._table_exit(gva, kind, gpa, tuple(dict.fromkeys(slot + exits)))
+            stale.extend(exits)
             tables.append((slot, table, index))
             word = self._shared_mem.get(_word_key(slot, table, index), 0)
             if type(word) is frozenset:
@@ -543,6 +585,7 @@ class Reference:
             choices = tuple((o, fault if type(o) is PageFault else touch_tables) for o in fresh)
         else:
             choices = choices_of(walked, certain)
+        choices += tuple((exit_, touch_tables) for exit_ in stale)
         for entry in sorted(e for e in self._tlb[vcpu] if e.covers(gva)):
             choices += choices_of(entry, unknown)
         first, unique = {}, []
@@ -622,7 +665,17 @@ class Reference:
         """Host work the guest must not see: always ok, nothing guest-visible changes."""
         return _OK
 
-    _zap_all = _recover = _host_invalidate
+    _recover = _host_invalidate
+
+    def _zap_all(self, op) -> Expect:
+        """Guest-invisible too, but a fast zap replaces the direct roots: no MMIO SPTE
+        a TD cached survives it (``kvm_mmu_zap_all_fast``)."""
+        if not self._mmio:
+            return _OK
+
+        def drop_mmio():
+            self._mmio = frozenset()
+        return Expect(((OK, drop_mmio),))
 
     def _split(self, op) -> Expect:
         return _OK if op.slot in self._slots else _EINVAL

@@ -222,12 +222,13 @@ def test_hand_minimal_reproducer_fails_only_with_its_fault(path):
 
 
 def test_a_minimized_finding_is_compared_with_the_hand_minimum_of_its_signature():
+    fault = "huge-over-table-no-flush"
     main, other = (check_minimal(MINIMAL_DIR / name, "tdp")
-                   for name in ("merge-by-zap.repro", "merge-by-zap.already-accepted.repro"))
-    assert main.signature != other.signature and other.ops == main.ops + 1
-    assert known_minimal("merge-by-zap", "tdp", other.signature)["hand_ops"] == other.ops
+                   for name in (f"{fault}.repro", f"{fault}.td-walk-cache.repro"))
+    assert main.signature != other.signature and other.ops == main.ops + 2
+    assert known_minimal(fault, "tdp", other.signature)["hand_ops"] == other.ops
     for signature in (main.signature, None):
-        assert known_minimal("merge-by-zap", "tdp", signature)["hand_ops"] == main.ops
+        assert known_minimal(fault, "tdp", signature)["hand_ops"] == main.ops
 
 
 # --- the clean soak ---------------------------------------------------------------------

@@ -223,13 +223,53 @@ def test_private_access_outside_a_private_slot_gives_memory_fault_exit():
     assert ref.run(read(0x110000, private=True)) == MemoryFaultExit(0x110000, True)
 
 
-def test_shared_access_to_slotless_private_gfn_may_exit_either_way():
+def test_shared_access_to_slotless_private_gfn_exits_to_mmio_only_if_an_mmio_spte_is_cached():
     ref = vm("tdx")
     run(ref, to_private(0x300, 1))
     op = read(0x300000, word=1)
     assert ref.run(op) == MemoryFaultExit(0x300000, False)
-    assert allows(ref, op, MmioExit(0x300008, False))
+    assert not allows(ref, op, MmioExit(0x300008, False))  # no shared access cached one
+    ref = vm("tdx")
+    assert run(ref, read(0x300000), to_private(0x300, 2), op) == MemoryFaultExit(0x300000, False)
+    assert allows(ref, op, MmioExit(0x300008, False))  # the attribute zap walks slots only
     assert not allows(ref, op, MmioExit(0x300000, False))
+    assert not allows(ref, read(0x301000), MmioExit(0x301000, False))  # another gfn
+
+
+def test_td_mmio_spte_outlives_a_memslot_and_only_a_fast_zap_drops_it():
+    # In a TD the CPU delivers #VE for an MMIO SPTE and the guest's TDVMCALL<MMIO> exits:
+    # no generation check, so a slot added later does not stop it.
+    ref = vm("tdx")
+    assert run(ref, write(0x300000, 5), add(0, 0x300, 1)) == OK
+    op = read(0x300000, word=2)
+    assert ref.run(op) == Ok(0)
+    assert allows(ref, op, MmioExit(0x300010, False))
+    assert allows(ref, write(0x300000, 1), MmioExit(0x300000, True))
+    run(ref, ZapAll())
+    assert not allows(ref, op, MmioExit(0x300010, False))
+
+
+def test_default_vm_mmio_spte_is_generation_checked():
+    ref = vm()
+    run(ref, read(0x300000), add(0, 0x300, 1))
+    assert not allows(ref, read(0x300000), MmioExit(0x300000, False))
+
+
+def test_td_private_access_never_meets_an_mmio_spte():
+    ref = tdx_with_private_slot()
+    assert run(ref, read(0x700000), to_private(0x700, 1)) == OK  # an MMIO SPTE at 0x700
+    op = read(0x700000, private=True)
+    assert ref.run(op) == MemoryFaultExit(0x700000, True)
+    assert not allows(ref, op, MmioExit(0x700000, False))
+
+
+def test_td_walk_table_read_may_meet_a_stale_mmio_spte():
+    ref = vm("tdx", vcpus=1)
+    run(ref, Paging(0, 1))
+    assert ref.run(read(0x0, gva=True)) == MmioExit(0x1000, False)  # the PML4 read
+    run(ref, add(0, 0x0, 0x10))
+    assert ref.run(read(0x0, gva=True)) == PageFault(0x0, 0)
+    assert allows(ref, read(0x0, gva=True), MmioExit(0x1000, False))
 
 
 def test_pending_page_gives_ve_pending_and_accepted_page_reads_zero():

@@ -94,7 +94,7 @@ def test_exploration_finds_a_race_that_needs_one_exact_preemption():
     explorer.offer(program, [(index, tuple(target.taken), target.pair_start)], lambda *pair: run,
                    random.Random(0))
     variant, finding = explorer.work()
-    assert finding.invariant == "mirror_sept_mismatch"
+    assert finding.invariant == "tdx_seamcall_failed"
     assert variant.ops[index].schedule != program.ops[index].schedule
     with faults.injected({"merge-frozen-child"}):  # the variant alone reproduces it
         assert run_program(variant, make_target("tdp")).signature == finding.signature
@@ -131,7 +131,7 @@ def test_a_worker_explores_a_parallel_from_a_new_state_and_reports_the_variant()
     worker = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0), sink=sink)
     worker.explorer, _ = _running_explorer()
     found, finding = worker.run(encode(program))
-    assert finding is not None and finding.invariant == "mirror_sept_mismatch"
+    assert finding is not None and finding.invariant == "tdx_seamcall_failed"
     assert found.ops[index].schedule != program.ops[index].schedule
     assert worker.explorer.runs > 0
     # Without coverage (replay, the bench's plain loops) nothing is explored.
@@ -318,7 +318,7 @@ def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     worker = Worker(CampaignConfig("tdp", "merge-frozen-child", invariant_rate=1.0), sink=sink)
     worker.explorer, _ = _running_explorer()
     found, finding = worker.run(encode(program))
-    assert finding is not None and finding.invariant == "mirror_sept_mismatch"
+    assert finding is not None and finding.invariant == "tdx_seamcall_failed"
     pair = next(op for op in found.ops if isinstance(op, Parallel))
     assert {type(pair.a).__name__, type(pair.b).__name__} == {"Access", "Accept"}
     assert run_program(program, make_target("tdp")) is None  # the input alone is clean

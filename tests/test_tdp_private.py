@@ -37,7 +37,7 @@ def accept(vm, gfn, level):
 
 
 def sept_levels(vm, lo, hi):
-    return sorted({leaf.level for (level, gfn), leaf in vm.kvm.sept.leaves.items()
+    return sorted({leaf.level for (level, gfn), leaf in vm.kvm.sept.leaves().items()
                    if lo <= gfn < hi})
 
 
@@ -46,7 +46,7 @@ def test_accept_2m_maps_a_2m_private_leaf_in_mirror_and_sept():
     assert vm.read(0x210, private=True) == VePending(0x210000)
     assert accept(vm, 0x200, PG_LEVEL_2M) == OK
     assert vm.leaf(0x210, private=True)[0] == PG_LEVEL_2M
-    assert vm.kvm.sept.leaves[(PG_LEVEL_2M, 0x200)].accepted
+    assert vm.kvm.sept.leaves()[(PG_LEVEL_2M, 0x200)].accepted
     vm.write(0x210, 7, private=True)
     assert vm.read(0x210, private=True) == Ok(7)
     assert accept(vm, 0x200, PG_LEVEL_2M) == ALREADY_ACCEPTED
@@ -125,7 +125,7 @@ def test_conversion_to_shared_drops_private_state_and_keeps_shared_contents():
     accept(vm, 0x200, PG_LEVEL_2M)
     vm.write(0x200, 0x22, private=True)
     vm.do(SetAttributes(0x200, 0x200, False))
-    assert vm.leaf(0x200, private=True) is None and not vm.kvm.sept.leaves
+    assert vm.leaf(0x200, private=True) is None and not vm.kvm.sept.leaves()
     assert vm.read(0x200) == Ok(0x11)
     vm.do(SetAttributes(0x200, 0x200, True))
     assert vm.read(0x200, private=True) == VePending(0x200000)

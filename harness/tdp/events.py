@@ -53,6 +53,10 @@ _OTHER = (
     # The CPU set a leaf's EPT Dirty bit, with PML logging the gpa or not.
     "walk:set_dirty", "walk:set_dirty:pml",
     "tlb:flush:held_entries", "tlb:flush:empty",
+    # A TD's walk met an MMIO SPTE: #VE to the guest, TDVMCALL<MMIO>, no generation check.
+    "walk:mmio:td_ve",
+    # A SEAMCALL met a guest TDCALL holding its S-EPT entry (TDX_OPERAND_BUSY).
+    "sept:operand_busy",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
@@ -83,4 +87,6 @@ WALK_MMIO_CURRENT, WALK_MMIO_STALE = event("walk:mmio:current"), event("walk:mmi
 WALK_VE = event("walk:ve")
 WALK_SET_DIRTY, WALK_SET_DIRTY_PML = event("walk:set_dirty"), event("walk:set_dirty:pml")
 FAST_PF_FIXED, FAST_PF_CMPXCHG_LOST = event("fault:fast:fixed"), event("fault:fast:cmpxchg_lost")
+WALK_MMIO_TD_VE = event("walk:mmio:td_ve")
+SEPT_OPERAND_BUSY = event("sept:operand_busy")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")

@@ -184,6 +184,11 @@ def kvm_tdp_mmu_fast_pf_get_last_sptep(kvm, fault: KvmPageFault):
 def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
     """Resolve the fault's slot and pfn, or the exit it ends in (an Outcome)."""
     gfn = fault.gfn
+    if faults.active("noslot-before-attributes"):
+        slot = vcpu.gfn_to_memslot(gfn)
+        if slot is None and not fault.is_private:
+            fault.slot, fault.gen = None, kvm.memslots.generation
+            return RET_PF_CONTINUE  # the no-slot check ran before the attribute check
     if fault.is_private != kvm.attributes.is_private(gfn):
         return MemoryFaultExit(gfn << 12, fault.is_private)
     slot = vcpu.gfn_to_memslot(gfn)

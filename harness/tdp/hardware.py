@@ -38,6 +38,7 @@ from mmufuzz.harness.ops import (
     VeUnexpected,
     WritePte,
 )
+from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import events
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.spte import (
@@ -47,6 +48,8 @@ from mmufuzz.harness.tdp.spte import (
     ROOT_LEVEL,
     SPTE_DIRTY_MASK,
     TDP_MAX_GFN,
+    VMX_EPT_MISCONFIG_WX_VALUE,
+    VMX_EPT_RWX_MASK,
     VMX_EPT_SUPPRESS_VE_BIT,
     check_mmio_spte,
     get_mmio_spte_gfn,
@@ -382,8 +385,29 @@ class Vcpu:
                 cache.pop((level, gfn >> _CACHE_SHIFT[level]), None)
 
     def _nonpresent(self, spte: int, gfn: int):
-        """What hardware does with a non-present EPT entry (SEMANTICS §E)."""
+        """What hardware does with a non-present EPT entry (SEMANTICS §E).
+
+        In a default VM an MMIO SPTE is a misconfiguration KVM handles
+        (handle_mmio_page_fault): its generation is checked, a stale one takes
+        the fault path.  In a TD it has suppress-#VE clear and RWX 0, so the CPU
+        delivers #VE to the guest, whose handler asks for the MMIO with
+        TDVMCALL<MMIO>; tdx_emulate_mmio checks no generation and no memslot, so
+        a stale one still exits to userspace.  A TD never has misconfigured
+        entries: the TDX module reports one as an EPT-misconfig TD exit, which
+        tdx_handle_exit answers with KVM_BUG_ON.
+        """
         kvm = self.kvm
+        if kvm.tdx:
+            if spte & VMX_EPT_RWX_MASK == VMX_EPT_MISCONFIG_WX_VALUE:
+                raise InvariantViolation("td_ept_misconfig",
+                                         f"gfn={gfn:#x} spte={spte:#x}: EPT misconfig TD exit")
+            if is_mmio_spte(spte, kvm.mmio_value) and get_mmio_spte_gfn(spte) == gfn:
+                kvm.events[events.WALK_MMIO_TD_VE] += 1
+                return _MMIO
+            if not spte & VMX_EPT_SUPPRESS_VE_BIT:
+                kvm.events[events.WALK_VE] += 1
+                return _VE
+            return _VIOLATION
         if is_mmio_spte(spte, kvm.mmio_value) and get_mmio_spte_gfn(spte) == gfn:
             memslots = kvm.memslots
             if faults.active("mmio-stale-generation") or (
@@ -393,9 +417,6 @@ class Vcpu:
                 return _MMIO
             kvm.events[events.WALK_MMIO_STALE] += 1
             return _VIOLATION  # handle_mmio_page_fault: stale, take the full fault path
-        if kvm.tdx and not spte & VMX_EPT_SUPPRESS_VE_BIT:
-            kvm.events[events.WALK_VE] += 1
-            return _VE
         return _VIOLATION
 
     def _walk_sept(self, gfn: int):

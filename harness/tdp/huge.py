@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import EINVAL, OK, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.tdp import tdx
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.pgalloc import next_used
 from mmufuzz.harness.tdp.spte import (
@@ -106,10 +107,10 @@ def merge_private_spt(kvm, it, fault=None):
     With ``fault`` (the fault path, seed thread 000) missing children are
     populated first from ``fault.pfn``; without it (``recover``) a missing
     child means no merge.  The parent is frozen while the children are read,
-    the secure EPT range is blocked and flushed, then the TDX module merges;
+    the secure EPT link is blocked and tracked, then the TDX module promotes;
     it refuses mixed accept states, and the 4K mapping stays.
     """
-    mmu, sept = kvm.mmu, kvm.sept
+    mmu = kvm.mmu
     if fault is not None and faults.active("merge-by-zap"):
         if not (yield from mmu.zap_spte_atomic(it)):  # the 4K leaves go (PAGE.REMOVE)
             return RETRY
@@ -125,10 +126,7 @@ def merge_private_spt(kvm, it, fault=None):
     if result is not MERGED:
         page.spt[index] = table
         return result
-    sept.block(gfn)
-    mmu.flush()
-    if not sept.merge(gfn):
-        sept.unblock(gfn)
+    if not tdx.tdx_sept_merge_private_spt(kvm, gfn):  # BLOCK, TRACK (a flush), PROMOTE
         page.spt[index] = table
         return UNMERGED
     huge = make_huge_spte(child.spt[0], PG_LEVEL_2M)

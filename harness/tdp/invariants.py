@@ -16,6 +16,7 @@ from typing import Optional
 from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp.pgalloc import used_entries
+from mmufuzz.harness.tdp.sept import MAPPED, NL_MAPPED, PENDING
 from mmufuzz.harness.tdp.spte import (
     EPT_SPTE_HOST_WRITABLE,
     EPT_SPTE_MMU_WRITABLE,
@@ -208,11 +209,13 @@ def private_leaf_placement(kvm, snap: Snapshot) -> None:
 
 
 def sept_matches_mirror(kvm, snap: Snapshot) -> None:
-    """The secure EPT holds exactly the mirror's leaves, each in its pages' accept state."""
+    """The secure EPT holds exactly the mirror's leaves, each in its pages' accept state, and
+    none blocked at a quiescent point (every BLOCK is followed by REMOVE, DEMOTE, PROMOTE
+    or UNBLOCK within the op)."""
     if kvm.sept is None:
         return
     mirror = {(level, gfn): spte_to_pfn(spte) for m, gfn, level, spte in snap.leaves if m}
-    sept = kvm.sept.leaves
+    sept = kvm.sept.leaves()
     for key in sorted(mirror.keys() ^ sept.keys()):
         _fail("sept_matches_mirror", f"gfn={key[1]:#x} level={key[0]} "
                                      f"mirror={key in mirror} sept={key in sept}")
@@ -220,11 +223,28 @@ def sept_matches_mirror(kvm, snap: Snapshot) -> None:
         slot = kvm.memslots.lookup(gfn)
         first = gfn - slot.base_gfn
         states = {i in slot.accepted for i in range(first, first + pages_per_level(level))}
-        if leaf.pfn != mirror[(level, gfn)] or states != {leaf.accepted}:
+        if (leaf.pfn != mirror[(level, gfn)] or states != {leaf.accepted}
+                or leaf.state not in (MAPPED, PENDING)):
             _fail("sept_matches_mirror", f"gfn={gfn:#x} level={level} pfn={leaf.pfn:#x} "
-                                         f"accepted={leaf.accepted}")
-    if kvm.sept.blocked:
-        _fail("sept_matches_mirror", f"blocked={sorted(kvm.sept.blocked)} at a quiescent point")
+                                         f"state={leaf.state}")
+
+
+def sept_tables_match_mirror(kvm, snap: Snapshot) -> None:
+    """Every mirror table has its S-EPT page (TDH.MEM.SEPT.ADD when linked) and the module
+    has no other, none blocked; and no guest TDCALL still holds an entry between ops."""
+    if kvm.sept is None:
+        return
+    root = kvm.mmu.mirror_root
+    mirror = {(page.level + 1, page.gfn) for page in snap.pages if page.mirror and page is not root}
+    sept = {key for key, entry in kvm.sept.entries().items() if entry.child is not None}
+    for key in sorted(mirror ^ sept):
+        _fail("sept_tables_match_mirror", f"gfn={key[1]:#x} level={key[0]} "
+                                          f"mirror={key in mirror} sept={key in sept}")
+    for key, entry in sorted(kvm.sept.entries().items()):
+        if entry.child is not None and entry.state != NL_MAPPED:
+            _fail("sept_tables_match_mirror", f"gfn={key[1]:#x} level={key[0]} {entry.state}")
+    if kvm.sept.held:
+        _fail("sept_tables_match_mirror", f"{len(kvm.sept.held)} TDCALL(s) in flight")
 
 
 def mmio_spte_with_slot(kvm, snap: Snapshot) -> None:
@@ -397,7 +417,8 @@ def root_refcounts(kvm, snap: Snapshot) -> None:
 
 
 INVARIANTS = (nonpresent_value, leaf_pfn_matches_backing, huge_leaf_legal,
-              private_leaf_placement, sept_matches_mirror, mmio_spte_with_slot,
+              private_leaf_placement, sept_matches_mirror, sept_tables_match_mirror,
+              mmio_spte_with_slot,
               leaked_table_page, refcount_matches_children, page_stats_match_leaves,
               dirty_log_covers_writes, spte_writable_invariants, dirty_state_logged,
               dirty_log_write_protected, tlb_matches_sptes, walk_cache_matches_sptes,

@@ -8,6 +8,7 @@ generator (see sched) so that two ops can be interleaved.
 
 from __future__ import annotations
 
+from mmufuzz.harness import faults
 from mmufuzz.harness.ops import (
     Accept,
     Access,
@@ -38,8 +39,8 @@ from mmufuzz.harness.tdp.hostmem import HostMemory
 from mmufuzz.harness.tdp.memslots import Memslots
 from mmufuzz.harness.tdp.mmu import TdpMmu
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
-from mmufuzz.harness.tdp.private import SecureEpt
 from mmufuzz.harness.tdp.sched import Rcu, RwLock
+from mmufuzz.harness.tdp.sept import SecureEpt
 from mmufuzz.harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
 
 PML_LOG_NR_ENTRIES = 512  # vmx.h: the PML buffer is one page of gpas
@@ -51,7 +52,9 @@ class Kvm:
     def __init__(self, header: VmHeader):
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
-        self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
+        # tdx_vm_init: kvm_mmu_set_mmio_spte_value(kvm, 0), the per-VM MMIO value.
+        td_mmio = self.tdx and not faults.active("td-mmio-misconfig")
+        self.mmio_value = TDX_MMIO_VALUE if td_mmio else VMX_EPT_MISCONFIG_WX_VALUE
         # kvm->arch.cpu_dirty_log_size: vmx_vm_init sets it (enable_pml), tdx_vm_init does
         # not (TDX has no PML).  Non-zero: dirty logging clears Dirty bits and the CPU logs
         # writes (PML); zero: it write-protects (kvm_mmu_slot_apply_flags).

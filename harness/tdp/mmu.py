@@ -17,6 +17,7 @@ from functools import partial
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_4K
+from mmufuzz.harness.tdp import tdx
 from mmufuzz.harness.tdp.iter import TdpIter
 from mmufuzz.harness.tdp.pgalloc import TablePage, next_used
 from mmufuzz.harness.tdp.spte import (
@@ -207,14 +208,18 @@ class TdpMmu:
         return None
 
     def _notify_external(self, gfn, old, new, level, was_leaf, now_present, now_leaf):
-        """The mirror root's hooks into the secure EPT (KVM's *_external_spt ops)."""
-        sept = self.kvm.sept
+        """The mirror root's hooks into the secure EPT (KVM's *_external_spt ops, :mod:`.tdx`)."""
+        kvm = self.kvm
         if was_leaf and not now_present:
-            sept.remove(gfn, level)
+            tdx.tdx_sept_remove_leaf_spte(kvm, gfn, level, spte_to_pfn(old))
         elif was_leaf and not now_leaf:
-            sept.split(gfn, level)
+            tdx.tdx_sept_split_private_spt(kvm, gfn, level)
         elif now_leaf and not was_leaf:
-            sept.set(gfn, level, spte_to_pfn(new))
+            tdx.tdx_sept_set_private_spte(kvm, gfn, level, spte_to_pfn(new))
+        elif now_present and not old & SPTE_MMU_PRESENT_MASK:
+            tdx.tdx_sept_link_private_spt(kvm, gfn, level)
+        elif old & SPTE_MMU_PRESENT_MASK and not now_present:
+            tdx.tdx_sept_free_private_spt(kvm, gfn, level)
 
     def handle_removed_pt(self, pt: TablePage, external: bool = True):
         """Generator: freeze every entry of an unlinked table, then queue it for freeing.

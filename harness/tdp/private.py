@@ -1,17 +1,11 @@
-"""Private memory: the secure-EPT model, TDG.MEM.PAGE.ACCEPT, and conversions.
+"""Private memory ops: the guest's TDG.MEM.PAGE.ACCEPT, and conversions (KVM_SET_MEMORY_ATTRIBUTES).
 
-The secure EPT is what the TDX module holds and what a vCPU's private
-accesses walk: leaves with a pfn, a level and an accept state.  KVM never
-writes it directly; it changes only through the mirror root's hooks
-(tdx_sept_set_private_spte, _remove_, _split_, _merge_), called from
+The secure EPT they act on is the TDX module's (:mod:`.sept`); KVM changes it
+only through the mirror root's hooks (:mod:`.tdx`), called from
 handle_changed_spte, so a mirror/secure-EPT disagreement is a KVM bug.
-Accept state and private contents are kept per (slot, gfn) apart from the
-leaves (SEMANTICS §E); a leaf's state is that state when it was added.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import (
@@ -19,136 +13,14 @@ from mmufuzz.harness.ops import (
     EINVAL,
     OK,
     PAGE_SHIFT,
-    PAGES_PER_2M,
-    PG_LEVEL_2M,
-    PG_LEVEL_4K,
     SIZE_MISMATCH,
     UNSUPPORTED,
     Accept,
     SetAttributes,
 )
-from mmufuzz.harness.target import InvariantViolation
-from mmufuzz.harness.tdp import events, lpage
+from mmufuzz.harness.tdp import lpage
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.huge import split_range
-from mmufuzz.harness.tdp.spte import pages_per_level
-
-
-@dataclass
-class SeptLeaf:
-    """One secure-EPT leaf."""
-
-    pfn: int
-    level: int
-    accepted: bool
-
-
-class SecureEpt:
-    """The TDX module's view of a TD's private mappings."""
-
-    def __init__(self, kvm):
-        self.kvm = kvm
-        self.leaves: dict[tuple[int, int], SeptLeaf] = {}  # (level, first gfn) -> leaf
-        self.blocked: set[int] = set()  # first gfns of 2M ranges blocked for a merge
-
-    def lookup(self, gfn: int):
-        """The usable leaf mapping ``gfn``, or None (an EPT violation)."""
-        head = gfn - gfn % PAGES_PER_2M
-        if head in self.blocked:
-            return None
-        return self.leaves.get((PG_LEVEL_4K, gfn)) or self.leaves.get((PG_LEVEL_2M, head))
-
-    def _sync_error(self, what: str, gfn: int, level: int) -> InvariantViolation:
-        return InvariantViolation("mirror_sept_mismatch", f"{what} gfn={gfn:#x} level={level}")
-
-    def set(self, gfn: int, level: int, pfn: int) -> None:
-        """TDH.MEM.PAGE.AUG: add a leaf in the pages' recorded accept state."""
-        if (level, gfn) in self.leaves:
-            raise self._sync_error("aug over existing leaf", gfn, level)
-        slot = self.kvm.memslots.lookup(gfn)
-        first = gfn - slot.base_gfn
-        pages = range(first, first + pages_per_level(level))
-        if faults.active("pending-access-maps"):
-            slot.accepted.update(pages)  # TDH.MEM.PAGE.ADD, not AUG: mapped as accepted
-        states = {i in slot.accepted for i in pages}
-        if len(states) != 1:
-            raise self._sync_error("aug over mixed accept states", gfn, level)
-        accepted = states.pop()
-        self.kvm.events[events.SEPT_AUG + 2 * (level - 1) + accepted] += 1
-        self.leaves[(level, gfn)] = SeptLeaf(pfn, level, accepted)
-
-    def remove(self, gfn: int, level: int) -> None:
-        """TDH.MEM.RANGE.BLOCK + TRACK + PAGE.REMOVE of one leaf.
-
-        The removed pages lose their contents and accept state: a later AUG
-        brings them back zeroed and pending (why a merge must not zap).  TRACK
-        kicks every vCPU out of the guest (tdx_track), so none keeps a private
-        translation of the page when REMOVE clears it.
-        """
-        leaf = self.leaves.pop((level, gfn), None)
-        if leaf is None:
-            raise self._sync_error("remove of missing leaf", gfn, level)
-        self.kvm.events[events.SEPT_REMOVE + level - 1] += 1
-        for vcpu in self.kvm.vcpus:
-            vcpu.flush_guest_physical()
-        slot = self.kvm.memslots.lookup(gfn)
-        first, n = gfn - slot.base_gfn, pages_per_level(level)
-        slot.accepted.difference_update(range(first, first + n))
-        self.kvm.host.clear(leaf.pfn, n)
-
-    def split(self, gfn: int, level: int) -> None:
-        """TDH.MEM.PAGE.DEMOTE: a 2M leaf becomes 512 4K leaves in its state."""
-        leaf = self.leaves.pop((level, gfn), None)
-        if leaf is None:
-            raise self._sync_error("demote of missing leaf", gfn, level)
-        self.kvm.events[events.SEPT_DEMOTE] += 1
-        for i in range(PAGES_PER_2M):
-            self.leaves[(PG_LEVEL_4K, gfn + i)] = SeptLeaf(leaf.pfn + i, PG_LEVEL_4K,
-                                                           leaf.accepted)
-
-    def block(self, head: int) -> None:
-        """TDH.MEM.RANGE.BLOCK of a 2M range ahead of a merge."""
-        self.kvm.events[events.SEPT_BLOCK] += 1
-        self.blocked.add(head)
-
-    def unblock(self, head: int) -> None:
-        """TDH.MEM.RANGE.UNBLOCK after a merge the module refused."""
-        self.kvm.events[events.SEPT_UNBLOCK] += 1
-        self.blocked.discard(head)
-
-    def merge(self, head: int) -> bool:
-        """TDH.MEM.PAGE.PROMOTE: 512 contiguous 4K leaves in one accept state become 2M."""
-        children = [self.leaves.get((PG_LEVEL_4K, head + i)) for i in range(PAGES_PER_2M)]
-        if any(c is None for c in children):
-            raise self._sync_error("promote with missing children", head, PG_LEVEL_2M)
-        first = children[0]
-        mixed_ok = faults.active("merge-partial-accept")
-        if any(c.pfn != first.pfn + i or (c.accepted != first.accepted and not mixed_ok)
-               for i, c in enumerate(children)):
-            self.kvm.events[events.SEPT_PROMOTE_REFUSED] += 1
-            return False
-        self.kvm.events[events.SEPT_PROMOTE] += 1
-        slot = self.kvm.memslots.lookup(head)
-        pages = range(head - slot.base_gfn, head - slot.base_gfn + PAGES_PER_2M)
-        if first.accepted:  # the merged leaf's state is the state of all 512 pages
-            slot.accepted.update(pages)
-        else:
-            slot.accepted.difference_update(pages)
-        for i in range(PAGES_PER_2M):
-            del self.leaves[(PG_LEVEL_4K, head + i)]
-        self.leaves[(PG_LEVEL_2M, head)] = SeptLeaf(first.pfn, PG_LEVEL_2M, first.accepted)
-        self.blocked.discard(head)
-        return True
-
-    def accept(self, leaf: SeptLeaf, gfn: int) -> None:
-        """TDG.MEM.PAGE.ACCEPT succeeded: zero the pages and record them accepted."""
-        slot = self.kvm.memslots.lookup(gfn)
-        n = pages_per_level(leaf.level)
-        first = gfn - slot.base_gfn
-        self.kvm.events[events.SEPT_ACCEPT + leaf.level - 1] += 1
-        leaf.accepted = True
-        slot.accepted.update(range(first, first + n))
-        self.kvm.host.clear(leaf.pfn, n)
 
 
 def accept(kvm, vcpu, op: Accept):
@@ -183,7 +55,12 @@ def accept(kvm, vcpu, op: Accept):
             if exit_ is not None:
                 return exit_
             continue
-        kvm.sept.accept(leaf, gfn - gfn % pages_per_level(leaf.level))
+        # The module holds the entry while the TDCALL runs: a host SEAMCALL on it meanwhile
+        # fails with TDX_OPERAND_BUSY (tdh_do_no_vcpus forces this vCPU out, which lets the
+        # TDCALL complete first).
+        call = kvm.sept.accept_begin(leaf)
+        yield
+        kvm.sept.accept_end(call)
         return OK
 
 
