@@ -34,7 +34,8 @@ class Shared:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The pickle and what it keeps out of band (each a list to copy or a :class:`Shared`)."""
+    """The pickle and what it keeps out of band: each a :class:`Shared`, or a list's items as
+    a tuple (a tuple of ints is no work for the garbage collector, however long it lives)."""
 
     data: bytes
     kept: tuple
@@ -62,7 +63,7 @@ def dumps(root) -> Snapshot:
             if kind is list and not all(type(value) is int for value in obj):
                 return None
             pid = ids[id(obj)] = len(kept)
-            kept.append(obj[:] if kind is list else obj)
+            kept.append(tuple(obj) if kind is list else obj)
         return pid
 
     pickler.persistent_id = persistent_id
@@ -78,8 +79,8 @@ def loads(snapshot: Snapshot):
         value = restored.get(pid)
         if value is None:
             value = kept[pid]
-            if type(value) is list:
-                value = value[:]
+            if type(value) is tuple:
+                value = list(value)
             restored[pid] = value
         return value
 
