@@ -45,6 +45,7 @@ from mmufuzz.harness.tdp.spte import (
     PT_READABLE_MASK,
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
+    TDP_MAX_GFN,
     VMX_EPT_SUPPRESS_VE_BIT,
     check_mmio_spte,
     get_mmio_spte_gfn,
@@ -299,6 +300,8 @@ class Vcpu:
         walk is in flight aborts it (the IPI forced an exit), so it restarts.
         """
         kvm = self.kvm
+        if gfn > TDP_MAX_GFN:
+            return _VIOLATION  # beyond what a 4-level EPT translates: nothing to walk or cache
         cache = self.walk_cache
         while True:
             epoch = self.flush_epoch
