@@ -134,7 +134,7 @@ def main(argv=None) -> None:
                 record.fold()
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
-        return custom_mutator(data, max_size, seed, atheris.Mutate)
+        return custom_mutator(data, max_size, seed, atheris.Mutate, worker.mix)
 
     atheris.Setup(worker.libfuzzer_argv(argv), test_one_input,
                   custom_mutator=mutate, custom_crossover=custom_crossover)

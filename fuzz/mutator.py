@@ -18,12 +18,14 @@ is generic.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from typing import Callable, Iterator, Optional
 
 from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Parallel,
                                  Program, VmHeader, VmType, domain, gpa_field, op_gfns, op_vcpu)
 from mmufuzz.fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
+from mmufuzz.fuzz.opmix import DEFAULT, OpMix
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
 FRESH_OP_BYTES = 40
@@ -69,12 +71,15 @@ def encode_within(program: Program, max_size: int) -> bytes:
 
 # --- mutations: each returns a candidate program or None ----------------------
 
-def insert_op(program: Program, rng: random.Random) -> Optional[Program]:
-    """Insert a fresh op, drawn from the pools of the ops before it."""
+def insert_op(program: Program, rng: random.Random, mix: OpMix = DEFAULT) -> Optional[Program]:
+    """Insert a fresh op of a kind drawn from ``mix``, its fields from the pools of the ops
+    before it."""
     if len(program.ops) >= MAX_OPS:
         return None
     index = rng.randint(0, len(program.ops))
-    op = _decode_after(_prefix_bytes(program, index), index, rng.randbytes(FRESH_OP_BYTES))
+    fresh = bytearray(rng.randbytes(FRESH_OP_BYTES))
+    fresh[0] = mix.recode(fresh[0])
+    op = _decode_after(_prefix_bytes(program, index), index, bytes(fresh))
     if op is None:
         return None
     return program.with_ops(program.ops[:index] + (op,) + program.ops[index:])
@@ -249,12 +254,13 @@ def _frame_partners(ops: tuple, index: int) -> dict:
     return partners
 
 
-def _collision(program: Program, index: int, partner, schedule: int) -> Program:
-    """``program`` with ``partner`` run in parallel with its op at ``index`` (one more actor,
-    if that is a ``parallel``) on a vCPU of its own (the VM gets one more if needed)."""
+def _collision(program: Program, index: int, partners: tuple, schedule: int) -> Program:
+    """``program`` with ``partners`` run in parallel with its op at ``index`` (more actors,
+    if that is a ``parallel``), each guest op on a vCPU of its own (the VM gets more if
+    needed)."""
     ops = program.ops
     sides = ops[index].sides if isinstance(ops[index], Parallel) else (ops[index],)
-    sides += (partner,)
+    sides += partners
     header = program.header
     guests = sum(op_vcpu(side) is not None for side in sides)
     if guests > header.vcpus:
@@ -293,27 +299,38 @@ def collide(program: Program, rng: random.Random) -> Optional[Program]:
         if fresh:
             gfn = fresh[0] if rng.random() < 0.5 else rng.choice(fresh)
             partner = dataclasses.replace(partner, **{field: gfn << PAGE_SHIFT})
-    return _collision(program, index, partner, _random_schedule(rng))
+    return _collision(program, index, (partner,), _random_schedule(rng))
 
 
 def collisions(program: Program, tail: int) -> Iterator[Program]:
     """Every :func:`collide` of ``program`` without a moved page, in a fixed order, each
-    cut ``tail`` ops after its ``parallel``.
+    cut ``tail`` ops after its ``parallel``; then the same with two partners at once.
 
     AFL runs deterministic stages on each new input; this is ours for races:
-    each guest op with each distinct op that can race it, schedule 0 (the
-    schedule explorer varies it).  A race may need the one pairing among
-    dozens that a random collide rarely draws: in a seed that accepts a
-    range at 2M and then at 4K, only the fault paired with the 4K accept
-    races.
+    each guest op (or ``parallel`` with a guest side and room for more
+    actors) with each distinct op that can race it, schedule 0 (the schedule
+    explorer varies it).  A race may need the one pairing among dozens that a
+    random collide rarely draws: in a seed that accepts a range at 2M and
+    then at 4K, only the fault paired with the 4K accept races.  Some races
+    need a third party (a fault walking a table while one op changes what
+    the range may map and another acts on it), so after every pairing come
+    the triples: each guest op with each two distinct ops that can race it
+    (a ``parallel`` of two with room for both gets four actors).  They come
+    last and are drawn lazily, so a campaign reaches them when it has time.
     """
     ops = program.ops
+    racing = []
     for index, op in enumerate(ops):
-        if gpa_field(op):
-            cut = program.with_ops(ops[:index + 1 + tail])
+        if _guest_side(op) is not None:
             partners = _frame_partners(ops, index).values()
-            for partner in dict.fromkeys(p for kind in partners for p in kind):
-                yield _collision(cut, index, partner, 0)
+            racing.append((index, len(op.sides) if isinstance(op, Parallel) else 1,
+                           tuple(dict.fromkeys(p for kind in partners for p in kind))))
+    for more in (1, 2):
+        for index, actors, partners in racing:
+            if actors + more <= ACTORS_MAX:
+                cut = program.with_ops(ops[:index + 1 + tail])
+                for group in itertools.combinations(partners, more):
+                    yield _collision(cut, index, group, 0)
 
 
 def _random_schedule(rng: random.Random) -> int:
@@ -322,11 +339,16 @@ def _random_schedule(rng: random.Random) -> int:
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:
-    """Switch the VM type, or add a vCPU (removing one is valid only if it is unused)."""
+    """Switch the VM type, pick a dirty-log mode, or add a vCPU (removing one is valid only
+    if it is unused)."""
     header = program.header
-    if rng.random() < 0.5:
+    roll = rng.random()
+    if roll < 0.4:
         kind = VmType.TDX if header.type is VmType.DEFAULT else VmType.DEFAULT
         return Program(dataclasses.replace(header, type=kind), program.ops)
+    if roll < 0.6:
+        mode = rng.choice(list(domain(VmHeader, "manual_protect").choices.values()))
+        return Program(dataclasses.replace(header, manual_protect=mode), program.ops)
     used = max((_max_vcpu(op) for op in program.ops), default=-1)
     vcpus = rng.randint(used + 1 if used >= 0 else 1, domain(VmHeader, "vcpus").hi - 1)
     return Program(dataclasses.replace(header, vcpus=vcpus), program.ops)
@@ -349,11 +371,13 @@ _FUNCTIONS = tuple(f for f, _ in MUTATIONS)
 _WEIGHTS = tuple(w for _, w in MUTATIONS)
 
 
-def mutate(program: Program, rng: random.Random) -> Program:
-    """One structural mutation of ``program``: a valid program that differs if it can."""
+def mutate(program: Program, rng: random.Random, mix: OpMix = DEFAULT) -> Program:
+    """One structural mutation of ``program``: a valid program that differs if it can;
+    a fresh op's kind is drawn from ``mix``."""
     for _ in range(ATTEMPTS):
         mutation = rng.choices(_FUNCTIONS, _WEIGHTS)[0]
-        candidate = mutation(program, rng)
+        candidate = insert_op(program, rng, mix) if mutation is insert_op \
+            else mutation(program, rng)
         if candidate is not None and candidate != program:
             return candidate
     return program
@@ -361,7 +385,8 @@ def mutate(program: Program, rng: random.Random) -> Program:
 
 def splice(first: Program, second: Program, rng: random.Random) -> Program:
     """A prefix of ``first`` followed by a suffix of ``second``, in a VM fitting both."""
-    header = VmHeader(first.header.type, max(first.header.vcpus, second.header.vcpus))
+    header = dataclasses.replace(first.header,
+                                 vcpus=max(first.header.vcpus, second.header.vcpus))
     cut_first = rng.randint(0, len(first.ops))
     cut_second = rng.randint(0, len(second.ops))
     # Every op of either side is valid in the wider VM: vCPU numbers stay below its count.
@@ -371,20 +396,21 @@ def splice(first: Program, second: Program, rng: random.Random) -> Program:
 # --- libFuzzer's entry points ---------------------------------------------------
 
 def custom_mutator(data: bytes, max_size: int, seed: int,
-                   byte_mutate: Optional[ByteMutate] = None) -> bytes:
+                   byte_mutate: Optional[ByteMutate] = None, mix: OpMix = DEFAULT) -> bytes:
     """``LLVMFuzzerCustomMutator``: canonical bytes of a mutated program, at most ``max_size``.
 
     With ``byte_mutate`` (``atheris.Mutate``), a fraction of calls use
     libFuzzer's own byte mutations instead: they find encodings no structural
     edit reaches (a literal escape, a different op stream after a shifted byte).
+    Fresh ops are drawn from ``mix``, the campaign target's (:mod:`mmufuzz.fuzz.opmix`).
     """
     rng = random.Random(seed)
     if byte_mutate is not None and rng.random() < BYTE_MUTATION_RATE:
         return encode_within(decode(byte_mutate(data, max_size)), max_size)
     program = decode(data)
-    program = mutate(program, rng)
+    program = mutate(program, rng, mix)
     while rng.random() < EXTRA_MUTATION_RATE:
-        program = mutate(program, rng)
+        program = mutate(program, rng, mix)
     return encode_within(program, max_size)
 
 

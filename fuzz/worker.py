@@ -33,6 +33,7 @@ from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.corpus import DEFAULT_TARGET, NO_FAULT, Replay, injected_faults
 from mmufuzz.fuzz.encoding import Reproducer, decode, encode
 from mmufuzz.fuzz.mutator import collisions
+from mmufuzz.fuzz.opmix import OpMix
 from mmufuzz.fuzz.runner import Checkpoint, Differential, Finding, make_target, run_program
 from mmufuzz.fuzz.schedules import TAIL, ScheduleExplorer
 
@@ -260,6 +261,7 @@ class Worker:
         # Only programs the target can run: decoded bytes are bent to its capabilities.
         allowed = capabilities(system)
         self.restrict = (lambda program: program) if allowed.everything else allowed.restrict
+        self.mix = OpMix.of(allowed)  # what the mutator draws fresh ops from
         self.store = FindingStore(layout.findings) if layout else None
         self.execs = self.ops = 0
         self.crashes = KnownCrashes()

@@ -123,6 +123,27 @@ _TDP_FAULTS = (
           "logging: kvm_mmu_slot_apply_flags() in arch/x86/kvm/x86.c",
           "enabling dirty logging skips the eager split and write-protects 4K leaves only, "
           "leaving writable huge leaves in place"),
+    Fault("fast-pf-ignores-mmu-writable", "tdp",
+          "KVM commit c7ba5b48cc8d (\"KVM: MMU: fast path of handling guest page fault\", "
+          "Xiao Guangrong, 2012) and its precondition in Documentation/virt/kvm/locking.rst "
+          "(\"What we use to avoid all the race is the SPTE_HOST_WRITEABLE bit and "
+          "SPTE_MMU_WRITEABLE bit on the spte\"); today's fast_page_fault: \"only SPTEs that "
+          "are MMU-writable can be made fully writable outside of mmu_lock\"",
+          "fast_page_fault sets Writable on any present leaf a write faulted on, not only "
+          "on MMU-writable ones: a read-only memslot's leaf becomes writable and the "
+          "guest's write lands instead of exiting to userspace"),
+    Fault("dirty-log-rearm-before-harvest", "tdp",
+          "KVM commit edde99ce0529 (Michael S. Tsirkin, 2010): GET_DIRTY_LOG "
+          "write-protected the slot before swapping out the bitmap, so a fault that made a "
+          "page writable in between was logged in the bitmap being returned and the page "
+          "stayed writable: \"The rule is that all pages are either dirty in the current "
+          "bitmap, or write-protected\"; today's order: kvm_get_dirty_log_protect() "
+          "(virt/kvm/kvm_main.c) xchg()s each bitmap word, then "
+          "kvm_arch_mmu_enable_log_dirty_pt_masked()",
+          "KVM_GET_DIRTY_LOG re-arms the logged gfns (write-protect, or clear the Dirty bit "
+          "with PML) before it takes the bitmap: a lockless fast-path fix or a CPU Dirty-bit "
+          "set in between is reported now and leaves the page writable (or dirty), so the "
+          "next writes to it are never logged", concurrent=True),
     Fault("lost-flush-on-yield", "tdp",
           "KVM commit a835429cda91 (\"KVM: x86/mmu: Ensure TLBs are flushed when yielding "
           "during GFN range zap\")",
@@ -132,6 +153,22 @@ _TDP_FAULTS = (
           "range_end()\")",
           "a fault installs an SPTE between invalidation start and end (mmu_invalidate_seq "
           "not checked)", concurrent=True),
+    Fault("clear-dirty-keeps-huge", "tdp",
+          "\"[PATCH v3 2/2] KVM: x86: Not wr-protect huge page with init_all_set dirty log\" "
+          "(Keqian Zhu, 2021-04-29; queued by Paolo Bonzini 2021-05-24), https://lore.kernel.org/"
+          "kvm/20210429034115.35560-3-zhukeqian1@huawei.com/: kvm_mmu_slot_apply_flags stops "
+          "write-protecting huge pages when logging starts initially-set, so "
+          "kvm_arch_mmu_enable_log_dirty_pt_masked must (\"Huge pages are NOT write protected "
+          "when we start dirty log with init-all-set, so we must write protect them at here\")",
+          "with initially-set bitmaps, KVM_CLEAR_DIRTY_LOG write-protects (and splits) only "
+          "4K leaves: a 2M leaf left writable by the enable takes the next writes unlogged"),
+    Fault("clear-dirty-last-word", "tdp",
+          "KVM commit 53eac7a8f8cf (\"KVM: fix KVM_CLEAR_DIRTY_LOG for memory slots of "
+          "unaligned size\"): kvm_clear_dirty_log_protect counted num_pages / BITS_PER_LONG "
+          "words, so a range ending at the end of a slot whose size is not a multiple of 64 "
+          "lost its partial last word (now DIV_ROUND_UP)",
+          "KVM_CLEAR_DIRTY_LOG skips the last, partial 64-page word of a range that reaches the "
+          "slot's end: those pages stay dirty and writable, reported again by the next get"),
 )
 
 _STAGE2_FAULTS = (

@@ -50,6 +50,20 @@ class VmType(enum.Enum):
     TDX = "tdx"
 
 
+class ManualProtect(enum.Enum):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as the VM enables it before its first op.
+
+    ``off``: KVM_GET_DIRTY_LOG clears and re-protects what it reports; ``on``
+    (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE): it only reports, and
+    KVM_CLEAR_DIRTY_LOG clears; ``init_set`` (that plus
+    KVM_DIRTY_LOG_INITIALLY_SET): a slot starts logging with every page dirty.
+    """
+
+    OFF = "off"
+    ON = "on"
+    INIT_SET = "init_set"
+
+
 class AccessKind(enum.Enum):
     """What a guest access does; a fetch is a read for slot permissions."""
 
@@ -173,10 +187,15 @@ def gpa_field(op) -> Optional[str]:
 
 @dataclass(frozen=True)
 class VmHeader:
-    """``vm type= vcpus=``: the VM a program creates before its first op."""
+    """``vm type= vcpus= [manual_protect=]``: the VM a program creates before its first op."""
 
     type: VmType = _enum({t.value: t for t in VmType})
     vcpus: int = _int(1, VCPUS_MAX + 1, radix=10)
+    # Absent from the text when off (the default), so older reproducers read as before.
+    manual_protect: ManualProtect = field(
+        default=ManualProtect.OFF,
+        metadata={"domain": Domain("enum", choices={m.value: m for m in ManualProtect},
+                                   optional=True)})
 
 
 # --- ops --------------------------------------------------------------------
@@ -321,9 +340,18 @@ class GetDirtyLog:
     slot: int = _slot()
 
 
+@dataclass(frozen=True)
+class ClearDirtyLog:
+    """KVM_CLEAR_DIRTY_LOG of slot pages [first, first+npages), every bit of the range set."""
+
+    slot: int = _slot()
+    first: int = _int(0, NPAGES_MAX + 1)
+    npages: int = _int(0, NPAGES_MAX + 1)
+
+
 SimpleOp = Union[MemslotAdd, MemslotDelete, MemslotMove, MemslotSetFlags, SetAttributes,
                  Accept, Paging, WritePte, Access, Invlpg, FlushTlb, HostInvalidate, ZapAll,
-                 Split, Recover, GetDirtyLog]
+                 Split, Recover, GetDirtyLog, ClearDirtyLog]
 
 
 # The actors of a ``parallel``, in order: a schedule digit of 0 picks ``a``, 1 ``b``, ...
@@ -418,7 +446,8 @@ OP_NAMES: dict[type, str] = {
     MemslotSetFlags: "memslot_set_flags", SetAttributes: "set_attributes", Accept: "accept",
     Paging: "paging", WritePte: "write_pte", Access: "access", Invlpg: "invlpg",
     FlushTlb: "flush_tlb", HostInvalidate: "host_invalidate", ZapAll: "zap_all",
-    Split: "split", Recover: "recover", GetDirtyLog: "get_dirty_log", Parallel: "parallel",
+    Split: "split", Recover: "recover", GetDirtyLog: "get_dirty_log",
+    ClearDirtyLog: "clear_dirty_log", Parallel: "parallel",
 }
 OP_CLASSES: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 

@@ -46,11 +46,23 @@ class Capabilities:
     without ``fuzz/`` knowing anything of the target.  A target with finer
     limits (a field value, an address range) subclasses this and overrides
     :meth:`op_refusal`.
+
+    ``weights`` (op name -> weight) says which op kinds the target is about:
+    a campaign's mutator draws the ops it generates from the decoder's mix
+    with these weights in place of the decoder's (on its scale: 256 opcodes
+    of weight one each; ``parallel`` weighs its arities together), and never
+    an op kind outside ``ops`` (:mod:`mmufuzz.fuzz.opmix`).  A target that
+    declares none gets the decoder's mix.
     """
 
-    def __init__(self, vm_types=frozenset(VmType), ops=frozenset(OP_NAMES)):
+    def __init__(self, vm_types=frozenset(VmType), ops=frozenset(OP_NAMES), weights=None):
         self.vm_types = frozenset(vm_types)
         self.ops = frozenset(ops)
+        self.weights = dict(weights or {})
+        unknown = set(self.weights) - {OP_NAMES[cls] for cls in self.ops}
+        if unknown or any(not isinstance(w, int) or w < 0 for w in self.weights.values()):
+            raise ValueError(f"weights must be whole numbers >= 0 for ops the target runs: "
+                             f"{sorted(unknown) or self.weights}")
         # The VM type a refused header becomes: the first allowed one, in a fixed order.
         self._fallback = next(t for t in VmType if t in self.vm_types)
 

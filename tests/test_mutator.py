@@ -137,7 +137,10 @@ def test_collisions_pair_each_guest_op_with_each_op_that_can_race_it_once():
     access vcpu=0 gpa=0x600000 word=0 kind=read private=0
     zap_all"""
     program = parse_reproducer(text).program
-    pairs = list(mutator.collisions(program, tail=1))
+    every = list(mutator.collisions(program, tail=1))
+    arity = [len(next(op for op in c.ops if isinstance(op, Parallel)).sides) for c in every]
+    assert arity == sorted(arity)  # every pairing before the first triple
+    pairs = every[:arity.count(2)]
     found = []
     for candidate in pairs:
         index = next(i for i, op in enumerate(candidate.ops) if isinstance(op, Parallel))
@@ -152,6 +155,38 @@ def test_collisions_pair_each_guest_op_with_each_op_that_can_race_it_once():
                      (2, "accept", 0x200), (2, "access", 0x201), (2, "zap_all", set()),
                      (3, "accept", 0x200), (3, "access", 0x201), (3, "zap_all", set()),
                      (4, "zap_all", set())]
+
+
+def test_collisions_then_race_each_guest_op_with_two_partners_and_grow_parallels():
+    text = """vm type=default vcpus=1
+    memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
+    memslot_set_flags slot=0 flags=dirty_log,host_huge
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=0
+    parallel a=(access vcpu=0 gpa=0x202000 word=0 kind=read private=0) b=(zap_all) schedule=0x5
+    memslot_set_flags slot=0 flags=host_huge
+    recover"""
+    program = parse_reproducer(text).program
+    found = []
+    for candidate in mutator.collisions(program, tail=0):
+        index = next(i for i, op in enumerate(candidate.ops) if isinstance(op, Parallel))
+        grown = candidate.ops[index]
+        assert valid(candidate) and grown.schedule == 0
+        assert candidate.ops[:index] == program.ops[:index] and len(candidate.ops) == index + 1
+        original = program.ops[index]
+        before = original.sides if isinstance(original, Parallel) else (original,)
+        assert grown.sides[:len(before)] == before
+        found.append((index, tuple(op_name(side) for side in grown.sides[len(before):])))
+    # The memslot ops name the slot's base gfn 0x200, in the frame of both accesses; the
+    # two flag changes are distinct ops; a parallel is no partner, a guest op in one is.
+    flags, add = "memslot_set_flags", "memslot_add"
+    assert found[:9] == [(2, (add,)), (2, (flags,)), (2, (flags,)), (2, ("recover",)),
+                         (3, (add,)), (3, (flags,)), (3, (flags,)), (3, ("access",)),
+                         (3, ("recover",))]
+    # Then two partners: the fault, the flag change and recover race as three actors, and
+    # the existing pair grows to four.
+    assert (2, (flags, "recover")) in found[9:] and (3, (flags, "recover")) in found[9:]
+    assert all(len(f[1]) == 2 for f in found[9:])
+    assert len(found) == 9 + 6 + 10  # C(4, 2) and C(5, 2)
 
 
 def test_header_change_never_drops_a_vcpu_in_use():

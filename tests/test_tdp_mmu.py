@@ -95,8 +95,8 @@ class Vm:
         return page
 
 
-def huge_vm(**slot):
-    vm = Vm()
+def huge_vm(tdx: bool = False, **slot):
+    vm = Vm(tdx)
     args = {"slot": 0, "base": 0x200, "npages": 0x400, "flags": HUGE, "host_offset": 0} | slot
     vm.do(MemslotAdd(**args))
     return vm
@@ -342,7 +342,7 @@ def test_a_stale_host_translation_touches_a_poisoned_page():
 # --- dirty logging ----------------------------------------------------------------------------
 
 def test_dirty_log_enable_splits_and_write_protects_then_logs_writes():
-    vm = huge_vm()
+    vm = huge_vm(tdx=True)  # a TD has no PML: dirty logging write-protects
     vm.write(0x200, 1)
     vm.do(MemslotSetFlags(0, HUGE | MemslotFlag.DIRTY_LOG))
     level, spte = vm.leaf(0x200)

@@ -14,6 +14,7 @@ from mmufuzz.harness.tdp.iter import TdpIter
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, used_entries
 from mmufuzz.harness.tdp.sched import Hang, Rcu, RwLock, interleave, run
 from mmufuzz.harness.tdp.spte import (
+    PT_WRITABLE_MASK,
     ACC_ALL,
     ACC_EXEC_MASK,
     FROZEN_SPTE,
@@ -36,7 +37,6 @@ from mmufuzz.harness.tdp.spte import (
     make_mmio_spte,
     make_nonleaf_spte,
     make_spte,
-    mark_spte_for_write_protect,
     spte_to_pfn,
 )
 
@@ -75,7 +75,7 @@ def test_split_child_i_maps_pfn_plus_i_at_4k():
 
 def test_write_protect_keeps_mmu_writable_and_needs_flush():
     spte = make_spte(9, PG_LEVEL_4K, ACC_ALL)
-    wp = mark_spte_for_write_protect(spte)
+    wp = spte & ~PT_WRITABLE_MASK  # what write_protect installs
     assert not is_writable_pte(wp) and wp & (1 << 58)
     assert leaf_spte_change_needs_tlb_flush(spte, wp)
     assert not leaf_spte_change_needs_tlb_flush(wp, spte)

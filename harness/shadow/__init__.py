@@ -30,9 +30,15 @@ class ShadowCapabilities(Capabilities):
     let a vCPU use only translations it walked itself (docs/shadow.md).
     """
 
+    # The shadow MMU is built from the guest's own page tables: its work is done by CR3
+    # loads, writes to guest PTEs, invlpg and guest TLB flushes, which the decoder's mix
+    # (written for every target) draws 36 times in 256.  Each of the four is drawn as
+    # often as the most frequent of them there (write_pte, 18), the rest as the decoder does.
+    WEIGHTS = {"paging": 18, "write_pte": 18, "invlpg": 18, "flush_tlb": 18}
+
     def __init__(self):
         super().__init__(vm_types={VmType.DEFAULT},
-                         ops=frozenset(OP_NAMES) - {SetAttributes, Accept})
+                         ops=frozenset(OP_NAMES) - {SetAttributes, Accept}, weights=self.WEIGHTS)
 
     def op_refusal(self, op, header):
         reason = super().op_refusal(op, header)

@@ -43,11 +43,15 @@ _OTHER = (
     "fault:retry:invalidate_in_progress", "fault:retry:sequence_moved",
     "fault:retry:slot_invalid", "fault:retry:frozen", "fault:retry:cmpxchg_lost",
     "fault:mmio_spte", "fault:mmio_spte:generation_moved",
+    # fast_page_fault: a leaf made writable without mmu_lock, or a cmpxchg it lost.
+    "fault:fast:fixed", "fault:fast:cmpxchg_lost",
     # What a hardware walk of the direct root found, and TLB flushes.
     *(f"walk:absent:L{level}" for level in _LEVELS),
     *(f"walk:permission:L{level}" for level in _LEVELS),
     *(f"walk:fill:L{level}" for level in _LEVELS),
     "walk:aborted_by_flush", "walk:mmio:current", "walk:mmio:stale", "walk:ve",
+    # The CPU set a leaf's EPT Dirty bit, with PML logging the gpa or not.
+    "walk:set_dirty", "walk:set_dirty:pml",
     "tlb:flush:held_entries", "tlb:flush:empty",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
@@ -77,4 +81,6 @@ WALK_FILL = event("walk:fill:L1") - PG_LEVEL_4K  # + level
 WALK_ABORTED = event("walk:aborted_by_flush")
 WALK_MMIO_CURRENT, WALK_MMIO_STALE = event("walk:mmio:current"), event("walk:mmio:stale")
 WALK_VE = event("walk:ve")
+WALK_SET_DIRTY, WALK_SET_DIRTY_PML = event("walk:set_dirty"), event("walk:set_dirty:pml")
+FAST_PF_FIXED, FAST_PF_CMPXCHG_LOST = event("fault:fast:fixed"), event("fault:fast:cmpxchg_lost")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")

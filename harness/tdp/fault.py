@@ -5,6 +5,10 @@ KVM's (kvm_mmu_faultin_pfn), which is also the order of the guest-visible
 exits (SEMANTICS §D).  The fault snapshots mmu_invalidate_seq before looking
 up the pfn and re-checks it under mmu_lock, so a racing invalidation makes it
 retry rather than install a stale pfn.
+
+Before all that, ``fast_page_fault`` tries to resolve a write to a present,
+write-protected leaf without mmu_lock: it is how a write after dirty logging
+write-protected a page gets its Writable bit back (kvm_tdp_mmu_page_fault).
 """
 
 from __future__ import annotations
@@ -19,18 +23,26 @@ from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
     FROZEN_SPTE,
     PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+    ROOT_LEVEL,
     SPTE_MMU_PRESENT_MASK,
     TDP_MAX_GFN,
+    is_access_allowed,
     is_last_spte,
+    is_mmu_writable_spte,
     is_shadow_present_pte,
     leaf_spte_change_needs_tlb_flush,
     make_mmio_spte,
     make_spte,
     pages_per_level,
+    spte_index,
 )
 
 # KVM's RET_PF_* results that stay inside the fault path.
-RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_FIXED = 0, 1, 2, 5
+RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED = 0, 1, 2, 3, 5
+RET_PF_SPURIOUS = 6
+# fast_page_fault gives up after this many lost cmpxchgs ("Fast #PF retrying more than 4 times").
+FAST_PF_RETRIES = 4
 
 
 @dataclass(slots=True)
@@ -43,6 +55,7 @@ class KvmPageFault:
     exec: bool
     is_private: bool
     max_level: int
+    present: bool = False  # PFERR_PRESENT: the walk met a present leaf lacking a permission
     slot: object = None
     pfn: int = 0
     map_writable: bool = False
@@ -53,20 +66,23 @@ class KvmPageFault:
 
 
 def kvm_mmu_page_fault(kvm, vcpu, addr: int, write: bool, exec_: bool, private: bool,
-                       max_level: int = PG_LEVEL_2M):
+                       max_level: int = PG_LEVEL_2M, present: bool = False):
     """Generator: handle an EPT violation at byte ``addr``.
 
     Returns None when the vCPU should retry the access (something is mapped
     now), or the exit Outcome.  Retries loop here, never reaching the guest.
     """
     while True:
-        fault = KvmPageFault(addr, addr >> 12, write, exec_, private, max_level)
+        fault = KvmPageFault(addr, addr >> 12, write, exec_, private, max_level, present)
         # A retry re-enters the guest first: pending requests (a root made obsolete) are
         # handled and a root is loaded (kvm_mmu_reload).
         fault.root = vcpu.mmu_reload()
-        fault.mmu_seq = kvm.mmu_invalidate_seq
         token = kvm.srcu.read_lock()  # the slot this fault resolves stays until it is done
         try:
+            result = yield from fast_page_fault(kvm, vcpu, fault)
+            if result is RET_PF_FIXED or result is RET_PF_SPURIOUS:
+                return None
+            fault.mmu_seq = kvm.mmu_invalidate_seq
             yield
             result = kvm_mmu_faultin_pfn(kvm, vcpu, fault)
             if result is RET_PF_CONTINUE:
@@ -88,6 +104,81 @@ def kvm_mmu_page_fault(kvm, vcpu, addr: int, write: bool, exec_: bool, private: 
         if result is RET_PF_FIXED:
             return None
         return result
+
+
+def page_fault_can_be_fast(kvm, fault: KvmPageFault) -> bool:
+    """mmu.c's page_fault_can_be_fast, for the EPT violations this target takes.
+
+    Private faults never are: the mirror root's SPTEs change only through the
+    TDX module (kvm_tdp_mmu_fast_pf_get_last_sptep walks the direct root).  A
+    fault whose private-ness the attributes contradict must reach
+    kvm_mmu_faultin_pfn to exit.  EPT A/D bits are on (enable_ept_ad_bits), so
+    a non-present SPTE is never an access-tracked one: only a write to a
+    present leaf can be fixed.
+    """
+    if fault.is_private or (kvm.tdx and kvm.attributes.is_private(fault.gfn)):
+        return False
+    return fault.present and fault.write
+
+
+def fast_page_fault(kvm, vcpu, fault: KvmPageFault):
+    """Generator: mmu.c's fast_page_fault on the TDP MMU, without mmu_lock.
+
+    Walks the vCPU's direct root under RCU to the last SPTE for the gfn.  A
+    leaf that already allows the access was fixed by someone else (or a TLB
+    entry was stale): RET_PF_SPURIOUS.  A leaf that is MMU-writable gets its
+    Writable bit back by cmpxchg (fast_pf_fix_direct_spte), which loses to
+    any concurrent writer (a write-protect, a zap's freeze) and retries; a
+    won cmpxchg that made the leaf writable marks the gfn dirty in the slot
+    the fault resolved (mark_page_dirty_in_slot).  A huge leaf in a
+    dirty-logging slot is left to the slow path, which maps 4K: marking its
+    first gfn would miss writes to the others.  Anything else is
+    RET_PF_INVALID: the slow path.
+    """
+    if not page_fault_can_be_fast(kvm, fault):
+        return RET_PF_INVALID
+    # kvm_mmu_do_page_fault looked the slot up (kvm_vcpu_gfn_to_memslot) before this.
+    slot = vcpu.gfn_to_memslot(fault.gfn)
+    token = kvm.rcu.read_lock()  # walk_shadow_page_lockless_begin
+    try:
+        for _ in range(FAST_PF_RETRIES + 1):
+            page, level, spte = yield from kvm_tdp_mmu_fast_pf_get_last_sptep(kvm, fault)
+            if not spte & SPTE_MMU_PRESENT_MASK or not is_last_spte(spte, level):
+                return RET_PF_INVALID
+            if is_access_allowed(spte, fault.write, fault.exec):
+                return RET_PF_SPURIOUS
+            new = spte
+            if fault.write and (is_mmu_writable_spte(spte)
+                                or faults.active("fast-pf-ignores-mmu-writable")):
+                new |= PT_WRITABLE_MASK
+                if level > PG_LEVEL_4K and slot is not None and slot.dirty is not None:
+                    return RET_PF_INVALID
+            if new == spte or not is_access_allowed(new, fault.write, fault.exec):
+                return RET_PF_INVALID
+            yield
+            index = spte_index(fault.gfn, level)
+            if page.spt[index] == spte:  # fast_pf_fix_direct_spte's try_cmpxchg64
+                page.spt[index] = new
+                kvm.events[events.FAST_PF_FIXED] += 1
+                if new & PT_WRITABLE_MASK and not spte & PT_WRITABLE_MASK:
+                    kvm.dirty_log.mark_page_dirty_in_slot(fault.gfn, slot)
+                return RET_PF_FIXED
+            kvm.events[events.FAST_PF_CMPXCHG_LOST] += 1
+        return RET_PF_INVALID
+    finally:
+        kvm.rcu.read_unlock(token)
+
+
+def kvm_tdp_mmu_fast_pf_get_last_sptep(kvm, fault: KvmPageFault):
+    """Generator: ``(table, level, spte)`` of the last SPTE on the gfn's walk of the
+    direct root (for_each_tdp_pte down to the first non-present or leaf entry)."""
+    page, level = fault.root, ROOT_LEVEL
+    while True:
+        spte = page.spt[spte_index(fault.gfn, level)]
+        yield
+        if not spte & SPTE_MMU_PRESENT_MASK or is_last_spte(spte, level):
+            return page, level, spte
+        page, level = kvm.mmu.alloc.child(spte), level - 1
 
 
 def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
@@ -203,6 +294,12 @@ def kvm_tdp_mmu_map(kvm, fault: KvmPageFault):
 def _map_target_level(kvm, fault: KvmPageFault, it):
     """Generator: tdp_mmu_map_handle_target_level."""
     mmu, old = kvm.mmu, it.old_spte
+    # A leaf that already allows the access was fixed by another vCPU, or by the fast
+    # path (KVM commit "KVM: x86/mmu: Treat TDP MMU faults as spurious if access is
+    # already allowed"): replacing it would only clear its Dirty bit.
+    if (old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, it.level)
+            and is_access_allowed(old, fault.write, fault.exec)):
+        return RET_PF_FIXED
     if fault.slot is None:
         new = make_mmio_spte(fault.gfn, ACC_ALL, fault.gen, kvm.mmio_value)
         kvm.events[events.MMIO_SPTE if fault.gen == kvm.memslots.generation

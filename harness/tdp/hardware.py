@@ -45,6 +45,7 @@ from mmufuzz.harness.tdp.spte import (
     PT_READABLE_MASK,
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
+    SPTE_DIRTY_MASK,
     TDP_MAX_GFN,
     VMX_EPT_SUPPRESS_VE_BIT,
     check_mmio_spte,
@@ -72,6 +73,8 @@ _CACHE_SHIFT = (0,) + tuple(9 * level for level in range(1, ROOT_LEVEL + 1))
 
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
+# An EPT violation on a present leaf that lacks the permission (PFERR_PRESENT).
+_PERMISSION = "permission"
 
 
 class SetBits:
@@ -282,10 +285,11 @@ class Vcpu:
                 return VeUnexpected(gpa)
             if result is _PENDING:
                 return VePending(gpa)
-            if result is not _VIOLATION:
+            if result is not _VIOLATION and result is not _PERMISSION:
                 continue  # a translation was cached: the retry hits it
             exit_ = yield from kvm_mmu_page_fault(self.kvm, self, gpa, kind is WRITE,
-                                                  kind is FETCH, private)
+                                                  kind is FETCH, private,
+                                                  present=result is _PERMISSION)
             if exit_ is not None:
                 return exit_
 
@@ -320,14 +324,42 @@ class Vcpu:
                     if not spte & _ept_needs(kind):
                         kvm.events[events.WALK_PERMISSION + level] += 1
                         self._drop_walk_cache(gfn)
-                        return _VIOLATION
+                        return _PERMISSION
+                    if kind is WRITE and not spte & SPTE_DIRTY_MASK:
+                        spte = self._set_dirty(page, spte_index(gfn, level), spte, gfn)
+                        if spte is None:
+                            break  # the entry changed under the walk: walk again
                     kvm.events[events.WALK_FILL + level] += 1
                     pfn = spte_to_pfn(spte) + (gfn & (pages_per_level(level) - 1))
-                    self.tlb_shared[gfn] = (pfn, spte & (PT_READABLE_MASK | PT_WRITABLE_MASK
-                                                         | PT_EXECUTABLE_MASK))
+                    # A translation caches Writable only with Dirty set: a write through a
+                    # clean one walks again to set it (SDM vol. 3 §29.3.5).
+                    perms = spte & (PT_READABLE_MASK | PT_EXECUTABLE_MASK)
+                    if spte & SPTE_DIRTY_MASK:
+                        perms |= spte & PT_WRITABLE_MASK
+                    self.tlb_shared[gfn] = (pfn, perms)
                     return None
                 page, level = kvm.mmu.alloc.child(spte), level - 1
                 cache[(level, gfn >> _CACHE_SHIFT[level])] = page
+
+    def _set_dirty(self, page, index: int, spte: int, gfn: int):
+        """The CPU's locked update of a leaf's EPT Dirty bit for a write (EPT A/D bits are
+        on, enable_ept_ad_bits): the new value, or None if the entry is no longer
+        ``spte``.  With PML on for the VM (``cpu_dirty_log_size``, while any slot logs:
+        vmx_update_cpu_dirty_logging), the 0 -> 1 transition logs the gpa; the PML
+        buffer is drained into the dirty bitmap as the entry is written (KVM drains it
+        on every VM-exit, and KVM_GET_DIRTY_LOG kicks every vCPU first:
+        kvm_arch_sync_dirty_log)."""
+        kvm = self.kvm
+        if page.spt[index] != spte:
+            return None
+        spte |= SPTE_DIRTY_MASK
+        page.spt[index] = spte
+        if kvm.cpu_dirty_log_size and kvm.memslots.logging:
+            kvm.events[events.WALK_SET_DIRTY_PML] += 1
+            kvm.dirty_log.mark_page_dirty_in_slot(gfn)
+        else:
+            kvm.events[events.WALK_SET_DIRTY] += 1
+        return spte
 
     def _walk_start(self, gfn: int):
         """(table, level) an EPT walk of ``gfn`` starts at: the deepest cached table, else

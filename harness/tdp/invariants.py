@@ -18,9 +18,12 @@ from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp.checkpoint import Shared
 from mmufuzz.harness.tdp.pgalloc import used_entries
 from mmufuzz.harness.tdp.spte import (
+    EPT_SPTE_HOST_WRITABLE,
+    EPT_SPTE_MMU_WRITABLE,
     PAGES_PER_LEVEL,
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
+    SPTE_DIRTY_MASK,
     SPTE_MMU_PRESENT_MASK,
     check_mmio_spte,
     get_mmio_spte_gfn,
@@ -203,7 +206,10 @@ def huge_leaf_legal(kvm, snap: Snapshot) -> None:
             continue
         slot = kvm.memslots.lookup(gfn)
         backing = slot.gmem if mirror else slot.backing
-        legal = (level == PG_LEVEL_2M and slot.hugepage_inside(gfn) and slot.dirty is None
+        # With initially-set bitmaps a 2M leaf made before logging started stays (SEMANTICS
+        # §G); dirty_log_write_protected checks it cannot take unlogged writes.
+        legal = (level == PG_LEVEL_2M and slot.hugepage_inside(gfn)
+                 and (slot.dirty is None or kvm.dirty_log.initially_set)
                  and kvm.attributes.uniform(gfn, gfn + PAGES_PER_2M)
                  and backing.host_level(gfn - slot.base_gfn) == PG_LEVEL_2M)
         if not legal:
@@ -290,6 +296,64 @@ def dirty_log_covers_writes(kvm, snap: Snapshot) -> None:
             _fail("dirty_log_covers_writes", f"gfn={gfn:#x} slot={slot.id}")
 
 
+def writable_leaf_logged(kvm, gfn: int, npages: int, detail: str) -> None:
+    """``dirty_log_write_protected`` for one writable leaf over [gfn, gfn+npages): if its
+    slot logs, every page's dirty bit is set (a write through the leaf is not logged)."""
+    slot = kvm.memslots.lookup(gfn)
+    if slot is None or slot.dirty is None or not slot.dirty.armed:
+        return
+    bitmap = slot.dirty.bitmap
+    first = gfn - slot.base_gfn
+    for page in range(first, min(first + npages, slot.npages)):
+        if page not in bitmap:
+            _fail("dirty_log_write_protected",
+                  f"gfn={slot.base_gfn + page:#x} slot={slot.id} writable leaf gfn={gfn:#x} "
+                  f"{detail}")
+
+
+def dirty_log_write_protected(kvm, snap: Snapshot) -> None:
+    """No writable huge leaf of a logging slot maps a page whose dirty bit is clear
+    (SEMANTICS §I): with initially-set bitmaps huge leaves outlive the start of logging,
+    and a clear must write-protect the ones over its pages.  (4K leaves and the TLB:
+    :func:`dirty_state_logged`.)"""
+    if not kvm.memslots.logging:
+        return
+    for mirror, gfn, level, spte in snap.leaves:
+        if not mirror and level > PG_LEVEL_4K and spte & PT_WRITABLE_MASK:
+            writable_leaf_logged(kvm, gfn, pages_per_level(level), f"level={level} spte={spte:#x}")
+
+
+def spte_writable_invariants(kvm, snap: Snapshot) -> None:
+    """A leaf is Writable only if MMU-writable, and MMU-writable only if host-writable
+    (spte.h's check_spte_writable_invariants): the fast path makes exactly the
+    MMU-writable leaves writable, so a leaf that the host or the memslot forbids
+    writing must never carry the bit."""
+    for mirror, gfn, level, spte in snap.leaves:
+        if ((spte & PT_WRITABLE_MASK and not spte & EPT_SPTE_MMU_WRITABLE)
+                or (spte & EPT_SPTE_MMU_WRITABLE and not spte & EPT_SPTE_HOST_WRITABLE)):
+            _fail("spte_writable_invariants", f"gfn={gfn:#x} level={level} spte={spte:#x}")
+
+
+def dirty_state_logged(kvm, snap: Snapshot) -> None:
+    """In an armed dirty-logging slot, every 4K leaf and cached translation through which
+    a write would not reach the log has its gfn in the bitmap: a Writable one in
+    write-protect mode, a Writable and Dirty one with PML (the CPU logs only the
+    Dirty bit's 0 -> 1; a translation caches Writable only with Dirty set)."""
+    memslots = kvm.memslots
+    if not memslots.logging:
+        return
+    armed = SPTE_DIRTY_MASK | PT_WRITABLE_MASK if kvm.cpu_dirty_log_size else PT_WRITABLE_MASK
+    gfns = [gfn for mirror, gfn, level, spte in snap.leaves
+            if not mirror and level == PG_LEVEL_4K and spte & armed == armed]
+    for vcpu in kvm.vcpus:
+        gfns += [gfn for gfn, (_, perms) in vcpu.tlb_shared.items() if perms & PT_WRITABLE_MASK]
+    for gfn in sorted(gfns):
+        slot = memslots.lookup(gfn)
+        state = slot.dirty if slot is not None else None
+        if state is not None and state.armed and gfn - slot.base_gfn not in state.bitmap:
+            _fail("dirty_state_logged", f"gfn={gfn:#x} slot={slot.id}")
+
+
 def tlb_matches_sptes(kvm, snap: Snapshot) -> None:
     """Every cached gpa translation still matches a leaf granting at least as much."""
     if not any(vcpu.tlb_shared or vcpu.tlb_private for vcpu in kvm.vcpus):
@@ -304,7 +368,9 @@ def tlb_matches_sptes(kvm, snap: Snapshot) -> None:
             spte, base = shared.get((PG_LEVEL_4K, gfn)), gfn
             if spte is None:
                 spte, base = shared.get((PG_LEVEL_2M, head)), head
-            if spte is None or spte_to_pfn(spte) + gfn - base != pfn or perms & ~spte:
+            # A cached Writable needs the leaf's Dirty bit: the CPU caches it only then.
+            if (spte is None or spte_to_pfn(spte) + gfn - base != pfn or perms & ~spte
+                    or (perms & PT_WRITABLE_MASK and not spte & SPTE_DIRTY_MASK)):
                 _fail("tlb_matches_sptes", f"gfn={gfn:#x} vcpu={vcpu.index} pfn={pfn:#x}")
         for gfn, pfn in sorted(vcpu.tlb_private.items()):
             leaf = kvm.sept.lookup(gfn)
@@ -357,7 +423,8 @@ def root_refcounts(kvm, snap: Snapshot) -> None:
 INVARIANTS = (nonpresent_value, leaf_pfn_matches_backing, huge_leaf_legal,
               private_leaf_placement, sept_matches_mirror, mmio_spte_with_slot,
               leaked_table_page, refcount_matches_children, page_stats_match_leaves,
-              dirty_log_covers_writes, tlb_matches_sptes, walk_cache_matches_sptes,
+              dirty_log_covers_writes, spte_writable_invariants, dirty_state_logged,
+              dirty_log_write_protected, tlb_matches_sptes, walk_cache_matches_sptes,
               root_refcounts)
 
 

@@ -12,6 +12,7 @@ from mmufuzz.harness.ops import (
     Accept,
     Access,
     FlushTlb,
+    ClearDirtyLog,
     GetDirtyLog,
     HostInvalidate,
     Invlpg,
@@ -41,6 +42,8 @@ from mmufuzz.harness.tdp.private import SecureEpt
 from mmufuzz.harness.tdp.sched import Rcu, RwLock
 from mmufuzz.harness.tdp.spte import TDX_MMIO_VALUE, VMX_EPT_MISCONFIG_WX_VALUE
 
+PML_LOG_NR_ENTRIES = 512  # vmx.h: the PML buffer is one page of gpas
+
 
 class Kvm:
     """One VM (struct kvm), created from a program header."""
@@ -49,12 +52,16 @@ class Kvm:
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
         self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
+        # kvm->arch.cpu_dirty_log_size: vmx_vm_init sets it (enable_pml), tdx_vm_init does
+        # not (TDX has no PML).  Non-zero: dirty logging clears Dirty bits and the CPU logs
+        # writes (PML); zero: it write-protects (kvm_mmu_slot_apply_flags).
+        self.cpu_dirty_log_size = 0 if self.tdx else PML_LOG_NR_ENTRIES
         self.pgalloc = PageTableAllocator(self.host)
         self.attributes = MemoryAttributes()
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.sept = SecureEpt(self) if self.tdx else None
         self.mmu = TdpMmu(self)
-        self.dirty_log = DirtyLogger(self)
+        self.dirty_log = DirtyLogger(self, header.manual_protect)
 
     def init_common(self, header: VmHeader) -> None:
         """The architecture-neutral fields of struct kvm (virt/kvm/kvm_main.c), which every
@@ -114,6 +121,8 @@ class Kvm:
             return private.accept(self, self.vcpus[op.vcpu], op)
         if kind is GetDirtyLog:
             return self.dirty_log.get(op)
+        if kind is ClearDirtyLog:
+            return self.dirty_log.clear(op)
         return _VM_OPS[kind](self, op)
 
     def quiesce(self) -> None:

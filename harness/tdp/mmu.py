@@ -26,13 +26,12 @@ from mmufuzz.harness.tdp.spte import (
     ROOT_LEVEL,
     SHADOW_NONPRESENT_VALUE,
     SPTE_BASE_ADDR_MASK,
+    SPTE_DIRTY_MASK,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     is_last_spte,
     is_shadow_present_pte,
-    is_writable_pte,
     make_nonleaf_spte,
-    mark_spte_for_write_protect,
     pages_per_level,
     spte_index,
     spte_to_pfn,
@@ -419,12 +418,35 @@ class TdpMmu:
         rcu.read_unlock(token)
 
     def write_protect(self, root: TablePage, start: int, end: int, gfns=None,
-                      max_level: int = ROOT_LEVEL):
-        """Generator: clear hardware-writable on the leaves up to ``max_level`` of [start, end)
-        (or of ``gfns``).
+                      max_level: int = ROOT_LEVEL, min_level: int = PG_LEVEL_4K):
+        """Generator: clear hardware-writable on the leaves of levels ``min_level`` to
+        ``max_level`` in [start, end) (or of ``gfns``); MMU-writable stays, so a write
+        fault restores it in the fast path.
 
-        Returns whether anything changed (the caller flushes).
+        Returns whether anything changed.
         """
+        return (yield from self.clear_leaf_bit(root, start, end, PT_WRITABLE_MASK, gfns,
+                                               max_level, min_level))
+
+    def clear_dirty(self, root: TablePage, start: int, end: int, gfns=None,
+                    max_level: int = ROOT_LEVEL):
+        """Generator: clear the EPT Dirty bit of the leaves up to ``max_level`` in
+        [start, end) (or of ``gfns``): the dirty-bit half of dirty logging, when the
+        CPU logs writes itself (PML).  clear_dirty_gfn_range on enable (every leaf of
+        the slot) and clear_dirty_pt_masked on KVM_GET_DIRTY_LOG (the 4K leaves of the
+        reported gfns), both by atomic update: the CPU may set Dirty meanwhile.
+
+        Returns whether anything changed.
+        """
+        return (yield from self.clear_leaf_bit(root, start, end, SPTE_DIRTY_MASK, gfns,
+                                               max_level))
+
+    def clear_leaf_bit(self, root: TablePage, start: int, end: int, dbit: int, gfns=None,
+                       max_level: int = ROOT_LEVEL, min_level: int = PG_LEVEL_4K):
+        """Generator: clear ``dbit`` (Writable or Dirty: tdp_mmu.c's ``dbit``) in the leaves of
+        levels ``min_level`` to ``max_level`` in [start, end) (or of ``gfns``), each by
+        cmpxchg that is retried on the entry's new value.  Returns whether any changed
+        (the caller flushes)."""
         rcu = self.kvm.rcu
         token = rcu.read_lock()
         changed = False
@@ -432,9 +454,9 @@ class TdpMmu:
         while it.valid:
             spte = it.old_spte
             if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
-                    and is_writable_pte(spte) and it.level <= max_level
+                    and spte & dbit and min_level <= it.level <= max_level
                     and (gfns is None or it.gfn in gfns)):
-                if not (yield from self.set_spte_atomic(it, mark_spte_for_write_protect(spte))):
+                if not (yield from self.set_spte_atomic(it, spte & ~dbit)):
                     continue
                 changed = True
             it.skip_absent(SPTE_ENT_PER_PAGE)

@@ -19,7 +19,10 @@ VMX_EPT_RWX_MASK = PT_READABLE_MASK | PT_WRITABLE_MASK | PT_EXECUTABLE_MASK
 VMX_EPT_MISCONFIG_WX_VALUE = PT_WRITABLE_MASK | PT_EXECUTABLE_MASK
 VMX_EPT_MEMTYPE_WB = 6 << 3
 PT_PAGE_SIZE_MASK = 1 << 7
+# EPT A/D bits (VMX_EPT_ACCESS_BIT, VMX_EPT_DIRTY_BIT): shadow_accessed_mask and
+# shadow_dirty_mask when EPT A/D bits are enabled (kvm_mmu_set_ept_masks with has_ad_bits).
 SPTE_ACCESSED_MASK = 1 << 8
+SPTE_DIRTY_MASK = 1 << 9
 SPTE_MMU_PRESENT_MASK = 1 << 11
 EPT_SPTE_HOST_WRITABLE = 1 << 57
 EPT_SPTE_MMU_WRITABLE = 1 << 58
@@ -105,6 +108,26 @@ def is_writable_pte(spte: int) -> bool:
     return spte & PT_WRITABLE_MASK != 0
 
 
+def is_mmu_writable_spte(spte: int) -> bool:
+    """KVM may make the SPTE writable without mmu_lock (shadow_mmu_writable_mask): it was
+    made with write access and is write-protected only for dirty logging."""
+    return spte & EPT_SPTE_MMU_WRITABLE != 0
+
+
+def is_dirty_spte(spte: int) -> bool:
+    """The CPU (or make_spte) set the EPT dirty bit: a write may have gone through it."""
+    return spte & SPTE_DIRTY_MASK != 0
+
+
+def is_access_allowed(spte: int, write: bool, exec_: bool) -> bool:
+    """spte.h's is_access_allowed: would the faulting access succeed on this leaf now?"""
+    if exec_:
+        return spte & PT_EXECUTABLE_MASK != 0
+    if write:
+        return spte & PT_WRITABLE_MASK != 0
+    return spte & PT_READABLE_MASK != 0
+
+
 def spte_to_pfn(spte: int) -> int:
     """The pfn a present SPTE points at (a child table or a data page)."""
     return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
@@ -113,8 +136,12 @@ def spte_to_pfn(spte: int) -> int:
 def make_spte(pfn: int, level: int, access: int, host_writable: bool = True) -> int:
     """A leaf SPTE for ``pfn`` at ``level``; writable iff ACC_WRITE and the host allows it.
 
-    KVM's make_spte also marks the gfn dirty when it installs a writable SPTE;
-    here that happens in the one choke point, handle_changed_spte.
+    A writable SPTE is made MMU-writable and, with EPT A/D bits, dirty
+    (make_spte: ``spte |= spte_shadow_dirty_mask(spte)`` for ACC_WRITE; KVM commit
+    f4e1b3c8bd2a "KVM: MMU: Explicitly set D-bit for writable spte"), so the
+    CPU logs no PML entry for the write the fault serves.  That is safe only
+    because make_spte also marks the gfn dirty when it installs a writable
+    SPTE; here that happens in the one choke point, handle_changed_spte.
     """
     spte = (SPTE_MMU_PRESENT_MASK | PT_READABLE_MASK | VMX_EPT_MEMTYPE_WB | SPTE_ACCESSED_MASK
             | (pfn << PAGE_SHIFT))
@@ -125,7 +152,7 @@ def make_spte(pfn: int, level: int, access: int, host_writable: bool = True) -> 
     if host_writable:
         spte |= EPT_SPTE_HOST_WRITABLE
         if access & ACC_WRITE_MASK:
-            spte |= PT_WRITABLE_MASK | EPT_SPTE_MMU_WRITABLE
+            spte |= PT_WRITABLE_MASK | EPT_SPTE_MMU_WRITABLE | SPTE_DIRTY_MASK
     return spte
 
 
@@ -152,11 +179,6 @@ def make_huge_spte(small_spte: int, level: int) -> int:
     """
     huge = small_spte | PT_PAGE_SIZE_MASK
     return huge & ~(((pages_per_level(level) - 1) << PAGE_SHIFT) & SPTE_BASE_ADDR_MASK)
-
-
-def mark_spte_for_write_protect(spte: int) -> int:
-    """Clear hardware-writable, keep MMU-writable: the next write fault restores it."""
-    return spte & ~PT_WRITABLE_MASK
 
 
 def leaf_permissions(spte: int) -> int:
