@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from mmufuzz.harness.ops import OUTCOME_NAMES, Parallel, PairOutcome, Program, op_name, outcome_kind
@@ -179,14 +179,44 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     return survivors[:MAX_CANDIDATES], first
 
 
+def _judge_remembered(judged: dict, candidates: list, op: Parallel, actual):
+    """:func:`_judge` of the ``parallel`` at a checkpoint, whose ``candidates`` are the
+    checkpoint's: the survivors of an outcome judged before are copied from ``judged``.
+
+    Only verdicts with survivors are kept: a divergence is judged afresh, so its
+    report names the very op that ran.
+    """
+    try:
+        key = (op.sides, actual)
+        kept = judged.get(key)
+    except TypeError:  # an outcome that cannot be a key (a planted target's): judge it
+        return _judge(candidates, op, actual)
+    if kept is not None:
+        return [state.copy() for state in kept], None
+    survivors, why = _judge(candidates, op, actual)
+    if survivors:
+        judged[key] = [state.copy() for state in survivors]
+    return survivors, why
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A :class:`Differential` between two ops: the target's snapshot, the candidate
-    reference states and the index of the next op (see :meth:`Differential.checkpoint`)."""
+    reference states and the index of the next op (see :meth:`Differential.checkpoint`).
+
+    ``judged`` remembers how the reference judged a ``parallel`` at ``index``:
+    (its sides, the target's outcome) -> the surviving candidates.  Schedule
+    exploration runs many variants of one pair from a checkpoint, each with
+    another schedule; the reference's verdict depends on the candidates, the
+    sides and the outcome only (SEMANTICS §H: any order of the sides), and
+    most schedules end in an outcome an earlier variant had, so its survivors
+    are copied instead of every order of the sides being run again.
+    """
 
     target: object
     candidates: tuple
     index: int
+    judged: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class Differential:
@@ -213,6 +243,7 @@ class Differential:
             target.restore(checkpoint.target)
             self.candidates = [c.copy() for c in checkpoint.candidates]
             self.index = checkpoint.index
+        self._checkpoint = checkpoint
         self.outcome = None  # the target's outcome of the last op (None: it raised)
 
     def checkpoint(self) -> Checkpoint:
@@ -234,7 +265,11 @@ class Differential:
             actual = self.outcome = self.target.execute(op)
         except Exception as error:
             return _failure(index, op, error, during_op=True)
-        self.candidates, why = _judge(self.candidates, op, actual)
+        if self._checkpoint is not None and index == self._checkpoint.index and type(op) is Parallel:
+            self.candidates, why = _judge_remembered(self._checkpoint.judged, self.candidates,
+                                                     op, actual)
+        else:
+            self.candidates, why = _judge(self.candidates, op, actual)
         if not self.candidates:
             expect, failed, failed_actual = why
             return Finding("divergence", index, op_name(op), expected=str(expect),

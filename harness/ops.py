@@ -16,6 +16,7 @@ limits (``docs/semantics.md`` §A).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
@@ -429,6 +430,7 @@ def schedule_of(digits, actors: int) -> int:
     return schedule
 
 
+@functools.cache  # a schedule explorer asks it for every schedule it builds
 def schedule_horizon(actors: int) -> int:
     """How many steps a schedule of ``actors`` sides can spell in any order: the most
     base-``actors`` digits every sequence of which is below 2**64 (64, 40, 32)."""

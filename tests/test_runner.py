@@ -263,6 +263,31 @@ def test_a_run_resumed_from_a_checkpoint_is_the_whole_run(target_name):
     assert resumed > 300
 
 
+def test_a_pair_judged_again_from_its_checkpoint_is_judged_as_afresh():
+    """The verdicts a checkpoint remembers for its pair: every schedule of a pair with
+    several outcomes, run twice from one checkpoint, ends in the candidates (and the
+    findings) of a run from scratch."""
+    from mmufuzz.fuzz.schedules import bounded_schedules
+    from mmufuzz.reference.model import Reference
+    two = VmHeader(VmType.DEFAULT, 2)
+    pair = Parallel(write(0x100000, 1), read(0x100000, vcpu=1), 0)
+    program = Program(two, (SLOT, pair, read(0x100000)))
+    whole = Differential(two, make_target("tdp"))
+    assert whole.step(SLOT) is None
+    checkpoint = whole.checkpoint()
+    for schedule in list(bounded_schedules(12, 12))[:40]:
+        variant = program.with_ops((SLOT, Parallel(pair.a, pair.b, schedule), program.ops[2]))
+        fresh = Differential(two, make_target("tdp"))
+        expected = [fresh.step(op) for op in variant.ops], fresh.candidates
+        for _ in range(2):
+            resumed = Differential(two, make_target("tdp"), checkpoint=checkpoint)
+            got = [None] + [resumed.step(op) for op in variant.ops[1:]], resumed.candidates
+            assert got == expected, schedule
+    assert len(checkpoint.judged) >= 2  # the pair ended in more than one way
+    assert all(isinstance(state, Reference) for kept in checkpoint.judged.values()
+               for state in kept)
+
+
 # --- more than two actors -----------------------------------------------------------
 
 THREE = VmHeader(VmType.DEFAULT, 3)

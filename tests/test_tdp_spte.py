@@ -8,6 +8,7 @@ import pytest
 
 from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp import checkpoint
 from mmufuzz.harness.tdp.hostmem import Backing, HostMemory
 from mmufuzz.harness.tdp.iter import TdpIter
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator, used_entries
@@ -158,7 +159,7 @@ def test_used_entries_are_the_entries_not_shadow_nonpresent_in_order():
 
 
 def test_table_pages_pickle_with_their_entries_refcounts_and_poison():
-    """Checkpoints pickle the tables compactly; a restored tree is the same tree."""
+    """A pickled tree of tables is the same tree."""
     alloc, root, l1 = _tree()
     root.refcount = 1
     alloc.free(l1)
@@ -172,6 +173,33 @@ def test_table_pages_pickle_with_their_entries_refcounts_and_poison():
     with pytest.raises(InvariantViolation) as error:
         copy.pages[l1.pfn].spt[0]
     assert error.value.name == "walker_read_freed_table"
+
+
+
+def test_a_checkpoint_copies_entry_lists_and_shares_only_shared_values():
+    """Each restore is a new graph: its tables' entries are fresh lists holding the very
+    SHADOW_NONPRESENT_VALUE object (scans count it by identity), an object reached twice
+    is one object, and a Shared value is the snapshot's own."""
+    class Record(checkpoint.Shared):
+        __slots__ = ("value",)
+
+        def __init__(self, value):
+            self.value = value
+    alloc, root, l1 = _tree()
+    record = Record([1, 2])
+    graph = {"alloc": alloc, "again": root, "record": record, "counts": [0] * 100}
+    snapshot = checkpoint.dumps(graph)
+    root.spt[5] = 0x1234  # what happens to the original after the snapshot is not in it
+    first, second = checkpoint.loads(snapshot), checkpoint.loads(snapshot)
+    for copy in (first, second):
+        twin = copy["alloc"].pages[root.pfn]
+        assert twin is copy["again"] and twin.spt[5] is SHADOW_NONPRESENT_VALUE
+        assert copy["alloc"].pages[l1.pfn].spt == l1.spt
+        assert copy["record"] is record and copy["counts"] == [0] * 100
+    first["counts"][0] = 1
+    first["again"].spt[7] = 1
+    assert second["counts"][0] == 0 and second["again"].spt[7] is SHADOW_NONPRESENT_VALUE
+    assert checkpoint.loads(snapshot)["alloc"].pages[root.pfn].spt[7] is SHADOW_NONPRESENT_VALUE
 
 
 # --- host memory -------------------------------------------------------------------

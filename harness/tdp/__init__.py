@@ -8,12 +8,11 @@ data access whose translations are all cached skips the generator machinery.
 
 from __future__ import annotations
 
-import pickle
-
 from mmufuzz.harness.ops import (LEVEL_NAMES, OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access,
                                  PairOutcome, Parallel, VmHeader, gpa_field)
+from mmufuzz.harness.tdp import checkpoint
 from mmufuzz.harness.tdp.events import EVENTS
-from mmufuzz.harness.tdp.invariants import check_invariants
+from mmufuzz.harness.tdp.invariants import check_invariants, record_tables
 from mmufuzz.harness.tdp.kvm import Kvm
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.sched import interleave, run
@@ -65,15 +64,20 @@ class TdpTarget:
     def check_invariants(self) -> None:
         check_invariants(self.kvm)
 
-    def snapshot(self) -> bytes:
-        """The VM between two ops, pickled: between ops no generator is alive (every op
-        ran to completion and its RCU callbacks are drained), so the Kvm object graph
-        is plain data, and a pickle round trip is several times cheaper than rerunning
-        the ops that built it."""
-        return pickle.dumps(self.kvm, pickle.HIGHEST_PROTOCOL)
+    def snapshot(self) -> checkpoint.Snapshot:
+        """The VM between two ops (:mod:`~mmufuzz.harness.tdp.checkpoint`): between ops no
+        generator is alive (every op ran to completion and its RCU callbacks are
+        drained), so the Kvm object graph is plain data, and restoring it is several
+        times cheaper than rerunning the ops that built it.  The invariant checks'
+        records of its tables are taken first: every copy restored from it shares them."""
+        self._record_tables()
+        return checkpoint.dumps(self.kvm)
 
-    def restore(self, snapshot: bytes) -> None:
-        self.kvm = pickle.loads(snapshot)
+    def _record_tables(self) -> None:
+        record_tables(self.kvm)
+
+    def restore(self, snapshot: checkpoint.Snapshot) -> None:
+        self.kvm = checkpoint.loads(snapshot)
         self._switches.clear()
         self._last = None
 

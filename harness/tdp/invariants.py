@@ -15,6 +15,7 @@ from typing import Optional
 
 from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
 from mmufuzz.harness.target import InvariantViolation
+from mmufuzz.harness.tdp.checkpoint import Shared
 from mmufuzz.harness.tdp.pgalloc import used_entries
 from mmufuzz.harness.tdp.sept import MAPPED, NL_MAPPED, PENDING
 from mmufuzz.harness.tdp.spte import (
@@ -43,7 +44,22 @@ class Snapshot:
     pages: list = field(default_factory=list)
     present: list = field(default_factory=list)     # present entries of pages[i], counted
     leaves: list = field(default_factory=list)      # (mirror, gfn, level, spte)
-    nonpresent: list = field(default_factory=list)  # (page, gfn, spte) != SHADOW_NONPRESENT_VALUE
+    # (level, mirror, gfn, spte) of the entries != SHADOW_NONPRESENT_VALUE that are not present
+    nonpresent: list = field(default_factory=list)
+
+
+class Seen(Shared):
+    """A table's records (:func:`_table_records`) and a copy of the entries they were read from.
+
+    They name no object, only values (a child table by the entry that links
+    it), so a checkpoint shares them with every copy of the table it
+    restores: a schedule variant's check reads again only the tables it changed.
+    """
+
+    __slots__ = ("entries", "records")
+
+    def __init__(self, entries: list, records: tuple):
+        self.entries, self.records = entries, records
 
 
 def _fail(name: str, detail: str):
@@ -71,7 +87,7 @@ def take_snapshot(kvm) -> Snapshot:
     if _last is not None and _last[0]() is kvm and _last[1] == roots:
         snap = _last[2]
         for page, seen in zip(snap.pages, _last[3]):
-            if page.seen is not seen or page.freed or seen[0] != page.spt:
+            if page.seen is not seen or page.freed or seen.entries != page.spt:
                 break
         else:
             return snap
@@ -90,25 +106,26 @@ def _walk(kvm, roots: list) -> Snapshot:
             _fail("reachable_freed_table", f"gfn={page.gfn:#x} level={page.level} "
                                            f"pfn={page.pfn:#x}")
         snap.pages.append(page)
-        present, leaves, nonpresent, children = _table_records(kvm, page)
+        present, leaves, nonpresent, children = _table_records(page)
         snap.present.append(present)
         snap.leaves += leaves
         snap.nonpresent += nonpresent
-        stack.extend(reversed(children))
+        stack.extend(reversed(list(map(kvm.mmu.alloc.child, children))))
     return snap
 
 
-def _table_records(kvm, page) -> tuple:
+def _table_records(page) -> tuple:
     """What a snapshot records of one table: its present count, leaves, odd non-present
-    entries and child tables.
+    entries and the entries that link child tables.
 
-    Kept on the page (``TablePage.seen``) with a copy of the entries they were
-    read from, and reused while the entries are equal: one C-level list
-    comparison, where most tables are as they were at the check before.
+    Kept on the page (``TablePage.seen``, a :class:`Seen`) with a copy of the
+    entries they were read from, and reused while the entries are equal: one
+    C-level list comparison, where most tables are as they were at the check
+    before (or at the checkpoint a schedule variant was restored from).
     """
     seen = page.seen
-    if seen is not None and seen[0] == page.spt:
-        return seen[1]
+    if seen is not None and seen.entries == page.spt:
+        return seen.records
     if page.level == PG_LEVEL_4K:
         records = _records_4k(page)
     else:
@@ -117,14 +134,20 @@ def _table_records(kvm, page) -> tuple:
         for i in used_entries(page.spt):
             spte, gfn = page.spt[i], page.gfn + i * step
             if not is_shadow_present_pte(spte):
-                nonpresent.append((page, gfn, spte))
+                nonpresent.append((page.level, page.mirror, gfn, spte))
             elif is_last_spte(spte, page.level):
                 leaves.append((page.mirror, gfn, page.level, spte))
             else:
-                children.append(kvm.mmu.alloc.child(spte))
+                children.append(spte)
         records = (len(leaves) + len(children), leaves, nonpresent, children)
-    page.seen = (page.spt[:], records)
+    page.seen = Seen(page.spt[:], records)
     return records
+
+
+def record_tables(kvm) -> None:
+    """Take the records of every live table now (a checkpoint shares them with its copies)."""
+    for page in kvm.pgalloc.live_pages():
+        _table_records(page)
 
 
 def _records_4k(page) -> tuple:
@@ -136,7 +159,8 @@ def _records_4k(page) -> tuple:
     present = list(map(SPTE_MMU_PRESENT_MASK.__and__, sptes))
     index = list(compress(used, present))
     nonpresent = [] if len(index) == len(used) else [
-        (page, gfn + i, spte) for i, spte in zip(used, sptes) if not spte & SPTE_MMU_PRESENT_MASK]
+        (PG_LEVEL_4K, page.mirror, gfn + i, spte)
+        for i, spte in zip(used, sptes) if not spte & SPTE_MMU_PRESENT_MASK]
     leaves = list(zip(repeat(page.mirror), map(gfn.__add__, index), repeat(PG_LEVEL_4K),
                       compress(sptes, present)))
     return len(leaves), leaves, nonpresent, []
@@ -144,10 +168,10 @@ def _records_4k(page) -> tuple:
 
 def nonpresent_value(kvm, snap: Snapshot) -> None:
     """Every non-present entry is SHADOW_NONPRESENT_VALUE or a 4K MMIO SPTE for its own gfn."""
-    for page, gfn, spte in snap.nonpresent:
-        if not (page.level == PG_LEVEL_4K and not page.mirror
+    for level, mirror, gfn, spte in snap.nonpresent:
+        if not (level == PG_LEVEL_4K and not mirror
                 and is_mmio_spte(spte, kvm.mmio_value) and get_mmio_spte_gfn(spte) == gfn):
-            _fail("nonpresent_value", f"gfn={gfn:#x} level={page.level} spte={spte:#x}")
+            _fail("nonpresent_value", f"gfn={gfn:#x} level={level} spte={spte:#x}")
 
 
 def leaf_pfn_matches_backing(kvm, snap: Snapshot) -> None:
@@ -250,10 +274,10 @@ def sept_tables_match_mirror(kvm, snap: Snapshot) -> None:
 def mmio_spte_with_slot(kvm, snap: Snapshot) -> None:
     """No MMIO SPTE of the current generation caches a gfn that has a slot."""
     memslots = kvm.memslots
-    for page, gfn, spte in snap.nonpresent:
+    for level, _, gfn, spte in snap.nonpresent:
         if (is_mmio_spte(spte, kvm.mmio_value) and check_mmio_spte(spte, memslots.generation)
                 and memslots.lookup(gfn) is not None):
-            _fail("mmio_spte_with_slot", f"gfn={gfn:#x} level={page.level} spte={spte:#x}")
+            _fail("mmio_spte_with_slot", f"gfn={gfn:#x} level={level} spte={spte:#x}")
 
 
 def leaked_table_page(kvm, snap: Snapshot) -> None:

@@ -99,8 +99,9 @@ def next_used(spt: list, start: int, stop: int) -> int:
 class TablePage:
     """kvm_mmu_page: one table of SPTEs at ``level`` covering gfns from ``gfn``.
 
-    It pickles (for the campaign's checkpoints) with only its used entries,
-    not 512: the restore of a checkpoint is on schedule exploration's hot path.
+    It pickles with its entries and the invariant checks' records of them:
+    a checkpoint (:mod:`mmufuzz.harness.tdp.checkpoint`) copies the entries
+    out of band and shares the records with every restored copy.
     """
 
     __slots__ = ("freed", "gfn", "level", "mirror", "pfn", "refcount", "seen", "spt")
@@ -110,22 +111,16 @@ class TablePage:
         self.spt = [SHADOW_NONPRESENT_VALUE] * SPTE_ENT_PER_PAGE
         self.refcount = 0  # present children, kept by handle_changed_spte
         self.freed = False
-        self.seen = None  # the invariant checks' last look at the entries (never pickled)
+        self.seen = None  # the invariant checks' last look at the entries
 
     def __getstate__(self) -> tuple:
-        entries = None if self.freed else [(i, self.spt[i]) for i in used_entries(self.spt)]
-        return self.pfn, self.level, self.gfn, self.mirror, self.refcount, entries
+        spt = None if self.freed else self.spt
+        return self.pfn, self.level, self.gfn, self.mirror, self.refcount, spt, self.seen
 
     def __setstate__(self, state: tuple) -> None:
-        self.pfn, self.level, self.gfn, self.mirror, self.refcount, entries = state
-        self.freed = entries is None
-        self.seen = None
-        if self.freed:
-            self.spt = _FreedTable(self)
-            return
-        self.spt = [SHADOW_NONPRESENT_VALUE] * SPTE_ENT_PER_PAGE
-        for i, spte in entries:
-            self.spt[i] = spte
+        self.pfn, self.level, self.gfn, self.mirror, self.refcount, spt, self.seen = state
+        self.freed = spt is None
+        self.spt = _FreedTable(self) if self.freed else spt
 
     def __repr__(self) -> str:
         return f"TablePage(pfn={self.pfn:#x} level={self.level} gfn={self.gfn:#x})"

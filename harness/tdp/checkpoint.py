@@ -1,0 +1,89 @@
+"""Snapshots of a VM between two ops, restored many times: schedule exploration's checkpoints.
+
+A snapshot is a pickle of the VM's object graph (between ops no generator is
+alive, so the graph is plain data) with two kinds of objects kept out of it:
+
+- long lists of ints, a table's 512 entries and a VM's event counts above all,
+  are kept as a copy and restored with one C-level list copy each, instead of
+  an opcode per entry: the copy holds the very int objects the entries held,
+  so a table's ``SHADOW_NONPRESENT_VALUE`` entries stay that one object (its
+  scans count it by identity);
+- :class:`Shared` values (nothing changes them once built: the invariant
+  checks' records of a table) are handed to every restored copy as they are,
+  so a variant's check reuses the records of every table it left unchanged.
+
+An object the graph reaches twice is restored once, as pickle does.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+
+# A list of ints at least this long is kept out of the pickle (a shorter one costs less
+# in it than the call that would restore it).
+_LONG = 32
+
+
+class Shared:
+    """Base of values that nothing changes once built: a snapshot shares them, never copies."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The pickle and what it keeps out of band: each a :class:`Shared`, or a list's items as
+    a tuple (a tuple of ints is no work for the garbage collector, however long it lives)."""
+
+    data: bytes
+    kept: tuple
+
+
+def dumps(root) -> Snapshot:
+    """The snapshot of the object graph of ``root``."""
+    kept, ids = [], {}
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, pickle.HIGHEST_PROTOCOL)
+
+    def persistent_id(obj):
+        """The index in ``kept`` of a long list of ints or a :class:`Shared`, else None.
+
+        Called for every object pickled: the common case (an int, a str) returns first.
+        """
+        kind = type(obj)
+        if kind is list:
+            if len(obj) < _LONG:
+                return None
+        elif not isinstance(obj, Shared):
+            return None
+        pid = ids.get(id(obj))
+        if pid is None:
+            if kind is list and not all(type(value) is int for value in obj):
+                return None
+            pid = ids[id(obj)] = len(kept)
+            kept.append(tuple(obj) if kind is list else obj)
+        return pid
+
+    pickler.persistent_id = persistent_id
+    pickler.dump(root)
+    return Snapshot(buffer.getvalue(), tuple(kept))
+
+
+def loads(snapshot: Snapshot):
+    """A new object graph equal to the one ``snapshot`` was taken of."""
+    kept, restored = snapshot.kept, {}
+
+    def persistent_load(pid: int):
+        value = restored.get(pid)
+        if value is None:
+            value = kept[pid]
+            if type(value) is tuple:
+                value = list(value)
+            restored[pid] = value
+        return value
+
+    unpickler = pickle.Unpickler(io.BytesIO(snapshot.data))
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
