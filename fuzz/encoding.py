@@ -267,6 +267,9 @@ def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
             if dom.optional:
                 kwargs[item.name] = None
                 continue
+            if item.default is not dataclasses.MISSING:
+                kwargs[item.name] = item.default
+                continue
             raise _FieldError("|".join(names), "missing")
         try:
             kwargs[item.name] = _parse_value(given.pop(present[0]), dom, header)
@@ -481,7 +484,9 @@ def read_input(path, limit: int) -> bytes:
 
 
 def format_header(header: VmHeader) -> str:
-    return f"vm type={header.type.value} vcpus={header.vcpus}"
+    """The header line; ``range_flush`` only when set, so older reproducers print unchanged."""
+    text = f"vm type={header.type.value} vcpus={header.vcpus}"
+    return text + " range_flush=1" if header.range_flush else text
 
 
 def format_program(program: Program, marker: Optional[int] = None,
@@ -846,7 +851,8 @@ def decode(data: bytes) -> Program:
     """Any bytes -> a valid program of at most MAX_OPS ops (total, deterministic)."""
     reader = _Reader(data)
     first = reader.byte()
-    header = VmHeader(VmType.TDX if first & 1 else VmType.DEFAULT, 1 + (first >> 1) % 4)
+    header = VmHeader(VmType.TDX if first & 1 else VmType.DEFAULT, 1 + (first >> 1) % 4,
+                      bool(first >> 3 & 1))
     ctx = _Context(header)
     ops = []
     while not reader.exhausted() and len(ops) < MAX_OPS:
@@ -865,7 +871,8 @@ def encode(program: Program) -> bytes:
     if len(program.ops) > MAX_OPS:
         raise ValueError(f"{len(program.ops)} ops, at most {MAX_OPS} are encodable")
     header = program.header
-    out = bytearray([(1 if header.type is VmType.TDX else 0) | (header.vcpus - 1) << 1])
+    out = bytearray([(1 if header.type is VmType.TDX else 0) | (header.vcpus - 1) << 1
+                     | header.range_flush << 3])
     ctx = _Context(header)
     for op in program.ops:
         _encode_op(out, op, ctx, _FIRST_OPCODE)

@@ -322,11 +322,16 @@ def _random_schedule(rng: random.Random) -> int:
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:
-    """Switch the VM type, or add a vCPU (removing one is valid only if it is unused)."""
+    """Switch the VM type or range flushes, or add a vCPU (removing one is valid only if it
+    is unused)."""
     header = program.header
-    if rng.random() < 0.5:
+    choice = rng.random()
+    if choice < 0.35:
         kind = VmType.TDX if header.type is VmType.DEFAULT else VmType.DEFAULT
         return Program(dataclasses.replace(header, type=kind), program.ops)
+    if choice < 0.5:
+        return Program(dataclasses.replace(header, range_flush=not header.range_flush),
+                       program.ops)
     used = max((_max_vcpu(op) for op in program.ops), default=-1)
     vcpus = rng.randint(used + 1 if used >= 0 else 1, domain(VmHeader, "vcpus").hi - 1)
     return Program(dataclasses.replace(header, vcpus=vcpus), program.ops)
@@ -361,7 +366,8 @@ def mutate(program: Program, rng: random.Random) -> Program:
 
 def splice(first: Program, second: Program, rng: random.Random) -> Program:
     """A prefix of ``first`` followed by a suffix of ``second``, in a VM fitting both."""
-    header = VmHeader(first.header.type, max(first.header.vcpus, second.header.vcpus))
+    header = dataclasses.replace(first.header,
+                                 vcpus=max(first.header.vcpus, second.header.vcpus))
     cut_first = rng.randint(0, len(first.ops))
     cut_second = rng.randint(0, len(second.ops))
     # Every op of either side is valid in the wider VM: vCPU numbers stay below its count.

@@ -116,7 +116,8 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     target_name = "tdp"
 
-    @initialize(header=st.builds(VmHeader, st.sampled_from(VmType), st.integers(1, 4)))
+    @initialize(header=st.builds(VmHeader, st.sampled_from(VmType), st.integers(1, 4),
+                                 st.booleans()))
     def start(self, header):
         target = make_target(self.target_name)
         self.restrict = capabilities(target).restrict

@@ -56,7 +56,7 @@ class DirtyLogger:
             changed |= yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn,
                                                     max_level=max_level)
         if changed:
-            mmu.flush()
+            mmu.flush_memslot(slot)
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True
 
@@ -77,7 +77,7 @@ class DirtyLogger:
         for root in kvm.mmu.held(kvm.mmu.direct_roots(only_valid=True) if gfns else ()):
             changed |= yield from kvm.mmu.write_protect(root, min(gfns), max(gfns) + 1, gfns)
         if changed:
-            kvm.mmu.flush()
+            kvm.mmu.flush_memslot(slot)
         state.written = set()
         kvm.mmu_lock.write_unlock()
         kvm.slots_lock.write_unlock()

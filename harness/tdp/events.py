@@ -49,6 +49,7 @@ _OTHER = (
     *(f"walk:fill:L{level}" for level in _LEVELS),
     "walk:aborted_by_flush", "walk:mmio:current", "walk:mmio:stale", "walk:ve",
     "tlb:flush:held_entries", "tlb:flush:empty",
+    "tlb:flush_range:kept_entries", "tlb:flush_range:dropped_all",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
@@ -78,3 +79,5 @@ WALK_ABORTED = event("walk:aborted_by_flush")
 WALK_MMIO_CURRENT, WALK_MMIO_STALE = event("walk:mmio:current"), event("walk:mmio:stale")
 WALK_VE = event("walk:ve")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")
+TLB_RANGE_KEPT = event("tlb:flush_range:kept_entries")
+TLB_RANGE_DROPPED_ALL = event("tlb:flush_range:dropped_all")

@@ -48,6 +48,9 @@ class Kvm:
     def __init__(self, header: VmHeader):
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
+        # kvm_x86_ops.flush_remote_tlbs_range, which only KVM on Hyper-V has.  Honoured in
+        # default VMs only: TDX on Hyper-V is not modelled (docs/semantics.md §J).
+        self.range_flush = header.range_flush and not self.tdx
         self.mmio_value = TDX_MMIO_VALUE if self.tdx else VMX_EPT_MISCONFIG_WX_VALUE
         self.pgalloc = PageTableAllocator(self.host)
         self.attributes = MemoryAttributes()
