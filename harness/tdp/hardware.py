@@ -6,8 +6,9 @@ flush_tlb and CR3 loads) and guest-physical ones (gpa -> host pfn, from
 walking the SPTEs, dropped only when the MMU flushes: everything, or with
 ranged flushes the gfns of a range).  A missed or too narrow flush therefore
 leaves a stale pfn or table in use, which shows as stale data, as a touch of a
-poisoned host page, or as a failed invariant.  The guest walker reads page tables through the
-vCPU's own physical path, so every table read can EPT-fault into the MMU.
+poisoned host page, or as a failed invariant.  The guest walker reads page
+tables through the vCPU's own physical path, so every table read can EPT-fault
+into the MMU.
 """
 
 from __future__ import annotations
@@ -165,12 +166,9 @@ class Vcpu:
         their gpa translations and the cached entries their walks made, and abort a
         walk in flight of one of them.  What translates other gfns stays, a walk of
         one included: the hypercall promises no more."""
-        dropped = 0
         for cache in (self.tlb_shared, self.tlb_private):
-            gone = [gfn for gfn in cache if start <= gfn < end]
-            for gfn in gone:
+            for gfn in [gfn for gfn in cache if start <= gfn < end]:
                 del cache[gfn]
-            dropped += len(gone)
         cache = self.walk_cache
         for key in [key for key in cache if start <= key[1] < end]:
             del cache[key]
