@@ -21,9 +21,12 @@ Two things make instrumented code more than a function of its source:
   branch hook), which marshal cannot store: the stored code has a placeholder
   there, put back on load.
 
-atheris numbers a module's blocks within its counter range in an order that
-changes from process to process; cached code is one such numbering, and now
-every worker that takes it agrees on it.
+atheris would number a module's blocks in the order of a set of instructions
+hashed by their addresses, which changes with the allocation history: two
+checkouts at paths of other lengths got other numberings, and with a fixed
+``-seed`` their campaigns parted after a few hundred inputs (libFuzzer walks
+counters in index order).  Here blocks are numbered in bytecode order
+(:func:`_blocks_in_order`), so the numbering is a function of the source alone.
 
 A cache that cannot be read or written (another user's, a read-only home,
 no home at all, a frozen build whose atheris has no source files to key on)
@@ -196,6 +199,30 @@ class _RecordingInstrumentor(instrument_bytecode.Instrumentor):
                 instruction("SWAP", 3), instruction("SWAP", 2), instruction("STORE_SUBSCR")]
 
 
+class _InsertionOrderedSet(dict):
+    """The one ``set`` atheris's ``trace_control_flow`` makes (the blocks to instrument),
+    iterated in the order blocks were added, which is bytecode order."""
+
+    def add(self, item) -> None:
+        self[item] = None
+
+
+@contextlib.contextmanager
+def _blocks_in_order():
+    """atheris's block finder numbering blocks in bytecode order, not by address.
+
+    ``Instrumentor.trace_control_flow`` collects block starts in a ``set()`` of
+    ``Instruction`` objects, which hash by ``id``, then reserves a counter per
+    block as it iterates that set.  Its module's ``set`` is, for the moment,
+    a set that keeps insertion order (the only ``set()`` in that module).
+    """
+    instrument_bytecode.set = _InsertionOrderedSet
+    try:
+        yield
+    finally:
+        del instrument_bytecode.set
+
+
 # The opcodes a record's increment is made of exist from Python 3.11.
 RECORD_SUPPORTED = sys.version_info >= (3, 11)
 
@@ -234,7 +261,7 @@ def _salt() -> Optional[str]:
     except (OSError, TypeError):  # a frozen build: no source file, or no __file__
         return None
     return (f"{importlib.util.MAGIC_NUMBER.hex()} optimize {sys.flags.optimize} "
-            f"atheris {rewriting.hexdigest()} branches only")
+            f"atheris {rewriting.hexdigest()} branches only, in bytecode order")
 
 
 def _replace_consts(code: types.CodeType, matches: Callable[[object], bool],
@@ -348,10 +375,11 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
         # within a second (or cp -p, rsync -a, tar) leaves stale under the new source's key.
         code = self.source_to_code(source, self.path)
         record = self._cache.record
-        if record is None:
-            instrumented = instrument_bytecode.patch_code(code, trace_dataflow=False)
-        else:
-            instrumented = patch_code_for_record(code, record.hits)
+        with _blocks_in_order():
+            if record is None:
+                instrumented = instrument_bytecode.patch_code(code, trace_dataflow=False)
+            else:
+                instrumented = patch_code_for_record(code, record.hits)
         closing_marker = atheris._reserve_counter()
         self._closed(closing_marker)
         self._cache.store(fullname, self.path, key, closing_marker - first_marker - 1,

@@ -3,6 +3,7 @@ and the hit record (blocks counted inline, handed to libFuzzer once per exec).""
 
 import collections
 import ctypes
+import dis
 import json
 import os
 import py_compile
@@ -12,9 +13,10 @@ import sys
 import textwrap
 
 import atheris
+import pytest
 from atheris.instrument_bytecode import patch_code
 
-from mmufuzz.fuzz.instrument import HitRecord, freeze, patch_code_for_record, thaw
+from mmufuzz.fuzz.instrument import HitRecord, _blocks_in_order, freeze, patch_code_for_record, thaw
 
 SIGN = textwrap.dedent("""\
     def sign(x):
@@ -57,6 +59,28 @@ def _import_probe(tmp_path, source: str, counters_before: int = 0,
                            str(counters_before)],
                           cwd=package.parent, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
+
+
+# Three hundred blocks and no integer constant of its own: every int it loads is a counter.
+MANY_BLOCKS = "def many(x):\n" + "".join(f"    if x == 'v{i}':\n        x = 'w{i}'\n"
+                                           for i in range(300)) + "    return x\n"
+
+
+@pytest.mark.parametrize("scheme", ["calls", "record"])
+def test_blocks_are_numbered_in_bytecode_order_whatever_their_addresses(scheme):
+    """atheris orders blocks by a set of instructions hashed by address: another
+    allocation history (a checkout at another path) gave another numbering."""
+    source = compile(MANY_BLOCKS, "<probe>", "exec")
+    with _blocks_in_order():
+        if scheme == "calls":
+            code = patch_code(source, trace_dataflow=False)
+        else:
+            code = patch_code_for_record(source, HitRecord(reserve=None, trace=None).hits)
+    many = next(c for c in code.co_consts if getattr(c, "co_name", "") == "many")
+    counters = [i.argval for i in dis.get_instructions(many)
+                if i.opname == "LOAD_CONST" and type(i.argval) is int and i.argval != 1]
+    assert len(counters) > 300
+    assert counters == list(range(counters[0], counters[0] + len(counters)))
 
 
 def test_instrumented_code_survives_freeze_and_thaw():
