@@ -64,6 +64,9 @@ class Kvm:
         MMU here (TDP, shadow, stage 2) builds on: host memory, memslots, the locks and
         the mmu-notifier invalidation sequence."""
         self.vm_type = header.type
+        # Whether kvm_flush_remote_tlbs_range flushes only its range: the tdp VM sets it
+        # from the header (below); the other MMUs here flush whole.
+        self.range_flush = False
         self.host = HostMemory()
         self.memslots = Memslots()
         self.mmu_lock = RwLock()
