@@ -262,3 +262,25 @@ def test_without_atheris_counters_a_fold_calls_the_least_count_of_each_bucket():
     record.fold()  # no libFuzzer in this process: no counter array to find
     assert sorted(collections.Counter(traced).items()) == [(1, 1), (2, 3), (3, 4), (4, 32),
                                                           (5, 128)]
+
+
+# A libFuzzer run whose every exec meets a new feature key, as a campaign's early execs do.
+NEW_KEY_EVERY_EXEC = textwrap.dedent("""\
+    import sys
+    import atheris
+    from mmufuzz.fuzz.instrument import reserve_counter, trace_branch
+    from mmufuzz.fuzz.worker import CounterSink
+    sink = CounterSink(reserve_counter, trace_branch)
+    execs = iter(range(1 << 30))
+    atheris.Setup([sys.argv[0], "-runs=4500"], lambda data: sink(f"key {next(execs)}"))
+    atheris.Fuzz()
+""")
+
+
+def test_feature_counters_outlast_libfuzzers_4096_modules(tmp_path):
+    """atheris registers the counters reserved since the last exec as a libFuzzer module, of
+    which libFuzzer keeps 4096: one counter reserved per new key crashed exec 4097 (SIGSEGV)."""
+    done = subprocess.run([sys.executable, "-c", NEW_KEY_EVERY_EXEC], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"Done 4500 runs", done.stderr)

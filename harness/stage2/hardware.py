@@ -32,6 +32,7 @@ from mmufuzz.harness.ops import PAGE_SHIFT, AccessKind
 from mmufuzz.harness.stage2.mmu import kvm_handle_guest_abort
 from mmufuzz.harness.stage2.pte import (
     GRANULE_PAGES,
+    IPA_MAX_GFN,
     KVM_PGTABLE_FIRST_LEVEL,
     S2_EXEC,
     S2_READ,
@@ -139,6 +140,8 @@ class Vcpu(GuestWalkerVcpu):
     def walk_s2(self, gfn: int, kind):
         """Generator: walk stage 2 for ``gfn``; None when a usable leaf is now cached,
         else ``(fault level, is_permission_fault)`` for the abort KVM handles."""
+        if gfn > IPA_MAX_GFN:
+            return KVM_PGTABLE_FIRST_LEVEL, False  # outside the IPA space: nothing to walk
         needs = access_needs(kind)
         hit = self.s2_lookup(gfn)
         if hit is not None and not hit[1][1] & needs:

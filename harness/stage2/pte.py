@@ -21,6 +21,10 @@ KVM_PGTABLE_LAST_LEVEL = 3
 KVM_PGTABLE_MIN_BLOCK_LEVEL = 1
 PTRS_PER_PTE = 512
 LEVEL_BITS = 9
+# The VM's IPA size, 48 bits (start level 0, VTCR_EL2.T0SZ = 16): a larger IPA is outside
+# every table and faults at the start level.
+KVM_IPA_BITS = 48
+IPA_MAX_GFN = (1 << (KVM_IPA_BITS - PAGE_SHIFT)) - 1
 
 KVM_PTE_VALID = 1 << 0
 KVM_PTE_TYPE = 1 << 1             # 1: table (levels 0-2) or page (level 3); 0: block

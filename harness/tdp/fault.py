@@ -20,6 +20,7 @@ from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
     PT_PAGE_SIZE_MASK,
     SPTE_MMU_PRESENT_MASK,
+    TDP_MAX_GFN,
     is_last_spte,
     is_shadow_present_pte,
     leaf_spte_change_needs_tlb_flush,
@@ -99,6 +100,8 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
     if fault.is_private and (slot is None or not slot.private):
         return MemoryFaultExit(gfn << 12, True)
     if slot is None:
+        if gfn > TDP_MAX_GFN:
+            return MmioExit(fault.addr, fault.write)  # kvm_handle_noslot_fault: emulate
         return RET_PF_CONTINUE  # kvm_handle_noslot_fault: the map installs an MMIO SPTE
     if slot.invalid:
         kvm.events[events.RETRY_SLOT_INVALID] += 1

@@ -47,6 +47,7 @@ from mmufuzz.harness.tdp.spte import (
     PT_READABLE_MASK,
     PT_WRITABLE_MASK,
     ROOT_LEVEL,
+    TDP_MAX_GFN,
     VMX_EPT_SUPPRESS_VE_BIT,
     check_mmio_spte,
     get_mmio_spte_gfn,
@@ -328,6 +329,8 @@ class Vcpu:
         ranged flush does so only if the range holds the walk's gfn.
         """
         kvm = self.kvm
+        if gfn > TDP_MAX_GFN:
+            return _VIOLATION  # beyond what a 4-level EPT translates: nothing to walk or cache
         cache, shift = self.walk_cache, self.cache_shift
         self.walking = gfn
         while True:

@@ -48,6 +48,11 @@ TDX_MMIO_VALUE = 0
 SPTE_LEVEL_BITS = 9
 SPTE_ENT_PER_PAGE = 1 << SPTE_LEVEL_BITS
 ROOT_LEVEL = 4
+# kvm_mmu_max_gfn(): the last gfn the TDP MMU can map.  Mainline derives it from the host's
+# MAXPHYADDR and picks a 5-level root when the guest's exceeds 48 bits
+# (kvm_mmu_get_max_tdp_level); the model's root is 4-level, so its reach is 48 bits.  A guest
+# PTE may still point above it: the EPT walk cannot translate such a gpa.
+TDP_MAX_GFN = (1 << (48 - 12)) - 1
 
 ACC_EXEC_MASK = 1
 ACC_WRITE_MASK = PT_WRITABLE_MASK
