@@ -30,7 +30,8 @@ from typing import Optional
 
 from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M,
                                  PG_LEVEL_2M, SIDE_NAMES, Access, AccessKind, Accept, Domain,
-                                 Parallel, Program, PteFlag, VmHeader, VmType, WritePte, domain,
+                                 ManualProtect, Parallel, Program, PteFlag, VmHeader, VmType,
+                                 WritePte, domain,
                                  op_vcpu, schedule_digits, schedule_of)
 
 FORMAT_LINE = "# mmufuzz reproducer v1"
@@ -264,11 +265,10 @@ def _parse_fields(cls, text: str, header: Optional[VmHeader]) -> dict:
         if len(present) > 1:
             raise _FieldError(present[1], f"give only one of {' or '.join(names)}")
         if not present:
+            if item.default is not dataclasses.MISSING and cls is VmHeader:
+                continue  # a header option left out: its default
             if dom.optional:
                 kwargs[item.name] = None
-                continue
-            if item.default is not dataclasses.MISSING:
-                kwargs[item.name] = item.default
                 continue
             raise _FieldError("|".join(names), "missing")
         try:
@@ -484,9 +484,13 @@ def read_input(path, limit: int) -> bytes:
 
 
 def format_header(header: VmHeader) -> str:
-    """The header line; ``range_flush`` only when set, so older reproducers print unchanged."""
+    """The header line; options only when set, so older reproducers print unchanged."""
     text = f"vm type={header.type.value} vcpus={header.vcpus}"
-    return text + " range_flush=1" if header.range_flush else text
+    if header.manual_protect is not ManualProtect.OFF:
+        text += f" manual_protect={header.manual_protect.value}"
+    if header.range_flush:
+        text += " range_flush=1"
+    return text
 
 
 def format_program(program: Program, marker: Optional[int] = None,
@@ -519,7 +523,7 @@ _OP_WEIGHTS = (
     ("memslot_add", 18), ("memslot_delete", 6), ("memslot_move", 6), ("memslot_set_flags", 8),
     ("set_attributes", 12), ("accept", 12), ("paging", 6), ("write_pte", 18), ("access", 90),
     ("invlpg", 8), ("flush_tlb", 4), ("host_invalidate", 12), ("zap_all", 4), ("split", 6),
-    ("recover", 8), ("get_dirty_log", 8),
+    ("recover", 8), ("get_dirty_log", 6), ("clear_dirty_log", 2),
 )
 # ``parallel`` by number of actors, after the simple ops.  Pairs keep the opcodes they had
 # when two was the only arity, but the last six (a v1 input decodes as it did unless one of
@@ -539,6 +543,7 @@ _NPAGES = (0x1, 0x2, 0x10, 0x1ff, 0x200, 0x201, 0x400, 0x600)
 _WORDS = (0, 1, 7, 255, 511)
 _INDICES = (0, 1, 2, 3, 4, 511)
 _HOST_OFFSETS = (0, 1, 256, 511)
+_FIRST_PAGES = (0x0, 0x40, 0x80, 0x1c0, 0x200)  # slot-relative, multiples of 64
 _VALUES = (0x0, 0x1, 0x2a, 0xffffffffffffffff, 0x8000000000000000, 0x1122334455667788)
 _SCHEDULES = (0x0, 0x1, 0x2, 0x5, 0xa, 0xff, 0x5555555555555555, 0xaaaaaaaaaaaaaaaa,
               0xffffffffffffffff)
@@ -547,6 +552,7 @@ _DYNAMIC_GFNS = 48  # how many recent gfns the context remembers
 _DYNAMIC_INDICES = 8  # ... and PTE indices (each gives three gvas)
 
 _RADIX10_POOLS = {"word": _WORDS, "index": _INDICES, "host_offset": _HOST_OFFSETS}
+_POOLS = {"npages": _NPAGES, "value": _VALUES, "first": _FIRST_PAGES}
 
 
 class _Context:
@@ -607,11 +613,7 @@ class _Context:
             return [gfn << PAGE_SHIFT for gfn in self.gfns]
         if name in ("gva", "addr"):
             return self.gvas()
-        if name == "npages":
-            return list(_NPAGES)
-        if name == "value":
-            return list(_VALUES)
-        return list(_RADIX10_POOLS.get(name, ())) or None
+        return list(_POOLS.get(name) or _RADIX10_POOLS.get(name, ())) or None
 
 
 def _literal_width(dom: Domain) -> int:
@@ -847,12 +849,19 @@ def _encode_op(out: bytearray, op, ctx: _Context, first_opcode) -> None:
         so_far[name] = value
 
 
+# The header byte: bit 0 the VM type, bits 1-2 the vCPUs, bits 3-5 the dirty-log mode
+# (one value in eight each for the two manual-protect modes; the other six are off).
+_MANUAL_PROTECT = {6: ManualProtect.ON, 7: ManualProtect.INIT_SET}
+_MANUAL_PROTECT_BITS = {mode: bits for bits, mode in _MANUAL_PROTECT.items()}
+
+
 def decode(data: bytes) -> Program:
     """Any bytes -> a valid program of at most MAX_OPS ops (total, deterministic)."""
     reader = _Reader(data)
     first = reader.byte()
     header = VmHeader(VmType.TDX if first & 1 else VmType.DEFAULT, 1 + (first >> 1) % 4,
-                      bool(first >> 3 & 1))
+                      _MANUAL_PROTECT.get(first >> 3 & 7, ManualProtect.OFF),
+                      bool(first >> 6 & 1))
     ctx = _Context(header)
     ops = []
     while not reader.exhausted() and len(ops) < MAX_OPS:
@@ -872,7 +881,8 @@ def encode(program: Program) -> bytes:
         raise ValueError(f"{len(program.ops)} ops, at most {MAX_OPS} are encodable")
     header = program.header
     out = bytearray([(1 if header.type is VmType.TDX else 0) | (header.vcpus - 1) << 1
-                     | header.range_flush << 3])
+                     | _MANUAL_PROTECT_BITS.get(header.manual_protect, 0) << 3
+                     | header.range_flush << 6])
     ctx = _Context(header)
     for op in program.ops:
         _encode_op(out, op, ctx, _FIRST_OPCODE)

@@ -322,14 +322,17 @@ def _random_schedule(rng: random.Random) -> int:
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:
-    """Switch the VM type or range flushes, or add a vCPU (removing one is valid only if it
-    is unused)."""
+    """Switch the VM type, pick a dirty-log mode, switch range flushes, or add a vCPU
+    (removing one is valid only if it is unused)."""
     header = program.header
-    choice = rng.random()
-    if choice < 0.35:
+    roll = rng.random()
+    if roll < 0.35:
         kind = VmType.TDX if header.type is VmType.DEFAULT else VmType.DEFAULT
         return Program(dataclasses.replace(header, type=kind), program.ops)
-    if choice < 0.5:
+    if roll < 0.5:
+        mode = rng.choice(list(domain(VmHeader, "manual_protect").choices.values()))
+        return Program(dataclasses.replace(header, manual_protect=mode), program.ops)
+    if roll < 0.6:
         return Program(dataclasses.replace(header, range_flush=not header.range_flush),
                        program.ops)
     used = max((_max_vcpu(op) for op in program.ops), default=-1)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from mmufuzz.harness.ops import (ACTORS_MAX, ADDRESS_FIELDS, GFN_FIELDS, OP_NAMES, PAGE_SHIFT,
-                                 SCHEDULE_LIMIT, Parallel, Program, VmHeader, VmType, domain)
+                                 SCHEDULE_LIMIT, ManualProtect, Parallel, Program, VmHeader, VmType,
+                                 domain)
 from mmufuzz.fuzz.encoding import conform, format_program
 from mmufuzz.fuzz.runner import Differential, make_target
 from mmufuzz.harness.target import capabilities
@@ -117,7 +118,7 @@ class DifferentialMachine(RuleBasedStateMachine):
     target_name = "tdp"
 
     @initialize(header=st.builds(VmHeader, st.sampled_from(VmType), st.integers(1, 4),
-                                 st.booleans()))
+                                 st.sampled_from(ManualProtect), st.booleans()))
     def start(self, header):
         target = make_target(self.target_name)
         self.restrict = capabilities(target).restrict

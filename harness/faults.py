@@ -148,6 +148,22 @@ _TDP_FAULTS = (
           "range_end()\")",
           "a fault installs an SPTE between invalidation start and end (mmu_invalidate_seq "
           "not checked)", concurrent=True),
+    Fault("clear-dirty-keeps-huge", "tdp",
+          "\"[PATCH v3 2/2] KVM: x86: Not wr-protect huge page with init_all_set dirty log\" "
+          "(Keqian Zhu, 2021-04-29; queued by Paolo Bonzini 2021-05-24), https://lore.kernel.org/"
+          "kvm/20210429034115.35560-3-zhukeqian1@huawei.com/: kvm_mmu_slot_apply_flags stops "
+          "write-protecting huge pages when logging starts initially-set, so "
+          "kvm_arch_mmu_enable_log_dirty_pt_masked must (\"Huge pages are NOT write protected "
+          "when we start dirty log with init-all-set, so we must write protect them at here\")",
+          "with initially-set bitmaps, KVM_CLEAR_DIRTY_LOG write-protects (and splits) only "
+          "4K leaves: a 2M leaf left writable by the enable takes the next writes unlogged"),
+    Fault("clear-dirty-last-word", "tdp",
+          "KVM commit 53eac7a8f8cf (\"KVM: fix KVM_CLEAR_DIRTY_LOG for memory slots of "
+          "unaligned size\"): kvm_clear_dirty_log_protect counted num_pages / BITS_PER_LONG "
+          "words, so a range ending at the end of a slot whose size is not a multiple of 64 "
+          "lost its partial last word (now DIV_ROUND_UP)",
+          "KVM_CLEAR_DIRTY_LOG skips the last, partial 64-page word of a range that reaches the "
+          "slot's end: those pages stay dirty and writable, reported again by the next get"),
 )
 
 _STAGE2_FAULTS = (

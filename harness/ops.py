@@ -49,6 +49,20 @@ class VmType(enum.Enum):
     TDX = "tdx"
 
 
+class ManualProtect(enum.Enum):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as the VM enables it before its first op.
+
+    ``off``: KVM_GET_DIRTY_LOG clears and re-protects what it reports; ``on``
+    (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE): it only reports, and
+    KVM_CLEAR_DIRTY_LOG clears; ``init_set`` (that plus
+    KVM_DIRTY_LOG_INITIALLY_SET): a slot starts logging with every page dirty.
+    """
+
+    OFF = "off"
+    ON = "on"
+    INIT_SET = "init_set"
+
+
 class AccessKind(enum.Enum):
     """What a guest access does; a fetch is a read for slot permissions."""
 
@@ -172,17 +186,23 @@ def gpa_field(op) -> Optional[str]:
 
 @dataclass(frozen=True)
 class VmHeader:
-    """``vm type= vcpus= [range_flush=1]``: the VM a program creates before its first op.
+    """``vm type= vcpus= [manual_protect=] [range_flush=1]``: the VM a program creates before
+    its first op.
 
     ``range_flush`` says the host can flush a gfn range of the VM's TLBs rather
     than everything (KVM as a Hyper-V guest: ``kvm_x86_ops.flush_remote_tlbs_range``).
     It changes nothing a correct KVM lets the guest see; it lets a flush whose
     range is too narrow leave stale translations (``docs/semantics.md`` §J).
-    Absent means 0.
     """
 
     type: VmType = _enum({t.value: t for t in VmType})
     vcpus: int = _int(1, VCPUS_MAX + 1, radix=10)
+    # Header options are absent from the text when off (the default), so older reproducers
+    # read as before.
+    manual_protect: ManualProtect = field(
+        default=ManualProtect.OFF,
+        metadata={"domain": Domain("enum", choices={m.value: m for m in ManualProtect},
+                                   optional=True)})
     range_flush: bool = field(default=False, metadata={"domain": _BOOL})
 
 
@@ -328,9 +348,18 @@ class GetDirtyLog:
     slot: int = _slot()
 
 
+@dataclass(frozen=True)
+class ClearDirtyLog:
+    """KVM_CLEAR_DIRTY_LOG of slot pages [first, first+npages), every bit of the range set."""
+
+    slot: int = _slot()
+    first: int = _int(0, NPAGES_MAX + 1)
+    npages: int = _int(0, NPAGES_MAX + 1)
+
+
 SimpleOp = Union[MemslotAdd, MemslotDelete, MemslotMove, MemslotSetFlags, SetAttributes,
                  Accept, Paging, WritePte, Access, Invlpg, FlushTlb, HostInvalidate, ZapAll,
-                 Split, Recover, GetDirtyLog]
+                 Split, Recover, GetDirtyLog, ClearDirtyLog]
 
 
 # The actors of a ``parallel``, in order: a schedule digit of 0 picks ``a``, 1 ``b``, ...
@@ -424,7 +453,8 @@ OP_NAMES: dict[type, str] = {
     MemslotSetFlags: "memslot_set_flags", SetAttributes: "set_attributes", Accept: "accept",
     Paging: "paging", WritePte: "write_pte", Access: "access", Invlpg: "invlpg",
     FlushTlb: "flush_tlb", HostInvalidate: "host_invalidate", ZapAll: "zap_all",
-    Split: "split", Recover: "recover", GetDirtyLog: "get_dirty_log", Parallel: "parallel",
+    Split: "split", Recover: "recover", GetDirtyLog: "get_dirty_log",
+    ClearDirtyLog: "clear_dirty_log", Parallel: "parallel",
 }
 OP_CLASSES: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 

@@ -20,7 +20,8 @@ from operator import or_
 
 from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, WORDS_PER_PAGE,
                          ALREADY_ACCEPTED, GFN_LIMIT, PG_LEVEL_2M, PTE_ACCESSED, SIZE_MISMATCH,
-                         UNSUPPORTED, AccessKind, DirtyLog, MemoryFaultExit, MemslotFlag, MmioExit,
+                         UNSUPPORTED, AccessKind, DirtyLog, ManualProtect, MemoryFaultExit,
+                         MemslotFlag, MmioExit,
                          Ok, OP_NAMES, PageFault, VePending, VmHeader, VmType, op_name)
 from mmufuzz.reference.intervals import IntervalSet
 from mmufuzz.reference.paging import (Translation, access_error_bits, accessed_dirty_bits,
@@ -63,13 +64,17 @@ class Expect:
 
 
 class DirtyLogBound(Expect):
-    """``get_dirty_log``: any R with written ⊆ R ⊆ written ∪ touched (SEMANTICS §G)."""
+    """``get_dirty_log``: any R with written ⊆ R ⊆ written ∪ touched (SEMANTICS §G).
 
-    __slots__ = ("lower", "upper", "effect")
+    ``effect_of(R)`` is the state change reporting R implies: what a get clears,
+    or, with manual protect, which only-touched gfns it showed to be logged.
+    """
 
-    def __init__(self, lower: frozenset, upper: frozenset, effect):
-        super().__init__(((DirtyLog(tuple(sorted(lower))), effect),))
-        self.lower, self.upper, self.effect = lower, upper, effect
+    __slots__ = ("lower", "upper", "effect_of")
+
+    def __init__(self, lower: frozenset, upper: frozenset, effect_of):
+        super().__init__(((DirtyLog(tuple(sorted(lower))), effect_of(lower)),))
+        self.lower, self.upper, self.effect_of = lower, upper, effect_of
 
     def pick(self, actual):
         if type(actual) is not DirtyLog:
@@ -79,7 +84,7 @@ class DirtyLogBound(Expect):
             return _REJECT  # not the canonical form: sorted, no duplicates
         reported = frozenset(gfns)
         if self.lower <= reported <= self.upper:
-            return self.effect
+            return self.effect_of(reported)
         return _REJECT
 
     def __str__(self) -> str:
@@ -171,6 +176,8 @@ class Reference:
     def __init__(self, header: VmHeader):
         self.header = header
         self._tdx = header.type is VmType.TDX
+        self._manual = header.manual_protect is not ManualProtect.OFF
+        self._init_set = header.manual_protect is ManualProtect.INIT_SET
         self._slots: dict = {}
         self._private = IntervalSet()
         self._shared_mem: dict = {}
@@ -272,9 +279,17 @@ class Reference:
             return _EINVAL
 
         def add():
-            self._slots[op.slot] = Memslot(op.base, op.npages, op.flags, self._next_backing)
+            slot = Memslot(op.base, op.npages, op.flags, self._next_backing)
+            self._slots[op.slot] = slot
             self._next_backing += 1
+            if op.flags & MemslotFlag.DIRTY_LOG:
+                self._start_logging(slot)
         return Expect(((OK, add),))
+
+    def _start_logging(self, slot) -> None:
+        """A slot starts logging: empty, or every page written with ``init_set`` (§G)."""
+        if self._init_set:
+            self._dirty.update(((slot.backing, page), True) for page in range(slot.npages))
 
     def _memslot_delete(self, op) -> Expect:
         slot = self._slots.get(op.slot)
@@ -314,9 +329,12 @@ class Reference:
             return _OK
 
         def toggle_dirty_log():
-            # Enabling starts an empty log; disabling discards it.
-            self._slots[op.slot] = Memslot(slot.base, slot.npages, op.flags, slot.backing)
+            # Enabling starts a fresh log; disabling discards it.
+            new = Memslot(slot.base, slot.npages, op.flags, slot.backing)
+            self._slots[op.slot] = new
             self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
+            if op.flags & MemslotFlag.DIRTY_LOG:
+                self._start_logging(new)
         return Expect(((OK, toggle_dirty_log),))
 
     # --- private memory (KVM_SET_MEMORY_ATTRIBUTES, TDG.MEM.PAGE.ACCEPT) -------
@@ -609,9 +627,14 @@ class Reference:
     def _split(self, op) -> Expect:
         return _OK if op.slot in self._slots else _EINVAL
 
+    def _logging(self, slot_id):
+        """The slot ``slot_id`` if it exists and logs, else None."""
+        slot = self._slots.get(slot_id)
+        return slot if slot is not None and slot.flags & MemslotFlag.DIRTY_LOG else None
+
     def _get_dirty_log(self, op) -> Expect:
-        slot = self._slots.get(op.slot)
-        if slot is None or not slot.flags & MemslotFlag.DIRTY_LOG:
+        slot = self._logging(op.slot)
+        if slot is None:
             return _EINVAL
         rows = [(key[1], written) for key, written in self._dirty.items()
                 if key[0] == slot.backing]
@@ -620,7 +643,30 @@ class Reference:
 
         def clear():
             self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
-        return DirtyLogBound(written, touched, clear)
+
+        def keep(reported):
+            # Manual protect: nothing is cleared; what R showed is logged until a clear.
+            shown = reported - written
+            if not shown:
+                return None
+
+            def log_shown():
+                self._dirty.update(((slot.backing, gfn - slot.base), True) for gfn in shown)
+            return log_shown
+        return DirtyLogBound(written, touched, keep if self._manual else lambda reported: clear)
+
+    def _clear_dirty_log(self, op) -> Expect:
+        """kvm_clear_dirty_log_protect's checks, then the range is neither written nor touched."""
+        slot = self._logging(op.slot)
+        if slot is None or op.first % 64 or op.first > slot.npages:
+            return _EINVAL
+        rest = slot.npages - op.first
+        if op.npages > rest or (op.npages < rest and op.npages % 64):
+            return _EINVAL
+
+        def clear_range():
+            self._dirty = _without(self._dirty, slot.backing, op.first, op.first + op.npages)
+        return Expect(((OK, clear_range),))
 
 
 # Op class -> the Reference method that lists its allowed outcomes (``_`` + its op name):

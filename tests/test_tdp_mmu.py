@@ -56,7 +56,7 @@ class Vm:
     """A tdp target and the reference side by side; every outcome must be allowed."""
 
     def __init__(self, tdx: bool = False, vcpus: int = 2, range_flush: bool = False):
-        header = VmHeader(VmType.TDX if tdx else VmType.DEFAULT, vcpus, range_flush)
+        header = VmHeader(VmType.TDX if tdx else VmType.DEFAULT, vcpus, range_flush=range_flush)
         self.target = TdpTarget()
         self.differential = Differential(header, self.target)
         self.kvm = self.target.kvm
@@ -528,7 +528,7 @@ def test_a_ranged_flush_aborts_only_a_walk_of_a_gfn_in_its_range():
 
 
 def test_a_td_flushes_whole_whatever_the_header_says():
-    header = VmHeader(VmType.TDX, 1, True)
+    header = VmHeader(VmType.TDX, 1, range_flush=True)
     target = TdpTarget()
     target.reset(header)
     assert not target.kvm.range_flush and not VmHeader(VmType.DEFAULT, 1).range_flush

@@ -17,8 +17,9 @@ from mmufuzz.harness.kvm.vm import (BASE_ROOT, CMD_FLUSH, CMD_INVLPG, CMD_LOAD_C
                                     CMD_VIRT_READ, CMD_VIRT_WRITE, HIDDEN_GPA, ROOT_COPY, ST_PF,
                                     Backing, Vm)
 from mmufuzz.harness.ops import (EINVAL, GFN_LIMIT, NPAGES_MAX, OK, OP_NAMES, PAGE_SHIFT,
-                                 PAGE_SIZE, Accept, Access, AccessKind, DirtyLog, FlushTlb,
-                                 GetDirtyLog, HostInvalidate, Invlpg, MemslotAdd, MemslotDelete,
+                                 PAGE_SIZE, Accept, Access, AccessKind, ClearDirtyLog, DirtyLog,
+                                 FlushTlb, GetDirtyLog, HostInvalidate, Invlpg, ManualProtect,
+                                 MemslotAdd, MemslotDelete,
                                  MemslotFlag, MemslotMove, MemslotSetFlags, MmioExit, Ok,
                                  PageFault, Paging, Parallel, Recover, SetAttributes, Split,
                                  VmHeader, VmType, WritePte, ZapAll)
@@ -34,6 +35,15 @@ _REFUSED_OPS = {
     Split: "split has no KVM ioctl for one slot (eager splitting is a module parameter)",
     Recover: "recover has no KVM ioctl (NX-huge-page recovery is a kernel thread)",
     Parallel: "parallel needs two vCPU threads racing, which this target does not run",
+}
+
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's args[0] for each header mode.
+_MANUAL_PROTECT_ARGS = {
+    ManualProtect.OFF: 0,
+    ManualProtect.ON: kvmapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    ManualProtect.INIT_SET: (kvmapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+                             | kvmapi.KVM_DIRTY_LOG_INITIALLY_SET),
 }
 
 
@@ -108,7 +118,7 @@ class KvmTarget:
     def reset(self, header: VmHeader) -> None:
         """Close the last program's VM (fds and mappings) and start a fresh one."""
         self.close()
-        self.vm = Vm(header.vcpus)
+        self.vm = Vm(header.vcpus, _MANUAL_PROTECT_ARGS[header.manual_protect])
         self._roots = [None] * header.vcpus
 
     def close(self) -> None:
@@ -183,6 +193,13 @@ class KvmTarget:
     def _memslot_set_flags(self, op: MemslotSetFlags):
         slot = self._slots.get(op.slot)
         return self._change(op.slot, op.flags, slot.base) if slot else EINVAL
+
+    def _clear_dirty_log(self, op: ClearDirtyLog):
+        try:
+            self.vm.clear_dirty_log(op.slot, op.first, op.npages)
+        except kvmapi.KvmError:
+            return EINVAL
+        return OK
 
     def _get_dirty_log(self, op: GetDirtyLog):
         slot = self._slots.get(op.slot)

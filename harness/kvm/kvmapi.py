@@ -49,6 +49,14 @@ class kvm_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_clear_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", ctypes.c_uint8 * 64)]
+
+
 class kvm_regs(ctypes.Structure):
     _fields_ = [(name, u64) for name in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
@@ -151,6 +159,13 @@ KVM_SET_REGS = _iow(0x82, kvm_regs)
 KVM_GET_SREGS = _ior(0x83, kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_SET_CPUID2 = _iow(0x90, _kvm_cpuid2_header)
+KVM_ENABLE_CAP = _iow(0xa3, kvm_enable_cap)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xc0, kvm_clear_dirty_log)
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and its args[0] bits.
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 KVM_API_VERSION = 12
 

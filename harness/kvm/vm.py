@@ -150,7 +150,8 @@ class Backing:
 class Vm:
     """A VM fd, its vCPUs and the hidden slot, with the guest kernel started on each vCPU."""
 
-    def __init__(self, vcpus: int):
+    def __init__(self, vcpus: int, manual_protect: int = 0):
+        """``manual_protect``: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's args[0], enabled at once."""
         if not 1 <= vcpus <= VCPUS_MAX:
             raise ValueError(f"vcpus={vcpus}")
         self.fds: list = []
@@ -159,6 +160,10 @@ class Vm:
         try:
             self.kvm_fd = self._own(k.open_kvm())
             self.vm_fd = self._own(k.ioctl(self.kvm_fd, k.KVM_CREATE_VM, 0))
+            if manual_protect:
+                cap = k.kvm_enable_cap(cap=k.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+                cap.args[0] = manual_protect
+                k.ioctl(self.vm_fd, k.KVM_ENABLE_CAP, cap)
             self.hidden = Backing(HIDDEN_PAGES)
             self._build_hidden(vcpus)
             self.set_region(HIDDEN_SLOT, 0, HIDDEN_GPA, self.hidden)
@@ -299,6 +304,17 @@ class Vm:
                 pages.append(w * 64 + low.bit_length() - 1)
                 bits ^= low
         return pages
+
+    def clear_dirty_log(self, slot: int, first: int, npages: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG of slot pages [first, first+npages), every bit set."""
+        bitmap = (ctypes.c_uint64 * max(1, (npages + 63) // 64))()
+        for word in range(npages // 64):
+            bitmap[word] = (1 << 64) - 1
+        if npages % 64:
+            bitmap[npages // 64] = (1 << npages % 64) - 1
+        log = k.kvm_clear_dirty_log(slot=slot, num_pages=npages, first_page=first,
+                                    dirty_bitmap=ctypes.addressof(bitmap))
+        k.ioctl(self.vm_fd, k.KVM_CLEAR_DIRTY_LOG, log)
 
     def zap_all(self) -> None:
         """Delete and re-add the one-page zap slot: a memslot DELETE makes x86 KVM call

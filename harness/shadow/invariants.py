@@ -29,7 +29,7 @@ from mmufuzz.harness.shadow.spte import (
     spte_to_pfn,
 )
 from mmufuzz.harness.target import InvariantViolation
-from mmufuzz.harness.tdp.invariants import dirty_log_covers_writes
+from mmufuzz.harness.tdp.invariants import dirty_log_covers_writes, writable_leaf_logged
 from mmufuzz.harness.tdp.pgalloc import used_entries
 from mmufuzz.harness.tdp.spte import pages_per_level
 
@@ -211,8 +211,10 @@ def huge_leaf_allowed(kvm, pages: list) -> None:
                     slot.backing.host_level(gfn - slot.base_gfn) < PG_LEVEL_2M):
                 _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} not one host 2M "
                                                "page in one slot")
-            if is_writable_pte(spte) and (slot.dirty is not None
-                                          or gfn // PAGES_PER_2M in mmu.lpage_disallowed):
+            # With initially-set bitmaps a writable 2M leaf may stay in a logging slot;
+            # dirty_log_write_protected checks it cannot take unlogged writes.
+            logged = slot.dirty is not None and not kvm.dirty_log.initially_set
+            if is_writable_pte(spte) and (logged or gfn // PAGES_PER_2M in mmu.lpage_disallowed):
                 _fail("huge_leaf_allowed", sp, f"index={index} gfn={gfn:#x} writable over a "
                                                "shadowed or dirty-logged 2M range")
 
@@ -296,9 +298,23 @@ def mmio_current_gen_has_no_slot(kvm, pages: list) -> None:
                                      "has a memslot")
 
 
+def dirty_log_write_protected(kvm, pages: list) -> None:
+    """No writable leaf of a logging slot maps a page whose dirty bit is clear (tdp's)."""
+    if not kvm.memslots.logging:
+        return
+    for sp, entries in pages:
+        for index, spte in entries:
+            if (is_shadow_present_pte(spte) and is_last_spte(spte, sp.level)
+                    and is_writable_pte(spte)):
+                writable_leaf_logged(kvm, kvm_mmu_page_get_gfn(sp, index),
+                                     pages_per_level(sp.level),
+                                     f"{describe_role(sp.role)} index={index}")
+
+
 INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync_bits_agree,
               synced_gfn_write_protected, synced_shadow_matches_guest, leaf_pfn_matches_backing,
-              huge_leaf_allowed, flushed_roots_synced, mmio_current_gen_has_no_slot)
+              huge_leaf_allowed, flushed_roots_synced, mmio_current_gen_has_no_slot,
+              dirty_log_write_protected)
 
 
 def check_invariants(kvm, last_op=None) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 from mmufuzz.harness.ops import (
     EINVAL,
     OK,
+    PAGES_PER_2M,
     Access,
+    ClearDirtyLog,
     DirtyLog,
     FlushTlb,
     GetDirtyLog,
@@ -37,7 +39,7 @@ from mmufuzz.harness.tdp.dirty import DirtyLogger
 from mmufuzz.harness.tdp.hostmem import Backing
 from mmufuzz.harness.tdp.huge import for_each_slot
 from mmufuzz.harness.tdp.kvm import Kvm as TdpKvm
-from mmufuzz.harness.tdp.memslots import DirtyLogState, Memslot, check_memory_region_flags
+from mmufuzz.harness.tdp.memslots import Memslot, check_memory_region_flags
 from mmufuzz.harness.tdp.pgalloc import PageTableAllocator
 
 
@@ -49,7 +51,7 @@ class Kvm:
         self.pgalloc = PageTableAllocator(self.host)
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.mmu = ShadowMmu(self)
-        self.dirty_log = ShadowDirtyLogger(self)
+        self.dirty_log = ShadowDirtyLogger(self, header.manual_protect)
 
     def request_free_obsolete_roots(self) -> None:
         """kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)."""
@@ -72,6 +74,8 @@ class Kvm:
             return _VCPU_OPS[kind](self.vcpus[op.vcpu], op)
         if kind is GetDirtyLog:
             return self.dirty_log.get(op)
+        if kind is ClearDirtyLog:
+            return self.dirty_log.clear(op)
         return _VM_OPS[kind](self, op)
 
     def quiesce(self) -> None:
@@ -102,6 +106,9 @@ class ShadowDirtyLogger(DirtyLogger):
         if slot is None or slot.dirty is None:
             kvm.slots_lock.write_unlock()
             return EINVAL
+        if self.manual_protect:
+            kvm.slots_lock.write_unlock()
+            return self.report_only(slot)
         yield from kvm.mmu_lock.write_lock()
         pages = sorted(slot.dirty.bitmap)
         slot.dirty.bitmap = set()
@@ -111,6 +118,26 @@ class ShadowDirtyLogger(DirtyLogger):
         kvm.mmu_lock.write_unlock()
         kvm.slots_lock.write_unlock()
         return DirtyLog(tuple(slot.base_gfn + i for i in pages))
+
+    def enable_log_dirty_pt_masked(self, slot, mask: list):
+        """Generator: x86's kvm_arch_mmu_enable_log_dirty_pt_masked through the rmaps.
+
+        With initially-set bitmaps the 2M leaves over the first and the last
+        page are write-protected (kvm_mmu_slot_gfn_write_protect at PG_LEVEL_2M;
+        no eager split without the TDP MMU), then the 4K leaves of ``mask``
+        (kvm_mmu_write_protect_pt_masked).  The caller flushes.
+        """
+        mmu = self.kvm.mmu
+        start, last = slot.base_gfn + mask[0], slot.base_gfn + mask[-1]
+        if self.initially_set:
+            mmu.slot_rmap_write_protect((start, last) if start // PAGES_PER_2M
+                                        != last // PAGES_PER_2M else (start,), True)
+            yield  # a step under mmu_lock, between the two walks, as the TDP MMU's
+        mmu.slot_rmap_write_protect((slot.base_gfn + page for page in mask), False)
+        yield
+
+    def flush_remote_tlbs_memslot(self) -> None:
+        self.kvm.mmu.kvm_flush_remote_tlbs()
 
 
 # --- kvm_set_memory_region ---------------------------------------------------------
@@ -139,7 +166,7 @@ def memslot_add(kvm, op: MemslotAdd):
                    Backing(kvm.host, op.npages, op.host_offset,
                            bool(op.flags & MemslotFlag.HOST_HUGE)), None)
     if op.flags & MemslotFlag.DIRTY_LOG:
-        slot.dirty = DirtyLogState(armed=True)
+        slot.dirty = kvm.dirty_log.new_state(op.npages, armed=True)
     slots.by_id[op.slot] = slot
     slots.end_update()
     return _done(kvm, OK)
@@ -192,12 +219,12 @@ def memslot_set_flags(kvm, op: MemslotSetFlags):
     yield from _begin(kvm)
     slot.flags = op.flags
     enable = bool(op.flags & MemslotFlag.DIRTY_LOG)
-    slot.dirty = DirtyLogState() if enable else None
+    slot.dirty = kvm.dirty_log.new_state(slot.npages) if enable else None
     kvm.memslots.end_update()
     # kvm_swap_active_memslots' synchronize_srcu: faults that saw the old flags finish first.
     yield from kvm.srcu.synchronize()
     if enable:
-        yield from kvm.dirty_log.enable(slot)
+        yield from kvm.dirty_log.start_logging(slot)
     elif not slot.readonly:
         yield from _recover_slot(kvm, slot)  # kvm_mmu_slot_apply_flags
     return _done(kvm, OK)

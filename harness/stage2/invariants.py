@@ -23,7 +23,7 @@ from mmufuzz.harness.stage2.pte import (
     stage2_pte_is_counted,
 )
 from mmufuzz.harness.target import InvariantViolation
-from mmufuzz.harness.tdp.invariants import dirty_log_covers_writes
+from mmufuzz.harness.tdp.invariants import dirty_log_covers_writes, writable_leaf_logged
 
 _BLOCK_2M = 2  # the stage-2 level of a 2M block
 
@@ -112,16 +112,27 @@ def leaf_pfn_matches_backing(kvm, snap: Snapshot) -> None:
 
 
 def block_legal(kvm, snap: Snapshot) -> None:
-    """Blocks are 2M, inside their slot, over one host THP; none writable while logging."""
+    """Blocks are 2M, inside their slot, over one host THP; none writable while logging,
+    unless logging started with every bit set (then dirty_log_write_protected decides)."""
     for (level, gfn), pte in sorted(snap.leaves.items()):
         if level == KVM_PGTABLE_LAST_LEVEL:
             continue
         slot = kvm.memslots.lookup(gfn)
+        logged = memslot_is_logging(slot) and not kvm.dirty_log.initially_set
         legal = (level == _BLOCK_2M and slot.hugepage_inside(gfn)
                  and slot.backing.host_level(gfn - slot.base_gfn) == PG_LEVEL_2M
-                 and not (memslot_is_logging(slot) and pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W))
+                 and not (logged and pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W))
         if not legal:
             _fail("block_legal", f"gfn={gfn:#x} level={level} pte={pte:#x}")
+
+
+def dirty_log_write_protected(kvm, snap: Snapshot) -> None:
+    """No writable leaf of a logging slot maps a page whose dirty bit is clear (tdp's)."""
+    if not kvm.memslots.logging:
+        return
+    for (level, gfn), pte in sorted(snap.leaves.items()):
+        if pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
+            writable_leaf_logged(kvm, gfn, GRANULE_PAGES[level], f"level={level} pte={pte:#x}")
 
 
 def _leaf_at(snap: Snapshot, gfn: int):
@@ -169,7 +180,8 @@ def stale_tlb_entry(kvm, snap: Snapshot) -> None:
 
 
 INVARIANTS = (invalid_pte_at_rest, table_refcount, leaked_table_page, leaf_pfn_matches_backing,
-              block_legal, break_before_make, stale_tlb_entry, dirty_log_covers_writes)
+              block_legal, break_before_make, stale_tlb_entry, dirty_log_covers_writes,
+              dirty_log_write_protected)
 
 
 def check_invariants(kvm) -> None:

@@ -44,7 +44,7 @@ class Stage2Kvm(Kvm):
         if protected:
             self.pgt.free_unlinked_table = self.pgt.free_unlinked
         self.mmu = mmu.Stage2Mmu(self)
-        self.dirty_log = mmu.Stage2DirtyLogger(self)
+        self.dirty_log = mmu.Stage2DirtyLogger(self, header.manual_protect)
 
     def run(self, op):
         """The generator that performs ``op`` (a simple op) and returns its Outcome.

@@ -50,7 +50,6 @@ from mmufuzz.harness.stage2.pte import (
     kvm_pte_table,
 )
 from mmufuzz.harness.tdp.dirty import DirtyLogger
-from mmufuzz.harness.tdp.memslots import DirtyLogState
 
 # stage2_range_addr_end: work is chunked at the largest block size (1G).
 _CHUNK_PAGES = GRANULE_PAGES[1]
@@ -231,6 +230,16 @@ class Stage2DirtyLogger(DirtyLogger):
         kvm.tlbi.flush_vmid()
         slot.dirty.armed = True
 
+    def enable_log_dirty_pt_masked(self, slot, mask: list):
+        """Generator: arm64's kvm_arch_mmu_enable_log_dirty_pt_masked: stage2_wp_range over
+        the span of ``mask``, every level, blocks included (so with initially-set bitmaps a
+        block left by the enable is write-protected and split by its next write fault).
+        kvm_mmu_split_huge_pages only runs with an eager-split chunk size
+        (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE), 0 by default.  The caller flushes."""
+        kvm = self.kvm
+        yield from stage2_apply_range(kvm, slot.base_gfn + mask[0], slot.base_gfn + mask[-1] + 1,
+                                      kvm_pgtable_stage2_wrprotect)
+
 
 def memslot_set_flags(kvm, op):
     """Generator: KVM_MR_FLAGS_ONLY, then kvm_arch_commit_memory_region.
@@ -250,12 +259,12 @@ def memslot_set_flags(kvm, op):
         yield
         slot.flags = op.flags
         enable = bool(op.flags & MemslotFlag.DIRTY_LOG)
-        slot.dirty = DirtyLogState() if enable else None
+        slot.dirty = kvm.dirty_log.new_state(slot.npages) if enable else None
         kvm.memslots.end_update()
         yield
         yield from kvm.srcu.synchronize()  # faults that saw the old flags are done
         if enable:
-            yield from kvm.dirty_log.enable(slot)
+            yield from kvm.dirty_log.start_logging(slot)
         return OK
     finally:
         kvm.slots_lock.write_unlock()

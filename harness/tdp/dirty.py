@@ -4,21 +4,53 @@ A gfn is logged when a writable SPTE for it is installed (make_spte's
 mark_page_dirty_in_slot, done here from handle_changed_spte), so a write can
 only go unlogged through a writable SPTE or TLB entry that predates the last
 get or the enable: both re-write-protect and flush.
+
+With manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) a get only reports,
+and KVM_CLEAR_DIRTY_LOG clears and re-protects; with initially-set bitmaps
+logging starts with every bit set and nothing write-protected, huge mappings
+included, so each clear must write-protect the huge mappings over its pages
+(SEMANTICS §G).
 """
 
 from __future__ import annotations
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import EINVAL, PG_LEVEL_4K, DirtyLog, GetDirtyLog
+from mmufuzz.harness.ops import (EINVAL, OK, PAGES_PER_2M, PG_LEVEL_4K, ClearDirtyLog, DirtyLog,
+                                 GetDirtyLog, ManualProtect)
 from mmufuzz.harness.tdp.huge import split_range
+from mmufuzz.harness.tdp.memslots import DirtyLogState
 from mmufuzz.harness.tdp.spte import ROOT_LEVEL
+
+# kvm_clear_dirty_log_protect works one unsigned long of the bitmap at a time.
+BITS_PER_LONG = 64
 
 
 class DirtyLogger:
     """The VM's dirty-logging machinery; the bitmaps live on the slots."""
 
-    def __init__(self, kvm):
+    def __init__(self, kvm, manual_protect: ManualProtect = ManualProtect.OFF):
         self.kvm = kvm
+        # kvm->manual_dirty_log_protect, fixed by the program header.
+        self.manual_protect = manual_protect is not ManualProtect.OFF
+        self.initially_set = manual_protect is ManualProtect.INIT_SET
+
+    def new_state(self, npages: int, armed: bool = False) -> DirtyLogState:
+        """kvm_prepare_memory_region's bitmap for a slot that starts logging: empty, or
+        every bit set (kvm_dirty_log_manual_protect_and_init_set)."""
+        return DirtyLogState(bitmap=set(range(npages)) if self.initially_set else set(),
+                             armed=armed)
+
+    def start_logging(self, slot):
+        """Generator: what committing a slot that starts logging does to the MMU.
+
+        With initially-set bitmaps nothing: kvm_mmu_slot_apply_flags returns
+        ("Initially-all-set does not require write protecting any page, because
+        they're all assumed to be dirty"), huge mappings stay; else :meth:`enable`.
+        """
+        if self.initially_set:
+            slot.dirty.armed = True
+            return
+        yield from self.enable(slot)
 
     def mark_page_dirty_in_slot(self, gfn: int) -> None:
         """Log ``gfn`` if its slot logs."""
@@ -68,6 +100,9 @@ class DirtyLogger:
         if slot is None or slot.dirty is None:
             kvm.slots_lock.write_unlock()
             return EINVAL
+        if self.manual_protect:
+            kvm.slots_lock.write_unlock()
+            return self.report_only(slot)
         yield from kvm.mmu_lock.write_lock()
         state = slot.dirty
         pages = sorted(state.bitmap)
@@ -82,3 +117,74 @@ class DirtyLogger:
         kvm.mmu_lock.write_unlock()
         kvm.slots_lock.write_unlock()
         return DirtyLog(tuple(slot.base_gfn + i for i in pages))
+
+    # --- manual protect: KVM_CLEAR_DIRTY_LOG ----------------------------------------
+
+    @staticmethod
+    def report_only(slot) -> DirtyLog:
+        """kvm_get_dirty_log_protect with manual protect: the bitmap as it is, no clear, no
+        write protection, no flush ("no flush is needed until KVM_CLEAR_DIRTY_LOG")."""
+        return DirtyLog(tuple(slot.base_gfn + i for i in sorted(slot.dirty.bitmap)))
+
+    def clear(self, op: ClearDirtyLog):
+        """Generator: kvm_clear_dirty_log_protect of every page of [first, first+npages).
+
+        Its checks, then, one 64-page word at a time, the bits that were set are
+        cleared and exactly those pages re-protected
+        (:meth:`enable_log_dirty_pt_masked`); one flush if any was.  The last word
+        of a range that ends at the slot's end may be partial.
+        """
+        kvm = self.kvm
+        yield from kvm.slots_lock.write_lock()
+        slot = kvm.memslots.by_id.get(op.slot)
+        first, end = op.first, op.first + op.npages
+        if (first % BITS_PER_LONG or slot is None or slot.dirty is None or first > slot.npages
+                or end > slot.npages or (end < slot.npages and op.npages % BITS_PER_LONG)):
+            kvm.slots_lock.write_unlock()
+            return EINVAL
+        words = -(-op.npages // BITS_PER_LONG)
+        if faults.active("clear-dirty-last-word"):
+            words = op.npages // BITS_PER_LONG  # before 53eac7a8f8cf: the partial word is lost
+        yield from kvm.mmu_lock.write_lock()
+        state = slot.dirty
+        cleared = set()
+        for offset in range(first, first + words * BITS_PER_LONG, BITS_PER_LONG):
+            mask = [page for page in range(offset, min(offset + BITS_PER_LONG, end))
+                    if page in state.bitmap]  # atomic_long_fetch_andnot
+            if mask:
+                state.bitmap.difference_update(mask)
+                cleared.update(mask)
+                yield from self.enable_log_dirty_pt_masked(slot, mask)
+        if cleared:
+            self.flush_remote_tlbs_memslot()
+        state.written -= cleared
+        kvm.mmu_lock.write_unlock()
+        kvm.slots_lock.write_unlock()
+        return OK
+
+    def enable_log_dirty_pt_masked(self, slot, mask: list):
+        """Generator: x86's kvm_arch_mmu_enable_log_dirty_pt_masked for the slot pages ``mask``
+        (sorted, within one 64-page word; mmu_lock held for write).
+
+        With initially-set bitmaps the huge mappings over the first and the last
+        page are split (eager_page_split) and write-protected first: logging
+        started without touching them ("Huge pages are NOT write protected when
+        we start dirty logging in initially-all-set mode"); the two may lie in
+        different 2M pages, since a slot's base need not be 64-aligned.  Then the
+        4K leaves of ``mask``.
+        """
+        mmu = self.kvm.mmu
+        gfns = {slot.base_gfn + page for page in mask}
+        start, last = slot.base_gfn + mask[0], slot.base_gfn + mask[-1]
+        huge = self.initially_set and not faults.active("clear-dirty-keeps-huge")
+        for root in mmu.held(mmu.direct_roots(only_valid=True)):
+            if huge:
+                yield from split_range(self.kvm, root, start, last + 1)
+                yield from mmu.write_protect(root, start, start + 1)
+                if start // PAGES_PER_2M != last // PAGES_PER_2M:  # "Cross two large pages?"
+                    yield from mmu.write_protect(root, last, last + 1)
+            yield from mmu.write_protect(root, start, last + 1, gfns, max_level=PG_LEVEL_4K)
+
+    def flush_remote_tlbs_memslot(self) -> None:
+        """kvm_flush_remote_tlbs_memslot, after a clear re-protected anything."""
+        self.kvm.mmu.flush()

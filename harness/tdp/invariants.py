@@ -179,7 +179,10 @@ def huge_leaf_legal(kvm, snap: Snapshot) -> None:
             continue
         slot = kvm.memslots.lookup(gfn)
         backing = slot.gmem if mirror else slot.backing
-        legal = (level == PG_LEVEL_2M and slot.hugepage_inside(gfn) and slot.dirty is None
+        # With initially-set bitmaps a 2M leaf made before logging started stays (SEMANTICS
+        # §G); dirty_log_write_protected checks it cannot take unlogged writes.
+        legal = (level == PG_LEVEL_2M and slot.hugepage_inside(gfn)
+                 and (slot.dirty is None or kvm.dirty_log.initially_set)
                  and kvm.attributes.uniform(gfn, gfn + PAGES_PER_2M)
                  and backing.host_level(gfn - slot.base_gfn) == PG_LEVEL_2M)
         if not legal:
@@ -266,6 +269,30 @@ def dirty_log_covers_writes(kvm, snap: Snapshot) -> None:
             _fail("dirty_log_covers_writes", f"gfn={gfn:#x} slot={slot.id}")
 
 
+def writable_leaf_logged(kvm, gfn: int, npages: int, detail: str) -> None:
+    """``dirty_log_write_protected`` for one writable leaf over [gfn, gfn+npages): if its
+    slot logs, every page's dirty bit is set (a write through the leaf is not logged)."""
+    slot = kvm.memslots.lookup(gfn)
+    if slot is None or slot.dirty is None or not slot.dirty.armed:
+        return
+    bitmap = slot.dirty.bitmap
+    first = gfn - slot.base_gfn
+    for page in range(first, min(first + npages, slot.npages)):
+        if page not in bitmap:
+            _fail("dirty_log_write_protected",
+                  f"gfn={slot.base_gfn + page:#x} slot={slot.id} writable leaf gfn={gfn:#x} "
+                  f"{detail}")
+
+
+def dirty_log_write_protected(kvm, snap: Snapshot) -> None:
+    """No writable leaf of a logging slot maps a page whose dirty bit is clear (SEMANTICS §I)."""
+    if not kvm.memslots.logging:
+        return
+    for mirror, gfn, level, spte in snap.leaves:
+        if not mirror and spte & PT_WRITABLE_MASK:
+            writable_leaf_logged(kvm, gfn, pages_per_level(level), f"level={level} spte={spte:#x}")
+
+
 def tlb_matches_sptes(kvm, snap: Snapshot) -> None:
     """Every cached gpa translation still matches a leaf granting at least as much."""
     if not any(vcpu.tlb_shared or vcpu.tlb_private for vcpu in kvm.vcpus):
@@ -333,7 +360,8 @@ def root_refcounts(kvm, snap: Snapshot) -> None:
 INVARIANTS = (nonpresent_value, leaf_pfn_matches_backing, huge_leaf_legal,
               private_leaf_placement, sept_matches_mirror, mmio_spte_with_slot,
               leaked_table_page, refcount_matches_children, page_stats_match_leaves,
-              dirty_log_covers_writes, tlb_matches_sptes, walk_cache_matches_sptes,
+              dirty_log_covers_writes, dirty_log_write_protected, tlb_matches_sptes,
+              walk_cache_matches_sptes,
               root_refcounts)
 
 

@@ -12,6 +12,7 @@ from mmufuzz.harness.ops import (
     Accept,
     Access,
     FlushTlb,
+    ClearDirtyLog,
     GetDirtyLog,
     HostInvalidate,
     Invlpg,
@@ -57,7 +58,7 @@ class Kvm:
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.sept = SecureEpt(self) if self.tdx else None
         self.mmu = TdpMmu(self)
-        self.dirty_log = DirtyLogger(self)
+        self.dirty_log = DirtyLogger(self, header.manual_protect)
 
     def init_common(self, header: VmHeader) -> None:
         """The architecture-neutral fields of struct kvm (virt/kvm/kvm_main.c), which every
@@ -120,6 +121,8 @@ class Kvm:
             return private.accept(self, self.vcpus[op.vcpu], op)
         if kind is GetDirtyLog:
             return self.dirty_log.get(op)
+        if kind is ClearDirtyLog:
+            return self.dirty_log.clear(op)
         return _VM_OPS[kind](self, op)
 
     def quiesce(self) -> None:

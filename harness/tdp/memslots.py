@@ -187,7 +187,7 @@ def memslot_add(kvm, op: MemslotAdd):
                    Backing(kvm.host, op.npages, op.host_offset, huge),
                    Backing(kvm.host, op.npages, op.host_offset, huge) if private else None)
     if flags & _DIRTY_LOG:
-        slot.dirty = DirtyLogState(armed=True)
+        slot.dirty = kvm.dirty_log.new_state(op.npages, armed=True)
     lpage.init_memslot(kvm.attributes, slot)
     slots.by_id[op.slot] = slot
     yield from _end(kvm)
@@ -259,13 +259,13 @@ def memslot_set_flags(kvm, op: MemslotSetFlags):
     yield from _begin(kvm)
     slot.flags = op.flags
     enable = bool(op.flags & MemslotFlag.DIRTY_LOG)
-    slot.dirty = DirtyLogState() if enable else None
+    slot.dirty = kvm.dirty_log.new_state(slot.npages) if enable else None
     yield from _end(kvm)
     # kvm_swap_active_memslots' synchronize_srcu: a fault that saw the old flags
     # (and so may map huge and writable) finishes before the flags are applied.
     yield from kvm.srcu.synchronize()
     if enable:  # kvm_mmu_slot_apply_flags, still under slots_lock
-        yield from kvm.dirty_log.enable(slot)
+        yield from kvm.dirty_log.start_logging(slot)
     else:
         yield from huge.recover_slot(kvm, slot)
     kvm.slots_lock.write_unlock()

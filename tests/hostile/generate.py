@@ -113,6 +113,11 @@ def _cases() -> dict[str, bytes | str]:
     cases["header-unknown-type"] = HEAD + "vm type=sev vcpus=1\n"
     cases["header-unknown-field"] = HEAD + "vm type=tdx vcpus=1 memory=4g\n"
     cases["header-keyword-glued"] = HEAD + "vmtype=tdx vcpus=1\n"
+    cases["header-manual-protect-unknown"] = HEAD + "vm type=default vcpus=1 manual_protect=yes\n"
+    cases["header-manual-protect-empty"] = HEAD + "vm type=default vcpus=1 manual_protect=\n"
+    cases["header-manual-protect-twice"] = (HEAD + "vm type=default vcpus=1 manual_protect=on "
+                                            "manual_protect=init_set\n")
+    cases["header-manual-protect-case"] = HEAD + "vm type=default vcpus=1 manual_protect=ON\n"
     cases["marker-alone"] = HEAD + VM + ">>>\n>>> frobnicate\n"
     cases["marker-twice-on-a-line"] = HEAD + VM + ">>> >>> zap_all\n"
     cases["python-expression"] = HEAD + VM + "__import__('os').system('true')\n"
@@ -194,6 +199,11 @@ def _cases() -> dict[str, bytes | str]:
         "host-invalidate-no-npages": "host_invalidate base=0x200",
         "split-no-slot": "split",
         "get-dirty-log-slot-word": "get_dirty_log slot=zero",
+        "clear-dirty-log-no-npages": "clear_dirty_log slot=0 first=0x0",
+        "clear-dirty-log-first-past-limit": "clear_dirty_log slot=0 first=0x40040 npages=0x40",
+        "clear-dirty-log-negative-npages": "clear_dirty_log slot=0 first=0x0 npages=-64",
+        "clear-dirty-log-gfn-field": "clear_dirty_log slot=0 base=0x200 npages=0x40",
+        "clear-dirty-log-slot-past-limit": "clear_dirty_log slot=16 first=0x0 npages=0x40",
         "tab-inside-value": "memslot_delete slot=\t",
     }
     for name, line in fields.items():
