@@ -326,13 +326,13 @@ def change_header(program: Program, rng: random.Random) -> Optional[Program]:
     (removing one is valid only if it is unused)."""
     header = program.header
     roll = rng.random()
-    if roll < 0.35:
+    if roll < 0.4:
         kind = VmType.TDX if header.type is VmType.DEFAULT else VmType.DEFAULT
         return Program(dataclasses.replace(header, type=kind), program.ops)
-    if roll < 0.5:
+    if roll < 0.6:
         mode = rng.choice(list(domain(VmHeader, "manual_protect").choices.values()))
         return Program(dataclasses.replace(header, manual_protect=mode), program.ops)
-    if roll < 0.6:
+    if roll < 0.75:
         return Program(dataclasses.replace(header, range_flush=not header.range_flush),
                        program.ops)
     used = max((_max_vcpu(op) for op in program.ops), default=-1)
