@@ -484,9 +484,12 @@ def read_input(path, limit: int) -> bytes:
 
 
 def format_header(header: VmHeader) -> str:
+    """The header line; options only when set, so older reproducers print unchanged."""
     text = f"vm type={header.type.value} vcpus={header.vcpus}"
     if header.manual_protect is not ManualProtect.OFF:
         text += f" manual_protect={header.manual_protect.value}"
+    if header.range_flush:
+        text += " range_flush=1"
     return text
 
 
@@ -868,7 +871,8 @@ def decode(data: bytes) -> Program:
     reader = _Reader(data)
     first = reader.byte()
     header = VmHeader(VmType.TDX if first & 1 else VmType.DEFAULT, 1 + (first >> 1) % 4,
-                      _MANUAL_PROTECT.get(first >> 3 & 7, ManualProtect.OFF))
+                      _MANUAL_PROTECT.get(first >> 3 & 7, ManualProtect.OFF),
+                      bool(first >> 6 & 1))
     ctx = _Context(header)
     ops = []
     while not reader.exhausted() and len(ops) < MAX_OPS:
@@ -888,7 +892,8 @@ def encode(program: Program) -> bytes:
         raise ValueError(f"{len(program.ops)} ops, at most {MAX_OPS} are encodable")
     header = program.header
     out = bytearray([(1 if header.type is VmType.TDX else 0) | (header.vcpus - 1) << 1
-                     | _MANUAL_PROTECT_BITS.get(header.manual_protect, 0) << 3])
+                     | _MANUAL_PROTECT_BITS.get(header.manual_protect, 0) << 3
+                     | header.range_flush << 6])
     ctx = _Context(header)
     for op in program.ops:
         _encode_op(out, op, ctx, _FIRST_OPCODE)

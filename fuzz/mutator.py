@@ -339,8 +339,8 @@ def _random_schedule(rng: random.Random) -> int:
 
 
 def change_header(program: Program, rng: random.Random) -> Optional[Program]:
-    """Switch the VM type, pick a dirty-log mode, or add a vCPU (removing one is valid only
-    if it is unused)."""
+    """Switch the VM type, pick a dirty-log mode, switch range flushes, or add a vCPU
+    (removing one is valid only if it is unused)."""
     header = program.header
     roll = rng.random()
     if roll < 0.4:
@@ -349,6 +349,9 @@ def change_header(program: Program, rng: random.Random) -> Optional[Program]:
     if roll < 0.6:
         mode = rng.choice(list(domain(VmHeader, "manual_protect").choices.values()))
         return Program(dataclasses.replace(header, manual_protect=mode), program.ops)
+    if roll < 0.75:
+        return Program(dataclasses.replace(header, range_flush=not header.range_flush),
+                       program.ops)
     used = max((_max_vcpu(op) for op in program.ops), default=-1)
     vcpus = rng.randint(used + 1 if used >= 0 else 1, domain(VmHeader, "vcpus").hi - 1)
     return Program(dataclasses.replace(header, vcpus=vcpus), program.ops)

@@ -118,7 +118,7 @@ class DifferentialMachine(RuleBasedStateMachine):
     target_name = "tdp"
 
     @initialize(header=st.builds(VmHeader, st.sampled_from(VmType), st.integers(1, 4),
-                                 st.sampled_from(ManualProtect)))
+                                 st.sampled_from(ManualProtect), st.booleans()))
     def start(self, header):
         target = make_target(self.target_name)
         self.restrict = capabilities(target).restrict

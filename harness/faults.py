@@ -63,6 +63,22 @@ _TDP_FAULTS = (
           "flushed for TDP MMU during NX zapping\")",
           "the fault path replaces a table with a huge leaf by cmpxchg and omits the flush: "
           "the old table is freed after the grace period while a vCPU may still walk it"),
+    Fault("removed-pt-flush-wrong-start", "tdp",
+          "KVM commit 574c3c55e969 (\"KVM: x86/mmu: Fix TLB flush range when handling "
+          "disconnected pt\"), fixing a066e61f13cf: handle_removed_tdp_mmu_page flushed "
+          "KVM_PAGES_PER_HPAGE(level + 1) pages from the last child's gfn, not base_gfn; the "
+          "flush has been the caller's since bb95dfb9e2df",
+          "with ranged flushes (range_flush=1), the fault path's flush after replacing a table "
+          "by a huge leaf starts at the table's last child: the other gfns keep cached "
+          "upper-level entries to the removed table"),
+    Fault("collapsible-flush-sp-base", "tdp",
+          "KVM commit 1b2dc7360463 (\"KVM: x86/mmu: Fix wrong start gfn of tlb flushing with "
+          "range\"; Hou Wenlong's series \"Fix wrong gfn range of tlb flushing with range\", "
+          "2022), fixing c3134ce240ee: kvm_mmu_zap_collapsible_spte flushed sp->gfn for "
+          "KVM_PAGES_PER_HPAGE(sp->role.level) when a ranged flush was available",
+          "with ranged flushes (range_flush=1), recovery flushes each table it replaces by a "
+          "huge leaf from the table's base gfn for one 4K page instead of the slot after the "
+          "walk: the other gfns keep cached upper-level entries to the removed table"),
     Fault("mmio-stale-generation", "tdp",
           "KVM commit ce88decffd17 (\"KVM: MMU: mmio page fault support\"), and the memslot "
           "generation in MMIO SPTEs of \"KVM: MMU: fast invalidate all mmio sptes\" (2013): "

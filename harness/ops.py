@@ -187,15 +187,24 @@ def gpa_field(op) -> Optional[str]:
 
 @dataclass(frozen=True)
 class VmHeader:
-    """``vm type= vcpus= [manual_protect=]``: the VM a program creates before its first op."""
+    """``vm type= vcpus= [manual_protect=] [range_flush=1]``: the VM a program creates before
+    its first op.
+
+    ``range_flush`` says the host can flush a gfn range of the VM's TLBs rather
+    than everything (KVM as a Hyper-V guest: ``kvm_x86_ops.flush_remote_tlbs_range``).
+    It changes nothing a correct KVM lets the guest see; it lets a flush whose
+    range is too narrow leave stale translations (``docs/semantics.md`` §J).
+    """
 
     type: VmType = _enum({t.value: t for t in VmType})
     vcpus: int = _int(1, VCPUS_MAX + 1, radix=10)
-    # Absent from the text when off (the default), so older reproducers read as before.
+    # Header options are absent from the text when off (the default), so older reproducers
+    # read as before.
     manual_protect: ManualProtect = field(
         default=ManualProtect.OFF,
         metadata={"domain": Domain("enum", choices={m.value: m for m in ManualProtect},
                                    optional=True)})
+    range_flush: bool = field(default=False, metadata={"domain": _BOOL})
 
 
 # --- ops --------------------------------------------------------------------

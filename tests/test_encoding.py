@@ -109,6 +109,22 @@ vm vcpus=2 type=default   # two vCPUs
                           "expect": "clean"}
 
 
+@pytest.mark.parametrize("range_flush", [False, True])
+def test_range_flush_is_printed_only_when_set_and_survives_text_and_bytes(range_flush):
+    program = Program(VmHeader(VmType.DEFAULT, 2, range_flush=range_flush), (ZapAll(),))
+    text = format_program(program)
+    assert ("range_flush=1" in text) is range_flush
+    assert parse_reproducer(text).program == program
+    assert decode(encode(program)) == program
+
+
+def test_an_absent_range_flush_is_off_and_a_bad_one_is_refused():
+    assert parse_reproducer("vm type=tdx vcpus=1\nzap_all\n").program.header == \
+        VmHeader(VmType.TDX, 1)
+    with pytest.raises(ReproError, match="range_flush"):
+        parse_reproducer("vm type=default vcpus=1 range_flush=2\nzap_all\n")
+
+
 def test_meta_keeps_a_finding_line_with_colons_whole():
     text = ("# finding: divergence at op 3 (access): reference ok(0x0), tdp ok(0x1)\n"
             "vm type=default vcpus=1\n")

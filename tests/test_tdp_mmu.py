@@ -55,8 +55,8 @@ PRIVATE = MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE
 class Vm:
     """A tdp target and the reference side by side; every outcome must be allowed."""
 
-    def __init__(self, tdx: bool = False, vcpus: int = 2):
-        header = VmHeader(VmType.TDX if tdx else VmType.DEFAULT, vcpus)
+    def __init__(self, tdx: bool = False, vcpus: int = 2, range_flush: bool = False):
+        header = VmHeader(VmType.TDX if tdx else VmType.DEFAULT, vcpus, range_flush=range_flush)
         self.target = TdpTarget()
         self.differential = Differential(header, self.target)
         self.kvm = self.target.kvm
@@ -95,8 +95,8 @@ class Vm:
         return page
 
 
-def huge_vm(tdx: bool = False, **slot):
-    vm = Vm(tdx)
+def huge_vm(tdx: bool = False, range_flush: bool = False, **slot):
+    vm = Vm(tdx, range_flush=range_flush)
     args = {"slot": 0, "base": 0x200, "npages": 0x400, "flags": HUGE, "host_offset": 0} | slot
     vm.do(MemslotAdd(**args))
     return vm
@@ -465,3 +465,96 @@ def test_a_zero_entry_is_a_nonpresent_value_violation_and_a_ve_in_a_td(fault, op
         with pytest.raises(InvariantViolation) as error:
             vm.target.check_invariants()
         assert error.value.name == "nonpresent_value"
+
+
+# --- targeted flushes (kvm_flush_remote_tlbs_range and its callers) ------------------------
+
+def _split_and_walked(range_flush: bool):
+    """A 2M page split to 4K, with vCPU 0 holding translations and walk-cache entries for
+    0x200 and 0x201 (each walk made its own in a range-flush VM) and 0x600 (another slot)."""
+    vm = huge_vm(range_flush=range_flush)
+    vm.do(MemslotAdd(1, 0x600, 0x200, MemslotFlag(0), 0))
+    vm.write(0x200, 5)
+    vm.do(Split(0))
+    for gfn in (0x200, 0x201, 0x600):
+        vm.read(gfn)
+    return vm, vm.kvm.vcpus[0]
+
+
+def test_without_a_host_range_flush_every_ranged_flush_is_a_full_one():
+    vm, vcpu = _split_and_walked(range_flush=False)
+    assert vcpu.tlb_shared and vcpu.walk_cache
+    vm.kvm.mmu.flush_gfn(0x201, PG_LEVEL_4K)
+    assert not vcpu.tlb_shared and not vcpu.walk_cache
+
+
+def test_a_ranged_flush_drops_only_what_translates_its_gfns():
+    vm, vcpu = _split_and_walked(range_flush=True)
+    tables = {key[1] for key in vcpu.walk_cache}
+    assert {0x200, 0x201, 0x600} <= tables          # entries per gfn, not per table
+    vm.kvm.mmu.flush_gfn(0x201, PG_LEVEL_4K)
+    assert 0x201 not in vcpu.tlb_shared and {0x200, 0x600} <= set(vcpu.tlb_shared)
+    assert {key[1] for key in vcpu.walk_cache} == tables - {0x201}
+    vm.target.check_invariants()
+
+
+def test_kvm_flush_remote_tlbs_gfn_covers_all_an_spte_at_its_level_maps():
+    vm, vcpu = _split_and_walked(range_flush=True)
+    vm.kvm.mmu.flush_gfn(0x3ff, PG_LEVEL_2M)        # gfn_round_for_level: [0x200, 0x400)
+    assert set(vcpu.tlb_shared) == {0x600}
+    assert {key[1] for key in vcpu.walk_cache} == {0x600}
+
+
+def test_kvm_flush_remote_tlbs_memslot_covers_the_slot():
+    vm, vcpu = _split_and_walked(range_flush=True)
+    vm.kvm.mmu.flush_memslot(vm.kvm.memslots.by_id[1])
+    assert set(vcpu.tlb_shared) == {0x200, 0x201}
+
+
+def test_a_ranged_flush_aborts_only_a_walk_of_a_gfn_in_its_range():
+    vm, _ = _split_and_walked(range_flush=True)
+    aborted = []
+    for gfn, flushed in ((0x202, 0x203), (0x202, 0x202)):
+        vcpu = vm.kvm.vcpus[1]
+        walker = vcpu._walk_ept(gfn, AccessKind.READ)
+        next(walker)
+        epoch = vcpu.flush_epoch
+        vm.kvm.mmu.flush_gfn(flushed, PG_LEVEL_4K)
+        aborted.append(vcpu.flush_epoch != epoch)
+        with pytest.raises(StopIteration):
+            while True:
+                next(walker)
+    assert aborted == [False, True]
+
+
+def test_a_td_flushes_whole_whatever_the_header_says():
+    header = VmHeader(VmType.TDX, 1, range_flush=True)
+    target = TdpTarget()
+    target.reset(header)
+    assert not target.kvm.range_flush and not VmHeader(VmType.DEFAULT, 1).range_flush
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_recovery_flushes_the_tables_it_removes(inject):
+    """In-place recovery's kvm_flush_remote_tlbs_memslot drops the walk-cache entries of
+    every gfn of a replaced table; collapsible-flush-sp-base (1b2dc7360463) flushes the
+    table's first gfn only, and 0x201's entry outlives its table."""
+    vm, vcpu = _split_and_walked(range_flush=True)
+    with faults.injected(["collapsible-flush-sp-base"] if inject else []):
+        if inject:
+            with pytest.raises(AssertionError, match="walk_cache_matches_sptes: gfn=0x201"):
+                vm.do(Recover())
+            return
+        vm.do(Recover())
+    assert vm.leaf(0x201)[0] == PG_LEVEL_2M
+    assert not any(0x200 <= gfn < 0x400 for _, gfn in vcpu.walk_cache)
+
+
+def test_dirty_log_enable_flushes_the_slot_so_every_write_is_logged():
+    vm, vcpu = _split_and_walked(range_flush=True)
+    vm.write(0x600, 1)                               # a writable translation cached
+    vm.do(MemslotSetFlags(1, MemslotFlag.DIRTY_LOG))
+    assert 0x600 not in vcpu.tlb_shared and 0x200 in vcpu.tlb_shared
+    vm.write(0x600, 2)
+    assert vm.do(GetDirtyLog(1)) == DirtyLog((0x600,))
+

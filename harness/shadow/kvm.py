@@ -136,7 +136,7 @@ class ShadowDirtyLogger(DirtyLogger):
         mmu.slot_rmap_write_protect((slot.base_gfn + page for page in mask), False)
         yield
 
-    def flush_remote_tlbs_memslot(self) -> None:
+    def flush_remote_tlbs_memslot(self, slot) -> None:
         self.kvm.mmu.kvm_flush_remote_tlbs()
 
 

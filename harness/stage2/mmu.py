@@ -210,6 +210,12 @@ class Stage2Mmu:
         """kvm_flush_remote_tlbs."""
         self.kvm.tlbi.flush_vmid()
 
+    def flush_memslot(self, slot) -> None:
+        """kvm_flush_remote_tlbs_memslot, for the shared dirty-log code: the whole VMID, as
+        this model has always flushed there (arm64's kvm_arch_flush_remote_tlbs_range would
+        be kvm_tlb_flush_vmid_range over the slot: not modelled yet)."""
+        self.flush()
+
 
 class Stage2DirtyLogger(DirtyLogger):
     """Dirty logging as arm64 enables it: write-protect everything, blocks included."""

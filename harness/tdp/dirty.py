@@ -105,7 +105,7 @@ class DirtyLogger:
         for root in mmu.held(mmu.direct_roots(only_valid=True)):
             yield from mmu.write_protect(root, slot.base_gfn, slot.end_gfn, max_level=max_level,
                                          min_level=PG_LEVEL_2M if pml else PG_LEVEL_4K)
-        mmu.flush()
+        mmu.flush_memslot(slot)
         kvm.mmu_lock.write_unlock()
         slot.dirty.armed = True
 
@@ -147,7 +147,7 @@ class DirtyLogger:
             word.append(page)
         if word:
             yield from self.enable_log_dirty_pt_masked(slot, word)
-            self.flush_remote_tlbs_memslot()
+            self.flush_remote_tlbs_memslot(slot)
 
     def _get_rearm_first(self, slot):
         """Generator: the fault's KVM_GET_DIRTY_LOG, in the order of KVM before commit
@@ -201,7 +201,7 @@ class DirtyLogger:
                 cleared.update(mask)
                 yield from self.enable_log_dirty_pt_masked(slot, mask)
         if cleared:
-            self.flush_remote_tlbs_memslot()
+            self.flush_remote_tlbs_memslot(slot)
         state.written -= cleared
         kvm.mmu_lock.write_unlock()
         kvm.slots_lock.write_unlock()
@@ -234,6 +234,6 @@ class DirtyLogger:
                     yield from mmu.write_protect(root, last, last + 1, min_level=PG_LEVEL_2M)
             yield from rearm(root, start, last + 1, gfns, max_level=PG_LEVEL_4K)
 
-    def flush_remote_tlbs_memslot(self) -> None:
+    def flush_remote_tlbs_memslot(self, slot) -> None:
         """kvm_flush_remote_tlbs_memslot, after a get or a clear re-armed anything."""
-        self.kvm.mmu.flush()
+        self.kvm.mmu.flush_memslot(slot)

@@ -57,6 +57,7 @@ _OTHER = (
     "walk:mmio:td_ve",
     # A SEAMCALL met a guest TDCALL holding its S-EPT entry (TDX_OPERAND_BUSY).
     "sept:operand_busy",
+    "tlb:flush_range:kept_entries", "tlb:flush_range:dropped_all",
 )
 EVENTS = StateEvents([_spte_name(i) for i in range(SPTE_EVENTS)] + list(_OTHER))
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
@@ -90,3 +91,5 @@ FAST_PF_FIXED, FAST_PF_CMPXCHG_LOST = event("fault:fast:fixed"), event("fault:fa
 WALK_MMIO_TD_VE = event("walk:mmio:td_ve")
 SEPT_OPERAND_BUSY = event("sept:operand_busy")
 TLB_FLUSH_HELD, TLB_FLUSH_EMPTY = event("tlb:flush:held_entries"), event("tlb:flush:empty")
+TLB_RANGE_KEPT = event("tlb:flush_range:kept_entries")
+TLB_RANGE_DROPPED_ALL = event("tlb:flush_range:dropped_all")

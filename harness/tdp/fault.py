@@ -323,6 +323,6 @@ def _map_target_level(kvm, fault: KvmPageFault, it):
         kvm.events[events.RETRY_CMPXCHG] += 1
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and leaf_spte_change_needs_tlb_flush(old, new):
-        mmu.flush()
+        mmu.flush_gfn(it.gfn, it.level)
     return RET_PF_EMULATE if fault.slot is None else RET_PF_FIXED
 

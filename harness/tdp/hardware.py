@@ -3,10 +3,12 @@
 A vCPU caches two kinds of translations, as real TLBs do: guest translations
 (gva -> gpa, from walking the guest's page tables, dropped by invlpg,
 flush_tlb and CR3 loads) and guest-physical ones (gpa -> host pfn, from
-walking the SPTEs, dropped only when the MMU flushes).  A missed flush
-therefore leaves a stale pfn in use, which shows as stale data or as a touch
-of a poisoned host page.  The guest walker reads page tables through the
-vCPU's own physical path, so every table read can EPT-fault into the MMU.
+walking the SPTEs, dropped only when the MMU flushes: everything, or with
+ranged flushes the gfns of a range).  A missed or too narrow flush therefore
+leaves a stale pfn or table in use, which shows as stale data, as a touch of a
+poisoned host page, or as a failed invariant.  The guest walker reads page
+tables through the vCPU's own physical path, so every table read can EPT-fault
+into the MMU.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ _PTE_P, _PTE_PS, _PTE_RW, _PTE_NX = (int(f) for f in (PteFlag.P, PteFlag.PS, Pte
 
 # The gfn shift that keys a cached table at each level: a table at level L covers 512**L gfns.
 _CACHE_SHIFT = (0,) + tuple(9 * level for level in range(1, ROOT_LEVEL + 1))
+# With ranged flushes an entry is cached per gfn (the walk that made it): see Vcpu.__init__.
+_PER_GFN = (0,) * (ROOT_LEVEL + 1)
 
 # Outcomes of one hardware EPT walk besides a usable leaf.
 _VIOLATION, _MMIO, _VE, _PENDING = "violation", "mmio", "ve", "pending"
@@ -110,9 +114,16 @@ class Vcpu:
         self.tlb_private: dict[int, int] = {}              # gfn -> pfn (accepted pages only)
         self.tlb_4k: dict[int, tuple[int, bool, bool]] = {}  # gva >> 12 -> (gpa, w, x)
         self.tlb_2m: dict[int, tuple[int, bool, bool]] = {}  # gva >> 21 -> (gpa, w, x)
-        # The EPT paging-structure caches (SDM vol. 3 §29.4.2): (level, gfn >> 9*level) ->
-        # the table at ``level`` the walk reached through a cached upper-level entry.
+        # The EPT paging-structure caches (SDM vol. 3 §29.4.2): (level, gfn >> shift[level])
+        # -> the table at ``level`` the walk reached through a cached upper-level entry.
+        # A full flush (INVEPT) drops them all, so one entry serves every gfn the table
+        # covers (shift 9*level).  A ranged flush promises to drop only what translates
+        # the gfns of its range, so with ranged flushes the entry a walk made serves that
+        # walk's gfn alone (shift 0): the most an implementation may keep (docs/semantics.md
+        # §J), and what makes a flush range too narrow for a removed table visible.
         self.walk_cache: dict[tuple[int, int], object] = {}
+        self.cache_shift = _PER_GFN if kvm.range_flush else _CACHE_SHIFT
+        self.walking = None  # the gfn of the EPT walk in flight, if any
         self.flush_epoch = 0
         self._last_used_slot = (-1, None)
         # mmu->root.hpa, a reference to a direct root, loaded on entry; and whether
@@ -155,6 +166,23 @@ class Vcpu:
         self.tlb_private.clear()
         self.walk_cache.clear()
         self.flush_epoch += 1
+
+    def flush_guest_physical_range(self, start: int, end: int) -> None:
+        """The host's ranged flush of gfns [start, end) (KVM on Hyper-V:
+        HvCallFlushGuestPhysicalAddressList, from hv_flush_remote_tlbs_range): forget
+        their gpa translations and the cached entries their walks made, and abort a
+        walk in flight of one of them.  What translates other gfns stays, a walk of
+        one included: the hypercall promises no more."""
+        for cache in (self.tlb_shared, self.tlb_private):
+            for gfn in [gfn for gfn in cache if start <= gfn < end]:
+                del cache[gfn]
+        cache = self.walk_cache
+        for key in [key for key in cache if start <= key[1] < end]:
+            del cache[key]
+        kept = self.tlb_shared or self.tlb_private or cache
+        self.kvm.events[events.TLB_RANGE_KEPT if kept else events.TLB_RANGE_DROPPED_ALL] += 1
+        if self.walking is not None and start <= self.walking < end:
+            self.flush_epoch += 1
 
     def flush_linear(self) -> None:
         """Forget every gva translation (flush_tlb, CR3 load)."""
@@ -304,12 +332,14 @@ class Vcpu:
         unlinked a table is used until a flush drops it, which is why KVM must
         flush before a removed table can be freed.  An EPT violation drops the
         cached entries for its gpa (SDM vol. 3 §29.4.3.1).  A flush while the
-        walk is in flight aborts it (the IPI forced an exit), so it restarts.
+        walk is in flight aborts it (the IPI forced an exit), so it restarts; a
+        ranged flush does so only if the range holds the walk's gfn.
         """
         kvm = self.kvm
         if gfn > TDP_MAX_GFN:
             return _VIOLATION  # beyond what a 4-level EPT translates: nothing to walk or cache
-        cache = self.walk_cache
+        cache, shift = self.walk_cache, self.cache_shift
+        self.walking = gfn
         while True:
             epoch = self.flush_epoch
             page, level = self._walk_start(gfn)
@@ -321,9 +351,11 @@ class Vcpu:
                     break
                 if not is_shadow_present_pte(spte):
                     kvm.events[events.WALK_ABSENT + level] += 1
+                    self.walking = None
                     self._drop_walk_cache(gfn)
                     return self._nonpresent(spte, gfn)
                 if is_last_spte(spte, level):
+                    self.walking = None
                     if not spte & _ept_needs(kind):
                         kvm.events[events.WALK_PERMISSION + level] += 1
                         self._drop_walk_cache(gfn)
@@ -342,7 +374,7 @@ class Vcpu:
                     self.tlb_shared[gfn] = (pfn, perms)
                     return None
                 page, level = kvm.mmu.alloc.child(spte), level - 1
-                cache[(level, gfn >> _CACHE_SHIFT[level])] = page
+                cache[(level, gfn >> shift[level])] = page
 
     def _set_dirty(self, page, index: int, spte: int, gfn: int):
         """The CPU's locked update of a leaf's EPT Dirty bit for a write (EPT A/D bits are
@@ -368,10 +400,10 @@ class Vcpu:
         """(table, level) an EPT walk of ``gfn`` starts at: the deepest cached table, else
         the root."""
         root = self.mmu_reload()
-        cache = self.walk_cache
+        cache, shift = self.walk_cache, self.cache_shift
         if cache:
             for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
-                page = cache.get((level, gfn >> _CACHE_SHIFT[level]))
+                page = cache.get((level, gfn >> shift[level]))
                 if page is not None:
                     return page, level
         return root, ROOT_LEVEL
@@ -379,10 +411,10 @@ class Vcpu:
     def _drop_walk_cache(self, gfn: int) -> None:
         """An EPT violation (or misconfiguration) at ``gfn`` invalidates the cached entries
         that would translate it."""
-        cache = self.walk_cache
+        cache, shift = self.walk_cache, self.cache_shift
         if cache:
             for level in (PG_LEVEL_4K, PG_LEVEL_2M, ROOT_LEVEL - 1):
-                cache.pop((level, gfn >> _CACHE_SHIFT[level]), None)
+                cache.pop((level, gfn >> shift[level]), None)
 
     def _nonpresent(self, spte: int, gfn: int):
         """What hardware does with a non-present EPT entry (SEMANTICS §E).

@@ -28,6 +28,7 @@ from mmufuzz.harness.tdp.spte import (
     make_huge_spte,
     make_nonleaf_spte,
     make_spte,
+    pages_per_level,
     spte_to_pfn,
 )
 
@@ -88,7 +89,8 @@ def replace_table_with_huge(kvm, it, huge: int):
     since KVM commit 13e2e4f62a4b) replace the table with one cmpxchg; no
     vCPU sees a non-present entry in between (break-before-make is arm64's
     rule).  handle_removed_pt queues the old table for call_rcu, and the
-    caller flushes (kvm_flush_remote_tlbs_gfn) before it leaves its RCU
+    caller flushes (kvm_flush_remote_tlbs_gfn of the huge leaf: every gfn the
+    old table mapped, range since 1e203847aa92) before it leaves its RCU
     section: a vCPU still walking the old table, or caching its 4K
     translations, drops them before the page can be freed.  False if raced.
     """
@@ -96,8 +98,12 @@ def replace_table_with_huge(kvm, it, huge: int):
     if not (yield from mmu.set_spte_atomic(it, huge)):
         return False
     # KVM commit bb95dfb9e2df made this flush the caller's duty.
-    if not faults.active("huge-over-table-no-flush"):
-        mmu.flush()
+    if faults.active("removed-pt-flush-wrong-start"):
+        # 574c3c55e969: the removed table's flush started at its last child's gfn.
+        child = pages_per_level(it.level - 1)
+        mmu.flush_range(it.gfn + (SPTE_ENT_PER_PAGE - 1) * child, pages_per_level(it.level))
+    elif not faults.active("huge-over-table-no-flush"):
+        mmu.flush_gfn(it.gfn, it.level)
     return True
 
 
@@ -183,7 +189,8 @@ def recover_range(kvm, root, slot, private: bool):
     Shared: recover_huge_pages_range (KVM commit 13e2e4f62a4b): each table at
     2M whose range may be huge becomes the huge leaf its first present leaf
     implies, by cmpxchg; one flush after the walk, before the RCU section
-    ends, covers the removed tables (kvm_flush_remote_tlbs_memslot).
+    ends, covers the removed tables (kvm_flush_remote_tlbs_memslot: a 2M range
+    that may be huge lies inside the slot).
     """
     mmu = kvm.mmu
     token = kvm.rcu.read_lock()
@@ -203,10 +210,17 @@ def recover_range(kvm, root, slot, private: bool):
                 if huge is not None:
                     if not (yield from mmu.set_spte_atomic(it, huge)):
                         continue
-                    flush = True
+                    if faults.active("collapsible-flush-sp-base") and kvm.range_flush:
+                        # 1b2dc7360463: kvm_mmu_zap_collapsible_spte flushed, when a
+                        # ranged flush was available, the zapped SPTE's table from its
+                        # base gfn for one SPTE's size (sp->gfn, sp->role.level), and
+                        # left no flush for the end.
+                        mmu.flush_range(it.gfn, pages_per_level(it.level - 1))
+                    else:
+                        flush = True
         it.next()
     if flush:
-        mmu.flush()
+        mmu.flush_memslot(slot)
     kvm.rcu.read_unlock(token)
 
 

@@ -409,7 +409,7 @@ def walk_cache_matches_sptes(kvm, snap: Snapshot) -> None:
     """
     for vcpu in kvm.vcpus:
         for (level, prefix), page in sorted(vcpu.walk_cache.items(), key=lambda e: e[0]):
-            gfn = prefix << (9 * level)
+            gfn = prefix << vcpu.cache_shift[level]
             table, at = vcpu.root, ROOT_LEVEL
             while at > level + 1 and not table.freed:
                 spte = table.spt[spte_index(gfn, at)]

@@ -52,6 +52,9 @@ class Kvm:
     def __init__(self, header: VmHeader):
         self.init_common(header)
         self.tdx = header.type is VmType.TDX
+        # kvm_x86_ops.flush_remote_tlbs_range, which only KVM on Hyper-V has.  Honoured in
+        # default VMs only: TDX on Hyper-V is not modelled (docs/semantics.md §J).
+        self.range_flush = header.range_flush and not self.tdx
         # tdx_vm_init: kvm_mmu_set_mmio_spte_value(kvm, 0), the per-VM MMIO value.
         td_mmio = self.tdx and not faults.active("td-mmio-misconfig")
         self.mmio_value = TDX_MMIO_VALUE if td_mmio else VMX_EPT_MISCONFIG_WX_VALUE
@@ -71,6 +74,9 @@ class Kvm:
         MMU here (TDP, shadow, stage 2) builds on: host memory, memslots, the locks and
         the mmu-notifier invalidation sequence."""
         self.vm_type = header.type
+        # Whether kvm_flush_remote_tlbs_range flushes only its range: the tdp VM sets it
+        # from the header (below); the other MMUs here flush whole.
+        self.range_flush = False
         self.host = HostMemory()
         self.memslots = Memslots()
         self.mmu_lock = RwLock()

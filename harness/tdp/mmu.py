@@ -319,15 +319,36 @@ class TdpMmu:
         """Generator: freeze -> flush -> write non-present, for one entry (tdp_mmu_zap_spte_atomic)."""
         if not (yield from self.set_spte_atomic(it, FROZEN_SPTE)):
             return False
-        self.flush()
+        self.flush_gfn(it.gfn, it.level)
         it.old_spte = yield from self.write_frozen([(it.page, it.index)])
         return True
 
     def flush(self) -> None:
         """kvm_flush_remote_tlbs: every vCPU drops its gpa translations and leaves any
-        walk in flight (the IPI forces an exit), so none still holds a removed table."""
+        walk in flight (KVM_REQ_TLB_FLUSH, kick and wait: the IPI forces an exit and the
+        flush happens before the vCPU enters again), so none still holds a removed table."""
         for vcpu in self.kvm.vcpus:
             vcpu.flush_guest_physical()
+
+    def flush_range(self, start: int, nr_pages: int) -> None:
+        """kvm_flush_remote_tlbs_range: the gfns [start, start + nr_pages) if the host can
+        (kvm_arch_flush_remote_tlbs_range: only kvm_x86_ops.flush_remote_tlbs_range, KVM
+        on Hyper-V), else everything (its -EOPNOTSUPP falls back to kvm_flush_remote_tlbs)."""
+        if not self.kvm.range_flush:
+            self.flush()
+            return
+        for vcpu in self.kvm.vcpus:
+            vcpu.flush_guest_physical_range(start, start + nr_pages)
+
+    def flush_gfn(self, gfn: int, level: int) -> None:
+        """kvm_flush_remote_tlbs_gfn: all that an SPTE at ``level`` maps (gfn_round_for_level)."""
+        pages = pages_per_level(level)
+        self.flush_range(gfn & -pages, pages)
+
+    def flush_memslot(self, slot) -> None:
+        """kvm_flush_remote_tlbs_memslot: the slot's gfns (callers hold slots_lock or
+        mmu_lock, which orders the flush against other users of the slot)."""
+        self.flush_range(slot.base_gfn, slot.npages)
 
     # --- range operations (callers hold mmu_lock) ----------------------------------
 
