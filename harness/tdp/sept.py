@@ -151,14 +151,23 @@ class SecureEpt:
 
     # --- SEAMCALLs (host side); each returns a status ----------------------------
 
-    def sept_add(self, gfn: int, level: int) -> str:
-        """TDH.MEM.SEPT.ADD: link a new S-EPT page of level ``level - 1`` at ``level``."""
+    def _free_entry(self, gfn: int, level: int):
+        """``(page, index)`` of the free entry for ``gfn`` at ``level``, or the status
+        refusing it: no S-EPT page there yet, or the entry is in use."""
         where = self._slot(gfn, level)
         if where is None:
             return TDX_EPT_WALK_FAILED
         page, index = where
         if index in page.entries:
             return TDX_EPT_ENTRY_STATE_INCORRECT
+        return where
+
+    def sept_add(self, gfn: int, level: int) -> str:
+        """TDH.MEM.SEPT.ADD: link a new S-EPT page of level ``level - 1`` at ``level``."""
+        where = self._free_entry(gfn, level)
+        if isinstance(where, str):
+            return where
+        page, index = where
         first = gfn_round_for_level(gfn, level)
         page.entries[index] = SeptEntry(NL_MAPPED, level, first,
                                         child=SeptPage(level - 1, first))
@@ -167,12 +176,10 @@ class SecureEpt:
     def page_aug(self, gfn: int, level: int, pfn: int) -> str:
         """TDH.MEM.PAGE.AUG: add a leaf in the pages' recorded accept state (pending unless
         the pages were accepted before, SEMANTICS §E)."""
-        where = self._slot(gfn, level)
-        if where is None:
-            return TDX_EPT_WALK_FAILED
+        where = self._free_entry(gfn, level)
+        if isinstance(where, str):
+            return where
         page, index = where
-        if index in page.entries:
-            return TDX_EPT_ENTRY_STATE_INCORRECT
         slot = self.kvm.memslots.lookup(gfn)
         first = gfn - slot.base_gfn
         pages = range(first, first + pages_per_level(level))
