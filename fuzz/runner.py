@@ -241,8 +241,11 @@ class Differential:
             self.candidates, self.index = [Reference(header)], 0
         else:
             target.restore(checkpoint.target)
-            self.candidates = [c.copy() for c in checkpoint.candidates]
-            self.index = checkpoint.index
+            # The checkpoint's states, copied only once an op is judged on them: the pair at
+            # the checkpoint is judged on copies (its remembered verdicts, or every order of
+            # its sides), which is all most schedule variants judge there.
+            self.candidates, self.index = list(checkpoint.candidates), checkpoint.index
+        self._borrowed = checkpoint is not None
         self._checkpoint = checkpoint
         self.outcome = None  # the target's outcome of the last op (None: it raised)
 
@@ -266,10 +269,14 @@ class Differential:
         except Exception as error:
             return _failure(index, op, error, during_op=True)
         if self._checkpoint is not None and index == self._checkpoint.index and type(op) is Parallel:
+            # Neither changes the states it is given: a pair is judged on copies.
             self.candidates, why = _judge_remembered(self._checkpoint.judged, self.candidates,
                                                      op, actual)
         else:
+            if self._borrowed:
+                self.candidates = [c.copy() for c in self.candidates]
             self.candidates, why = _judge(self.candidates, op, actual)
+        self._borrowed = False
         if not self.candidates:
             expect, failed, failed_actual = why
             return Finding("divergence", index, op_name(op), expected=str(expect),
