@@ -157,10 +157,14 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     outcomes = actual.sides
     survivors, first = [], None
 
-    def explore(state, before, left: tuple) -> None:
+    def explore(state, before, left: tuple, owned: bool) -> None:
+        """Every order of the sides ``left`` from ``state``, which is this search's own
+        (``owned``: a trial of an earlier side, which its last order may use up) or a
+        candidate (never changed: a checkpoint's are shared)."""
         nonlocal first
+        last = len(left) - 1
         for position, index in enumerate(left):
-            trial = state.copy()
+            trial = state if owned and position == last else state.copy()
             expect = trial.step(sides[index], outcomes[index])
             if expect is not None:
                 if first is None:
@@ -168,14 +172,14 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
                 continue
             rest = left[:position] + left[position + 1:]
             if rest:
-                explore(trial, before, rest)
+                explore(trial, before, rest, True)
                 continue
             trial.settle(op, actual, before)
             if trial not in survivors:
                 survivors.append(trial)
 
     for state in candidates:
-        explore(state, state, tuple(range(len(sides))))
+        explore(state, state, tuple(range(len(sides))), False)
     return survivors[:MAX_CANDIDATES], first
 
 
