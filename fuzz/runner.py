@@ -157,10 +157,14 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     outcomes = actual.sides
     survivors, first = [], None
 
-    def explore(state, before, left: tuple) -> None:
+    def explore(state, before, left: tuple, owned: bool) -> None:
+        """Every order of the sides ``left`` from ``state``, which is this search's own
+        (``owned``: a trial of an earlier side, which its last order may use up) or a
+        candidate (never changed: a checkpoint's are shared)."""
         nonlocal first
+        last = len(left) - 1
         for position, index in enumerate(left):
-            trial = state.copy()
+            trial = state if owned and position == last else state.copy()
             expect = trial.step(sides[index], outcomes[index])
             if expect is not None:
                 if first is None:
@@ -168,7 +172,7 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
                 continue
             rest = left[:position] + left[position + 1:]
             if rest:
-                explore(trial, before, rest)
+                explore(trial, before, rest, True)
                 continue
             trial.settle(op, actual, before)
             if trial not in survivors:
@@ -179,7 +183,7 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
         # sides may already report it (Reference.settle): settle before as well as after.
         start = state.copy()
         start.settle(op, actual, state)
-        explore(start, state, tuple(range(len(sides))))
+        explore(start, state, tuple(range(len(sides))), True)
     return survivors[:MAX_CANDIDATES], first
 
 
@@ -245,8 +249,11 @@ class Differential:
             self.candidates, self.index = [Reference(header)], 0
         else:
             target.restore(checkpoint.target)
-            self.candidates = [c.copy() for c in checkpoint.candidates]
-            self.index = checkpoint.index
+            # The checkpoint's states, copied only once an op is judged on them: the pair at
+            # the checkpoint is judged on copies (its remembered verdicts, or every order of
+            # its sides), which is all most schedule variants judge there.
+            self.candidates, self.index = list(checkpoint.candidates), checkpoint.index
+        self._borrowed = checkpoint is not None
         self._checkpoint = checkpoint
         self.outcome = None  # the target's outcome of the last op (None: it raised)
 
@@ -270,10 +277,14 @@ class Differential:
         except Exception as error:
             return _failure(index, op, error, during_op=True)
         if self._checkpoint is not None and index == self._checkpoint.index and type(op) is Parallel:
+            # Neither changes the states it is given: a pair is judged on copies.
             self.candidates, why = _judge_remembered(self._checkpoint.judged, self.candidates,
                                                      op, actual)
         else:
+            if self._borrowed:
+                self.candidates = [c.copy() for c in self.candidates]
             self.candidates, why = _judge(self.candidates, op, actual)
+        self._borrowed = False
         if not self.candidates:
             expect, failed, failed_actual = why
             return Finding("divergence", index, op_name(op), expected=str(expect),

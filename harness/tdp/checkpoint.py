@@ -10,13 +10,18 @@ alive, so the graph is plain data) with two kinds of objects kept out of it:
   scans count it by identity);
 - :class:`Shared` values (nothing changes them once built: the invariant
   checks' records of a table) are handed to every restored copy as they are,
-  so a variant's check reuses the records of every table it left unchanged.
+  so a variant's check reuses the records of every table it left unchanged;
+- classes and enum members, which pickle names by module and attribute and
+  looks up again at every load (an enum member through its class's call, a
+  Python-level ``__call__``), are handed over as they are too: a snapshot
+  never leaves the process that took it.
 
 An object the graph reaches twice is restored once, as pickle does.
 """
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 from dataclasses import dataclass
@@ -32,9 +37,15 @@ class Shared:
     __slots__ = ()
 
 
+# What a snapshot shares rather than pickles (see the module's docstring), and the kinds
+# of the objects most often pickled, which are none of it.
+_SHARED = (Shared, type, enum.Enum)
+_PLAIN = frozenset((int, str, tuple, dict, bool, type(None), set))
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """The pickle and what it keeps out of band: each a :class:`Shared`, or a list's items as
+    """The pickle and what it keeps out of band: each a shared value, or a list's items as
     a tuple (a tuple of ints is no work for the garbage collector, however long it lives)."""
 
     data: bytes
@@ -48,7 +59,7 @@ def dumps(root) -> Snapshot:
     pickler = pickle.Pickler(buffer, pickle.HIGHEST_PROTOCOL)
 
     def persistent_id(obj):
-        """The index in ``kept`` of a long list of ints or a :class:`Shared`, else None.
+        """The index in ``kept`` of a long list of ints or a shared value, else None.
 
         Called for every object pickled: the common case (an int, a str) returns first.
         """
@@ -56,7 +67,7 @@ def dumps(root) -> Snapshot:
         if kind is list:
             if len(obj) < _LONG:
                 return None
-        elif not isinstance(obj, Shared):
+        elif kind in _PLAIN or not isinstance(obj, _SHARED):
             return None
         pid = ids.get(id(obj))
         if pid is None:

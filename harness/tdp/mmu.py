@@ -478,9 +478,12 @@ class TdpMmu:
         changed = False
         it = self.iter(root, start, end)
         while it.valid:
-            spte = it.old_spte
-            if (is_shadow_present_pte(spte) and is_last_spte(spte, it.level)
-                    and spte & dbit and min_level <= it.level <= max_level
+            spte, level = it.old_spte, it.level
+            # is_shadow_present_pte and is_last_spte, inline: this runs for every entry visited
+            # (enabling dirty logging visits every leaf of the slot, a split's 512 among them).
+            if (spte & dbit and spte & SPTE_MMU_PRESENT_MASK
+                    and (level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK)
+                    and min_level <= level <= max_level
                     and (gfns is None or it.gfn in gfns)):
                 if not (yield from self.set_spte_atomic(it, spte & ~dbit)):
                     continue
