@@ -9,6 +9,7 @@ import pytest
 
 from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
 from mmufuzz.fuzz.runner import run_program
+from mmufuzz.harness import faults
 from mmufuzz.harness.ops import EINVAL, Ok, PageFault
 from mmufuzz.harness.shadow import ShadowTarget
 from mmufuzz.harness.shadow.hardware import NONPAGING_ROOT_ROLE, PAGING_ROOT_ROLE
@@ -351,3 +352,77 @@ def test_every_corpus_program_runs_clean_on_shadow_without_a_fault(path):
         pytest.skip("refused by the shadow target")
     finding = run_program(program, ShadowTarget())
     assert finding is None, finding.summary("shadow")
+
+
+# --- op postconditions: checked as the op returns, whatever the invariant sampling ------------
+
+UNSYNC_THEN = TABLES + "write_pte vcpu=0 table=0x4 index=1 target=0x12 flags=p,rw\n"
+
+
+def _postcondition_broken(text: str, fault: str):
+    """The InvariantViolation ``execute`` raises running ``text`` with ``fault`` injected and
+    no invariant check between ops (as a campaign's input sampled to check after its last op),
+    with its op's index; None if every op returned."""
+    target = ShadowTarget()
+    program = parse_reproducer(text).program
+    target.reset(program.header)
+    with faults.injected({fault}):
+        for index, op in enumerate(program.ops):
+            try:
+                target.execute(op)
+            except InvariantViolation as violation:
+                return index, violation.name
+    return None
+
+
+def test_a_guest_flush_that_leaves_unsync_pages_fails_as_it_returns():
+    # Afterwards a second address space reaches the unsync table: a page goes unsync under a
+    # root since the flush, so a check after the last op no longer holds the flush to its
+    # promise (flushed_roots_synced allows that).
+    program = (UNSYNC_THEN + "flush_tlb vcpu=0\n"
+               "write_pte vcpu=0 table=0x5 index=0 target=0x2 flags=p,rw\n"
+               "paging vcpu=0 root=0x5\n"
+               "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    assert _postcondition_broken(program, "guest-flush-no-sync") == (9, "flushed_roots_synced")
+    assert _postcondition_broken(program, "sync-zero-check") is None
+    run(program)  # clean without the fault
+
+
+def test_an_invlpg_that_keeps_a_stale_mmio_spte_fails_as_it_returns():
+    program = (TABLES + "write_pte vcpu=0 table=0x4 index=2 target=0x80 flags=p,rw\n"
+               "access vcpu=0 gva=0x0 word=0 kind=read private=0\n"
+               "access vcpu=0 gva=0x2000 word=0 kind=read private=0\n"
+               "write_pte vcpu=0 table=0x4 index=2 target=0x13 flags=p,rw\n"
+               "invlpg vcpu=0 gva=0x2000\n"
+               "write_pte vcpu=0 table=0x4 index=2 target=0x0 flags=\n")
+    assert _postcondition_broken(program, "invlpg-keeps-mmio") == (12, "invalidated_gva_synced")
+    run(program)
+
+
+def test_a_gfn_that_becomes_write_tracked_keeps_no_unsync_page_as_the_op_returns():
+    """Table 0x4, an unsync last-level table, becomes a page directory of a second path:
+    the access that makes its upper-level page must zap the unsync page (a flush afterwards
+    would sync it away, hiding the fault from a check after the last op)."""
+    program = (UNSYNC_THEN + "access vcpu=0 gva=0x1000 word=0 kind=read private=0\n"
+               "write_pte vcpu=0 table=0x2 index=1 target=0x4 flags=p,rw\n"
+               "access vcpu=0 gva=0x40000000 word=0 kind=read private=0\n"
+               "flush_tlb vcpu=0\n")
+    assert _postcondition_broken(program, "unsync-role-mismatch") == (11, "unsync_bits_agree")
+    run(program)
+
+
+SEEDS = sorted((Path(__file__).resolve().parent.parent / "corpus" / "seeds").glob("*.repro"))
+# A physical write_pte shows this fault at once: every seed with a page table does.
+EVERY_TABLE_WRITE = "shadow-hash-gfn-only"
+
+
+@pytest.mark.parametrize("path", SEEDS, ids=lambda p: p.name)
+def test_no_seed_alone_shows_a_shadow_fault(path):
+    """A seed that shows a fault by itself would make a campaign's detection of that fault
+    the seed's doing (the bench's ``seeds`` engine measures what the seeds alone find)."""
+    program = ShadowTarget.capabilities.restrict(load_reproducer(path).program)
+    for name, fault in sorted(faults.CATALOG.items()):
+        if fault.target == "shadow" and name != EVERY_TABLE_WRITE:
+            with faults.injected({name}):
+                finding = run_program(program, ShadowTarget())
+            assert finding is None, f"{name}: {finding.summary('shadow')}"

@@ -13,7 +13,7 @@ import dataclasses
 from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb,
                                  Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
                                  WritePte, op_vcpu)
-from mmufuzz.harness.shadow.invariants import check_invariants
+from mmufuzz.harness.shadow.invariants import check_invariants, check_postcondition
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
 from mmufuzz.harness.shadow.spte import is_last_spte, is_shadow_present_pte
@@ -85,8 +85,15 @@ class ShadowTarget(TdpTarget):
         super().reset(header)
         self.kvm = Kvm(header)
 
+    def execute(self, op):
+        """As tdp's; then the op must have kept its promise
+        (:func:`~harness.shadow.invariants.check_postcondition`)."""
+        outcome = super().execute(op)
+        check_postcondition(self.kvm, op)
+        return outcome
+
     def check_invariants(self) -> None:
-        check_invariants(self.kvm, self._last)
+        check_invariants(self.kvm)
 
     def _record_tables(self) -> None:
         """Its invariant checks keep no records of the tables between checks."""

@@ -108,6 +108,13 @@ def kvm_mmu_faultin_pfn(vcpu, fault: KvmPageFault, access: int, direct: bool):
     # kvm_vcpu_memslots() as the fault read them: an MMIO SPTE made from this lookup
     # carries their generation, so it is stale once a racing update publishes a slot.
     fault.gen = kvm.memslots.generation
+    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
+        # mmu_invalidate_retry_gfn_unsafe, before the pfn and mmu_lock ("KVM: x86/mmu:
+        # Retry fault before acquiring mmu_lock if mapping is changing"): the fault is
+        # certain to retry, and contending mmu_lock would only delay the invalidation.
+        # (Without it a retry loop that holds mmu_lock whenever the invalidation's turn
+        # comes starves it: a campaign found a three-actor parallel that hung.)
+        return RET_PF_RETRY
     slot = fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if slot is None:
         # kvm_handle_noslot_fault: cache the MMIO info, map an MMIO SPTE.

@@ -9,7 +9,7 @@ mmu.c keeps unreachable pages (still shadowing, still write-protecting).
 from __future__ import annotations
 
 from mmufuzz.harness.ops import (PAGE_SHIFT, PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K,
-                                 PTE_ACCESSED, Invlpg)
+                                 PTE_ACCESSED, FlushTlb, Invlpg, Paging)
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT, gpte_access, is_rsvd_bits_set
 from mmufuzz.harness.shadow.spte import (
@@ -317,13 +317,42 @@ INVARIANTS = (unique_gfn_role, nonpresent_value, rmaps_and_parents_match, unsync
               dirty_log_write_protected)
 
 
-def check_invariants(kvm, last_op=None) -> None:
-    """Raise InvariantViolation for the first invariant that does not hold (``last_op``:
-    the op that just ran, for the invariants of one op's postcondition)."""
+def check_invariants(kvm) -> None:
+    """Raise InvariantViolation for the first invariant that does not hold."""
     pages = _live(kvm)
     for invariant in INVARIANTS:
         invariant(kvm, pages)
-    if type(last_op) is Invlpg:
-        invalidated_gva_synced(kvm, last_op)
     dirty_log_covers_writes(kvm, None)
 
+
+def newly_tracked_gfns_synced(kvm) -> None:
+    """No gfn an upper-level page began to write-track during the op has an unsync page
+    (unsync_bits_agree for those gfns): kvm_mmu_find_shadow_page zaps them, "Unsync pages
+    must not be left as is, because the new upper-level page will be write-protected"."""
+    mmu = kvm.mmu
+    gfns, mmu.newly_tracked = mmu.newly_tracked, []
+    for gfn in gfns:
+        if mmu.kvm_gfn_is_write_tracked(gfn):
+            for sp in mmu.sps_with_gptes(gfn):
+                if sp.unsync:
+                    _fail("unsync_bits_agree", sp, "unsync but not an untracked last-level page")
+
+
+def check_postcondition(kvm, op) -> None:
+    """Raise InvariantViolation if ``op``, which just returned, broke what it promised.
+
+    The target checks this at the end of every op, not when the campaign samples its
+    invariants: the next op may legitimately undo what this one promised (write the
+    guest table again, make a page unsync, zap the page), so a check after a program's
+    last op would see the broken promise only where the op came last.  Any op: a gfn
+    that became write-tracked keeps no unsync page (:func:`newly_tracked_gfns_synced`).
+    An ``invlpg`` (:func:`invalidated_gva_synced`), a guest TLB flush or a CR3 load
+    (:func:`flushed_roots_synced`) that is not one side of a ``parallel`` (another side
+    may undo it at once): what it promises the guest.
+    """
+    newly_tracked_gfns_synced(kvm)
+    kind = type(op)
+    if kind is Invlpg:
+        invalidated_gva_synced(kvm, op)
+    elif kind is FlushTlb or kind is Paging:
+        flushed_roots_synced(kvm, ())

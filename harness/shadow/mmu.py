@@ -142,6 +142,9 @@ class ShadowMmu:
         # How many unsync_child_bitmap bits were ever set (not KVM: the invariant
         # flushed_roots_synced asks whether a page went unsync under a root since a flush).
         self.unsync_marks = 0
+        # Not KVM: the gfns an upper-level page began to write-track during the current op,
+        # for the op's postcondition (harness.shadow.invariants.check_postcondition).
+        self.newly_tracked: list = []
 
     # --- lookup ---------------------------------------------------------------
 
@@ -388,6 +391,8 @@ class ShadowMmu:
         frame = sp.gfn // PAGES_PER_2M
         self.lpage_disallowed[frame] = self.lpage_disallowed.get(frame, 0) + 1
         if sp.level > PG_LEVEL_4K:
+            if not self.kvm_gfn_is_write_tracked(sp.gfn):
+                self.newly_tracked.append(sp.gfn)
             self.gfn_write_track[sp.gfn] = self.gfn_write_track.get(sp.gfn, 0) + 1
         if self.rmap_write_protect(sp.gfn, True):
             self.kvm_flush_remote_tlbs()
