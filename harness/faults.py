@@ -131,8 +131,8 @@ _TDP_FAULTS = (
           "splitting ..., the guest's ACCEPT operation will be triggered again ..., causing a "
           "repeated EPT Violation VM-Exit\"",
           "tdx_handle_ept_violation ignores the accept level in the extended exit "
-          "qualification (no split, no guest inhibit): a 4K accept under a pending 2M leaf "
-          "exits again and again"),
+          "qualification: its fault maps the largest level the range allows, so a 4K accept "
+          "under (or faulting in) a pending 2M leaf exits again and again"),
     Fault("pending-access-maps", "tdp",
           "KVM commit 02ab57707bdb (\"KVM: TDX: Implement hooks to propagate changes of TDP "
           "MMU mirror page table\"): a fault adds a private page with TDH.MEM.PAGE.AUG, "

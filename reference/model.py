@@ -21,8 +21,8 @@ from operator import or_
 from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, WORDS_PER_PAGE,
                          ALREADY_ACCEPTED, GFN_LIMIT, PG_LEVEL_2M, PTE_ACCESSED, SIZE_MISMATCH,
                          UNSUPPORTED, AccessKind, DirtyLog, ManualProtect, MemoryFaultExit,
-                         MemslotFlag, MmioExit,
-                         Ok, Accept, Access, OP_NAMES, PageFault, VePending, VmHeader, VmType, op_name)
+                         MemslotFlag, MmioExit, Accept, Access,
+                         Ok, OP_NAMES, PageFault, VePending, VmHeader, VmType, op_name)
 from mmufuzz.reference.intervals import IntervalSet
 from mmufuzz.reference.paging import (Translation, access_error_bits, accessed_dirty_bits,
                                       permission_fault, walk_addr)
