@@ -175,7 +175,11 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
                 survivors.append(trial)
 
     for state in candidates:
-        explore(state, state, tuple(range(len(sides))))
+        # A racing access may log its gfn before any side's turn, so a get among the
+        # sides may already report it (Reference.settle): settle before as well as after.
+        start = state.copy()
+        start.settle(op, actual, state)
+        explore(start, state, tuple(range(len(sides))))
     return survivors[:MAX_CANDIDATES], first
 
 

@@ -215,8 +215,9 @@ class ScheduleExplorer:
 
     :meth:`offer_collisions` queues the collisions of an input that showed
     new behaviour (:func:`mmufuzz.fuzz.mutator.collisions`: each of its guest ops in
-    parallel with each op that can race it), a third source of work served
-    oldest input first; each collision that runs offers its pair like any
+    parallel with each op that can race it, then with each two), a third
+    source of work served oldest input first, the pairings of all before
+    the triples of any; each collision that runs offers its pair like any
     program.  A race may need one pairing among the dozens a program allows,
     which random mutation draws rarely.  In 60-s campaigns (seeds 1-15) the
     collisions took a fault racing a 4K accept from 6 seeds to 13.  They
@@ -245,8 +246,10 @@ class ScheduleExplorer:
         # queue and -arrival on the other; each with how many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
-        # The collisions of new inputs, oldest input first: (programs, run).
-        self._collisions: collections.deque = collections.deque()
+        # The collisions of new inputs, oldest input first: (programs, run), the pairings
+        # of every input before the triples of any.
+        self._pairings: collections.deque = collections.deque()
+        self._triples: collections.deque = collections.deque()
         # Per source (one-preemption, two-preemption, collisions): the work it cut short
         # ((variants, run) or None) and the time it has had.
         self._cut_short: list = [None] * len(_SOURCES)
@@ -306,21 +309,31 @@ class ScheduleExplorer:
         pairs = self._queues[queue]
         pairs[:] = heapq.nsmallest(self.capacity, (self._current(queue, e) for e in pairs))
 
-    def offer_collisions(self, programs: Iterator[Program], run: Callable) -> None:
+    def offer_collisions(self, collisions, run: Callable) -> None:
         """Queue the collisions of an input that showed new behaviour, to run with ``run``.
 
-        ``programs`` (:func:`mmufuzz.fuzz.mutator.collisions`) is drawn when its turn
-        comes; ``run`` takes one and returns its finding or None, and offers
-        its ``parallel`` to the schedule queues.  The oldest input is served
-        first; while :attr:`capacity` inputs wait, a new one is not queued.
+        ``collisions`` (:func:`mmufuzz.fuzz.mutator.collisions`) holds the input's
+        pairings and its triples, each drawn when its turn comes; ``run`` takes
+        one program and returns its finding or None, and offers its
+        ``parallel`` to the schedule queues.  The oldest input is served first,
+        and the pairings of every waiting input before the triples of any: an
+        input has a few dozen pairings and hundreds of triples, and served
+        input by input its triples held back the pairings of the inputs behind
+        it (a merge race a seed's pairing finds went from 3 seeds in 3 to 2
+        when triples came in).  While :attr:`capacity` inputs wait, a new one
+        is not queued.
         """
-        if len(self._collisions) < self.capacity:
-            self._collisions.append((programs, run))
+        if len(self._pairings) < self.capacity:
+            self._pairings.append((collisions.pairings, run))
+        if len(self._triples) < self.capacity:
+            self._triples.append((collisions.triples, run))
 
     def _waiting(self, source: int) -> bool:
         if self._cut_short[source] is not None:
             return True
-        return bool(self._collisions if source == _COLLISIONS else self._queues[source])
+        if source == _COLLISIONS:
+            return bool(self._pairings or self._triples)
+        return bool(self._queues[source])
 
     def _next(self, source: int) -> tuple:
         """``(variants, run)`` of the work ``source`` serves now, taken off it."""
@@ -328,7 +341,7 @@ class ScheduleExplorer:
         if work is not None:
             return work
         if source == _COLLISIONS:
-            return self._collisions.popleft()
+            return (self._pairings or self._triples).popleft()
         pairs = self._queues[source]
         entry = heapq.heappop(pairs)
         while (current := self._current(source, entry)) is not entry:

@@ -288,7 +288,9 @@ class Reference:
         whatever the access's outcome, so a guest access or PTE write of a
         ``parallel`` leaves its gpa touched for the next get if its slot (found
         in ``before``, the state the parallel started from, else after it) still
-        logs.
+        logs.  The oracle settles before the sides run too: the fault may log
+        the gfn before any side's turn, so a get among the sides may report it
+        although the access itself comes after that get, or exits.
         See docs/semantics.md, "Concurrency".
         """
         for side, outcome in zip(pair.sides, actual.sides):

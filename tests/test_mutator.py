@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import OP_NAMES, Parallel, Program, VmHeader, VmType, op_gfns, op_name, op_vcpu
+from mmufuzz.harness.ops import (ManualProtect, OP_NAMES, Parallel, Program, VmHeader, VmType,
+                                 op_gfns, op_name, op_vcpu)
 from mmufuzz.fuzz import mutator
 from mmufuzz.fuzz.encoding import MAX_OPS, decode, encode, format_program, load_reproducer, parse_reproducer
 
@@ -195,6 +196,27 @@ def test_header_change_never_drops_a_vcpu_in_use():
     headers = {mutator.change_header(program, rng).header for _ in range(100)}
     assert all(h.vcpus >= 2 for h in headers)
     assert {h.type for h in headers} == {VmType.DEFAULT, VmType.TDX}
+
+
+def test_a_header_change_of_the_dirty_log_mode_always_picks_another_mode():
+    rng = random.Random(8)
+    for program in SEEDS:
+        changed = [mutator.change_header(program, rng).header for _ in range(200)]
+        modes = {h.manual_protect for h in changed if h.manual_protect != program.header.manual_protect}
+        assert modes == set(ManualProtect) - {program.header.manual_protect}
+        # every other change keeps the mode: a draw of the mode field never keeps it
+        kept = sum(h.manual_protect == program.header.manual_protect for h in changed)
+        assert 100 < kept < 160  # type, range flushes and vCPUs: 70% of the draws
+
+
+def test_collisions_keep_pairings_and_triples_apart():
+    program = SEEDS[1]
+    every = list(mutator.collisions(program, tail=1))
+    apart = mutator.collisions(program, tail=1)
+    pairings, triples = list(apart.pairings), list(apart.triples)
+    assert every == pairings + triples and pairings and triples
+    arity = {len(next(op for op in c.ops if isinstance(op, Parallel)).sides) for c in pairings}
+    assert arity == {2}
 
 
 def test_splice_joins_a_prefix_and_a_suffix_in_a_vm_fitting_both():

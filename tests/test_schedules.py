@@ -13,6 +13,7 @@ from mmufuzz.harness.ops import Parallel
 from mmufuzz.harness.tdp.sched import interleave
 from mmufuzz.fuzz.campaign import CampaignConfig
 from mmufuzz.fuzz.corpus import NO_FAULT
+from mmufuzz.fuzz import mutator
 from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
 from mmufuzz.fuzz.runner import make_target, run_program
 from mmufuzz.fuzz.schedules import (TAIL, ScheduleExplorer, bounded_schedules, conflicting,
@@ -322,3 +323,29 @@ def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     pair = next(op for op in found.ops if isinstance(op, Parallel))
     assert {type(pair.a).__name__, type(pair.b).__name__} == {"Access", "Accept"}
     assert run_program(program, make_target("tdp")) is None  # the input alone is clean
+
+
+def test_the_pairings_of_every_waiting_input_run_before_the_triples_of_any():
+    text = """vm type=default vcpus=1
+    memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=0
+    zap_all
+    recover
+    split slot=0"""
+    first = parse_reproducer(text).program
+    second = first.with_ops(first.ops[:3])  # a later input: two pairings, one triple
+    ran = []
+
+    def runner(name):
+        def run(program):
+            actors = max(len(op.sides) for op in program.ops if isinstance(op, Parallel))
+            ran.append((name, actors))
+        return run
+    explorer, _ = _running_explorer()
+    explorer.offer_collisions(mutator.collisions(first, TAIL), runner("first"))
+    explorer.offer_collisions(mutator.collisions(second, TAIL), runner("second"))
+    assert explorer.work() is None  # the clock stands still: everything runs
+    # The read races the slot's memslot_add (it names base 0x200, in the read's frame) and
+    # the host ops that name no memory: four partners in 'first', two in 'second'.
+    assert ran == [("first", 2)] * 4 + [("second", 2)] * 2 \
+        + [("first", 3)] * 6 + [("second", 3)]  # then C(4, 2) and C(2, 2) triples
