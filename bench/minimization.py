@@ -7,9 +7,9 @@ the project keeps one, ``corpus/regressions/FAULT.repro``.  A hand-written
 minimum is only trusted after :func:`check_minimal` has replayed it: it must
 fail with its fault injected and run clean without.
 
-A fault can show several symptoms (signatures), and their minima differ in
-length: ``merge-by-zap`` refuses a 2m accept over a partly accepted range in 4
-ops, but over a fully accepted range split to 4K (another signature) only in 5.
+A fault can show several symptoms (signatures), and their minima differ:
+``huge-over-table-no-flush`` has one through a TD's EPT walk cache (another
+signature) beside its main one.
 A minimized finding is compared with the hand minimum of its own signature when
 one is known: ``FAULT.repro`` is the fault's main one, ``FAULT.SYMPTOM.repro``
 those of its other signatures.

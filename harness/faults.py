@@ -122,6 +122,17 @@ _TDP_FAULTS = (
           "https://lore.kernel.org/all/"
           "b37fa7827ab9344eae8c72c5507a49a93b0a2908.1697473009.git.isaku.yamahata@intel.com/",
           "a 2m accept over a range mapped at 4K reports ok and accepts only the first page"),
+    Fault("accept-level-not-honored", "tdp",
+          "\"[RFC PATCH v5 41/45] KVM: TDX: Honor the guest's accept level contained in an "
+          "EPT violation\" (Yan Zhao, TDX huge-page series, posted by Sean Christopherson "
+          "2026-01-28), https://lore.kernel.org/all/20260129011517.3545883-42-seanjc@google.com/"
+          ": \"if a guest accepts a GFN at a lower level after KVM maps it at a higher level, "
+          "the TDX module will synthesize an EPT Violation ... If KVM fails to perform page "
+          "splitting ..., the guest's ACCEPT operation will be triggered again ..., causing a "
+          "repeated EPT Violation VM-Exit\"",
+          "tdx_handle_ept_violation ignores the accept level in the extended exit "
+          "qualification: its fault maps the largest level the range allows, so a 4K accept "
+          "under (or faulting in) a pending 2M leaf exits again and again"),
     Fault("pending-access-maps", "tdp",
           "KVM commit 02ab57707bdb (\"KVM: TDX: Implement hooks to propagate changes of TDP "
           "MMU mirror page table\"): a fault adds a private page with TDH.MEM.PAGE.AUG, "

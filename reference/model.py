@@ -21,7 +21,7 @@ from operator import or_
 from mmufuzz.harness.ops import (EINVAL, OK, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, WORDS_PER_PAGE,
                          ALREADY_ACCEPTED, GFN_LIMIT, PG_LEVEL_2M, PTE_ACCESSED, SIZE_MISMATCH,
                          UNSUPPORTED, AccessKind, DirtyLog, ManualProtect, MemoryFaultExit,
-                         MemslotFlag, MmioExit,
+                         MemslotFlag, MmioExit, Accept, Access,
                          Ok, OP_NAMES, PageFault, VePending, VmHeader, VmType, op_name)
 from mmufuzz.reference.intervals import IntervalSet
 from mmufuzz.reference.paging import (Translation, access_error_bits, accessed_dirty_bits,
@@ -106,12 +106,14 @@ _UNSUPPORTED = Expect(((UNSUPPORTED, None),))
 
 @dataclass(frozen=True)
 class Memslot:
-    """A slot's gfn range, flags, and the id of its backing (which follows moves)."""
+    """A slot's gfn range, flags, the id of its backing (which follows moves), and where its
+    first page sits in a host 2M page (only a TD's 2m accept sees it, SEMANTICS §E)."""
 
     base: int
     npages: int
     flags: MemslotFlag
     backing: int
+    host_offset: int
 
     @property
     def end(self) -> int:
@@ -166,7 +168,9 @@ class Reference:
     of accepted slot pages; ``_dirty`` ``(backing, page)`` -> written (True) or
     only touched (False) since the last get, for logging slots; ``_cr3`` and
     ``_tlb`` per vCPU; ``_mmio`` (a TD only) the gfns whose shared-EPT entry
-    may hold an MMIO SPTE.  Slot pages are slot-relative, so moves need no rewrite.
+    may hold an MMIO SPTE; ``_sept_tables`` (a TD only) the 2M ranges (gfn >> 9)
+    whose secure-EPT entry may be a table.  Slot pages are slot-relative, so
+    moves need no rewrite.
 
     Private state exists only for gfns whose attribute is private: it is
     dropped on conversion to shared and private slots cannot move.  A page with
@@ -188,6 +192,7 @@ class Reference:
         self._cr3: list = [None] * header.vcpus
         self._tlb: list = [frozenset()] * header.vcpus
         self._mmio = frozenset()
+        self._sept_tables = frozenset()
         self._next_backing = 0
 
     def copy(self) -> "Reference":
@@ -219,8 +224,8 @@ class Reference:
             return expect
         if effect is not None:
             effect()
-        if type(actual) is MmioExit and self._tdx:
-            self._note_mmio(actual)
+        if self._tdx:
+            self._note_td_exit(op, actual)
         return None
 
     def run(self, op):
@@ -230,9 +235,32 @@ class Reference:
         effect = expect.pick(outcome)
         if effect is not None:
             effect()
-        if type(outcome) is MmioExit and self._tdx:
-            self._note_mmio(outcome)
+        if self._tdx:
+            self._note_td_exit(op, outcome)
         return outcome
+
+    def _note_td_exit(self, op, outcome) -> None:
+        """What a TD's op may leave in the EPTs beyond its outcome: an MMIO SPTE, an S-EPT table."""
+        kind = type(outcome)
+        if kind is MmioExit:
+            self._note_mmio(outcome)
+        elif type(op) is Accept:
+            if kind is not MemoryFaultExit:
+                self._note_sept_table(op.gpa)
+        elif kind is VePending or (kind is Ok and type(op) is Access and op.private):
+            self._note_sept_table(op.addr if outcome.gpa is None else outcome.gpa)
+
+    def _note_sept_table(self, gpa: int) -> None:
+        """A private fault at ``gpa`` may have left an S-EPT table at its 2M entry.
+
+        A private access that completed or gave ``ve_pending``, and an accept
+        past rule 3 (§E), faulted in their page, at 4K wherever 2M was not
+        possible, and a 2M leaf may be split later.  KVM frees S-EPT pages only
+        with the TD (``tdx_sept_free_private_spt``), so the table outlives every
+        zap, conversion and slot delete, and the TDX module answers a 2m accept
+        that meets it with TDX_PAGE_SIZE_MISMATCH before anything else (§E).
+        """
+        self._sept_tables = self._sept_tables | {(gpa >> PAGE_SHIFT) // PAGES_PER_2M}
 
     def _note_mmio(self, exit_: MmioExit) -> None:
         """A TD's shared access that exited to MMIO leaves an MMIO SPTE at the exit's gfn.
@@ -302,7 +330,7 @@ class Reference:
             return _EINVAL
 
         def add():
-            slot = Memslot(op.base, op.npages, op.flags, self._next_backing)
+            slot = Memslot(op.base, op.npages, op.flags, self._next_backing, op.host_offset)
             self._slots[op.slot] = slot
             self._next_backing += 1
             if op.flags & MemslotFlag.DIRTY_LOG:
@@ -341,7 +369,8 @@ class Reference:
             return _EINVAL
 
         def move():
-            self._slots[op.slot] = Memslot(op.base, slot.npages, slot.flags, slot.backing)
+            self._slots[op.slot] = Memslot(op.base, slot.npages, slot.flags, slot.backing,
+                                           slot.host_offset)
         return Expect(((OK, move),))
 
     def _memslot_set_flags(self, op) -> Expect:
@@ -353,7 +382,7 @@ class Reference:
 
         def toggle_dirty_log():
             # Enabling starts a fresh log; disabling discards it.
-            new = Memslot(slot.base, slot.npages, op.flags, slot.backing)
+            new = Memslot(slot.base, slot.npages, op.flags, slot.backing, slot.host_offset)
             self._slots[op.slot] = new
             self._dirty = _without(self._dirty, slot.backing, 0, slot.npages)
             if op.flags & MemslotFlag.DIRTY_LOG:
@@ -390,14 +419,20 @@ class Reference:
             return _UNSUPPORTED
         gfn = op.gpa >> PAGE_SHIFT
         slot = self._slot_at(gfn)
-        if gfn not in self._private or slot is None or not slot.flags & MemslotFlag.PRIVATE:
-            return Expect(((MemoryFaultExit(op.gpa, True), None),))
         huge = op.level == PG_LEVEL_2M
+        if gfn not in self._private or slot is None or not slot.flags & MemslotFlag.PRIVATE:
+            # A 2m accept meets a table left at its 2M entry before it can exit to KVM.
+            table = huge and gfn // PAGES_PER_2M in self._sept_tables
+            return Expect(((MemoryFaultExit(op.gpa, True), None),)
+                          + (((SIZE_MISMATCH, None),) if table else ()))
         npages = PAGES_PER_2M if huge else 1
         # At 2M the host may have mapped the range at 4K: the guest then sees a mismatch.
         or_mismatch = ((SIZE_MISMATCH, None),) if huge else ()
         if huge and not (gfn + npages <= slot.end and self._private.covers(gfn, gfn + npages)):
             return Expect(((SIZE_MISMATCH, None),))
+        if huge and not (slot.flags & MemslotFlag.HOST_HUGE
+                         and (gfn - slot.base + slot.host_offset) % PAGES_PER_2M == 0):
+            return Expect(((SIZE_MISMATCH, None),))  # it can only ever be mapped at 4K
         first = gfn - slot.base
         accepted = self._accepted.get(slot.backing, IntervalSet())
         if accepted.covers(first, first + npages):

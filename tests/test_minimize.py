@@ -164,7 +164,8 @@ def test_private_memory_comes_out_as_a_whole_when_the_finding_does_not_need_it()
     they leave the shared minimum (slot, write, fetch) in a default VM."""
     gpa = 0x201000
     program = Program(VmHeader(VmType.TDX, 1), (
-        MemslotAdd(0, 0, 0x400, MemslotFlag.PRIVATE, 0), SetAttributes(0x200, 0x200, True),
+        MemslotAdd(0, 0, 0x400, MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE, 0),
+        SetAttributes(0x200, 0x200, True),
         Accept(0, 0x200000, PG_LEVEL_2M), Access(0, gpa, False, 0, AccessKind.WRITE, 1, True),
         Access(0, gpa, False, 0, AccessKind.FETCH, None, True)))
     before = run_program(program, FetchForgets())

@@ -365,6 +365,33 @@ def test_accept_2m_over_a_shared_page_gives_size_mismatch(setup):
     assert str(ref.allowed(accept(0x200000, PG_LEVEL_2M))) == "size_mismatch"
 
 
+@pytest.mark.parametrize("flags, host_offset", [
+    ("private", 0),                 # no host_huge: guest_memfd maps 4K pages only
+    ("private,host_huge", 0x10),    # the range does not start a host 2M page
+])
+def test_accept_2m_where_no_2m_leaf_can_map_the_range_gives_size_mismatch(flags, host_offset):
+    ref = vm("tdx")
+    run(ref, add(0, 0x200, 0x400, flags, host_offset), to_private(0x200, 0x200))
+    op = accept(0x200000, PG_LEVEL_2M)
+    assert str(ref.allowed(op)) == "size_mismatch"
+    for page in range(0x200, 0x400):
+        run(ref, accept(page << 12))
+    assert str(ref.allowed(op)) == "size_mismatch"   # all accepted, yet at 4K
+
+
+def test_accept_2m_of_a_range_a_private_fault_touched_may_meet_its_table_first():
+    ref = tdx_with_private_slot()
+    run(ref, to_private(0x400, 0x200))
+    op = accept(0x400000, PG_LEVEL_2M)
+    run(ref, to_shared(0x400, 1))
+    assert str(ref.allowed(op)) == "memory_fault_exit(0x400000, private)"
+    run(ref, read(0x401000, private=True))            # ve_pending: faulted in at 4K
+    assert str(ref.allowed(op)) == "memory_fault_exit(0x400000, private) | size_mismatch"
+    run(ref, to_shared(0x400, 0x200))                 # the S-EPT table stays with the TD
+    assert str(ref.allowed(op)) == "memory_fault_exit(0x400000, private) | size_mismatch"
+    assert str(ref.allowed(accept(0x400000))) == "memory_fault_exit(0x400000, private)"
+
+
 def test_accept_2m_past_the_slot_or_into_another_slot_gives_size_mismatch():
     ref = tdx_with_private_slot(npages=0x100)
     run(ref, add(1, 0x300, 0x100, "private"), to_private(0x200, 0x200))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from test_tdp_mmu import PRIVATE, Vm
 
+from mmufuzz.harness import faults
+
 from mmufuzz.harness.ops import (
     ALREADY_ACCEPTED,
     OK,
@@ -14,6 +16,7 @@ from mmufuzz.harness.ops import (
     HostInvalidate,
     MemoryFaultExit,
     MemslotAdd,
+    MemslotFlag,
     Ok,
     Recover,
     SetAttributes,
@@ -21,6 +24,7 @@ from mmufuzz.harness.ops import (
     VePending,
     ZapAll,
 )
+from mmufuzz.harness.tdp import events
 from mmufuzz.harness.tdp.events import EVENTS
 from mmufuzz.harness.tdp.spte import is_shadow_present_pte
 
@@ -57,20 +61,57 @@ def test_accept_4k_under_a_pending_2m_leaf_demotes_it_first():
     vm = private_vm()
     vm.read(0x200, private=True)     # ve_pending, but maps the 2M leaf
     assert vm.leaf(0x200, private=True)[0] == PG_LEVEL_2M
+    demotes = vm.kvm.events[events.SEPT_DEMOTE]
     assert accept(vm, 0x203, PG_LEVEL_4K) == OK
+    assert vm.kvm.events[events.SEPT_DEMOTE] == demotes + 1
     assert vm.leaf(0x203, private=True)[0] == PG_LEVEL_4K
     assert sept_levels(vm, 0x200, 0x400) == [PG_LEVEL_4K]
     assert vm.read(0x203, private=True) == Ok(0)
     assert vm.read(0x204, private=True) == VePending(0x204000)
 
 
-def test_accept_2m_over_mixed_4k_pages_is_size_mismatch_after_populating():
+def test_without_honouring_the_accept_level_a_4k_accept_under_a_2m_leaf_never_ends():
+    vm = private_vm()
+    vm.read(0x200, private=True)
+    with faults.injected({"accept-level-not-honored"}):
+        finding = vm.differential.step(Accept(0, 0x203 << 12, PG_LEVEL_4K))
+    assert finding.actual.startswith("Hang: no progress")
+
+
+def test_accept_2m_over_a_4k_table_is_the_modules_size_mismatch_with_nothing_faulted_in():
     vm = private_vm()
     assert accept(vm, 0x201, PG_LEVEL_4K) == OK
     assert accept(vm, 0x200, PG_LEVEL_2M) == SIZE_MISMATCH
     table = vm.table_at_2m(0x200, private=True)
-    assert all(is_shadow_present_pte(spte) for spte in table.spt)   # children populated
-    assert vm.read(0x205, private=True) == VePending(0x205000)
+    assert sum(map(is_shadow_present_pte, table.spt)) == 1   # no EPT violation: no fault
+    assert vm.read(0x205, private=True) == VePending(0x205000)  # the fault merges, populating
+    table = vm.table_at_2m(0x200, private=True)                # the others; PROMOTE refuses
+    assert all(map(is_shadow_present_pte, table.spt))           # the mixed states
+
+
+def test_a_4k_accept_maps_at_the_level_it_reports_and_a_2m_accept_beside_it_maps_2m():
+    vm = private_vm()
+    vm.do(SetAttributes(0x400, 0x200, True))
+    assert accept(vm, 0x400, PG_LEVEL_4K) == OK          # nothing mapped: the fault maps 4K
+    assert vm.leaf(0x400, private=True)[0] == PG_LEVEL_4K
+    assert accept(vm, 0x200, PG_LEVEL_2M) == OK          # its own level: 2M
+    assert vm.leaf(0x200, private=True)[0] == PG_LEVEL_2M
+
+
+def test_accept_2m_where_guest_memfd_is_4k_is_a_size_mismatch_after_a_4k_fault():
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x400, MemslotFlag.PRIVATE, 0))
+    vm.do(SetAttributes(0x200, 0x200, True))
+    assert accept(vm, 0x200, PG_LEVEL_2M) == SIZE_MISMATCH
+    assert vm.leaf(0x200, private=True)[0] == PG_LEVEL_4K   # the EPT violation's fault: 4K
+    assert vm.read(0x200, private=True) == VePending(0x200000)
+
+
+def test_a_2m_accept_leaves_a_2m_leaf_and_a_4k_accept_after_it_finds_the_page_accepted():
+    vm = private_vm()
+    assert accept(vm, 0x200, PG_LEVEL_2M) == OK
+    assert accept(vm, 0x201, PG_LEVEL_4K) == ALREADY_ACCEPTED   # MAPPED 2M leaf above: no exit
+    assert vm.leaf(0x201, private=True)[0] == PG_LEVEL_2M
 
 
 def test_fault_path_merges_populated_children_in_place():

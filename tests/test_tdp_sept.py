@@ -33,7 +33,10 @@ from mmufuzz.harness.tdp.sept import (
     TDX_EPT_ENTRY_STATE_INCORRECT,
     TDX_EPT_INVALID_PROMOTE_CONDITIONS,
     TDX_EPT_WALK_FAILED,
+    TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
     TDX_OPERAND_BUSY,
+    TDX_PAGE_ALREADY_ACCEPTED,
+    TDX_PAGE_SIZE_MISMATCH,
     TDX_SUCCESS,
     TDX_TLB_TRACKING_NOT_DONE,
 )
@@ -187,6 +190,45 @@ def test_promote_of_512_pending_leaves_gives_a_pending_2m_leaf():
     assert sept.entry(0x200, PG_LEVEL_2M).child is None
 
 
+# --- TDG.MEM.PAGE.ACCEPT: the level the page is mapped at against the accept level ------
+
+def test_accept_checks_the_mapping_level_against_the_accept_level_as_the_module_does():
+    vm = private_vm()
+    sept = vm.kvm.sept
+    # Nothing mapped, at either level: an EPT violation to KVM carrying the accept level.
+    assert sept.page_accept(0x200, PG_LEVEL_4K) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    assert sept.page_accept(0x200, PG_LEVEL_2M) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    vm.read(0x200, private=True)  # a pending 2M leaf
+    # A pending leaf larger than the request: the exit again (KVM must split it).
+    assert sept.page_accept(0x203, PG_LEVEL_4K) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    call = sept.page_accept(0x200, PG_LEVEL_2M)  # the pending leaf at the level: taken
+    assert call.entry is sept.entry(0x200, PG_LEVEL_2M) and sept.held == [call]
+    sept.accept_end(call)
+    # An accepted leaf at or above the request: already accepted, no exit.
+    assert sept.page_accept(0x200, PG_LEVEL_2M) == TDX_PAGE_ALREADY_ACCEPTED
+    assert sept.page_accept(0x203, PG_LEVEL_4K) == TDX_PAGE_ALREADY_ACCEPTED
+
+
+def test_accept_at_2m_over_a_table_is_a_size_mismatch_whatever_the_leaves_hold():
+    vm = private_vm()
+    mapped_4k(vm, 0x300)
+    sept = vm.kvm.sept
+    assert sept.entry(0x300, PG_LEVEL_2M).state == NL_MAPPED
+    assert sept.page_accept(0x300, PG_LEVEL_2M) == TDX_PAGE_SIZE_MISMATCH
+    assert sept.page_accept(0x301, PG_LEVEL_4K) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT  # free 4K
+    assert sept.page_accept(0x300, PG_LEVEL_4K) == TDX_PAGE_ALREADY_ACCEPTED
+
+
+def test_accept_of_a_blocked_entry_exits_to_kvm():
+    vm = private_vm()
+    vm.read(0x200, private=True)
+    sept = vm.kvm.sept
+    assert sept.range_block(0x200, PG_LEVEL_2M) == TDX_SUCCESS
+    assert sept.page_accept(0x200, PG_LEVEL_2M) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    assert sept.page_accept(0x201, PG_LEVEL_4K) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    assert sept.held == []
+
+
 # --- TDX_OPERAND_BUSY: a guest TDCALL holds the entry -----------------------------------
 
 def test_an_accept_in_flight_makes_block_busy_and_the_kick_lets_it_finish_first():
@@ -194,7 +236,8 @@ def test_an_accept_in_flight_makes_block_busy_and_the_kick_lets_it_finish_first(
     vm.read(0x200, private=True)  # pending 2M
     kvm = vm.kvm
     leaf = kvm.sept.entry(0x200, PG_LEVEL_2M)
-    call = kvm.sept.accept_begin(leaf)
+    call = kvm.sept.page_accept(0x200, PG_LEVEL_2M)
+    assert call.entry is leaf
     assert kvm.sept.range_block(0x200, PG_LEVEL_2M) == TDX_OPERAND_BUSY
     assert tdx.tdh_do_no_vcpus(kvm, kvm.sept.range_block, 0x200, PG_LEVEL_2M) == TDX_SUCCESS
     assert call.done and leaf.state == BLOCKED  # accepted first, then blocked
@@ -206,7 +249,7 @@ def test_without_the_retry_a_busy_block_is_a_kvm_bug():
     vm = private_vm()
     vm.read(0x200, private=True)
     kvm = vm.kvm
-    kvm.sept.accept_begin(kvm.sept.entry(0x200, PG_LEVEL_2M))
+    kvm.sept.page_accept(0x200, PG_LEVEL_2M)
     with faults.injected({"sept-busy-no-retry"}), pytest.raises(InvariantViolation) as error:
         tdx.tdx_sept_split_private_spt(kvm, 0x200, PG_LEVEL_2M)
     assert TDX_OPERAND_BUSY in error.value.detail

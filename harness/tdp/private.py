@@ -1,4 +1,5 @@
-"""Private memory ops: the guest's TDG.MEM.PAGE.ACCEPT, and conversions (KVM_SET_MEMORY_ATTRIBUTES).
+"""Private memory ops: the guest's TDG.MEM.PAGE.ACCEPT (and KVM's handling of the EPT
+violation it may exit with), and conversions (KVM_SET_MEMORY_ATTRIBUTES).
 
 The secure EPT they act on is the TDX module's (:mod:`.sept`); KVM changes it
 only through the mirror root's hooks (:mod:`.tdx`), called from
@@ -13,6 +14,8 @@ from mmufuzz.harness.ops import (
     EINVAL,
     OK,
     PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
     SIZE_MISMATCH,
     UNSUPPORTED,
     Accept,
@@ -21,47 +24,67 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness.tdp import lpage
 from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.huge import split_range
+from mmufuzz.harness.tdp.sept import (
+    TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
+    TDX_PAGE_ALREADY_ACCEPTED,
+    TDX_PAGE_SIZE_MISMATCH,
+)
 
 
 def accept(kvm, vcpu, op: Accept):
     """Generator: the guest's TDG.MEM.PAGE.ACCEPT of ``op.gpa`` at ``op.level``.
 
-    An unmapped range (or one mapped below the accept level) is an EPT
-    violation at that level: KVM maps it, merging 4K children if it can.  If
-    the mapping is still smaller, the module reports TDX_PAGE_SIZE_MISMATCH.
-    A 4K accept of a page under a pending 2M leaf makes KVM demote it first.
+    The TDX module decides (:meth:`SecureEpt.page_accept`): the page is taken,
+    or the guest gets TDX_PAGE_ALREADY_ACCEPTED or TDX_PAGE_SIZE_MISMATCH (the
+    range is mapped smaller than the accept level: the guest retries at 4K),
+    or the TDCALL exits to KVM with an EPT violation that reports the accept
+    level (:func:`tdx_handle_ept_violation`), after which the guest runs the
+    ACCEPT again.
     """
     if not kvm.tdx:
         return UNSUPPORTED
-    gfn = op.gpa >> PAGE_SHIFT
+    gfn, level = op.gpa >> PAGE_SHIFT, op.level
     while True:
         yield
-        leaf = kvm.sept.lookup(gfn)
-        if leaf is None or leaf.level < op.level:
-            exit_ = yield from kvm_mmu_page_fault(kvm, vcpu, op.gpa, False, False, True,
-                                                  op.level)
-            if exit_ is not None:
-                return exit_
-            leaf = kvm.sept.lookup(gfn)
-            if leaf is None:
-                continue
-            if leaf.level < op.level and not faults.active("accept-level-ignored"):
-                return SIZE_MISMATCH
-        if leaf.accepted:
+        call = kvm.sept.page_accept(gfn, level)
+        if call == TDX_PAGE_ALREADY_ACCEPTED:
             return ALREADY_ACCEPTED
-        if leaf.level > op.level:
-            exit_ = yield from kvm_mmu_page_fault(kvm, vcpu, op.gpa, False, False, True,
-                                                  op.level)
+        if call == TDX_PAGE_SIZE_MISMATCH:
+            if not faults.active("accept-level-ignored"):
+                return SIZE_MISMATCH
+            level = PG_LEVEL_4K  # the page under the accept's gpa is taken at 4K
+            continue
+        if call == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT:
+            exit_ = yield from tdx_handle_ept_violation(kvm, vcpu, op.gpa, level)
             if exit_ is not None:
                 return exit_
             continue
         # The module holds the entry while the TDCALL runs: a host SEAMCALL on it meanwhile
         # fails with TDX_OPERAND_BUSY (tdh_do_no_vcpus forces this vCPU out, which lets the
         # TDCALL complete first).
-        call = kvm.sept.accept_begin(leaf)
         yield
         kvm.sept.accept_end(call)
         return OK
+
+
+def tdx_handle_ept_violation(kvm, vcpu, gpa: int, accept_level: int):
+    """Generator: tdx_handle_ept_violation for the EPT violation a guest ACCEPT exited with;
+    None when the guest should run the ACCEPT again, else the exit.
+
+    KVM honours the accept level the extended exit qualification reports
+    ("KVM: TDX: Honor the guest's accept level contained in an EPT violation",
+    the TDX huge-page series): the fault maps no larger than that level, so a
+    pending 2M leaf over a 4K accept is split (BLOCK, TRACK, DEMOTE) and the
+    module finds a 4K leaf when the guest runs the ACCEPT again.  Here the
+    level bounds the fault's max_level, as the earlier huge-page RFCs did
+    (the level in the fault's error code; tdx_gmem_private_max_mapping_level
+    of the faulting vCPU's accept range): the series' later guest inhibit,
+    which bars 2M from the range for good, would rule out the private merges
+    this model keeps (SEMANTICS §E).  TDX reports every private EPT violation
+    as a write; the model's mirror leaves do not depend on it.
+    """
+    max_level = PG_LEVEL_2M if faults.active("accept-level-not-honored") else accept_level
+    return (yield from kvm_mmu_page_fault(kvm, vcpu, gpa, False, False, True, max_level))
 
 
 def set_memory_attributes(kvm, op: SetAttributes):

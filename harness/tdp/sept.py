@@ -3,7 +3,8 @@
 The secure EPT is what a vCPU's private accesses walk.  KVM never writes it:
 it asks the TDX module with SEAMCALLs (TDH.MEM.*), each of which checks the
 entry it names and returns a status, and the guest accepts pages with a
-TDCALL (TDG.MEM.PAGE.ACCEPT).  So the rules here are the module's, and a
+TDCALL (TDG.MEM.PAGE.ACCEPT), which the module checks against the level the page is
+mapped at.  So the rules here are the module's, and a
 SEAMCALL KVM makes out of order fails exactly as the module would fail it
 (KVM answers an unexpected failure with KVM_BUG_ON: :mod:`.tdx`).
 
@@ -38,6 +39,11 @@ TDX_EPT_WALK_FAILED = "TDX_EPT_WALK_FAILED"
 TDX_EPT_ENTRY_STATE_INCORRECT = "TDX_EPT_ENTRY_STATE_INCORRECT"
 TDX_TLB_TRACKING_NOT_DONE = "TDX_TLB_TRACKING_NOT_DONE"
 TDX_EPT_INVALID_PROMOTE_CONDITIONS = "TDX_EPT_INVALID_PROMOTE_CONDITIONS"
+# TDG.MEM.PAGE.ACCEPT's completions other than taking the page: two statuses to the guest,
+# or a TD exit to KVM (an EPT violation carrying the guest's accept level).
+TDX_PAGE_ALREADY_ACCEPTED = "TDX_PAGE_ALREADY_ACCEPTED"
+TDX_PAGE_SIZE_MISMATCH = "TDX_PAGE_SIZE_MISMATCH"
+TDX_EXT_EXIT_QUAL_TYPE_ACCEPT = "TDX_EXT_EXIT_QUAL_TYPE_ACCEPT"
 
 # Secure EPT entry states (FREE is an absent entry).
 PENDING, MAPPED = "PENDING", "MAPPED"
@@ -275,9 +281,36 @@ class SecureEpt:
 
     # --- TDG.MEM.PAGE.ACCEPT (the guest's TDCALL) ----------------------------------
 
-    def accept_begin(self, leaf: SeptEntry) -> Tdcall:
-        """The module takes the PENDING leaf for the guest's ACCEPT."""
-        call = Tdcall(leaf)
+    def page_accept(self, gfn: int, level: int):
+        """The guest's ACCEPT of ``gfn`` at ``level``: a :class:`Tdcall` holding the PENDING
+        leaf, or how the module completes it instead (check_tdaccept_failure).
+
+        The guest's walk goes down to the accept level.  It stops above it at
+        a leaf or at a missing or blocked link: at a MAPPED (accepted) leaf
+        larger than the request that is TDX_PAGE_ALREADY_ACCEPTED, anywhere
+        else a TD exit to KVM, an EPT violation whose extended exit
+        qualification is TDX_EXT_EXIT_QUAL_TYPE_ACCEPT with the accept level
+        (a PENDING 2M leaf for a 4K accept, or nothing mapped).  At the accept
+        level: a link (the range is mapped smaller) is TDX_PAGE_SIZE_MISMATCH,
+        a MAPPED leaf TDX_PAGE_ALREADY_ACCEPTED, a PENDING one is taken, and a
+        free or blocked entry is the EPT violation again.
+        """
+        page = self.root
+        while page.level > level:
+            entry = page.entries.get(spte_index(gfn, page.level))
+            if entry is None or entry.state != NL_MAPPED:
+                if entry is not None and entry.state == MAPPED:
+                    return TDX_PAGE_ALREADY_ACCEPTED
+                return TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+            page = entry.child
+        entry = page.entries.get(spte_index(gfn, level))
+        if entry is None or entry.state in (BLOCKED, PENDING_BLOCKED):
+            return TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+        if entry.state in _NONLEAF:
+            return TDX_PAGE_SIZE_MISMATCH
+        if entry.state == MAPPED:
+            return TDX_PAGE_ALREADY_ACCEPTED
+        call = Tdcall(entry)
         self.held.append(call)
         return call
 
