@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import PAGES_PER_2M
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_4K
 from mmufuzz.harness.tdp import events
 from mmufuzz.harness.tdp.spte import ROOT_LEVEL, gfn_round_for_level, pages_per_level, spte_index
 
@@ -117,19 +117,22 @@ class SecureEpt:
         where = self._slot(gfn, level)
         return None if where is None else where[0].entries.get(where[1])
 
-    def lookup(self, gfn: int):
-        """The guest's walk: the PENDING or MAPPED leaf mapping ``gfn``, or None (an EPT
-        violation: nothing mapped, or a blocked entry on the way)."""
+    def _guest_walk(self, gfn: int, level: int = PG_LEVEL_4K):
+        """The guest's walk of ``gfn`` down to ``level``: (entry, level) where it stops, at
+        ``level`` or above it at the first entry that is not a mapped link (entry None:
+        FREE).  Unlike the host's SEAMCALLs, it does not pass blocked links."""
         page = self.root
         while True:
             entry = page.entries.get(spte_index(gfn, page.level))
-            if entry is None:
-                return None
-            state = entry.state
-            if state == NL_MAPPED:
-                page = entry.child
-                continue
-            return entry if state == MAPPED or state == PENDING else None
+            if page.level == level or entry is None or entry.state != NL_MAPPED:
+                return entry, page.level
+            page = entry.child
+
+    def lookup(self, gfn: int):
+        """The guest's walk: the PENDING or MAPPED leaf mapping ``gfn``, or None (an EPT
+        violation: nothing mapped, or a blocked entry on the way)."""
+        entry, _ = self._guest_walk(gfn)
+        return entry if entry is not None and entry.state in (MAPPED, PENDING) else None
 
     def entries(self):
         """Every entry, depth first: (level, gfn) -> entry."""
@@ -295,15 +298,11 @@ class SecureEpt:
         a MAPPED leaf TDX_PAGE_ALREADY_ACCEPTED, a PENDING one is taken, and a
         free or blocked entry is the EPT violation again.
         """
-        page = self.root
-        while page.level > level:
-            entry = page.entries.get(spte_index(gfn, page.level))
-            if entry is None or entry.state != NL_MAPPED:
-                if entry is not None and entry.state == MAPPED:
-                    return TDX_PAGE_ALREADY_ACCEPTED
-                return TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
-            page = entry.child
-        entry = page.entries.get(spte_index(gfn, level))
+        entry, at = self._guest_walk(gfn, level)
+        if at > level:
+            if entry is not None and entry.state == MAPPED:
+                return TDX_PAGE_ALREADY_ACCEPTED
+            return TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
         if entry is None or entry.state in (BLOCKED, PENDING_BLOCKED):
             return TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
         if entry.state in _NONLEAF:
