@@ -223,7 +223,7 @@ def _serving(program, **options):
 def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
     program = _program_with_three_pairs()  # the pair at 1 is on two 2M frames: apart
     explore = _serving(program, capacity=2)
-    one = len(sampled_preemptions((3, 3), random.Random(0)))
+    one = len(list(sampled_preemptions((3, 3), random.Random(0))))
     two = len(list(two_preemption_schedules(3, 3)))
     # New states: conflicting pairs before apart ones; the queues hold two, so the pair
     # each serves last is dropped.  The one-preemption queue serves the kind met first
@@ -242,7 +242,7 @@ def test_the_one_preemption_queue_serves_kinds_in_the_order_the_campaign_met_the
     """However many newer kinds arrive, and however often: none starves on that queue."""
     program = _program_with_three_pairs()
     explore = _serving(program, capacity=4)
-    one = len(sampled_preemptions((3, 3), random.Random(0)))
+    one = len(list(sampled_preemptions((3, 3), random.Random(0))))
     two = len(list(two_preemption_schedules(3, 3)))
     newer = [[(3, (3, 3), f"new{i % 3}")] for i in range(12)]
     served = explore([(2, (3, 3), "first")], *newer)
@@ -257,7 +257,7 @@ def test_a_pair_whose_side_took_steps_of_another_magnitude_is_a_state_of_its_own
     # From the explored start state, a pair whose second side took 8 steps (not 3) goes
     # before a newer one whose sides took 3 steps again, which waits as "b" was explored.
     served = explore([(3, (3, 8), "b"), (2, (3, 3), "b")])
-    one, two = len(sampled_preemptions((3, 8), random.Random(0))), len(list(
+    one, two = len(list(sampled_preemptions((3, 8), random.Random(0)))), len(list(
         two_preemption_schedules(3, 8)))
     assert served[:one] == [3] * one and served.count(3) == one + two
     assert served.index(2) > served.index(3)
@@ -274,7 +274,7 @@ def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
 
 
 def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_preempted_side():
-    schedules = sampled_preemptions((40, 3), random.Random(1))
+    schedules = list(sampled_preemptions((40, 3), random.Random(1)))
     assert sorted(schedules) == sorted([preemptions([(0, k), (1, 0)], 2) for k in range(1, 40)]
                                        + [preemptions([(1, k), (0, 0)], 2) for k in (1, 2)])
     # b (3 steps: 2 preemption points) is preempted first in one of the first two runs,
