@@ -33,7 +33,6 @@ the schedules two-actor exploration always ran, in the same order.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import heapq
 import itertools
 import random
@@ -186,7 +185,7 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
     pair, ops = program.ops[index], program.ops
     for schedule in schedules:
         if schedule != pair.schedule:
-            yield program.with_ops(ops[:index] + (dataclasses.replace(pair, schedule=schedule),)
+            yield program.with_ops(ops[:index] + (Parallel.of(pair.sides, schedule),)
                                    + ops[index + 1:index + 1 + TAIL])
 
 
