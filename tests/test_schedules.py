@@ -306,6 +306,42 @@ def test_a_pairs_variants_resume_from_one_run_of_the_ops_before_it():
     assert runs["first op"] == 2  # the input's run, and the checkpoint's
 
 
+def test_variants_run_unobserved_and_run_as_they_would_observed():
+    """A schedule variant's pair start state and context switches are never read, so the
+    target does not make them; the variant runs step for step as it would observed."""
+    program, index = _regression("free-before-flush")
+    worker = Worker(CampaignConfig("tdp", NO_FAULT),
+                    sink=CounterSink(itertools.count().__next__, lambda counter: None))
+    worker.explorer, _ = _running_explorer()
+    worker.explorer.offer_collisions = lambda programs, run: None
+    tdp = worker.target.target
+    seen = []  # (observed, pair_start, switches noted, taken, outcome) of every pair run
+    execute = tdp.execute
+
+    def noting(op):
+        outcome = execute(op)
+        if isinstance(op, Parallel):
+            seen.append((tdp.observed, tdp.pair_start, len(tdp._switches), tuple(tdp.taken),
+                         outcome, op.schedule))
+        return outcome
+    tdp.execute = noting
+    assert worker.run(encode(program))[1] is None
+    assert tdp.observed and worker.target._observed  # back on after the variants
+    first, variants = seen[0], seen[1:]
+    assert first[0] and first[1] and first[2] and len(variants) == worker.explorer.runs > 20
+    assert all(not observed and start == "" and switches == 0
+               for observed, start, switches, *_ in variants)
+    # Each variant observed, from scratch: the same steps and outcome.
+    target = make_target("tdp")
+    for *_, taken, outcome, schedule in variants[:8]:
+        variant = dataclasses.replace(program.ops[index], schedule=schedule)
+        target.reset(program.header)
+        for op in program.ops[:index]:
+            target.execute(op)
+        assert target.execute(variant) == outcome and tuple(target.taken) == taken
+        assert target.pair_start
+
+
 def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     """The merge race from sequential ops: the input's collisions pair the private read
     with the 4K accept, and schedule exploration of that pair finds the race."""

@@ -35,6 +35,9 @@ class TdpTarget:
         # (see :meth:`_start_state`) and the steps each side took, in side order.
         self.pair_start = ""
         self.taken = [0, 0]
+        # False while a campaign runs ops whose features and pair_start it never reads
+        # (harness.target.Target): they are not made then.
+        self.observed = True
 
     def reset(self, header: VmHeader) -> None:
         self._replace(Kvm(header))
@@ -63,12 +66,14 @@ class TdpTarget:
                 return outcome
         if type(op) is Parallel:
             sides = op.sides
-            self.pair_start = "|".join(sorted(map(self._start_state, sides)))
+            observed = self.observed
+            self.pair_start = "|".join(sorted(map(self._start_state, sides))) if observed else ""
             self.taken = [0] * len(sides)
             # kvm.quiesce, not kvm.rcu.process: each VM says what its quiescent points run
             # (the shadow MMU's is SRCU's), at the price of one call per step.
             outcome = PairOutcome(*interleave([kvm.run(side) for side in sides], op.schedule,
-                                              kvm.quiesce, self._note_switch, self.taken))
+                                              kvm.quiesce, self._note_switch if observed else None,
+                                              self.taken))
         else:
             outcome = run(kvm.run(op))
         kvm.quiesce()
