@@ -116,7 +116,8 @@ def main(argv=None) -> None:
         else:
             sink = CounterSink(record.reserve, record.hit)
         worker = Worker.from_environment(
-            sink, exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]))
+            sink, exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]),
+            **({} if record is None else {"muted": record.muted}))
     if guidance:
         print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, "
               f"{cache.misses} anew; coverage by {'calls' if record is None else 'hit record'}",
