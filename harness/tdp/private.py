@@ -90,7 +90,9 @@ def tdx_handle_ept_violation(kvm, vcpu, gpa: int, accept_level: int):
 def set_memory_attributes(kvm, op: SetAttributes):
     """Generator: kvm_vm_set_mem_attributes; zap -> flush -> change -> recompute mixed flags.
 
-    Runs as an mmu-notifier-style invalidation so racing faults retry.  The
+    Runs as an mmu-notifier-style invalidation so racing faults retry: on the
+    range itself and on the partly covered 2M ranges around it
+    (:func:`lpage.pre_set_hugepage_ranges`).  The
     zap walks memslots only (a cached MMIO SPTE of a slot-less gfn survives),
     and huge private leaves that cross the range's edges are split first so
     the zap never takes accepted neighbours with it.
@@ -110,6 +112,9 @@ def set_memory_attributes(kvm, op: SetAttributes):
     zapped = [] if faults.active("convert-no-zap") else kvm.memslots.overlapping(lo, hi)
     for slot in zapped:
         a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
+        if not faults.active("convert-no-hugepage-retry"):
+            for start, end in lpage.pre_set_hugepage_ranges(slot, a, b):
+                kvm.invalidate_range_add(start, end)
         if private:
             for root in mmu.held(mmu.direct_roots()):
                 yield from mmu.zap_leafs(root, a, b)
