@@ -94,7 +94,7 @@ class HitRecord:
     (``hits[i] = 1``: four specialized bytecodes, no call).  A block is
     marked, not counted: ``hits[i] += 1`` took ten bytecodes per block, and
     a worker under it ran 1.4x the CPU of an uninstrumented one per op
-    where marks cost 1.15x (``docs/levers.md``, *Guidance levers*, run F);
+    where marks cost 1.17x (``docs/levers.md``, *Guidance levers*, run F);
     libFuzzer's buckets of a block's hit count (1, 2, 3, 4-7, ..., 128+) were
     the price.  The feature counters (:meth:`hit`) still count.  :meth:`fold`
     then writes the slots, capped at 255, into atheris's counter array, the
