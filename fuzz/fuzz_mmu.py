@@ -12,9 +12,9 @@ comparisons) of ``harness`` and ``reference`` (what the program exercised in
 the MMU and the model; the invariant checks and SPTE bit helpers left out)
 plus one extra libFuzzer counter per feature (:class:`mmufuzz.fuzz.worker.CampaignTarget`:
 op outcomes, and what the target reports of the MMU's state).  By default the
-blocks, those of comprehensions and generator expressions included, mark
-themselves inline in a :class:`~mmufuzz.fuzz.instrument.HitRecord` handed to
-libFuzzer once per input, over twice as cheap as atheris's call per block
+blocks, those of comprehensions and generator expressions included, count
+their hits inline into a :class:`~mmufuzz.fuzz.instrument.HitRecord` handed to
+libFuzzer once per input, about twice as cheap as atheris's call per block
 (``docs/levers.md``); the schedule explorer's variants run with the record
 muted.  ``MMUFUZZ_COVERAGE=calls`` selects atheris's own instrumentation (a
 call per block, comprehensions not seen), for comparison.

@@ -85,20 +85,17 @@ def trace_branch(counter: int) -> None:
 
 
 class HitRecord:
-    """Which instrumented blocks ran in one exec (and feature hit counts), handed to libFuzzer
-    once at its end.
+    """Hit counts of the instrumented blocks in one exec, handed to libFuzzer once at its end.
 
     atheris instruments a block with a call of its native ``_trace_branch``
     (320-480 ns a call: a pybind11 call from Python); code instrumented for a
-    record instead marks its block's slot of :attr:`hits` inline
-    (``hits[i] = 1``: four specialized bytecodes, no call).  A block is
-    marked, not counted: ``hits[i] += 1`` took ten bytecodes per block, and
-    a worker under it ran 1.4x the CPU of an uninstrumented one per op
-    where marks cost 1.17x (``docs/levers.md``, *Guidance levers*, run F);
-    libFuzzer's buckets of a block's hit count (1, 2, 3, 4-7, ..., 128+) were
-    the price.  The feature counters (:meth:`hit`) still count.  :meth:`fold`
-    then writes the slots, capped at 255, into atheris's counter array, the
-    memory libFuzzer reads after the callback: one copy per exec.
+    record instead adds one to its block's slot of :attr:`hits` inline
+    (``hits[i] += 1``: a few specialized bytecodes, no call).  :meth:`fold`
+    then writes the counts, capped at 255, into atheris's counter array, the
+    memory libFuzzer reads after the callback: one copy per exec.  libFuzzer
+    buckets a counter's value (1, 2, 3, 4-7, 8-15, 16-31, 32-127, 128+), so the
+    hit counts keep their meaning; atheris's own ``counters[i]++`` wraps at 256
+    where the cap does not.
 
     The slots are indexed by atheris counter number: blocks and the feature
     counters of :class:`~mmufuzz.fuzz.worker.CounterSink` (:meth:`reserve`,
@@ -208,12 +205,12 @@ class _RecordingInstrumentor(instrument_bytecode.Instrumentor):
         def instruction(op, arg=None):
             return instrument_bytecode._generate_instruction(op, arg, copyfrom_instruction)
 
-        # What CPython compiles ``hits[counter] = 1`` to: four bytecodes, where the count
-        # ``hits[counter] += 1`` took ten (see HitRecord: a mark, not a count).
-        return [instruction("LOAD_CONST", self._get_const(1)),
-                instruction("LOAD_CONST", self._hits_const),
+        # What CPython compiles ``hits[counter] += 1`` to (BINARY_OP 0 is NB_ADD).
+        return [instruction("LOAD_CONST", self._hits_const),
                 instruction("LOAD_CONST", self._get_counter()),
-                instruction("STORE_SUBSCR")]
+                instruction("COPY", 2), instruction("COPY", 2), instruction("BINARY_SUBSCR"),
+                instruction("LOAD_CONST", self._get_const(1)), instruction("BINARY_OP", 0),
+                instruction("SWAP", 3), instruction("SWAP", 2), instruction("STORE_SUBSCR")]
 
 
 class _InsertionOrderedSet(dict):
@@ -328,7 +325,7 @@ class InstrumentedCache:
         self.record = record
         self._salt = _salt() if folder is not None else None
         if self._salt is not None and record is not None:
-            self._salt += " into a hit record, blocks marked, nested code too"
+            self._salt += " into a hit record, nested code too"
         self.hits = self.misses = 0
 
     def _record_hits(self) -> Optional[list]:
@@ -441,7 +438,7 @@ def instrument_branches(packages: set, exclude: set, folder: Optional[Path] = No
     for its value profile, which campaigns leave off, and as words for its own
     byte mutations, which run on few inputs (the custom mutator's
     ``BYTE_MUTATION_RATE``) and whose bytes decode to pooled values anyway; so
-    it is off here.  With a ``record``, blocks mark it (:class:`HitRecord`)
+    it is off here.  With a ``record``, blocks count into it (:class:`HitRecord`)
     instead of calling atheris.  Yields the cache (its ``hits`` and ``misses``).
     """
     cache = InstrumentedCache(folder if folder is not None else cache_dir(), record)
