@@ -26,6 +26,7 @@ from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.huge import split_range
 from mmufuzz.harness.tdp.sept import (
     TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
+    TDX_OPERAND_BUSY,
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
@@ -53,6 +54,11 @@ def accept(kvm, vcpu, op: Accept):
             if not faults.active("accept-level-ignored"):
                 return SIZE_MISMATCH
             level = PG_LEVEL_4K  # the page under the accept's gpa is taken at 4K
+            continue
+        if call == TDX_OPERAND_BUSY:
+            # Another vCPU's ACCEPT holds the leaf: run this one again once that one is done.
+            entry = kvm.sept.lookup(gfn)
+            yield lambda: not kvm.sept.accepting(entry)
             continue
         if call == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT:
             exit_ = yield from tdx_handle_ept_violation(kvm, vcpu, op.gpa, level)
