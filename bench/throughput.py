@@ -110,7 +110,8 @@ def coverage_loop(emit: Callable, corpus: str, target: str, seconds: float) -> N
     """The differential loop under the hit record and with the schedule explorer.
 
     As a ``MMUFUZZ_COVERAGE=record`` worker runs an input, without libFuzzer:
-    the record's fold goes to a stand-in for atheris's counter array.  The
+    the record's fold goes to a stand-in for atheris's counter array, and the
+    explorer's variants run with the record muted, as in a campaign.  The
     explorer is exec-bounded (its budget counts guest ops, not seconds), so
     the same corpus explores the same variants under any load.  CPU seconds
     (``time.process_time``) and ops are split between the inputs and the
@@ -125,7 +126,8 @@ def coverage_loop(emit: Callable, corpus: str, target: str, seconds: float) -> N
                              record=record):
         from mmufuzz.fuzz.worker import CounterSink, Worker
         worker = Worker(CampaignConfig(target, NO_FAULT), None,
-                        CounterSink(record.reserve, record.hit), exec_bounded=True)
+                        CounterSink(record.reserve, record.hit), exec_bounded=True,
+                        muted=record.muted)
     explorer = {"ops": 0, "cpu_seconds": 0.0}
     work = worker.explorer.work
 
