@@ -119,11 +119,13 @@ class ShadowTarget(TdpTarget):
                 features.append(prefix + state)
         return features
 
-    def _shadow_state(self, op):
-        """This op's feature (see :meth:`features`), or None."""
+    def _shadow_state(self, op, entry: bool = True):
+        """This op's feature (see :meth:`features`), or None; without what the shadow
+        entry holds unless ``entry``."""
         kind = type(op)
         if kind is WritePte:
-            return f"table:{self._table_state(op.table)}:{self._entry_state(op.table, op.index)}"
+            table = f"table:{self._table_state(op.table)}"
+            return f"{table}:{self._entry_state(op.table, op.index)}" if entry else table
         if kind in (FlushTlb, Invlpg, Paging):
             unsync = sum(1 for sp in self.kvm.mmu.active_mmu_pages if sp.unsync)
             return f"{OP_NAMES[kind]}:unsync={min(unsync, 2)}"
@@ -140,8 +142,9 @@ class ShadowTarget(TdpTarget):
             if level == 1 or not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 break
             sp, level = mmu.sp_of(spte), level - 1
-        return f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
-               f"{'unsync' if sp.unsync else 'sync'}:{SPTE_KINDS[spte_kind(spte, level)]}"
+        state = f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
+                f"{'unsync' if sp.unsync else 'sync'}"
+        return f"{state}:{SPTE_KINDS[spte_kind(spte, level)]}" if entry else state
 
     def _entry_state(self, gfn: int, index: int) -> str:
         """What entry ``index`` of guest table ``gfn``'s shadow pages holds (the most
@@ -160,7 +163,10 @@ class ShadowTarget(TdpTarget):
         return "unsync" if any(sp.unsync for sp in pages) else "synced"
 
     def _start_state(self, op) -> str:
-        return self._shadow_state(op) or OP_NAMES[type(op)]
+        """One side's part of :attr:`pair_start`: its shadow state without the entry's
+        content, so that the schedule explorer, which shares its time by the state a pair
+        starts from, splits it no finer than before the entry features."""
+        return self._shadow_state(op, False) or OP_NAMES[type(op)]
 
 
 __all__ = ["ShadowTarget"]
