@@ -115,6 +115,15 @@ _TDP_FAULTS = (
           "KVM commit 90b4fe17981e (\"KVM: x86: Disallow hugepages when memory attributes are "
           "mixed\"): kvm_arch_post_set_memory_attributes() recomputes KVM_LPAGE_MIXED_FLAG",
           "the mixed-attributes flag of a 2M range is not recomputed after a conversion"),
+    Fault("convert-no-hugepage-retry", "tdp",
+          "KVM commit 9129633d568e (\"KVM: x86/mmu: Prevent installing hugepages when mem "
+          "attributes are changing\", Sean Christopherson, 2025; reported by Michael Roth), "
+          "fixing 8dd2eee9d526: kvm_arch_pre_set_memory_attributes() adds the partly covered "
+          "head and tail hugepages to the invalidation, since the mixed flags change only in "
+          "kvm_arch_post_set_memory_attributes()",
+          "a conversion of part of a 2M range leaves the rest of the range out of its "
+          "invalidation: a fault on an unchanged gfn of the range maps 2M in the window before "
+          "the mixed flag is set, over the converted gfns", concurrent=True),
     Fault("accept-level-ignored", "tdp",
           "TDG.MEM.PAGE.ACCEPT returns TDX_PAGE_SIZE_MISMATCH when the mapping is smaller than "
           "the accept level: \"[RFC PATCH v5 09/16] KVM: TDX: Pass desired page level in err "

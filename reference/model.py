@@ -291,9 +291,24 @@ class Reference:
         logs.  The oracle settles before the sides run too: the fault may log
         the gfn before any side's turn, so a get among the sides may report it
         although the access itself comes after that get, or exits.
+        A private fault leaves its S-EPT tables behind the same way: a private
+        access or accept may link them and map its page, then lose the page to
+        a conversion on another side and exit after its retry, so the tables
+        are there although its outcome is the one of coming after the
+        conversion (:meth:`_note_sept_table`).
         See docs/semantics.md, "Concurrency".
         """
         for side, outcome in zip(pair.sides, actual.sides):
+            if self._tdx and op_name(side) == "accept":
+                self._note_sept_table(side.gpa)
+                continue
+            if self._tdx and op_name(side) == "access" and side.private:
+                gpa = getattr(outcome, "gpa", None)
+                if gpa is None and not side.virtual:
+                    gpa = side.addr
+                if gpa is not None:
+                    self._note_sept_table(gpa)
+                continue
             if op_name(side) == "write_pte":
                 gfn = side.table
             elif op_name(side) == "access" and not side.private:

@@ -26,6 +26,7 @@ from mmufuzz.harness.ops import (
 )
 from mmufuzz.harness.tdp import events
 from mmufuzz.harness.tdp.events import EVENTS
+from mmufuzz.harness.tdp.lpage import pre_set_hugepage_ranges
 from mmufuzz.harness.tdp.spte import is_shadow_present_pte
 
 
@@ -182,6 +183,24 @@ def test_mixed_flag_follows_conversions():
     assert vm.leaf(0x301, private=True)[0] == PG_LEVEL_4K
     vm.do(SetAttributes(0x300, 1, True))
     assert 1 not in slot.lpage_mixed
+
+
+def test_a_conversion_invalidates_the_partly_covered_2m_ranges_around_it():
+    """kvm_arch_pre_set_memory_attributes (9129633d568e): head and tail, if in the slot and not mixed."""
+    vm = private_vm()                          # slot [0x200, 0x600), [0x200, 0x400) private
+    slot = vm.kvm.memslots.by_id[0]
+    # one gfn at the end of one 2M range and the start of the next: both ranges
+    assert pre_set_hugepage_ranges(slot, 0x3ff, 0x401) == [(0x200, 0x400), (0x400, 0x600)]
+    # a whole 2M range is invalidated by the conversion itself, its neighbour only if touched
+    assert pre_set_hugepage_ranges(slot, 0x200, 0x400) == []
+    assert pre_set_hugepage_ranges(slot, 0x200, 0x401) == [(0x400, 0x600)]
+    # a range that would not be huge anyway stays out: mixed, or not wholly in the slot
+    vm.do(SetAttributes(0x300, 1, False))
+    assert pre_set_hugepage_ranges(slot, 0x3ff, 0x400) == []
+    assert pre_set_hugepage_ranges(slot, 0x5ff, 0x600) == [(0x400, 0x600)]
+    small = Vm(tdx=True)
+    small.do(MemslotAdd(0, 0x200, 0x300, PRIVATE, 0))
+    assert pre_set_hugepage_ranges(small.kvm.memslots.by_id[0], 0x410, 0x411) == []
 
 
 def _mapping_features(vm) -> list:

@@ -62,6 +62,7 @@ class Kvm:
 
     # The mmu-notifier invalidation sequence is kvm_main.c's, the same for every MMU.
     invalidate_begin = TdpKvm.invalidate_begin
+    invalidate_range_add = TdpKvm.invalidate_range_add
     invalidate_end = TdpKvm.invalidate_end
     invalidate_covers = TdpKvm.invalidate_covers
     _no_invalidation = TdpKvm._no_invalidation

@@ -227,27 +227,6 @@ def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
     return False
 
 
-def _huge_range_invalidated(kvm, fault: KvmPageFault) -> bool:
-    """An invalidation in progress overlaps the huge private leaf the fault would map.
-
-    mmu_invalidate_retry_gfn checks the faulting gfn only, which is enough where
-    a zap of a huge leaf costs a refault.  A huge private leaf is different: a
-    conversion splits the leaves crossing its edges and zaps only its range
-    (the accepted neighbours keep their contents), but its zap yields mmu_lock,
-    and a fault outside the range mapping (or merging) 2M in that window would
-    hand the resumed zap a leaf that takes 511 accepted pages with it (found by
-    a default campaign: ``corpus/regressions/clean-private-huge-map-waits-for-conversion.repro``).
-    Mainline TDX maps private memory at 4K only; with huge private leaves the
-    fault waits for the invalidation to end, as it does for its own gfn.
-    """
-    if not kvm.mmu_invalidate_in_progress:
-        return False
-    pages = pages_per_level(fault.goal_level)
-    head = fault.gfn - fault.gfn % pages
-    start, end = kvm.mmu_invalidate_range
-    return start < head + pages and head < end
-
-
 def kvm_mmu_hugepage_adjust(fault: KvmPageFault) -> None:
     """Pick the goal level: the largest the lpage rules and the fault's max level allow."""
     fault.goal_level = PG_LEVEL_4K
@@ -263,9 +242,6 @@ def kvm_mmu_hugepage_adjust(fault: KvmPageFault) -> None:
 def kvm_tdp_mmu_map(kvm, fault: KvmPageFault):
     """Generator: walk to the goal level, linking or splitting on the way, then map."""
     kvm_mmu_hugepage_adjust(fault)
-    if fault.is_private and fault.goal_level > PG_LEVEL_4K and _huge_range_invalidated(kvm, fault):
-        kvm.events[events.RETRY_IN_PROGRESS] += 1
-        return RET_PF_RETRY
     mmu = kvm.mmu
     token = kvm.rcu.read_lock()
     try:

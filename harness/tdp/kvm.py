@@ -95,12 +95,17 @@ class Kvm:
     # --- mmu-notifier invalidation sequence -------------------------------------
 
     def invalidate_begin(self, lo: int, hi: int) -> None:
-        """kvm_mmu_invalidate_begin: faults on [lo, hi) retry until the end."""
-        if self.mmu_invalidate_in_progress:
-            start, end = self.mmu_invalidate_range
-            lo, hi = min(lo, start), max(hi, end)
+        """kvm_mmu_invalidate_begin + range_add: faults on [lo, hi) retry until the end."""
         self.mmu_invalidate_in_progress += 1
-        self.mmu_invalidate_range = (lo, hi)
+        if self.mmu_invalidate_in_progress == 1:
+            self.mmu_invalidate_range = (lo, hi)
+        else:
+            self.invalidate_range_add(lo, hi)
+
+    def invalidate_range_add(self, lo: int, hi: int) -> None:
+        """kvm_mmu_invalidate_range_add: widen the in-progress invalidation to [lo, hi)."""
+        start, end = self.mmu_invalidate_range
+        self.mmu_invalidate_range = (min(lo, start), max(hi, end))
 
     def invalidate_end(self) -> None:
         """kvm_mmu_invalidate_end: bump the sequence, so older pfn lookups are stale."""

@@ -41,6 +41,31 @@ def update_mixed(attributes, slot, lo: int, hi: int) -> None:
             mixed.add(gfn // PAGES_PER_2M)
 
 
+def pre_set_hugepage_ranges(slot, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The 2M ranges a conversion of [lo, hi) adds to its invalidation.
+
+    kvm_arch_pre_set_memory_attributes, since 9129633d568e ("KVM: x86/mmu:
+    Prevent installing hugepages when mem attributes are changing"): the
+    mixed flags are recomputed only after the attributes change, so while a
+    conversion runs, a fault on a gfn *outside* [lo, hi) could still map 2M
+    over it.  The head and tail 2M ranges that the conversion only partly
+    covers, lie in the slot and are not already mixed join the invalidation,
+    so such faults retry; ranges wholly covered are already zapped and retry.
+    ``lo``/``hi`` are the conversion's range clamped to the slot.
+    """
+    start = lo // PAGES_PER_2M * PAGES_PER_2M
+    end = (hi - 1) // PAGES_PER_2M * PAGES_PER_2M
+    ranges = []
+    if ((start != lo or start + PAGES_PER_2M > hi) and start >= slot.base_gfn
+            and start + PAGES_PER_2M <= slot.end_gfn
+            and start // PAGES_PER_2M not in slot.lpage_mixed):
+        ranges.append((start, start + PAGES_PER_2M))
+    if (end != start and end + PAGES_PER_2M > hi and end + PAGES_PER_2M <= slot.end_gfn
+            and end // PAGES_PER_2M not in slot.lpage_mixed):
+        ranges.append((end, end + PAGES_PER_2M))
+    return ranges
+
+
 def init_memslot(attributes, slot) -> None:
     """kvm_mmu_init_memslot_memory_attributes: the mixed flags of a new or moved slot."""
     slot.lpage_mixed = set()

@@ -26,6 +26,7 @@ from mmufuzz.harness.tdp.fault import kvm_mmu_page_fault
 from mmufuzz.harness.tdp.huge import split_range
 from mmufuzz.harness.tdp.sept import (
     TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
+    TDX_OPERAND_BUSY,
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
@@ -53,6 +54,11 @@ def accept(kvm, vcpu, op: Accept):
             if not faults.active("accept-level-ignored"):
                 return SIZE_MISMATCH
             level = PG_LEVEL_4K  # the page under the accept's gpa is taken at 4K
+            continue
+        if call == TDX_OPERAND_BUSY:
+            # Another vCPU's ACCEPT holds the leaf: run this one again once that one is done.
+            entry = kvm.sept.lookup(gfn)
+            yield lambda: not kvm.sept.accepting(entry)
             continue
         if call == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT:
             exit_ = yield from tdx_handle_ept_violation(kvm, vcpu, op.gpa, level)
@@ -90,7 +96,9 @@ def tdx_handle_ept_violation(kvm, vcpu, gpa: int, accept_level: int):
 def set_memory_attributes(kvm, op: SetAttributes):
     """Generator: kvm_vm_set_mem_attributes; zap -> flush -> change -> recompute mixed flags.
 
-    Runs as an mmu-notifier-style invalidation so racing faults retry.  The
+    Runs as an mmu-notifier-style invalidation so racing faults retry: on the
+    range itself and on the partly covered 2M ranges around it
+    (:func:`lpage.pre_set_hugepage_ranges`).  The
     zap walks memslots only (a cached MMIO SPTE of a slot-less gfn survives),
     and huge private leaves that cross the range's edges are split first so
     the zap never takes accepted neighbours with it.
@@ -110,6 +118,9 @@ def set_memory_attributes(kvm, op: SetAttributes):
     zapped = [] if faults.active("convert-no-zap") else kvm.memslots.overlapping(lo, hi)
     for slot in zapped:
         a, b = max(lo, slot.base_gfn), min(hi, slot.end_gfn)
+        if not faults.active("convert-no-hugepage-retry"):
+            for start, end in lpage.pre_set_hugepage_ranges(slot, a, b):
+                kvm.invalidate_range_add(start, end)
         if private:
             for root in mmu.held(mmu.direct_roots()):
                 yield from mmu.zap_leafs(root, a, b)

@@ -295,8 +295,9 @@ class SecureEpt:
         qualification is TDX_EXT_EXIT_QUAL_TYPE_ACCEPT with the accept level
         (a PENDING 2M leaf for a 4K accept, or nothing mapped).  At the accept
         level: a link (the range is mapped smaller) is TDX_PAGE_SIZE_MISMATCH,
-        a MAPPED leaf TDX_PAGE_ALREADY_ACCEPTED, a PENDING one is taken, and a
-        free or blocked entry is the EPT violation again.
+        a MAPPED leaf TDX_PAGE_ALREADY_ACCEPTED, a PENDING one is taken (or is
+        TDX_OPERAND_BUSY while another ACCEPT holds it), and a free or blocked
+        entry is the EPT violation again.
         """
         entry, at = self._guest_walk(gfn, level)
         if at > level:
@@ -309,9 +310,16 @@ class SecureEpt:
             return TDX_PAGE_SIZE_MISMATCH
         if entry.state == MAPPED:
             return TDX_PAGE_ALREADY_ACCEPTED
+        if self.accepting(entry):
+            return TDX_OPERAND_BUSY
         call = Tdcall(entry)
         self.held.append(call)
         return call
+
+    def accepting(self, entry) -> bool:
+        """Another vCPU's ACCEPT holds ``entry``: the module refuses a second one meanwhile
+        (TDX_OPERAND_BUSY, the entry's lock) and the guest runs it again."""
+        return any(call.entry is entry for call in self.held)
 
     def accept_end(self, call: Tdcall) -> None:
         """The ACCEPT completes (if a kick has not made it complete already): the pages are
