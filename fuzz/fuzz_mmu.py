@@ -15,8 +15,9 @@ op outcomes, and what the target reports of the MMU's state).  By default the
 blocks, those of comprehensions and generator expressions included, count
 their hits inline into a :class:`~mmufuzz.fuzz.instrument.HitRecord` handed to
 libFuzzer once per input, about twice as cheap as atheris's call per block
-(``docs/levers.md``); ``MMUFUZZ_COVERAGE=calls`` selects atheris's own
-instrumentation (a call per block, comprehensions not seen), for comparison.
+(``docs/levers.md``); the schedule explorer's variants run with the record
+muted.  ``MMUFUZZ_COVERAGE=calls`` selects atheris's own instrumentation (a
+call per block, comprehensions not seen), for comparison.
 The encoder, mutator and runner are not instrumented: their branches say
 nothing about the system under test.  The instrumented code is cached
 between processes (:mod:`mmufuzz.fuzz.instrument`), so a worker starts in a fraction
@@ -116,7 +117,8 @@ def main(argv=None) -> None:
         else:
             sink = CounterSink(record.reserve, record.hit)
         worker = Worker.from_environment(
-            sink, exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]))
+            sink, exec_bounded=any(arg.startswith("-runs=") for arg in argv[1:]),
+            **({} if record is None else {"muted": record.muted}))
     if guidance:
         print(f"INFO: instrumented modules: {cache.hits} from {cache.folder}, "
               f"{cache.misses} anew; coverage by {'calls' if record is None else 'hit record'}",

@@ -130,6 +130,20 @@ class HitRecord:
     def hit(self, counter: int) -> None:
         self.hits[counter] += 1
 
+    @contextlib.contextmanager
+    def muted(self):
+        """Leave the slots as they were before: what runs inside is not this exec's coverage.
+
+        (A worker's schedule variants run quiet: libFuzzer would credit the
+        blocks they reach to the input that queued them, and keep it for code
+        the input never ran; ``docs/levers.md``, *Guidance levers*.)
+        """
+        saved = self.hits[:]
+        try:
+            yield
+        finally:
+            self.hits[:] = saved
+
     def fold(self) -> None:
         """Hand this exec's counts to libFuzzer and start the next exec from zero."""
         hits = self.hits

@@ -110,8 +110,9 @@ class CampaignTarget:
         libFuzzer credits every counter hit during a callback to that
         callback's input, so schedule variants run quiet: fed, the
         interleavings a variant reached would keep its input in the corpus
-        for behaviour the input does not have.  (Line coverage
-        of the variants still reaches libFuzzer: atheris traces all code.)
+        for behaviour the input does not have.  (Their line coverage is
+        muted too under the hit record, :class:`Worker`'s ``muted``; atheris's
+        calls trace all code.)
         """
         self._quiet = True
         try:
@@ -247,12 +248,16 @@ class Worker:
     """The state of one fuzzing process: target, counters, and where findings go."""
 
     def __init__(self, config: CampaignConfig, layout: Optional[Layout] = None,
-                 sink: Optional[CounterSink] = None, exec_bounded: bool = False):
+                 sink: Optional[CounterSink] = None, exec_bounded: bool = False,
+                 muted: Callable = contextlib.nullcontext):
         """``exec_bounded``: the run stops after a number of inputs (libFuzzer's ``-runs``).
 
         Its schedule explorer then budgets by guest ops run instead of by
         seconds, so that with a fixed ``-seed`` the whole run is the same under
         any machine load: which variants run is all that wall-clock changes.
+        ``muted()``: a context in which the code coverage of what runs is not
+        the input's (the hit record's :meth:`~mmufuzz.fuzz.instrument.HitRecord.muted`);
+        schedule variants run in it.
         """
         self.config, self.layout, self.sink = config, layout, sink
         self.inject = injected_faults(config.inject)
@@ -267,17 +272,19 @@ class Worker:
         self.crashes = KnownCrashes()
         clock = (lambda: self.ops * OP_SECONDS) if exec_bounded else time.monotonic
         self.explorer = ScheduleExplorer(clock=clock) if sink is not None else None
+        self.muted = muted
         self.started = time.time()
         self._next_heartbeat = 0.0
 
     @classmethod
-    def from_environment(cls, sink=None, exec_bounded: bool = False) -> "Worker":
+    def from_environment(cls, sink=None, exec_bounded: bool = False,
+                         muted: Callable = contextlib.nullcontext) -> "Worker":
         """Under ``mmufuzz fuzz`` the campaign directory is in the environment; else defaults."""
         root = os.environ.get(CAMPAIGN_ENV)
         if not root:
-            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink, exec_bounded)
+            return cls(CampaignConfig(DEFAULT_TARGET, NO_FAULT), None, sink, exec_bounded, muted)
         layout = Layout(Path(root))
-        return cls(CampaignConfig.load(layout.config), layout, sink, exec_bounded)
+        return cls(CampaignConfig.load(layout.config), layout, sink, exec_bounded, muted)
 
     def _checks_every_op(self, data: bytes) -> bool:
         """Deterministic per input, so a rerun of the same bytes makes the same choice."""
@@ -304,7 +311,7 @@ class Worker:
                 if len(self.sink.counters) > known:
                     self.explorer.offer_collisions(collisions(program, TAIL),
                                                    lambda variant: self._collide(variant, every_op))
-                with self.target.quiet():
+                with self.target.quiet(), self.muted():
                     explored = self.explorer.work()
                 if explored is not None:
                     program, finding = explored

@@ -227,6 +227,17 @@ def test_a_record_counts_each_block_once_per_run():
     assert record.hits == [3 * hits for hits in once]
 
 
+def test_what_runs_muted_leaves_a_record_as_it_was():
+    record, probe, _ = _probe_in_record(SIGN)
+    probe["sign"](-3)
+    before = list(record.hits)
+    with record.muted():
+        probe["sign"](3)  # the other branch
+    assert record.hits == before
+    probe["sign"](3)
+    assert record.hits != before
+
+
 def test_a_record_sees_the_branches_inside_comprehensions():
     record, probe, _ = _probe_in_record(
         "def evens(xs):\n    return [x for x in xs if x % 2 == 0]\n")

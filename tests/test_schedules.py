@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -153,6 +154,22 @@ def test_schedule_variants_feed_no_coverage_to_the_input_that_queued_them():
         assert not explore or worker.explorer.runs > 0
         return sink.counters, traced
     assert features_fed(explore=True) == features_fed(explore=False)
+
+
+def test_schedule_variants_run_muted_so_their_code_coverage_is_not_the_inputs():
+    runs_muted = []
+
+    @contextlib.contextmanager
+    def muted():  # stands for the hit record's: counts the variants run inside it
+        before = worker.explorer.runs
+        yield
+        runs_muted.append(worker.explorer.runs - before)
+    worker = Worker(CampaignConfig("tdp", NO_FAULT),
+                    sink=CounterSink(itertools.count().__next__, lambda counter: None),
+                    muted=muted)
+    worker.explorer = _running_explorer()[0]
+    assert worker.run(encode(_regression("merge-frozen-child")[0]))[1] is None
+    assert sum(runs_muted) == worker.explorer.runs > 0
 
 
 def _program_with_three_pairs():
