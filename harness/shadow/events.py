@@ -37,8 +37,9 @@ EVENTS = StateEvents([
     # longer valid, MMIO SPTE kept or cleared, another gfn, same access, narrowed access.
     "sync_spte:no_gpte", "sync_spte:invalid_gpte", "sync_spte:mmio_kept",
     "sync_spte:mmio_cleared", "sync_spte:other_gfn", "sync_spte:same", "sync_spte:narrowed",
-    # __kvm_mmu_invalidate_addr (invlpg) met an unsync page of level L on the gva's path,
-    # its entry for the gva holding nothing, an MMIO SPTE, a leaf or a link.
+    # __kvm_mmu_invalidate_addr (invlpg; here also every injected #PF, docs/shadow.md
+    # difference 3) met an unsync page of level L on the gva's path, its entry for the gva
+    # holding nothing, an MMIO SPTE, a leaf or a link.
     *(f"invlpg:unsync:L{level}:{kind}" for level in _LEVELS for kind in SPTE_KINDS),
 ])
 _INDEX = {name: i for i, name in enumerate(EVENTS.names)}
