@@ -564,15 +564,21 @@ _DYNAMIC_INDICES = 8  # ... and PTE indices (each gives three gvas)
 
 _RADIX10_POOLS = {"word": _WORDS, "index": _INDICES, "host_offset": _HOST_OFFSETS}
 _POOLS = {"npages": _NPAGES, "value": _VALUES, "first": _FIRST_PAGES}
+_CONSTANT_POOLS = {**_POOLS, **_RADIX10_POOLS}
 
 
 class _Context:
-    """What earlier ops made interesting; grows identically while decoding and encoding."""
+    """What earlier ops made interesting; grows identically while decoding and encoding.
+
+    The pools derived from the gfns and PTE indices (gpas, gvas, roots) are built
+    when first asked for after a change, not for every field that draws from them.
+    """
 
     def __init__(self, header: VmHeader):
         self.header = header
         self.gfns: list[int] = list(_GFN_CONSTANTS)
         self.indices: list[int] = []
+        self._derived: dict = {}  # pool name -> the pool, until the gfns or indices change
 
     def note_gfn(self, gfn: int) -> None:
         if gfn in self.gfns or not 0 <= gfn < GFN_LIMIT:
@@ -580,6 +586,7 @@ class _Context:
         self.gfns.append(gfn)
         if len(self.gfns) > len(_GFN_CONSTANTS) + _DYNAMIC_GFNS:
             del self.gfns[len(_GFN_CONSTANTS)]
+        self._derived.clear()
 
     def note(self, op) -> None:
         """Remember the gfns an op names: slot bounds, 2M frames inside, pages touched."""
@@ -606,6 +613,7 @@ class _Context:
             self.note_gfn(op.addr >> PAGE_SHIFT)
         elif isinstance(op, WritePte) and op.index not in self.indices:
             self.indices = (self.indices + [op.index])[-_DYNAMIC_INDICES:]
+            self._derived.clear()
 
     def gvas(self) -> list[int]:
         """Guest-virtual pages: identity gpas plus addresses built from PTE indices used."""
@@ -614,17 +622,24 @@ class _Context:
             out += [index << 12, index << 21, index << 30]
         return list(dict.fromkeys(out))
 
-    def pool(self, cls, name: str, op_so_far: dict) -> Optional[list]:
-        """The interesting values of one field, or None for plain literal-only fields."""
+    def _pool_of(self, name: str, build) -> list:
+        pool = self._derived.get(name)
+        if pool is None:
+            pool = self._derived[name] = build()
+        return pool
+
+    def pool(self, cls, name: str, op_so_far: dict):
+        """The interesting values of one field (a sequence nobody changes), or None for plain
+        literal-only fields."""
         if name in ("base", "table", "target"):
             return self.gfns
         if name == "root":
-            return [None] + self.gfns
+            return self._pool_of("root", lambda: [None] + self.gfns)
         if name in ("gpa", "addr") and not op_so_far.get("virtual"):
-            return [gfn << PAGE_SHIFT for gfn in self.gfns]
+            return self._pool_of("gpa", lambda: [gfn << PAGE_SHIFT for gfn in self.gfns])
         if name in ("gva", "addr"):
-            return self.gvas()
-        return list(_POOLS.get(name) or _RADIX10_POOLS.get(name, ())) or None
+            return self._pool_of("gva", self.gvas)
+        return _CONSTANT_POOLS.get(name)
 
 
 def _literal_width(dom: Domain) -> int:
@@ -735,32 +750,45 @@ def _encode_schedule(out: bytearray, schedule: int, dom: Domain, actors: int) ->
         out += schedule.to_bytes(_literal_width(dom), "little")
 
 
-def _decode_field(reader: _Reader, cls, name: str, dom: Domain, ctx: _Context, so_far: dict,
-                  actors: int):
+def _field_decoder(cls, name: str, dom: Domain):
+    """How field ``name`` of ``cls`` is decoded: ``decode(reader, ctx, so_far, actors)``.
+
+    Chosen once per field (:data:`_PLANS`), not by a chain of tests per decoded field.
+    """
     if name == "vcpu":
-        return reader.byte() % ctx.header.vcpus
+        return lambda reader, ctx, so_far, actors: reader.byte() % ctx.header.vcpus
+
     if name == "slot":
-        selector = reader.byte()
-        return selector % _SMALL_SLOTS if selector < 0xC0 else selector % dom.hi
+        def slot(reader, ctx, so_far, actors):
+            selector = reader.byte()
+            return selector % _SMALL_SLOTS if selector < 0xC0 else selector % dom.hi
+        return slot
     if dom.kind == "bool":
-        return bool(reader.byte() & 1)
+        return lambda reader, ctx, so_far, actors: bool(reader.byte() & 1)
     if dom.kind == "enum":
-        choices = list(dom.choices.values())
-        return choices[reader.byte() % len(choices)]
+        choices = tuple(dom.choices.values())
+        return lambda reader, ctx, so_far, actors: choices[reader.byte() % len(choices)]
     if dom.kind == "flags":
-        bits = reader.byte()
-        flags = next(iter(dom.choices.values())) & 0
-        for i, flag in enumerate(dom.choices.values()):
-            if bits >> i & 1:
-                flags |= flag
+        named = tuple(enumerate(dom.choices.values()))
+
+        def flags(reader, ctx, so_far, actors):
+            bits = reader.byte()
+            value = named[0][1] & 0
+            for i, flag in named:
+                if bits >> i & 1:
+                    value |= flag
+            return value
         return flags
     if dom.kind == "op":
-        return _decode_op(reader, ctx, _SIMPLE_OPCODES)
-    if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
-        return None
+        return lambda reader, ctx, so_far, actors: _decode_op(reader, ctx, _SIMPLE_OPCODES)
     if name == "schedule":
-        return _decode_schedule(reader, dom, actors)
-    return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
+        return lambda reader, ctx, so_far, actors: _decode_schedule(reader, dom, actors)
+
+    def number(reader, ctx, so_far, actors):
+        if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
+            return None
+        return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
+    return number
 
 
 def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Context,
@@ -838,13 +866,17 @@ def _byte_order(cls, actors: int) -> list[str]:
 
 
 _BYTE_ORDER = {kind: _byte_order(*kind) for kind in _FIRST_OPCODE}
+# Each op kind's fields in byte order, with their decoders.
+_PLANS = {(cls, actors): tuple((name, _field_decoder(cls, name, domain(cls, name)))
+                               for name in names)
+          for (cls, actors), names in _BYTE_ORDER.items()}
 
 
 def _decode_op(reader: _Reader, ctx: _Context, opcodes):
     cls, actors = kind = opcodes[reader.byte() % len(opcodes)]
     values: dict = {}
-    for name in _BYTE_ORDER[kind]:
-        values[name] = _decode_field(reader, cls, name, domain(cls, name), ctx, values, actors)
+    for name, decode_field in _PLANS[kind]:
+        values[name] = decode_field(reader, ctx, values, actors)
     return conform(cls(**values), ctx.header)
 
 

@@ -154,37 +154,46 @@ def _judge_parallel(candidates: list, op: Parallel, actual):
     if not isinstance(actual, PairOutcome) or len(actual.sides) != len(sides):
         trial = candidates[0].copy()
         return [], (Expect(((PairOutcome(*map(trial.run, sides)), None),)), op, actual)
-    outcomes = actual.sides
     survivors, first = [], None
-
-    def explore(state, before, left: tuple, owned: bool) -> None:
-        """Every order of the sides ``left`` from ``state``, which is this search's own
-        (``owned``: a trial of an earlier side, which its last order may use up) or a
-        candidate (never changed: a checkpoint's are shared)."""
-        nonlocal first
-        last = len(left) - 1
-        for position, index in enumerate(left):
-            trial = state if owned and position == last else state.copy()
-            expect = trial.step(sides[index], outcomes[index])
-            if expect is not None:
-                if first is None:
-                    first = (expect, sides[index], outcomes[index])
-                continue
-            rest = left[:position] + left[position + 1:]
-            if rest:
-                explore(trial, before, rest, True)
-                continue
-            trial.settle(op, actual, before)
-            if trial not in survivors:
-                survivors.append(trial)
-
     for state in candidates:
         # A racing access may log its gfn before any side's turn, so a get among the
         # sides may already report it (Reference.settle): settle before as well as after.
         start = state.copy()
         start.settle(op, actual, state)
-        explore(start, state, tuple(range(len(sides))), True)
+        first = _orders(start, state, tuple(range(len(sides))), True, op, actual, survivors,
+                        first)
     return survivors[:MAX_CANDIDATES], first
+
+
+def _orders(state, before, left: tuple, owned: bool, op: Parallel, actual, survivors: list,
+            first):
+    """Every order of the sides ``left`` of ``op`` from ``state``, which is this search's own
+    (``owned``: a trial of an earlier side, which its last order may use up) or a
+    candidate (never changed: a checkpoint's are shared); the states every side
+    admitted go to ``survivors``.  Returns ``first``, or the first failure met if
+    it is None.
+
+    (A module function, not a closure of :func:`_judge_parallel`: a recursive
+    closure holds itself, and every judged ``parallel`` left that cycle, and the
+    states it held, to the garbage collector.)
+    """
+    sides, outcomes = op.sides, actual.sides
+    last = len(left) - 1
+    for position, index in enumerate(left):
+        trial = state if owned and position == last else state.copy()
+        expect = trial.step(sides[index], outcomes[index])
+        if expect is not None:
+            if first is None:
+                first = (expect, sides[index], outcomes[index])
+            continue
+        rest = left[:position] + left[position + 1:]
+        if rest:
+            first = _orders(trial, before, rest, True, op, actual, survivors, first)
+            continue
+        trial.settle(op, actual, before)
+        if trial not in survivors:
+            survivors.append(trial)
+    return first
 
 
 def _judge_remembered(judged: dict, candidates: list, op: Parallel, actual):

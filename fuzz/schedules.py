@@ -33,7 +33,6 @@ the schedules two-actor exploration always ran, in the same order.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import heapq
 import itertools
 import random
@@ -78,18 +77,31 @@ def _rests(actors: int, exclude) -> list:
     return list(itertools.permutations(a for a in range(actors) if a not in exclude))
 
 
-def _one_preemptions(first: int, taken) -> list:
-    """One-preemption schedules of actor ``first``, which took ``taken[first]`` steps,
-    earliest preemption first: it is preempted after k steps, then every other actor
-    runs in turn (for the steps it took; the last until done), in every order.
+def _one_preemption_choices(first: int, taken) -> list:
+    """``(first, k, rest)`` of each one-preemption schedule of actor ``first``, which took
+    ``taken[first]`` steps, earliest preemption first: it is preempted after k steps,
+    then every other actor runs in turn (for the steps it took; the last until done), in
+    every order ``rest``.
 
     Its last step is the one that finishes it, so it can be preempted after
     1 .. steps-1 of them; steps past the horizon are out of a schedule's reach.
+    A choice is built into its schedule (:func:`_one_preemption`) only when it is
+    drawn: most pairs a worker queues are cut short or dropped before their last.
     """
     actors = len(taken)
     limit = min(taken[first], schedule_horizon(actors) - 1)
-    return [preemptions([(first, k)] + [(other, taken[other]) for other in rest], actors)
-            for k in range(1, limit) for rest in _rests(actors, (first,))]
+    rests = _rests(actors, (first,))
+    return [(first, k, rest) for k in range(1, limit) for rest in rests]
+
+
+def _one_preemption(taken, choice: tuple) -> int:
+    first, k, rest = choice
+    return preemptions([(first, k)] + [(other, taken[other]) for other in rest], len(taken))
+
+
+def _one_preemptions(first: int, taken) -> list:
+    """The one-preemption schedules of actor ``first`` (:func:`_one_preemption_choices`)."""
+    return [_one_preemption(taken, choice) for choice in _one_preemption_choices(first, taken)]
 
 
 def _alternate(*lists) -> list:
@@ -134,14 +146,15 @@ def bounded_schedules(*taken: int) -> Iterator[int]:
     yield from two_preemption_schedules(*taken)
 
 
-def sampled_preemptions(taken, rng: random.Random) -> list:
+def sampled_preemptions(taken, rng: random.Random) -> Iterator[int]:
     """The one-preemption schedules in a random order that alternates the preempted actor.
 
     Each actor is as likely to be the one preempted first, however long the
     others run (a side spinning on a frozen SPTE takes hundreds of steps,
     which would otherwise crowd out the other side's few preemption points).
+    The order is drawn now; each schedule is built when it is drawn.
     """
-    orders = [_one_preemptions(first, taken) for first in range(len(taken))]
+    orders = [_one_preemption_choices(first, taken) for first in range(len(taken))]
     for order in orders:
         rng.shuffle(order)
     if rng.random() < 0.5:
@@ -149,7 +162,7 @@ def sampled_preemptions(taken, rng: random.Random) -> list:
     if len(orders) > 2:  # (two actors: the reversal alone makes either first)
         turn = rng.randrange(len(orders))
         orders = orders[turn:] + orders[:turn]
-    return _alternate(*orders)
+    return (_one_preemption(taken, choice) for choice in _alternate(*orders))
 
 
 def sampled_two_preemptions(taken, rng: random.Random,
@@ -172,7 +185,7 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
     pair, ops = program.ops[index], program.ops
     for schedule in schedules:
         if schedule != pair.schedule:
-            yield program.with_ops(ops[:index] + (dataclasses.replace(pair, schedule=schedule),)
+            yield program.with_ops(ops[:index] + (Parallel.of(pair.sides, schedule),)
                                    + ops[index + 1:index + 1 + TAIL])
 
 
@@ -283,7 +296,7 @@ class ScheduleExplorer:
             later = random.Random(rng.getrandbits(32))  # draws when the pair's turn comes
             runner = _Runner(start, program, index)  # one per pair: both queues share it
             for queue, schedules, order in (
-                    (0, iter(sampled_preemptions(taken, rng)), (met, -self._arrivals)),
+                    (0, sampled_preemptions(taken, rng), (met, -self._arrivals)),
                     (1, sampled_two_preemptions(taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
                 heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,

@@ -85,6 +85,7 @@ class CampaignTarget:
         # of this program: the candidates for schedule exploration.
         self.parallels: list = []
         self._quiet = False
+        self._observed = True  # (see :meth:`unobserved`)
 
     def begin(self, ops: int, every_op: bool) -> None:
         """Set how the next program checks invariants: after every op, or only after its last."""
@@ -120,10 +121,30 @@ class CampaignTarget:
         finally:
             self._quiet = False
 
+    @contextlib.contextmanager
+    def unobserved(self):
+        """Run ops whose features and ``parallel`` notes nobody reads: a schedule variant's.
+
+        The variant runs quiet, and its pair is never offered again (its
+        schedules are the explorer's own).  A target that tells (``observed``,
+        ``harness.target.Target``) then skips what it makes only for them: the
+        pair's start state and its context switches, a sixth of a variant's pair.
+        """
+        observable = hasattr(self.target, "observed")
+        if observable:
+            self.target.observed = False
+        self._observed = False
+        try:
+            yield
+        finally:
+            self._observed = True
+            if observable:
+                self.target.observed = True
+
     def execute(self, op):
         self.executed += 1
         outcome = self.target.execute(op)
-        pair = type(op) is Parallel and self._explorable
+        pair = type(op) is Parallel and self._explorable and self._observed
         if pair:
             self.parallels.append((self.executed - 1, tuple(self.target.taken),
                                    self.target.pair_start))
@@ -364,7 +385,10 @@ class Worker:
             else:
                 checkpoint = run.checkpoint()
             self.ops += self.target.executed
-        return lambda variant: self._run_program(variant, every_op, checkpoint)
+        def run(variant):
+            with self.target.unobserved():
+                return self._run_program(variant, every_op, checkpoint)
+        return run
 
     def test_one_input(self, data: bytes) -> None:
         """libFuzzer's callback."""

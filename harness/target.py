@@ -153,6 +153,9 @@ class Target(Protocol):
     # took, and ``pair_start``, a string naming the state its sides started from.
     # Campaigns explore that pair's other schedules, pairs from the states they
     # have seen least first (fuzz/schedules.py).
+    # Optional: ``observed``, a bool the campaign sets false while it runs ops
+    # whose ``features()`` and ``pair_start`` it will not read (schedule
+    # variants); the target may skip making them meanwhile, nothing else.
     # Optional, together: ``snapshot() -> object``, the whole state after the last
     # op, and ``restore(snapshot)``, which makes the target continue from it
     # exactly as if the ops before it had been rerun (the same snapshot may be

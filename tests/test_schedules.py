@@ -240,7 +240,7 @@ def _serving(program, **options):
 def test_the_least_explored_state_goes_first_then_pairs_that_can_conflict():
     program = _program_with_three_pairs()  # the pair at 1 is on two 2M frames: apart
     explore = _serving(program, capacity=2)
-    one = len(sampled_preemptions((3, 3), random.Random(0)))
+    one = len(list(sampled_preemptions((3, 3), random.Random(0))))
     two = len(list(two_preemption_schedules(3, 3)))
     # New states: conflicting pairs before apart ones; the queues hold two, so the pair
     # each serves last is dropped.  The one-preemption queue serves the kind met first
@@ -259,7 +259,7 @@ def test_the_one_preemption_queue_serves_kinds_in_the_order_the_campaign_met_the
     """However many newer kinds arrive, and however often: none starves on that queue."""
     program = _program_with_three_pairs()
     explore = _serving(program, capacity=4)
-    one = len(sampled_preemptions((3, 3), random.Random(0)))
+    one = len(list(sampled_preemptions((3, 3), random.Random(0))))
     two = len(list(two_preemption_schedules(3, 3)))
     newer = [[(3, (3, 3), f"new{i % 3}")] for i in range(12)]
     served = explore([(2, (3, 3), "first")], *newer)
@@ -274,7 +274,7 @@ def test_a_pair_whose_side_took_steps_of_another_magnitude_is_a_state_of_its_own
     # From the explored start state, a pair whose second side took 8 steps (not 3) goes
     # before a newer one whose sides took 3 steps again, which waits as "b" was explored.
     served = explore([(3, (3, 8), "b"), (2, (3, 3), "b")])
-    one, two = len(sampled_preemptions((3, 8), random.Random(0))), len(list(
+    one, two = len(list(sampled_preemptions((3, 8), random.Random(0)))), len(list(
         two_preemption_schedules(3, 8)))
     assert served[:one] == [3] * one and served.count(3) == one + two
     assert served.index(2) > served.index(3)
@@ -291,7 +291,7 @@ def test_a_two_preemption_sample_is_distinct_schedules_of_the_full_set():
 
 
 def test_sampled_preemptions_are_the_one_preemption_schedules_alternating_the_preempted_side():
-    schedules = sampled_preemptions((40, 3), random.Random(1))
+    schedules = list(sampled_preemptions((40, 3), random.Random(1)))
     assert sorted(schedules) == sorted([preemptions([(0, k), (1, 0)], 2) for k in range(1, 40)]
                                        + [preemptions([(1, k), (0, 0)], 2) for k in (1, 2)])
     # b (3 steps: 2 preemption points) is preempted first in one of the first two runs,
@@ -321,6 +321,42 @@ def test_a_pairs_variants_resume_from_one_run_of_the_ops_before_it():
     variants = worker.explorer.runs
     assert variants > 20 and runs["pair"] == 1 + variants
     assert runs["first op"] == 2  # the input's run, and the checkpoint's
+
+
+def test_variants_run_unobserved_and_run_as_they_would_observed():
+    """A schedule variant's pair start state and context switches are never read, so the
+    target does not make them; the variant runs step for step as it would observed."""
+    program, index = _regression("free-before-flush")
+    worker = Worker(CampaignConfig("tdp", NO_FAULT),
+                    sink=CounterSink(itertools.count().__next__, lambda counter: None))
+    worker.explorer, _ = _running_explorer()
+    worker.explorer.offer_collisions = lambda programs, run: None
+    tdp = worker.target.target
+    seen = []  # (observed, pair_start, switches noted, taken, outcome) of every pair run
+    execute = tdp.execute
+
+    def noting(op):
+        outcome = execute(op)
+        if isinstance(op, Parallel):
+            seen.append((tdp.observed, tdp.pair_start, len(tdp._switches), tuple(tdp.taken),
+                         outcome, op.schedule))
+        return outcome
+    tdp.execute = noting
+    assert worker.run(encode(program))[1] is None
+    assert tdp.observed and worker.target._observed  # back on after the variants
+    first, variants = seen[0], seen[1:]
+    assert first[0] and first[1] and first[2] and len(variants) == worker.explorer.runs > 20
+    assert all(not observed and start == "" and switches == 0
+               for observed, start, switches, *_ in variants)
+    # Each variant observed, from scratch: the same steps and outcome.
+    target = make_target("tdp")
+    for *_, taken, outcome, schedule in variants[:8]:
+        variant = dataclasses.replace(program.ops[index], schedule=schedule)
+        target.reset(program.header)
+        for op in program.ops[:index]:
+            target.execute(op)
+        assert target.execute(variant) == outcome and tuple(target.taken) == taken
+        assert target.pair_start
 
 
 def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():

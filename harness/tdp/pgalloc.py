@@ -18,18 +18,22 @@ from mmufuzz.harness.tdp.spte import SHADOW_NONPRESENT_VALUE, SPTE_BASE_ADDR_MAS
 
 
 class _FreedTable:
-    """The entries of a freed table page: every read or write is a violation."""
+    """The entries of a freed table page: every read or write is a violation.
 
-    __slots__ = ("page",)
+    It names its page by value, not by reference: a page whose entries point
+    back at it would be a reference cycle, left for the garbage collector when
+    its VM is dropped (a schedule variant drops one per run).
+    """
+
+    __slots__ = ("gfn", "level", "pfn")
 
     def __init__(self, page: TablePage):
-        self.page = page
+        self.gfn, self.level, self.pfn = page.gfn, page.level, page.pfn
 
     def _violation(self, index) -> InvariantViolation:
-        page = self.page
         return InvariantViolation(
             "walker_read_freed_table",
-            f"gfn={page.gfn:#x} level={page.level} index={index} pfn={page.pfn:#x}")
+            f"gfn={self.gfn:#x} level={self.level} index={index} pfn={self.pfn:#x}")
 
     def __getitem__(self, index):
         raise self._violation(index)

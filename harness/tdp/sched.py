@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 
-from mmufuzz.harness.ops import schedule_digits
 
 # A correct op finishes in far fewer steps; beyond this it is livelocked.
 STEP_CAP = 200_000
@@ -64,13 +63,17 @@ def interleave(sides, schedule: int, after_step=None, on_switch=None, taken=None
     """
     sides = list(sides)
     count = len(sides)
-    digits = schedule_digits(schedule, count)
-    last = len(digits)
+    # The digits still to read (schedule_digits, read as the steps are taken: a pair is
+    # done in a few dozen steps, well before a schedule's 64 digits).
+    unread = schedule
     waits, done, results = [None] * count, [False] * count, [None] * count
     running = count
     step, previous = 0, None
     while running:
-        want = digits[step] if step < last else step % count
+        if unread:
+            unread, want = divmod(unread, count)
+        else:
+            want = step % count
         # A side is runnable if not done and not blocked; the others are asked, in
         # order after it, only when the wanted one cannot run (the waits are pure tests).
         wait = waits[want]
