@@ -13,6 +13,7 @@ import dataclasses
 from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb,
                                  Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
                                  WritePte, op_vcpu)
+from mmufuzz.harness.shadow.events import EVENTS, SPTE_KINDS, spte_kind
 from mmufuzz.harness.shadow.invariants import check_invariants, check_postcondition
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -80,6 +81,7 @@ class ShadowTarget(TdpTarget):
 
     name = "shadow"
     capabilities = ShadowCapabilities()
+    events = EVENTS
 
     def reset(self, header: VmHeader) -> None:
         super().reset(header)
@@ -99,12 +101,16 @@ class ShadowTarget(TdpTarget):
         """Its invariant checks keep no records of the tables between checks."""
 
     def features(self) -> list:
-        """Coverage the guest cannot see: a parallel's context switches; the shadow state
-        an access left for its address (the page's role and unsync state) or a PTE write
-        left for its table (not shadowed, synced, unsync, write-tracked); and, after a
-        guest flush, invlpg or CR3 load, whether unsync pages remain (what a sync did)."""
+        """Coverage the guest cannot see: a parallel's context switches; the shadow-MMU
+        events the op raised (:mod:`mmufuzz.harness.shadow.events`); the shadow state an
+        access left for its address (the page's level, role and unsync state, and whether
+        its entry is a leaf, an MMIO SPTE or nothing) or a PTE write left for its table
+        (not shadowed, synced, unsync, write-tracked; what the shadow entry of the
+        written index holds); and, after a guest flush, invlpg or CR3 load, whether
+        unsync pages remain (what a sync did)."""
         features = sorted(self._switches)
         self._switches.clear()
+        features += self.events.drain(self.kvm.events)
         op = self._last
         for prefix, side in (zip((f"{name}." for name in SIDE_NAMES), op.sides)
                              if type(op) is Parallel else (("", op),)):
@@ -113,11 +119,13 @@ class ShadowTarget(TdpTarget):
                 features.append(prefix + state)
         return features
 
-    def _shadow_state(self, op):
-        """This op's feature (see :meth:`features`), or None."""
+    def _shadow_state(self, op, entry: bool = True):
+        """This op's feature (see :meth:`features`), or None; without what the shadow
+        entry holds unless ``entry``."""
         kind = type(op)
         if kind is WritePte:
-            return f"table:{self._table_state(op.table)}"
+            table = f"table:{self._table_state(op.table)}"
+            return f"{table}:{self._entry_state(op.table, op.index)}" if entry else table
         if kind in (FlushTlb, Invlpg, Paging):
             unsync = sum(1 for sp in self.kvm.mmu.active_mmu_pages if sp.unsync)
             return f"{OP_NAMES[kind]}:unsync={min(unsync, 2)}"
@@ -129,13 +137,20 @@ class ShadowTarget(TdpTarget):
             return "shadow:none"
         mmu = self.kvm.mmu
         level = sp.level
-        while level > 1:
+        while True:
             spte = sp.spt[(op.addr >> (PAGE_SHIFT + 9 * (level - 1))) & 511]
-            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            if level == 1 or not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 break
             sp, level = mmu.sp_of(spte), level - 1
-        return f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
-               f"{'unsync' if sp.unsync else 'sync'}"
+        state = f"shadow:{level}:{'direct' if sp.direct else 'indirect'}:" \
+                f"{'unsync' if sp.unsync else 'sync'}"
+        return f"{state}:{SPTE_KINDS[spte_kind(spte, level)]}" if entry else state
+
+    def _entry_state(self, gfn: int, index: int) -> str:
+        """What entry ``index`` of guest table ``gfn``'s shadow pages holds (the most
+        telling of them: a link, a leaf, an MMIO SPTE, nothing)."""
+        return SPTE_KINDS[max((spte_kind(sp.spt[index], sp.level)
+                               for sp in self.kvm.mmu.sps_with_gptes(gfn)), default=0)]
 
     def _table_state(self, gfn: int) -> str:
         """How the shadow MMU treats guest table ``gfn``: none, synced, unsync or tracked."""
@@ -148,7 +163,10 @@ class ShadowTarget(TdpTarget):
         return "unsync" if any(sp.unsync for sp in pages) else "synced"
 
     def _start_state(self, op) -> str:
-        return self._shadow_state(op) or OP_NAMES[type(op)]
+        """One side's part of :attr:`pair_start`: its shadow state without the entry's
+        content, so that the schedule explorer, which shares its time by the state a pair
+        starts from, splits it no finer than before the entry features."""
+        return self._shadow_state(op, False) or OP_NAMES[type(op)]
 
 
 __all__ = ["ShadowTarget"]

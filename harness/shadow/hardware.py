@@ -32,6 +32,7 @@ from mmufuzz.harness.ops import (
     Paging,
 )
 from mmufuzz.harness.shadow import paging_tmpl
+from mmufuzz.harness.shadow.events import INVLPG_UNSYNC, SPTE_KINDS, spte_kind
 from mmufuzz.harness.shadow.fault import RET_PF_EMULATE, emulate, kvm_mmu_page_fault
 from mmufuzz.harness.shadow.mmu import kvm_mmu_page_get_gfn
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
@@ -339,6 +340,9 @@ class Vcpu:
         sp, level = root, PT64_ROOT_4LEVEL
         while True:
             index = (gva >> paging_tmpl.level_shift(level)) & 511
+            if sp.unsync:
+                self.kvm.events[INVLPG_UNSYNC + len(SPTE_KINDS) * (level - 1)
+                                + spte_kind(sp.spt[index], level)] += 1
             if sp.unsync and not (faults.active("invlpg-keeps-mmio")
                                   and is_mmio_spte(sp.spt[index])):
                 ret = paging_tmpl.kvm_sync_spte(self, sp, index)

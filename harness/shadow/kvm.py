@@ -33,6 +33,7 @@ from mmufuzz.harness.ops import (
     WritePte,
     ZapAll,
 )
+from mmufuzz.harness.shadow.events import EVENTS
 from mmufuzz.harness.shadow.hardware import Vcpu
 from mmufuzz.harness.shadow.mmu import ShadowMmu
 from mmufuzz.harness.tdp.dirty import DirtyLogger
@@ -48,6 +49,7 @@ class Kvm:
 
     def __init__(self, header: VmHeader):
         TdpKvm.init_common(self, header)  # the generic struct kvm
+        self.events = EVENTS.counts()  # the shadow MMU's own (shadow.events)
         self.pgalloc = PageTableAllocator(self.host)
         self.vcpus = [Vcpu(self, i) for i in range(header.vcpus)]
         self.mmu = ShadowMmu(self)

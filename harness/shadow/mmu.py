@@ -24,6 +24,9 @@ from __future__ import annotations
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.shadow.events import (FIND_OTHER_ROLE, MMIO_SPTE_DIRECT, MMIO_SPTE_SYNC,
+                                           MMIO_SPTE_UNSYNC, UNSYNC_HELD_LEAVES,
+                                           UNSYNC_HELD_MMIO)
 from mmufuzz.harness.shadow.spte import (
     ACC_WRITE_MASK,
     ROLE_INVALID,
@@ -173,6 +176,9 @@ class ShadowMmu:
         found = None
         for sp in self.valid_sps(gfn):
             if sp.role != role and not faults.active("shadow-hash-gfn-only"):
+                if not (sp.direct or role_direct(role)):
+                    self.kvm.events[FIND_OTHER_ROLE + 8 * (role_level(role) - 1)
+                                    + 2 * (sp.level - 1) + sp.unsync] += 1
                 if (role_level(role) > PG_LEVEL_4K and sp.unsync
                         and not faults.active("unsync-role-mismatch")):
                     self.kvm_mmu_prepare_zap_page(sp, invalid_list)
@@ -336,6 +342,8 @@ class ShadowMmu:
                 self.drop_spte(sp, index)
                 self.kvm_flush_remote_tlbs()
             sp.spt[index] = make_mmio_spte(gfn, pte_access, fault.gen)
+            self.kvm.events[MMIO_SPTE_DIRECT if sp.direct else
+                            MMIO_SPTE_UNSYNC if sp.unsync else MMIO_SPTE_SYNC] += 1
             return RET_PF_EMULATE
         if is_shadow_present_pte(old):
             if not is_last_spte(old, sp.level):
@@ -440,7 +448,10 @@ class ShadowMmu:
         sp.unsync = True
         self.kvm_mmu_mark_parents_unsync(sp)
         flush = False
+        events = self.kvm.events
         for index in used_entries(sp.spt):
+            events[UNSYNC_HELD_LEAVES if is_shadow_present_pte(sp.spt[index])
+                   else UNSYNC_HELD_MMIO] += 1
             flush |= self.mmu_page_zap_pte(sp, index)
         if flush:
             self.kvm_flush_remote_tlbs()

@@ -37,6 +37,9 @@ from mmufuzz.harness.ops import (
     AccessKind,
     PageFault,
 )
+from mmufuzz.harness.shadow.events import (SYNC_INVALID_GPTE, SYNC_MMIO_CLEARED, SYNC_MMIO_KEPT,
+                                           SYNC_NARROWED, SYNC_NO_GPTE, SYNC_OTHER_GFN,
+                                           SYNC_SAME)
 from mmufuzz.harness.shadow.mmu import (
     EEXIST,
     RET_PF_RETRY,
@@ -417,20 +420,28 @@ def sync_spte(vcpu, sp: KvmMmuPage, index: int) -> int:
     kvm = vcpu.kvm
     if sp.spt[index] == _empty_spte():
         return 0
+    events = kvm.events
     gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
     if gpte is None:
+        events[SYNC_NO_GPTE] += 1
         return -1
     if prefetch_invalid_gpte(kvm, sp, index, gpte):
+        events[SYNC_INVALID_GPTE] += 1
         return 1
     gfn = (gpte & PTE_ADDR_MASK) >> PAGE_SHIFT
     pte_access = protect_clean_gpte(role_access(sp.role) & gpte_access(gpte), gpte)
     if sync_mmio_spte(kvm, sp, index, gfn, pte_access):
+        events[SYNC_MMIO_CLEARED if sp.spt[index] == SHADOW_NONPRESENT_VALUE
+               else SYNC_MMIO_KEPT] += 1
         return 0
     if gfn != kvm_mmu_page_get_gfn(sp, index):
+        events[SYNC_OTHER_GFN] += 1
         kvm.mmu.drop_spte(sp, index)
         return 1
     if kvm_mmu_page_get_access(sp, index) == pte_access:
+        events[SYNC_SAME] += 1
         return 0
+    events[SYNC_NARROWED] += 1
     sp.shadowed_translation[index] = (gfn << PAGE_SHIFT) | pte_access
     spte = sp.spt[index]
     if not is_writable_pte(spte):
