@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from test_shadow_mmu import TABLE_CHAIN
+
 from mmufuzz.fuzz.encoding import load_reproducer, parse_reproducer
 from mmufuzz.harness.shadow import ShadowTarget
 from mmufuzz.harness.shadow.events import EVENTS
@@ -44,13 +46,7 @@ def test_a_table_used_at_two_levels_is_an_event_at_the_lookup():
 
 
 def test_a_cr3_load_of_a_page_table_is_an_event():
-    program = parse_reproducer("""\
-vm type=default vcpus=1
-memslot_add slot=0 base=0x0 npages=0x40 flags= host_offset=0
-write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p,rw
-write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p,rw
-write_pte vcpu=0 table=0x3 index=0 target=0x4 flags=p,rw
-write_pte vcpu=0 table=0x4 index=0 target=0x10 flags=p,rw
+    program = parse_reproducer(TABLE_CHAIN + """\
 paging vcpu=0 root=0x1
 access vcpu=0 gva=0x0 word=0 kind=read private=0
 paging vcpu=0 root=0x4

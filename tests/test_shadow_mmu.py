@@ -19,13 +19,17 @@ from mmufuzz.harness.shadow.spte import (ACC_ALL, ACC_EXEC_MASK, ACC_WRITE_MASK,
                                          is_writable_pte, make_role, role_access, role_level)
 from mmufuzz.harness.target import InvariantViolation
 
-TABLES = """\
+# A four-level guest table chain 0x1 -> 0x2 -> 0x3 -> 0x4 mapping gva 0 to gfn 0x10.
+TABLE_CHAIN = """\
 vm type=default vcpus=1
 memslot_add slot=0 base=0x0 npages=0x40 flags= host_offset=0
 write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p,rw
 write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p,rw
 write_pte vcpu=0 table=0x3 index=0 target=0x4 flags=p,rw
 write_pte vcpu=0 table=0x4 index=0 target=0x10 flags=p,rw
+"""
+
+TABLES = TABLE_CHAIN + """\
 write_pte vcpu=0 table=0x4 index=1 target=0x11 flags=p,rw
 paging vcpu=0 root=0x1
 access vcpu=0 gva=0x0 word=0 kind=write value=0x5 private=0
