@@ -30,6 +30,7 @@ from mmufuzz.harness.tdp.sept import (
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
+from mmufuzz.harness.tdp.spte import gfn_round_for_level
 
 
 def accept(kvm, vcpu, op: Accept):
@@ -57,8 +58,8 @@ def accept(kvm, vcpu, op: Accept):
             continue
         if call == TDX_OPERAND_BUSY:
             # Another vCPU's ACCEPT holds the leaf: run this one again once that one is done.
-            entry = kvm.sept.lookup(gfn)
-            yield lambda: not kvm.sept.accepting(entry)
+            first = gfn_round_for_level(gfn, level)
+            yield lambda: not kvm.sept.held_over(first, level)
             continue
         if call == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT:
             exit_ = yield from tdx_handle_ept_violation(kvm, vcpu, op.gpa, level)

@@ -149,11 +149,17 @@ class SecureEpt:
         """(level, first gfn) -> leaf entry, whatever its state."""
         return {key: e for key, e in self.entries().items() if e.state not in _NONLEAF}
 
-    def _busy(self, gfn: int, level: int) -> bool:
-        """A TDCALL in flight holds an entry whose range meets this one's."""
+    def held_over(self, gfn: int, level: int) -> bool:
+        """A TDCALL in flight holds an entry whose range meets the entry of ``gfn`` (its
+        first page) at ``level``.  Held entries are leaves, so on a guest's own
+        leaf this is "another ACCEPT holds it"."""
         end = gfn + pages_per_level(level)
-        if any(call.entry.gfn < end and gfn < call.entry.gfn + pages_per_level(call.entry.level)
-               for call in self.held):
+        return any(call.entry.gfn < end and gfn < call.entry.gfn + pages_per_level(call.entry.level)
+                   for call in self.held)
+
+    def _busy(self, gfn: int, level: int) -> bool:
+        """A host SEAMCALL on the entry meets a TDCALL in flight: TDX_OPERAND_BUSY."""
+        if self.held_over(gfn, level):
             self.kvm.events[events.SEPT_OPERAND_BUSY] += 1
             return True
         return False
@@ -310,16 +316,13 @@ class SecureEpt:
             return TDX_PAGE_SIZE_MISMATCH
         if entry.state == MAPPED:
             return TDX_PAGE_ALREADY_ACCEPTED
-        if self.accepting(entry):
+        if self.held_over(entry.gfn, level):
+            # Another vCPU's ACCEPT holds the leaf: the module fails to take the entry's
+            # lock (TDX_OPERAND_BUSY) and the guest runs the ACCEPT again.
             return TDX_OPERAND_BUSY
         call = Tdcall(entry)
         self.held.append(call)
         return call
-
-    def accepting(self, entry) -> bool:
-        """Another vCPU's ACCEPT holds ``entry``: the module refuses a second one meanwhile
-        (TDX_OPERAND_BUSY, the entry's lock) and the guest runs it again."""
-        return any(call.entry is entry for call in self.held)
 
     def accept_end(self, call: Tdcall) -> None:
         """The ACCEPT completes (if a kick has not made it complete already): the pages are
