@@ -49,9 +49,9 @@ TAIL = 3  # ops a variant keeps after its parallel
 CAPACITY = 256  # pairs each queue keeps
 TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
 # Relative shares of the exploration time of its sources: the one-preemption queue, the
-# two-preemption queue, collisions.
-SOURCE_WEIGHTS = (2, 2, 1)
-_COLLISIONS = 2  # the source that is not a queue of pairs
+# two-preemption queue, the collisions' pairings, their triples.
+SOURCE_WEIGHTS = (2, 2, 1, 1)
+_PAIRINGS, _TRIPLES = 2, 3  # the sources that are not queues of pairs
 _SOURCES = range(len(SOURCE_WEIGHTS))
 
 
@@ -190,8 +190,8 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
 
 
 class ScheduleExplorer:
-    """A worker's race exploration: two queues of pairs and one of collisions, served within a
-    share of its time.
+    """A worker's race exploration: two queues of pairs and two of collisions, served within
+    a share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker ran:
     pairs of a kind (:func:`pair_kind`) no program ran before and pairs whose
@@ -217,8 +217,8 @@ class ScheduleExplorer:
     seeds in 10 (``docs/campaigns.md``).  Weighting by the number of
     schedules, to prefer short pairs, lost races: a side spinning on a frozen
     SPTE has hundreds of steps, and as many equivalent places to be
-    preempted.)  :meth:`work` runs variants from the queues and collisions
-    (below), the one furthest below its share of the time
+    preempted.)  :meth:`work` runs variants from the queues and the collisions'
+    pairings and triples (below), the one furthest below its share of the time
     (:data:`SOURCE_WEIGHTS`) first, until the budget is spent; work cut short
     is the next its source serves.  Deferring is what makes the budget count: new
     behaviour comes in bursts (at the start of a campaign, after a
@@ -228,15 +228,28 @@ class ScheduleExplorer:
 
     :meth:`offer_collisions` queues the collisions of an input that showed
     new behaviour (:func:`mmufuzz.fuzz.mutator.collisions`: each of its guest ops in
-    parallel with each op that can race it, then with each two), a third
-    source of work served oldest input first, the pairings of all before
-    the triples of any; each collision that runs offers its pair like any
-    program.  A race may need one pairing among the dozens a program allows,
-    which random mutation draws rarely.  In 60-s campaigns (seeds 1-15) the
-    collisions took a fault racing a 4K accept from 6 seeds to 13.  They
-    take time from the schedule queues and add states to share it, which a
-    larger share for exploration (65%, was 50%) makes up for in part: a
-    table freed under a walker went from 12 seeds to 11 (``docs/faults.md``).
+    parallel with each op that can race it, then with each two): its
+    pairings and its triples, two more sources of work, each served oldest
+    input first (the seeds' first); each collision that runs offers its pair
+    like any program.  A race may need one pairing among the dozens a
+    program allows, which random mutation draws rarely.  In 60-s campaigns
+    (seeds 1-15) the collisions took a fault racing a 4K accept from 6 seeds
+    to 13.  They take time from the schedule queues and add states to share
+    it, which a larger share for exploration (65%, was 50%) makes up for in
+    part: a table freed under a walker went from 12 seeds to 11
+    (``docs/faults.md``).  The triples have a share of their own because
+    the pairings never run out: served input by input with them, an input's
+    hundreds of triples held back the pairings of the inputs behind it (a
+    merge race a seed's pairing finds went from 3 seeds in 3 to 2), and
+    served after the pairings of every waiting input, no triple ever ran
+    (in five traced 30- to 80-s campaigns the pairings had come to the
+    inputs run 118th to 521st when they ended, thousands of inputs behind).  Races that need a third party then came
+    only from mutants that happen to build such a ``parallel``, late and
+    seldom in a guided campaign, whose corpus spreads its mutations thin: a
+    walker reading a table freed while a memslot is added under two vCPUs
+    (a seed's first triples) was found in 3 seeds of 5 guided (median
+    52.6 s), 5 of 5 unguided (13.2 s), and with the triples' own share in
+    under a second in every seed of both (``docs/levers.md``, runs J-K).
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -260,11 +273,10 @@ class ScheduleExplorer:
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
         # The collisions of new inputs, oldest input first: (programs, run), the pairings
-        # of every input before the triples of any.
-        self._pairings: collections.deque = collections.deque()
-        self._triples: collections.deque = collections.deque()
-        # Per source (one-preemption, two-preemption, collisions): the work it cut short
-        # ((variants, run) or None) and the time it has had.
+        # and the triples, each a source of its own.
+        self._collisions: tuple = (collections.deque(), collections.deque())
+        # Per source (one-preemption, two-preemption, pairings, triples): the work it cut
+        # short ((variants, run) or None) and the time it has had.
         self._cut_short: list = [None] * len(_SOURCES)
         self._spent = [0.0] * len(_SOURCES)
         self._seen: dict = {}  # pair kind -> pairs offered of it
@@ -328,24 +340,21 @@ class ScheduleExplorer:
         ``collisions`` (:func:`mmufuzz.fuzz.mutator.collisions`) holds the input's
         pairings and its triples, each drawn when its turn comes; ``run`` takes
         one program and returns its finding or None, and offers its
-        ``parallel`` to the schedule queues.  The oldest input is served first,
-        and the pairings of every waiting input before the triples of any: an
-        input has a few dozen pairings and hundreds of triples, and served
-        input by input its triples held back the pairings of the inputs behind
-        it (a merge race a seed's pairing finds went from 3 seeds in 3 to 2
-        when triples came in).  While :attr:`capacity` inputs wait, a new one
-        is not queued.
+        ``parallel`` to the schedule queues.  The pairings and the triples are
+        sources of their own (an input has a few dozen pairings and hundreds of
+        triples, and neither may hold the other back: see the class), each
+        serving the oldest input first.  While :attr:`capacity` inputs wait on
+        a source, a new one is not queued there.
         """
-        if len(self._pairings) < self.capacity:
-            self._pairings.append((collisions.pairings, run))
-        if len(self._triples) < self.capacity:
-            self._triples.append((collisions.triples, run))
+        for inputs, programs in zip(self._collisions, (collisions.pairings, collisions.triples)):
+            if len(inputs) < self.capacity:
+                inputs.append((programs, run))
 
     def _waiting(self, source: int) -> bool:
         if self._cut_short[source] is not None:
             return True
-        if source == _COLLISIONS:
-            return bool(self._pairings or self._triples)
+        if source >= _PAIRINGS:
+            return bool(self._collisions[source - _PAIRINGS])
         return bool(self._queues[source])
 
     def _next(self, source: int) -> tuple:
@@ -353,8 +362,8 @@ class ScheduleExplorer:
         work, self._cut_short[source] = self._cut_short[source], None
         if work is not None:
             return work
-        if source == _COLLISIONS:
-            return (self._pairings or self._triples).popleft()
+        if source >= _PAIRINGS:
+            return self._collisions[source - _PAIRINGS].popleft()
         pairs = self._queues[source]
         entry = heapq.heappop(pairs)
         while (current := self._current(source, entry)) is not entry:

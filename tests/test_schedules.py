@@ -378,7 +378,9 @@ def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     assert run_program(program, make_target("tdp")) is None  # the input alone is clean
 
 
-def test_the_pairings_of_every_waiting_input_run_before_the_triples_of_any():
+def test_the_triples_of_new_inputs_share_the_time_with_the_pairings_of_later_ones():
+    """Pairings and triples are two sources, each served oldest input first: a later
+    input's pairings do not hold back the triples of an earlier one (a seed's)."""
     text = """vm type=default vcpus=1
     memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
     access vcpu=0 gpa=0x201000 word=0 kind=read private=0
@@ -388,17 +390,21 @@ def test_the_pairings_of_every_waiting_input_run_before_the_triples_of_any():
     first = parse_reproducer(text).program
     second = first.with_ops(first.ops[:3])  # a later input: two pairings, one triple
     ran = []
+    explorer, now = _running_explorer()
 
     def runner(name):
         def run(program):
             actors = max(len(op.sides) for op in program.ops if isinstance(op, Parallel))
             ran.append((name, actors))
+            now[0] += 0.01  # every collision takes the same time
         return run
-    explorer, _ = _running_explorer()
-    explorer.offer_collisions(mutator.collisions(first, TAIL), runner("first"))
-    explorer.offer_collisions(mutator.collisions(second, TAIL), runner("second"))
-    assert explorer.work() is None  # the clock stands still: everything runs
+    for name, program in (("first", first), ("second", second)):
+        explorer.offer_collisions(mutator.collisions(program, TAIL), runner(name))
+    assert explorer.work() is None  # everything runs within the second allowed
     # The read races the slot's memslot_add (it names base 0x200, in the read's frame) and
-    # the host ops that name no memory: four partners in 'first', two in 'second'.
-    assert ran == [("first", 2)] * 4 + [("second", 2)] * 2 \
-        + [("first", 3)] * 6 + [("second", 3)]  # then C(4, 2) and C(2, 2) triples
+    # the host ops that name no memory: four partners in 'first' (four pairings, C(4, 2)
+    # triples), two in 'second' (two pairings, one triple).  Each source runs an input's
+    # collisions whole, and the one further behind on time goes next: the pairings of
+    # 'second' wait for the triples of 'first'.
+    assert ran == [("first", 2)] * 4 + [("first", 3)] * 6 + [("second", 2)] * 2 \
+        + [("second", 3)]
