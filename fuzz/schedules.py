@@ -50,7 +50,7 @@ CAPACITY = 256  # pairs each queue keeps
 TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
 # Relative shares of the exploration time of its sources: the one-preemption queue, the
 # two-preemption queue, the collisions' pairings, their triples.
-SOURCE_WEIGHTS = (4, 4, 2, 1)
+SOURCE_WEIGHTS = (8, 8, 4, 1)
 _PAIRINGS, _TRIPLES = 2, 3  # the sources that are not queues of pairs
 _SOURCES = range(len(SOURCE_WEIGHTS))
 
@@ -250,12 +250,15 @@ class ScheduleExplorer:
     (a seed's first triples) was found in 3 seeds of 5 guided (median
     52.6 s), 5 of 5 unguided (13.2 s), and with the triples' own share in
     under a second in every seed of both (``docs/levers.md``, runs J-K).
-    Their share is the smallest (:data:`SOURCE_WEIGHTS`), half the
-    pairings': a triple runs once and offers a pair of a kind mostly new, so
-    the seeds' triples put many kinds on the one-preemption queue, met before
-    a later seed's pairings, and at the pairings' share they pushed the merge
-    race's kind (a pairing of seed 03) from the 169th kind met to the 252nd
-    and out of reach of a 40-s campaign; at half of it, to the 204th.
+    Their share is small (:data:`SOURCE_WEIGHTS`, a quarter of the
+    pairings'): a triple runs once and offers a pair of a kind mostly new,
+    so the seeds' triples put many kinds on the one-preemption queue, met
+    before a later seed's pairings.  At the pairings' share they pushed the
+    merge race's kind (a pairing of seed 03; traced, seed 1) from the 169th
+    kind met to the 252nd, out of reach of a 40-s campaign, and at half of
+    it to the 204th (the race 1.7x later in both engines); at a quarter, to
+    the 185th, its turn 100th instead of 93rd.  The first input's first
+    triples still run in the campaign's first second.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
