@@ -230,35 +230,37 @@ class ScheduleExplorer:
     new behaviour (:func:`mmufuzz.fuzz.mutator.collisions`: each of its guest ops in
     parallel with each op that can race it, then with each two): its
     pairings and its triples, two more sources of work, each served oldest
-    input first (the seeds' first); each collision that runs offers its pair
-    like any program.  A race may need one pairing among the dozens a
-    program allows, which random mutation draws rarely.  In 60-s campaigns
-    (seeds 1-15) the collisions took a fault racing a 4K accept from 6 seeds
-    to 13.  They take time from the schedule queues and add states to share
-    it, which a larger share for exploration (65%, was 50%) makes up for in
-    part: a table freed under a walker went from 12 seeds to 11
-    (``docs/faults.md``).  The triples have a share of their own because
-    the pairings never run out: served input by input with them, an input's
-    hundreds of triples held back the pairings of the inputs behind it (a
-    merge race a seed's pairing finds went from 3 seeds in 3 to 2), and
-    served after the pairings of every waiting input, no triple ever ran
-    (in five traced 30- to 80-s campaigns the pairings had come to the
-    inputs run 118th to 521st when they ended, thousands of inputs behind).  Races that need a third party then came
-    only from mutants that happen to build such a ``parallel``, late and
-    seldom in a guided campaign, whose corpus spreads its mutations thin: a
-    walker reading a table freed while a memslot is added under two vCPUs
-    (a seed's first triples) was found in 3 seeds of 5 guided (median
-    52.6 s), 5 of 5 unguided (13.2 s), and with the triples' own share in
-    under a second in every seed of both (``docs/levers.md``, runs J-K).
-    Their share is small (:data:`SOURCE_WEIGHTS`, a quarter of the
-    pairings'): a triple runs once and offers a pair of a kind mostly new,
-    so the seeds' triples put many kinds on the one-preemption queue, met
-    before a later seed's pairings.  At the pairings' share they pushed the
+    input first (the seeds' first).  Each pairing that runs offers its pair
+    like any program; each triple's pair is explored at once, its
+    one-preemption schedules within the triples' own share.  A race may need
+    one pairing among the dozens a program allows, which random mutation
+    draws rarely.  In 60-s campaigns (seeds 1-15) the collisions took a
+    fault racing a 4K accept from 6 seeds to 13.  They take time from the
+    schedule queues and add states to share it, which a larger share for
+    exploration (65%, was 50%) makes up for in part: a table freed under a
+    walker went from 12 seeds to 11 (``docs/faults.md``).
+
+    The triples have a share of their own because the pairings never run
+    out: served input by input with them, an input's hundreds of triples
+    held back the pairings of the inputs behind it (a merge race a seed's
+    pairing finds went from 3 seeds in 3 to 2), and served after the
+    pairings of every waiting input, no triple ever ran (in five traced 30-
+    to 80-s campaigns the pairings had come to the inputs run 118th to 521st
+    when they ended).  Races that need a third party then came only from
+    mutants that happen to build such a ``parallel``, late and seldom in a
+    guided campaign, whose corpus spreads its mutations thin: a walker
+    reading a table freed while a memslot is added under two vCPUs (a seed's
+    first triples) was found in 3 seeds of 5 guided (median 52.6 s), 5 of 5
+    unguided (13.2 s), and with the triples' own share in under a second in
+    every seed of both (``docs/levers.md``, runs J-N).  Their pairs are not
+    queued: a triple runs once and offers a pair of a kind mostly new, and
+    on the one-preemption queue, kinds in the order met, the seeds' triples'
+    kinds went ahead of a later seed's pairings.  Queued, they pushed the
     merge race's kind (a pairing of seed 03; traced, seed 1) from the 169th
-    kind met to the 252nd, out of reach of a 40-s campaign, and at half of
-    it to the 204th (the race 1.7x later in both engines); at a quarter, to
-    the 185th, its turn 100th instead of 93rd.  The first input's first
-    triples still run in the campaign's first second.
+    kind met to the 252nd, out of reach of a 40-s campaign, at the pairings'
+    share, and made the race 1.3-2.4x later at a half or a quarter of it.
+    Explored in their own turn they take their share (a quarter of the
+    pairings', :data:`SOURCE_WEIGHTS`) and no queue's order.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -275,22 +277,24 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: heaps of (explored, apart, order, kind,
-        # (variants, run)), ``explored`` the count of the kind's pairs the queue had begun
+        # The one- and two-preemption work: heaps of (explored, apart, order, kind, work),
+        # ``work`` yielding each variant with what runs it, ``explored`` the count of the kind's pairs the queue had begun
         # when the entry was (re)pushed, ``order`` (met, -arrival) on the one-preemption
         # queue and -arrival on the other; each with how many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
-        # The collisions of new inputs, oldest input first: (programs, run), the pairings
-        # and the triples, each a source of its own.
+        # The collisions of new inputs, oldest input first, each yielding programs with what
+        # runs them: the pairings and the triples (their pairs' variants after them).
         self._collisions: tuple = (collections.deque(), collections.deque())
         # Per source (one-preemption, two-preemption, pairings, triples): the work it cut
-        # short ((variants, run) or None) and the time it has had.
+        # short (or None) and the time it has had.
         self._cut_short: list = [None] * len(_SOURCES)
         self._spent = [0.0] * len(_SOURCES)
         self._seen: dict = {}  # pair kind -> pairs offered of it
         self._met: dict = {}  # pair kind -> the arrival number of its first pair
         self._arrivals = 0
+        self._serving = None  # the source whose work is running
+        self._adopted: list = []  # (variants, run) of the pair of the triple that just ran
 
     def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
         """Queue the ``parallel`` ops of ``program``, which just ran.
@@ -304,8 +308,14 @@ class ScheduleExplorer:
         checkpoint before the pair).  ``rng`` orders the one-preemption
         schedules (:func:`sampled_preemptions`), so that a pair the budget
         cuts short has still sampled the whole range, and draws the
-        two-preemption sample (:func:`sampled_two_preemptions`).
+        two-preemption sample (:func:`sampled_two_preemptions`).  The pairs of
+        a program the triples' source runs (a triple) are not queued: their
+        one-preemption variants run next, in that source's turn.
         """
+        if self._serving == _TRIPLES:  # a triple's pair: explored in the triples' turn
+            self._adopted += [(_variants(program, index, sampled_preemptions(taken, rng)),
+                               _Runner(start, program, index)) for index, taken, _ in parallels]
+            return
         for index, taken, start_state in parallels:
             kind = pair_kind(start_state, taken)
             seen = self._seen[kind] = self._seen.get(kind, 0) + 1
@@ -321,7 +331,7 @@ class ScheduleExplorer:
                     (1, sampled_two_preemptions(taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
                 heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,
-                                       (_variants(program, index, schedules), runner)))
+                                       ((v, runner) for v in _variants(program, index, schedules))))
                 if len(pairs) > self.capacity + self.capacity // 4:
                     self._trim(queue)
 
@@ -349,15 +359,27 @@ class ScheduleExplorer:
         ``collisions`` (:func:`mmufuzz.fuzz.mutator.collisions`) holds the input's
         pairings and its triples, each drawn when its turn comes; ``run`` takes
         one program and returns its finding or None, and offers its
-        ``parallel`` to the schedule queues.  The pairings and the triples are
-        sources of their own (an input has a few dozen pairings and hundreds of
-        triples, and neither may hold the other back: see the class), each
-        serving the oldest input first.  While :attr:`capacity` inputs wait on
-        a source, a new one is not queued there.
+        ``parallel`` (:meth:`offer`: a triple's is explored right after it, a
+        pairing's queued).  The pairings and the triples are sources of their
+        own (an input has a few dozen pairings and hundreds of triples, and
+        neither may hold the other back: see the class), each serving the
+        oldest input first.  While :attr:`capacity` inputs wait on a source, a
+        new one is not queued there.
         """
-        for inputs, programs in zip(self._collisions, (collisions.pairings, collisions.triples)):
+        pairings = ((pairing, run) for pairing in collisions.pairings)
+        for inputs, work in zip(self._collisions,
+                                (pairings, self._explored_triples(collisions.triples, run))):
             if len(inputs) < self.capacity:
-                inputs.append((programs, run))
+                inputs.append(work)
+
+    def _explored_triples(self, triples, run) -> Iterator[tuple]:
+        """``(program, run)`` of each of ``triples``, then of the one-preemption variants
+        of its pair, which :meth:`offer` adopted while it ran."""
+        for triple in triples:
+            yield triple, run
+            adopted, self._adopted = self._adopted, []
+            for variants, runner in adopted:
+                yield from ((variant, runner) for variant in variants)
 
     def _waiting(self, source: int) -> bool:
         if self._cut_short[source] is not None:
@@ -367,7 +389,7 @@ class ScheduleExplorer:
         return bool(self._queues[source])
 
     def _next(self, source: int) -> tuple:
-        """``(variants, run)`` of the work ``source`` serves now, taken off it."""
+        """The work ``source`` serves now, taken off it: an iterator of ``(variant, run)``."""
         work, self._cut_short[source] = self._cut_short[source], None
         if work is not None:
             return work
@@ -400,9 +422,9 @@ class ScheduleExplorer:
                 source = min(waiting, key=lambda s: self._spent[s] / SOURCE_WEIGHTS[s])
                 work = self._next(source)
                 began = self.clock()
+                self._serving = source
                 try:
-                    variants, run = work
-                    for variant in variants:
+                    for variant, run in work:
                         self.runs += 1
                         finding = run(variant)
                         if finding is not None:
@@ -411,6 +433,7 @@ class ScheduleExplorer:
                             self._cut_short[source] = work  # it resumes where it stopped
                             break
                 finally:
+                    self._serving = None
                     self._spent[source] += self.clock() - began
             return None
         finally:

@@ -408,3 +408,41 @@ def test_the_triples_of_new_inputs_share_the_time_with_the_pairings_of_later_one
     # 'second' wait for the triples of 'first'.
     assert ran == [("first", 2)] * 4 + [("first", 3)] * 6 + [("second", 2)] * 2 \
         + [("second", 3)]
+
+
+def test_a_triples_pair_is_explored_in_the_triples_turn_and_never_queued():
+    """A triple runs, then its pair's one-preemption variants, then the next triple; only
+    the pairings' pairs reach the queues (and get their two-preemption samples there)."""
+    first = parse_reproducer("""vm type=default vcpus=1
+    memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=0
+    zap_all
+    recover""").program  # the read with three partners: three pairings, three triples
+    explorer, _ = _running_explorer()
+    ran = []  # ("collision" or "variant", actors, which collision)
+
+    def actors(program):
+        return max(len(op.sides) for op in program.ops if isinstance(op, Parallel))
+
+    def collide(program):
+        number = sum(1 for event in ran if event[0] == "collision")
+        ran.append(("collision", actors(program), number))
+        index = next(i for i, op in enumerate(program.ops) if isinstance(op, Parallel))
+        taken = (3,) * actors(program)
+        explorer.offer(program, [(index, taken, f"state{number}")],
+                       lambda *pair: lambda variant: ran.append(("variant", actors(variant),
+                                                                 number)),
+                       random.Random(number))
+    explorer.offer_collisions(mutator.collisions(first, TAIL), collide)
+    assert explorer.work() is None  # the clock stands still: everything runs
+    one = len(list(sampled_preemptions((3, 3, 3), random.Random(0))))
+    pairs = len(list(sampled_preemptions((3, 3), random.Random(0)))) \
+        + len(list(sampled_two_preemptions((3, 3), random.Random(0))))
+    triples = [i for i, event in enumerate(ran) if event[:2] == ("collision", 3)]
+    assert len(triples) == 3 and [event[:2] for event in ran[:3]] == [("collision", 2)] * 3
+    for at in triples:  # each triple's variants right after it, three actors each
+        number = ran[at][2]
+        assert ran[at + 1:at + 1 + one] == [("variant", 3, number)] * one
+    assert sum(1 for event in ran if event[:2] == ("variant", 3)) == 3 * one
+    for number in range(3):  # each pairing's pair: queued, both samples run
+        assert ran.count(("variant", 2, number)) == pairs
