@@ -255,12 +255,13 @@ class ScheduleExplorer:
     every seed of both (``docs/levers.md``, runs J-N).  Their pairs are not
     queued: a triple runs once and offers a pair of a kind mostly new, and
     on the one-preemption queue, kinds in the order met, the seeds' triples'
-    kinds went ahead of a later seed's pairings.  Queued, they pushed the
-    merge race's kind (a pairing of seed 03; traced, seed 1) from the 169th
-    kind met to the 252nd, out of reach of a 40-s campaign, at the pairings'
-    share, and made the race 1.3-2.4x later at a half or a quarter of it.
-    Explored in their own turn they take their share (a quarter of the
-    pairings', :data:`SOURCE_WEIGHTS`) and no queue's order.
+    kinds went ahead of a later seed's pairings.  Queued at the pairings'
+    share, they pushed the merge race's kind (a pairing of seed 03; traced,
+    seed 1) from the 169th kind met to the 252nd, out of reach of a 40-s
+    campaign, and the race came 1.4-2.4x later at every share tried (the
+    pairings', a half, a quarter).  Explored in their own turn they take
+    their share (a quarter of the pairings', :data:`SOURCE_WEIGHTS`) and no
+    queue's order: the merge race came as early as before.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
