@@ -279,9 +279,10 @@ class ScheduleExplorer:
         self.spent = 0.0
         self.runs = 0
         # The one- and two-preemption work: heaps of (explored, apart, order, kind, work),
-        # ``work`` yielding each variant with what runs it, ``explored`` the count of the kind's pairs the queue had begun
-        # when the entry was (re)pushed, ``order`` (met, -arrival) on the one-preemption
-        # queue and -arrival on the other; each with how many pairs of each kind it began.
+        # ``work`` yielding each variant with what runs it, ``explored`` the count of the
+        # kind's pairs the queue had begun when the entry was (re)pushed, ``order`` (met,
+        # -arrival) on the one-preemption queue and -arrival on the other; each with how
+        # many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
         # The collisions of new inputs, oldest input first, each yielding programs with what
@@ -331,8 +332,9 @@ class ScheduleExplorer:
                     (0, sampled_preemptions(taken, rng), (met, -self._arrivals)),
                     (1, sampled_two_preemptions(taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
+                work = ((variant, runner) for variant in _variants(program, index, schedules))
                 heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,
-                                       ((v, runner) for v in _variants(program, index, schedules))))
+                                       work))
                 if len(pairs) > self.capacity + self.capacity // 4:
                     self._trim(queue)
 
