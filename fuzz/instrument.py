@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -46,8 +45,7 @@ import os
 import struct
 import sys
 import types
-from collections import deque
-from itertools import compress, count, repeat
+from itertools import compress, count
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -116,14 +114,6 @@ class HitRecord:
         self._zeros: list = []
         self._reserve, self._trace = reserve, trace
         self._counters = counters
-        # For :meth:`muted`: modules instrumented for this record and not yet paired with
-        # their plain code ((instrumented code, source, path)), the plain code of each
-        # instrumented code object paired so far (by id; the modules' code keeps them
-        # alive), and (function, instrumented code, plain code) of every function found.
-        self._unpaired: list = []
-        self._plain: dict = {}
-        self._functions: tuple = ([], [], [])
-        self._muting = False
 
     def cover(self, end: int) -> None:
         """Make slots for the counters below ``end``."""
@@ -140,11 +130,6 @@ class HitRecord:
     def hit(self, counter: int) -> None:
         self.hits[counter] += 1
 
-    def instrumented(self, code: types.CodeType, source: bytes, path: str) -> None:
-        """Note a module's ``code``, instrumented for this record from ``source`` at ``path``
-        (its plain code is compiled when first needed, by :meth:`muted`)."""
-        self._unpaired.append((code, source, path))
-
     @contextlib.contextmanager
     def muted(self):
         """Leave the slots as they were before: what runs inside is not this exec's coverage.
@@ -152,43 +137,12 @@ class HitRecord:
         (A worker's schedule variants run quiet: libFuzzer would credit the
         blocks they reach to the input that queued them, and keep it for code
         the input never ran; ``docs/levers.md``, *Guidance levers*.)
-
-        Counting blocks nobody reads is what muted code used to pay for: the
-        variants are most of a worker's time.  Inside, every function of the
-        modules instrumented for this record (:meth:`instrumented`) runs its
-        plain code (``__code__`` swapped, and back on leaving); code that
-        still counts (a closure made since the functions were found) counts
-        into slots that are restored.  Nothing runs between ops, so no
-        generator of the old code is alive across a swap.
         """
-        if self._muting:
-            yield
-            return
-        functions, instrumented, plain = self._swappable()
-        code = repeat("__code__")
-        deque(map(setattr, functions, code, plain), 0)  # a C loop: half the time of a for
         saved = self.hits[:]
-        self._muting = True
         try:
             yield
         finally:
-            self._muting = False
             self.hits[:] = saved
-            deque(map(setattr, functions, code, instrumented), 0)
-
-    def _swappable(self) -> tuple:
-        """Every instrumented function alive, its instrumented code and its plain code (three
-        lists), looked for again after a module was instrumented."""
-        if self._unpaired:
-            for code, source, path in self._unpaired:
-                _pair_code(code, compile(source, path, "exec", dont_inherit=True), self._plain)
-            self._unpaired = []
-            functions = [f for f in gc.get_objects()
-                         if type(f) is types.FunctionType and id(f.__code__) in self._plain]
-            instrumented = [f.__code__ for f in functions]
-            self._functions = (functions, instrumented,
-                               [self._plain[id(code)] for code in instrumented])
-        return self._functions
 
     def fold(self) -> None:
         """Hand this exec's counts to libFuzzer and start the next exec from zero."""
@@ -228,21 +182,6 @@ class HitRecord:
         if address:
             self._counters = (address, size)
         return self._counters
-
-
-def _pair_code(instrumented: types.CodeType, plain: types.CodeType, pairs: dict) -> None:
-    """Map each code object of ``instrumented`` (by id) to its own in ``plain``, the same
-    source compiled without instrumentation: the instrumentor only appends constants, so
-    nested code objects come in the same order.  A pair whose names or lines differ is
-    left out (that function then counts, muted, into restored slots)."""
-    if (instrumented.co_qualname, instrumented.co_firstlineno) != (plain.co_qualname,
-                                                                   plain.co_firstlineno):
-        return
-    pairs[id(instrumented)] = plain
-    nested = [c for c in plain.co_consts if isinstance(c, types.CodeType)]
-    for i, inner in enumerate(c for c in instrumented.co_consts if isinstance(c, types.CodeType)):
-        if i < len(nested):
-            _pair_code(inner, nested[i], pairs)
 
 
 def _bucket_floor(hits: int) -> int:
@@ -443,7 +382,6 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
             for _ in range(counters):
                 atheris._reserve_counter()
             self._closed(atheris._reserve_counter())
-            self._noted(instrumented, source)
             return instrumented
         self._cache.misses += 1
         # The bytes that were hashed, compiled here: SourceFileLoader.get_code would take a
@@ -460,13 +398,7 @@ class _CachedSourceFileLoader(import_hook.AtherisSourceFileLoader):
         self._closed(closing_marker)
         self._cache.store(fullname, self.path, key, closing_marker - first_marker - 1,
                           instrumented)
-        self._noted(instrumented, source)
         return instrumented
-
-    def _noted(self, instrumented: types.CodeType, source: bytes) -> None:
-        """A record is told of the module (its muted code runs plain, :meth:`HitRecord.muted`)."""
-        if self._cache.record is not None:
-            self._cache.record.instrumented(instrumented, source, self.path)
 
     def _closed(self, closing_marker: int) -> None:
         """The module's counters are taken: its record (if any) gets their slots."""
