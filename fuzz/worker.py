@@ -115,8 +115,8 @@ class CampaignTarget:
         callback's input, so the explorer's work (schedule variants and
         collisions) runs quiet: fed, the interleavings a variant reached
         would keep its input in the corpus for behaviour the input does not
-        have.  (Under the hit record muted code runs uninstrumented;
-        atheris's calls trace all code.)
+        have.  (Under the hit record muted code still counts, into slots that
+        are restored; atheris's calls trace all code.)
         """
         self._quiet = True
         try:
