@@ -37,9 +37,25 @@ DEFAULTS = {
     "minimize_time": (120.0, 20.0),
     "soak_programs": (50_000, 500),
     "mutants": (40, 3),
-    "mutant_budget": (120.0, 5.0),
     "mutant_programs": (1000, 50),
+    "mutant_budget": (120.0, 5.0),
 }
+# The options with those defaults, in --help's order: (name, type, metavar, what it sets);
+# the help's "(default FULL; --quick QUICK)" comes from DEFAULTS.
+SCALED = (
+    ("seeds", int, "N", "seeds 1..N per fault and engine"),
+    ("cap", float, "SECONDS", "time-to-detect budget per trial, in CPU seconds after start-up"),
+    ("campaign_time", float, "SECONDS", "length of the throughput and over-time campaigns"),
+    ("loop_time", float, "SECONDS", "length of each replay/differential loop"),
+    ("minimize_time", float, "SECONDS", "minimizer time limit per fault"),
+    ("soak_programs", int, "N", "random programs with parallel ops run on the fault-free target"),
+    ("mutants", int, "N",
+     "mutants of harness/tdp sampled for the mutant benchmark, 0 for none"),
+    ("mutant_programs", int, "N",
+     "random programs of the shallow check, after the seeds and regressions"),
+    ("mutant_budget", float, "SECONDS",
+     "CPU seconds after start-up each engine gets per deep mutant"),
+)
 MUTANT_SEED = 1
 QUICK_FAULTS = ("mmio-stale-generation", "pending-access-maps")
 
@@ -59,32 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(QUICK_FAULTS)})")
     parser.add_argument("--target", default=DEFAULT_TARGET, metavar="NAME",
                         help="system under test, as for mmufuzz fuzz (default tdp)")
-    parser.add_argument("--seeds", type=int, metavar="N",
-                        help="seeds 1..N per fault and engine (default 5; --quick 3)")
-    parser.add_argument("--cap", type=float, metavar="SECONDS",
-                        help="time-to-detect budget per trial, in CPU seconds after start-up "
-                             "(default 300; --quick 10)")
-    parser.add_argument("--campaign-time", type=float, metavar="SECONDS",
-                        help="length of the throughput and over-time campaigns "
-                             "(default 60; --quick 10)")
-    parser.add_argument("--loop-time", type=float, metavar="SECONDS",
-                        help="length of each replay/differential loop (default 20; --quick 4)")
-    parser.add_argument("--minimize-time", type=float, metavar="SECONDS",
-                        help="minimizer time limit per fault (default 120; --quick 20)")
-    parser.add_argument("--soak-programs", type=int, metavar="N",
-                        help="random programs with parallel ops run on the fault-free target "
-                             "(default 50000; --quick 500)")
-    parser.add_argument("--mutants", type=int, metavar="N",
-                        help="mutants of harness/tdp sampled for the mutant benchmark, 0 for "
-                             "none (default 40; --quick 3)")
+    for name, kind, metavar, what in SCALED:
+        full, quick = DEFAULTS[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=metavar,
+                            help=f"{what} (default {full:g}; --quick {quick:g})")
     parser.add_argument("--mutant-seed", type=int, default=MUTANT_SEED, metavar="N",
                         help=f"seed of the mutant sample (default {MUTANT_SEED})")
-    parser.add_argument("--mutant-programs", type=int, metavar="N",
-                        help="random programs of the shallow check, after the seeds and "
-                             "regressions (default 1000; --quick 50)")
-    parser.add_argument("--mutant-budget", type=float, metavar="SECONDS",
-                        help="CPU seconds after start-up each engine gets per deep mutant "
-                             "(default 120; --quick 5)")
     parser.add_argument("--phases", metavar="NAMES",
                         help="comma-separated phases to measure (default all: "
                              f"{','.join(name for name, _ in suite.PHASES)}); the report says "

@@ -65,16 +65,19 @@ class CampaignTarget:
     For a target that tells (``taken`` and ``pair_start``), each ``parallel``
     is noted with the steps its sides took and the state it started from (a
     feature too), for schedule exploration (:mod:`mmufuzz.fuzz.schedules`).  While
-    :meth:`quiet`, ops feed nothing: a schedule variant's coverage is not its
-    input's.
+    :meth:`quiet`, ops feed nothing and their code coverage is muted
+    (``muted``): a schedule variant's coverage is not its input's.
 
     Invariant checks cost several times an op, so a campaign checks after
     every op only on some inputs and after the last op on the others
     (:meth:`begin`); a finding is then rerun with every check, as replay does.
     """
 
-    def __init__(self, target, sink: Optional[Callable[[str], int]] = None):
-        self.target, self.sink = target, sink
+    def __init__(self, target, sink: Optional[Callable[[str], int]] = None,
+                 muted: Callable = contextlib.nullcontext):
+        """``muted()``: a context in which the code coverage of what runs is not the
+        input's (the hit record's :meth:`~mmufuzz.fuzz.instrument.HitRecord.muted`)."""
+        self.target, self.sink, self.muted = target, sink, muted
         self.name = target.name
         self._features = getattr(target, "features", None) if sink is not None else None
         self._explorable = hasattr(target, "taken")
@@ -106,18 +109,19 @@ class CampaignTarget:
 
     @contextlib.contextmanager
     def quiet(self):
-        """Run ops without feeding the sink.
+        """Run ops without feeding the sink, their code coverage muted.
 
         libFuzzer credits every counter hit during a callback to that
-        callback's input, so schedule variants run quiet: fed, the
-        interleavings a variant reached would keep its input in the corpus
-        for behaviour the input does not have.  (Their line coverage is
-        muted too under the hit record, :class:`Worker`'s ``muted``; atheris's
-        calls trace all code.)
+        callback's input, so the explorer's work (schedule variants and
+        collisions) runs quiet: fed, the interleavings a variant reached
+        would keep its input in the corpus for behaviour the input does not
+        have.  (Under the hit record muted code still counts, into slots that
+        are restored; atheris's calls trace all code.)
         """
         self._quiet = True
         try:
-            yield
+            with self.muted():
+                yield
         finally:
             self._quiet = False
 
@@ -278,12 +282,12 @@ class Worker:
         any machine load: which variants run is all that wall-clock changes.
         ``muted()``: a context in which the code coverage of what runs is not
         the input's (the hit record's :meth:`~mmufuzz.fuzz.instrument.HitRecord.muted`);
-        schedule variants run in it.
+        the explorer's work runs in it (:meth:`CampaignTarget.quiet`).
         """
         self.config, self.layout, self.sink = config, layout, sink
         self.inject = injected_faults(config.inject)
         system = make_target(config.target)
-        self.target = CampaignTarget(system, sink)
+        self.target = CampaignTarget(system, sink, muted)
         # Only programs the target can run: decoded bytes are bent to its capabilities.
         allowed = capabilities(system)
         self.restrict = (lambda program: program) if allowed.everything else allowed.restrict
@@ -293,7 +297,6 @@ class Worker:
         self.crashes = KnownCrashes()
         clock = (lambda: self.ops * OP_SECONDS) if exec_bounded else time.monotonic
         self.explorer = ScheduleExplorer(clock=clock) if sink is not None else None
-        self.muted = muted
         self.started = time.time()
         self._next_heartbeat = 0.0
 
@@ -332,7 +335,7 @@ class Worker:
                 if len(self.sink.counters) > known:
                     self.explorer.offer_collisions(collisions(program, TAIL),
                                                    lambda variant: self._collide(variant, every_op))
-                with self.target.quiet(), self.muted():
+                with self.target.quiet():
                     explored = self.explorer.work()
                 if explored is not None:
                     program, finding = explored
