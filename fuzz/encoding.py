@@ -7,7 +7,9 @@ small pool of interesting values or escapes to a literal mapped into the
 field's range.  Pools are built from the program decoded so far (slot bounds,
 2M-aligned gfns inside slots and their neighbours, gfns and addresses earlier
 ops used), so a one-byte mutation tends to move an op onto something that
-matters.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
+matters; and half the selectors of a gfn or gva field reuse an operand of the
+latest ops (``_Context.reuse``), so that a fresh op acts on what the program
+just touched.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
 ``decode`` can produce, which makes ``encode(decode(b))`` a fixpoint.
 
 **Text** (``parse_reproducer``/``format_program``) is the readable, diffable
