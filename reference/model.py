@@ -146,6 +146,15 @@ def _with_bits(word, bits: int):
     return _word(frozenset(v | bits for v in _values(word)))
 
 
+def _reached_gpa(op, outcome):
+    """The gpa an access (or a TD op that gave ``ve_pending``) reached: its outcome's, else
+    its own address if that is a gpa, else None (a gva walk that went nowhere)."""
+    gpa = getattr(outcome, "gpa", None)
+    if gpa is None and not op.virtual:
+        return op.addr
+    return gpa
+
+
 def _word_key(slot, table: int, index: int) -> tuple:
     """The ``_shared_mem`` key of entry ``index`` of the table at gfn ``table`` in ``slot``."""
     return (slot.backing, (table - slot.base) * WORDS_PER_PAGE + index)
@@ -248,7 +257,7 @@ class Reference:
             if kind is not MemoryFaultExit:
                 self._note_sept_table(op.gpa)
         elif kind is VePending or (kind is Ok and type(op) is Access and op.private):
-            self._note_sept_table(op.addr if outcome.gpa is None else outcome.gpa)
+            self._note_sept_table(_reached_gpa(op, outcome))
 
     def _note_sept_table(self, gpa: int) -> None:
         """A private fault at ``gpa`` may have left an S-EPT table at its 2M entry.
@@ -303,9 +312,7 @@ class Reference:
                 self._note_sept_table(side.gpa)
                 continue
             if self._tdx and op_name(side) == "access" and side.private:
-                gpa = getattr(outcome, "gpa", None)
-                if gpa is None and not side.virtual:
-                    gpa = side.addr
+                gpa = _reached_gpa(side, outcome)
                 if gpa is not None:
                     self._note_sept_table(gpa)
                 continue

@@ -284,6 +284,41 @@ def test_a_waiting_writer_queues_new_readers_behind_it():
     assert order == ["w", "r"] and lock.writers_waiting == 0
 
 
+def test_lock_waiters_are_served_in_arrival_order():
+    """qrwlock's wait_lock queue: a writer that comes later never passes one that waits,
+    and a reader queued before a writer gets in before it, whatever the schedule picks."""
+    lock, order = RwLock(), []
+    lock.writer = True  # held when everyone arrives
+
+    def writer(name):
+        yield from lock.write_lock()
+        order.append(name)
+        yield
+        lock.write_unlock()
+
+    def reader(name):
+        yield from lock.read_lock()
+        order.append(name)
+        yield
+        lock.read_unlock()
+
+    first, middle, last = writer("w1"), reader("r"), writer("w2")
+    for side in (first, middle, last):
+        assert next(side) is not None  # all three queue behind the holder
+    lock.writer = False
+    # The schedule always picks the latest arrival first; the queue decides anyway.
+    assert interleave([last, middle, first], 0) == (None, None, None)
+    assert order == ["w1", "r", "w2"]
+    fresh = writer("w3")
+    lock.readers = 1
+    assert next(fresh) is not None and lock.needbreak()
+    lock.readers = 0
+    late = writer("w4")
+    assert next(late) is not None  # the lock is free, but w3 waits: no fast path
+    assert interleave([late, fresh], 0) == (None, None)
+    assert order[-2:] == ["w3", "w4"] and not lock.needbreak()
+
+
 def test_rcu_callback_waits_for_older_readers_only():
     rcu, freed = Rcu(), []
     old = rcu.read_lock()

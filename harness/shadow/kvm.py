@@ -36,6 +36,7 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness.shadow.events import EVENTS
 from mmufuzz.harness.shadow.hardware import Vcpu
 from mmufuzz.harness.shadow.mmu import ShadowMmu
+from mmufuzz.harness.tdp import notifier
 from mmufuzz.harness.tdp.dirty import DirtyLogger
 from mmufuzz.harness.tdp.hostmem import Backing
 from mmufuzz.harness.tdp.huge import for_each_slot
@@ -236,35 +237,20 @@ def memslot_set_flags(kvm, op: MemslotSetFlags):
 # --- host events ---------------------------------------------------------------------
 
 def host_invalidate(kvm, op: HostInvalidate):
-    """Generator: the host migrates [base, base+npages): kvm_unmap_gfn_range via the rmaps."""
-    lo, hi = op.base, op.base + op.npages
-    ranges = []
-    for slot in kvm.memslots.overlapping(lo, hi):
-        a, b = slot.backing.host_page_range(max(lo, slot.base_gfn) - slot.base_gfn,
-                                            min(hi, slot.end_gfn) - slot.base_gfn)
-        ranges.append((slot, a, b))
-    if not ranges:
-        return OK
-    kvm.mn_active_invalidate_count += 1
-    yield from kvm.mmu_lock.write_lock()
-    kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
-                         ranges[-1][0].base_gfn + ranges[-1][2])
+    """Generator: the host migrates [base, base+npages): kvm_main.c's notifier bracket
+    (tdp's, the same for every MMU) around the rmap zap."""
+    return (yield from notifier.host_invalidate(kvm, op, _unmap_gfn_range))
+
+
+def _unmap_gfn_range(kvm, ranges):
+    """Generator that never yields (the rmap walk holds mmu_lock throughout):
+    kvm_unmap_gfn_range through the rmaps, one flush for every range."""
+    yield from ()
     flush = False
     for slot, a, b in ranges:
         flush |= kvm.mmu.kvm_zap_rmap_range(slot.base_gfn + a, slot.base_gfn + b)
     if flush:
         kvm.mmu.kvm_flush_remote_tlbs()
-    kvm.mmu_lock.write_unlock()
-    yield
-    for slot, a, b in ranges:
-        if kvm.memslots.by_id.get(slot.id) is slot:  # a racing delete already dropped it
-            slot.backing.migrate(a, b)
-    yield
-    yield from kvm.mmu_lock.write_lock()
-    kvm.invalidate_end()
-    kvm.mn_active_invalidate_count -= 1
-    kvm.mmu_lock.write_unlock()
-    return OK
 
 
 def zap_all(kvm, op: ZapAll):

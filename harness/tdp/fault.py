@@ -182,7 +182,18 @@ def kvm_tdp_mmu_fast_pf_get_last_sptep(kvm, fault: KvmPageFault):
 
 
 def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
-    """Resolve the fault's slot and pfn, or the exit it ends in (an Outcome)."""
+    """Resolve the fault's slot and pfn, or the exit it ends in (an Outcome).
+
+    In mainline's order: the private/shared mismatch, the no-slot path
+    (kvm_handle_noslot_fault), an invalid slot, then a retry before the pfn is
+    looked up or mmu_lock taken if an invalidation covers the gfn or ran since
+    ``mmu_seq`` (mmu_invalidate_retry_gfn_unsafe; KVM commit d02c357e5bfa "KVM:
+    x86/mmu: Retry fault before acquiring mmu_lock if mapping is changing"), then
+    the pfn (kvm_mmu_faultin_pfn_private refuses a slot that cannot be private; a
+    write to a readonly slot is KVM_PFN_ERR_RO_FAULT, emulated).  Mainline checks
+    again once it has the pfn; nothing yields in between here, so that check
+    would see the same state.
+    """
     gfn = fault.gfn
     if faults.active("noslot-before-attributes"):
         slot = vcpu.gfn_to_memslot(gfn)
@@ -193,21 +204,40 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
         return MemoryFaultExit(gfn << 12, fault.is_private)
     slot = vcpu.gfn_to_memslot(gfn)
     fault.slot, fault.gen = slot, kvm.memslots.generation
-    if fault.is_private and (slot is None or not slot.private):
-        return MemoryFaultExit(gfn << 12, True)
     if slot is None:
+        if fault.is_private:
+            return MemoryFaultExit(gfn << 12, True)  # kvm_handle_noslot_fault
         if gfn > TDP_MAX_GFN:
             return MmioExit(fault.addr, fault.write)  # kvm_handle_noslot_fault: emulate
         return RET_PF_CONTINUE  # kvm_handle_noslot_fault: the map installs an MMIO SPTE
     if slot.invalid:
         kvm.events[events.RETRY_SLOT_INVALID] += 1
         return RET_PF_RETRY  # being deleted or moved: its old SPTEs are not zapped yet
+    if not faults.active("invalidate-vs-memslot-race") and \
+            mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, gfn):
+        return RET_PF_RETRY
+    if fault.is_private and not slot.private:
+        return MemoryFaultExit(gfn << 12, True)
     if fault.write and slot.readonly:
         return MmioExit(fault.addr, True)  # KVM_PFN_ERR_RO_FAULT: emulate
     backing = slot.gmem if fault.is_private else slot.backing
     fault.pfn = backing.pfn(gfn - slot.base_gfn)
     fault.map_writable = not slot.readonly
     return RET_PF_CONTINUE
+
+
+def mmu_invalidate_retry_gfn(kvm, mmu_seq: int, gfn: int) -> bool:
+    """kvm_host.h's mmu_invalidate_retry_gfn and its _unsafe twin (which reads the same
+    fields without mmu_lock): an invalidation covering ``gfn`` is running, or one ran
+    since the fault read ``mmu_seq``.  A fault that maps anyway installs an SPTE the
+    invalidation has already zapped, or is about to miss."""
+    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(gfn):
+        kvm.events[events.RETRY_IN_PROGRESS] += 1
+        return True
+    if kvm.mmu_invalidate_seq != mmu_seq:
+        kvm.events[events.RETRY_SEQUENCE] += 1
+        return True
+    return False
 
 
 def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
@@ -218,13 +248,7 @@ def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:
         return True
     if fault.slot is None or faults.active("invalidate-vs-memslot-race"):
         return False
-    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
-        kvm.events[events.RETRY_IN_PROGRESS] += 1
-        return True
-    if kvm.mmu_invalidate_seq != fault.mmu_seq:
-        kvm.events[events.RETRY_SEQUENCE] += 1
-        return True
-    return False
+    return mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn)
 
 
 def kvm_mmu_hugepage_adjust(fault: KvmPageFault) -> None:

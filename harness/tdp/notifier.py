@@ -11,11 +11,15 @@ from __future__ import annotations
 from mmufuzz.harness.ops import OK, HostInvalidate, ZapAll
 
 
-def host_invalidate(kvm, op: HostInvalidate):
+def host_invalidate(kvm, op: HostInvalidate, unmap_gfn_range=None):
     """Generator: the host migrates the shared pages backing [base, base+npages).
 
     Whole 2M host pages move together, so the gfn ranges to zap are widened
-    to the slot pages sharing those host pages.
+    to the slot pages sharing those host pages.  The bracket is kvm_main.c's
+    (kvm_mmu_notifier_invalidate_range_start/end), the same for every MMU;
+    ``unmap_gfn_range(kvm, ranges)``, a generator, is the MMU's
+    kvm_unmap_gfn_range, run under mmu_lock between invalidate_begin and the
+    host's change (the TDP MMU's by default).
     """
     lo, hi = op.base, op.base + op.npages
     ranges = []
@@ -25,14 +29,11 @@ def host_invalidate(kvm, op: HostInvalidate):
         ranges.append((slot, a, b))
     if not ranges:
         return OK
-    mmu = kvm.mmu
     kvm.mn_active_invalidate_count += 1
     yield from kvm.mmu_lock.write_lock()
     kvm.invalidate_begin(ranges[0][0].base_gfn + ranges[0][1],
                          ranges[-1][0].base_gfn + ranges[-1][2])
-    for slot, a, b in ranges:  # kvm_tdp_mmu_unmap_gfn_range: every root, invalid ones too
-        for root in mmu.held(mmu.direct_roots()):
-            yield from mmu.zap_leafs(root, slot.base_gfn + a, slot.base_gfn + b)
+    yield from (unmap_gfn_range or kvm_tdp_mmu_unmap_gfn_range)(kvm, ranges)
     kvm.mmu_lock.write_unlock()
     yield
     for slot, a, b in ranges:
@@ -44,6 +45,15 @@ def host_invalidate(kvm, op: HostInvalidate):
     kvm.mn_active_invalidate_count -= 1
     kvm.mmu_lock.write_unlock()
     return OK
+
+
+def kvm_tdp_mmu_unmap_gfn_range(kvm, ranges):
+    """Generator: zap the shared leaves of ``ranges`` ((slot, first, end) slot pages) in
+    every direct root, invalid ones too."""
+    mmu = kvm.mmu
+    for slot, a, b in ranges:
+        for root in mmu.held(mmu.direct_roots()):
+            yield from mmu.zap_leafs(root, slot.base_gfn + a, slot.base_gfn + b)
 
 
 def zap_all(kvm, op: ZapAll):

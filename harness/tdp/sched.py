@@ -108,19 +108,32 @@ def interleave(sides, schedule: int, after_step=None, on_switch=None, taken=None
 class RwLock:
     """kvm->mmu_lock: faults take it for read; memslot updates and zap_all for write.
 
-    x86's rwlock is a queued rwlock, which is fair to writers: once a writer
-    waits, a new reader queues behind it (``queued_read_lock`` takes the fast
-    path only while no ``_QW_WMASK`` bit, _QW_WAITING included, is set).
-    Without that, a vCPU whose fault retries while an invalidation is in
-    progress re-takes the read lock forever ahead of the invalidation that
-    waits to finish: a livelock the kernel cannot have.
+    x86's rwlock is a queued rwlock (kernel/locking/qrwlock.c), fair to
+    writers and first come, first served past its fast paths:
+
+    - a reader gets in at once unless a writer holds the lock or waits for it
+      (``queued_read_lock`` takes the fast path only while no ``_QW_WMASK``
+      bit, ``_QW_WAITING`` included, is set);
+    - a writer gets in at once only if nobody holds or waits for the lock
+      (``queued_write_lock``: ``cnts`` must be 0);
+    - everyone else queues on ``wait_lock``, a fair spinlock, in arrival
+      order.  The reader at its head takes the lock once no writer holds it;
+      the writer at its head sets ``_QW_WAITING`` (from then on, new readers
+      queue too) and takes the lock once the readers in it have left.
+
+    Without the writer fairness, a vCPU whose fault retries while an
+    invalidation is in progress re-takes the read lock forever ahead of the
+    invalidation that waits to finish: a livelock the kernel cannot have.
+    Without the queue, a writer that came later could take the lock ahead of
+    one that has waited, which no kernel schedule does.
     """
 
     def __init__(self):
         self.readers = 0
         self.writer = False
-        self.waiters = 0  # threads spinning on the lock: what rwlock_needbreak sees
-        self.writers_waiting = 0  # _QW_WAITING: new readers queue behind them
+        self.writers_waiting = 0  # _QW_WAITING, set by the writer at the queue's head
+        self._queue: deque = deque()  # wait_lock's waiters, in arrival order
+        self._arrivals = 0
 
     def _readable(self) -> bool:
         return not self.writer and not self.writers_waiting
@@ -130,7 +143,8 @@ class RwLock:
 
     def read_lock(self):
         """Generator: take the lock for read (a lock boundary is a yield point)."""
-        yield from self._wait(self._readable)
+        if not self._readable():
+            yield from self._queued(lambda: not self.writer)
         self.readers += 1
         yield
 
@@ -139,29 +153,35 @@ class RwLock:
 
     def write_lock(self):
         """Generator: take the lock for write."""
-        if self._writable():
-            self.writer = True
-        else:
-            self.writers_waiting += 1
-            yield from self._wait(self._writable)
-            self.writers_waiting -= 1
-            self.writer = True
+        if not self._writable() or self._queue or self.writers_waiting:
+            yield from self._queued(self._writable, writer=True)
+        self.writer = True
         yield
 
     def write_unlock(self) -> None:
         self.writer = False
 
     def needbreak(self) -> bool:
-        """Someone is waiting: a long holder should drop the lock (cond_resched)."""
-        return self.waiters > 0
+        """Someone waits on ``wait_lock`` (rwlock_needbreak): a long holder should drop the
+        lock (cond_resched)."""
+        return bool(self._queue)
 
-    def _wait(self, ready):
-        if ready():
-            return
-        self.waiters += 1
+    def _queued(self, ready, writer: bool = False):
+        """Generator: wait on ``wait_lock`` until first in line, then until ``ready()``;
+        a writer raises ``_QW_WAITING`` meanwhile."""
+        ticket = self._arrivals
+        self._arrivals += 1
+        queue = self._queue
+        queue.append(ticket)
+        while queue[0] != ticket:
+            yield lambda: queue[0] == ticket
+        if writer:
+            self.writers_waiting += 1
         while not ready():
             yield ready
-        self.waiters -= 1
+        if writer:
+            self.writers_waiting -= 1
+        queue.popleft()
 
 
 class Rcu:
