@@ -347,3 +347,11 @@ def test_reused_operands_round_trip_through_bytes(tail):
     """A program whose ops reuse operands encodes to bytes that decode to it again."""
     program = decode(encode(parse_reproducer(_TABLES).program) + tail)
     assert decode(encode(program)) == program
+
+
+def test_a_fresh_invlpg_after_a_pte_write_names_the_gva_it_maps_one_time_in_16():
+    """Of the 256 values of a fresh invlpg's gva selector, at least 16 name the gva the
+    latest PTE write maps (one in about 80 when every gva came from the pool)."""
+    invlpg = bytes([encoding.opcode((Invlpg, 0)), 0])
+    gvas = [_last_op_with(_TABLES, invlpg + bytes([s])).gva for s in range(256)]
+    assert gvas.count(1 << 21 | 5 << 12) >= 16
