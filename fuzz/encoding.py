@@ -573,9 +573,9 @@ _ROOTS = 4   # paging roots remembered
 _LINKS = 4   # links remembered per table
 _PATHS = 16  # table paths followed per level when finding the gvas of a PTE
 PT64_LEVELS = 4
-# The shift of a level's index in a gva (index 0 unused; a path's top entry may be one
-# level above a table at level 4 only if it is not a root, which ends the path first).
-_LEVEL_SHIFTS = (None,) + tuple(PAGE_SHIFT + 9 * (level - 1) for level in range(1, 6))
+# The shift of the index of a level-L table's entry in a gva, by L (index 0 unused).
+_LEVEL_SHIFTS = (None,) + tuple(PAGE_SHIFT + 9 * (level - 1)
+                                for level in range(1, PT64_LEVELS + 1))
 
 _RADIX10_POOLS = {"word": _WORDS, "index": _INDICES, "host_offset": _HOST_OFFSETS}
 _POOLS = {"npages": _NPAGES, "value": _VALUES, "first": _FIRST_PAGES}
@@ -692,8 +692,7 @@ class _Context:
         (each index at each of the four levels)."""
         out = [gfn << PAGE_SHIFT for gfn in self.gfns]
         for index in self.indices:
-            out += [index << shift for shift in _LEVEL_SHIFTS[1:PT64_LEVELS + 1]
-                    if index << shift < GVA_LIMIT]
+            out += [index << shift for shift in _LEVEL_SHIFTS[1:] if index << shift < GVA_LIMIT]
         return list(dict.fromkeys(out))
 
     def _pool_of(self, name: str, build) -> list:
