@@ -49,9 +49,9 @@ TAIL = 3  # ops a variant keeps after its parallel
 CAPACITY = 256  # pairs each queue keeps
 TWO_PREEMPTION_SAMPLE = 32  # two-preemption schedules explored per pair
 # Relative shares of the exploration time of its sources: the one-preemption queue, the
-# two-preemption queue, collisions.
-SOURCE_WEIGHTS = (2, 2, 1)
-_COLLISIONS = 2  # the source that is not a queue of pairs
+# two-preemption queue, the collisions' pairings, their triples.
+SOURCE_WEIGHTS = (8, 8, 4, 1)
+_PAIRINGS, _TRIPLES = 2, 3  # the sources that are not queues of pairs
 _SOURCES = range(len(SOURCE_WEIGHTS))
 
 
@@ -190,8 +190,8 @@ def _variants(program: Program, index: int, schedules) -> Iterator[Program]:
 
 
 class ScheduleExplorer:
-    """A worker's race exploration: two queues of pairs and one of collisions, served within a
-    share of its time.
+    """A worker's race exploration: two queues of pairs and two of collisions, served within
+    a share of its time.
 
     :meth:`offer` queues the ``parallel`` ops of each program the worker ran:
     pairs of a kind (:func:`pair_kind`) no program ran before and pairs whose
@@ -217,8 +217,8 @@ class ScheduleExplorer:
     seeds in 10 (``docs/campaigns.md``).  Weighting by the number of
     schedules, to prefer short pairs, lost races: a side spinning on a frozen
     SPTE has hundreds of steps, and as many equivalent places to be
-    preempted.)  :meth:`work` runs variants from the queues and collisions
-    (below), the one furthest below its share of the time
+    preempted.)  :meth:`work` runs variants from the queues and the collisions'
+    pairings and triples (below), the one furthest below its share of the time
     (:data:`SOURCE_WEIGHTS`) first, until the budget is spent; work cut short
     is the next its source serves.  Deferring is what makes the budget count: new
     behaviour comes in bursts (at the start of a campaign, after a
@@ -228,15 +228,40 @@ class ScheduleExplorer:
 
     :meth:`offer_collisions` queues the collisions of an input that showed
     new behaviour (:func:`mmufuzz.fuzz.mutator.collisions`: each of its guest ops in
-    parallel with each op that can race it, then with each two), a third
-    source of work served oldest input first, the pairings of all before
-    the triples of any; each collision that runs offers its pair like any
-    program.  A race may need one pairing among the dozens a program allows,
-    which random mutation draws rarely.  In 60-s campaigns (seeds 1-15) the
-    collisions took a fault racing a 4K accept from 6 seeds to 13.  They
-    take time from the schedule queues and add states to share it, which a
-    larger share for exploration (65%, was 50%) makes up for in part: a
-    table freed under a walker went from 12 seeds to 11 (``docs/faults.md``).
+    parallel with each op that can race it, then with each two): its
+    pairings and its triples, two more sources of work, each served oldest
+    input first (the seeds' first).  Each pairing that runs offers its pair
+    like any program; each triple's pair is explored at once, its
+    one-preemption schedules within the triples' own share.  A race may need
+    one pairing among the dozens a program allows, which random mutation
+    draws rarely.  In 60-s campaigns (seeds 1-15) the collisions took a
+    fault racing a 4K accept from 6 seeds to 13.  They take time from the
+    schedule queues and add states to share it, which a larger share for
+    exploration (65%, was 50%) makes up for in part: a table freed under a
+    walker went from 12 seeds to 11 (``docs/faults.md``).
+
+    The triples have a share of their own because the pairings never run
+    out: served input by input with them, an input's hundreds of triples
+    held back the pairings of the inputs behind it (a merge race a seed's
+    pairing finds went from 3 seeds in 3 to 2), and served after the
+    pairings of every waiting input, no triple ever ran (in five traced 30-
+    to 80-s campaigns the pairings had come to the inputs run 118th to 521st
+    when they ended).  Races that need a third party then came only from
+    mutants that happen to build such a ``parallel``, late and seldom in a
+    guided campaign, whose corpus spreads its mutations thin: a walker
+    reading a table freed while a memslot is added under two vCPUs (a seed's
+    first triples) was found in 3 seeds of 5 guided (median 52.6 s), 5 of 5
+    unguided (13.2 s), and with the triples' own share in under a second in
+    every seed of both (``docs/levers.md``, runs J-N).  Their pairs are not
+    queued: a triple runs once and offers a pair of a kind mostly new, and
+    on the one-preemption queue, kinds in the order met, the seeds' triples'
+    kinds went ahead of a later seed's pairings.  Queued at the pairings'
+    share, they pushed the merge race's kind (a pairing of seed 03; traced,
+    seed 1) from the 169th kind met to the 252nd, out of reach of a 40-s
+    campaign, and the race came 1.4-2.4x later at every share tried (the
+    pairings', a half, a quarter).  Explored in their own turn they take
+    their share (a quarter of the pairings', :data:`SOURCE_WEIGHTS`) and no
+    queue's order: the merge race came as early as before.
 
     A variant runs the program up to the ``parallel`` and :data:`TAIL` ops
     after it: a race shows at the pair or soon after, and cutting the rest
@@ -253,23 +278,25 @@ class ScheduleExplorer:
         self.started = clock()
         self.spent = 0.0
         self.runs = 0
-        # The one- and two-preemption work: heaps of (explored, apart, order, kind,
-        # (variants, run)), ``explored`` the count of the kind's pairs the queue had begun
-        # when the entry was (re)pushed, ``order`` (met, -arrival) on the one-preemption
-        # queue and -arrival on the other; each with how many pairs of each kind it began.
+        # The one- and two-preemption work: heaps of (explored, apart, order, kind, work),
+        # ``work`` yielding each variant with what runs it, ``explored`` the count of the
+        # kind's pairs the queue had begun when the entry was (re)pushed, ``order`` (met,
+        # -arrival) on the one-preemption queue and -arrival on the other; each with how
+        # many pairs of each kind it began.
         self._queues: tuple[list, list] = ([], [])
         self._explored: tuple[dict, dict] = ({}, {})
-        # The collisions of new inputs, oldest input first: (programs, run), the pairings
-        # of every input before the triples of any.
-        self._pairings: collections.deque = collections.deque()
-        self._triples: collections.deque = collections.deque()
-        # Per source (one-preemption, two-preemption, collisions): the work it cut short
-        # ((variants, run) or None) and the time it has had.
+        # The collisions of new inputs, oldest input first, each yielding programs with what
+        # runs them: the pairings and the triples (their pairs' variants after them).
+        self._collisions: tuple = (collections.deque(), collections.deque())
+        # Per source (one-preemption, two-preemption, pairings, triples): the work it cut
+        # short (or None) and the time it has had.
         self._cut_short: list = [None] * len(_SOURCES)
         self._spent = [0.0] * len(_SOURCES)
         self._seen: dict = {}  # pair kind -> pairs offered of it
         self._met: dict = {}  # pair kind -> the arrival number of its first pair
         self._arrivals = 0
+        self._serving = None  # the source whose work is running
+        self._adopted: list = []  # (variants, run) of the pair of the triple that just ran
 
     def offer(self, program: Program, parallels: list, start: Callable, rng: random.Random) -> None:
         """Queue the ``parallel`` ops of ``program``, which just ran.
@@ -283,8 +310,14 @@ class ScheduleExplorer:
         checkpoint before the pair).  ``rng`` orders the one-preemption
         schedules (:func:`sampled_preemptions`), so that a pair the budget
         cuts short has still sampled the whole range, and draws the
-        two-preemption sample (:func:`sampled_two_preemptions`).
+        two-preemption sample (:func:`sampled_two_preemptions`).  The pairs of
+        a program the triples' source runs (a triple) are not queued: their
+        one-preemption variants run next, in that source's turn.
         """
+        if self._serving == _TRIPLES:  # a triple's pair: explored in the triples' turn
+            self._adopted += [(_variants(program, index, sampled_preemptions(taken, rng)),
+                               _Runner(start, program, index)) for index, taken, _ in parallels]
+            return
         for index, taken, start_state in parallels:
             kind = pair_kind(start_state, taken)
             seen = self._seen[kind] = self._seen.get(kind, 0) + 1
@@ -299,8 +332,9 @@ class ScheduleExplorer:
                     (0, sampled_preemptions(taken, rng), (met, -self._arrivals)),
                     (1, sampled_two_preemptions(taken, later), -self._arrivals)):
                 pairs = self._queues[queue]
+                work = ((variant, runner) for variant in _variants(program, index, schedules))
                 heapq.heappush(pairs, (self._explored[queue].get(kind, 0), apart, order, kind,
-                                       (_variants(program, index, schedules), runner)))
+                                       work))
                 if len(pairs) > self.capacity + self.capacity // 4:
                     self._trim(queue)
 
@@ -328,33 +362,42 @@ class ScheduleExplorer:
         ``collisions`` (:func:`mmufuzz.fuzz.mutator.collisions`) holds the input's
         pairings and its triples, each drawn when its turn comes; ``run`` takes
         one program and returns its finding or None, and offers its
-        ``parallel`` to the schedule queues.  The oldest input is served first,
-        and the pairings of every waiting input before the triples of any: an
-        input has a few dozen pairings and hundreds of triples, and served
-        input by input its triples held back the pairings of the inputs behind
-        it (a merge race a seed's pairing finds went from 3 seeds in 3 to 2
-        when triples came in).  While :attr:`capacity` inputs wait, a new one
-        is not queued.
+        ``parallel`` (:meth:`offer`: a triple's is explored right after it, a
+        pairing's queued).  The pairings and the triples are sources of their
+        own (an input has a few dozen pairings and hundreds of triples, and
+        neither may hold the other back: see the class), each serving the
+        oldest input first.  While :attr:`capacity` inputs wait on a source, a
+        new one is not queued there.
         """
-        if len(self._pairings) < self.capacity:
-            self._pairings.append((collisions.pairings, run))
-        if len(self._triples) < self.capacity:
-            self._triples.append((collisions.triples, run))
+        pairings = ((pairing, run) for pairing in collisions.pairings)
+        for inputs, work in zip(self._collisions,
+                                (pairings, self._explored_triples(collisions.triples, run))):
+            if len(inputs) < self.capacity:
+                inputs.append(work)
+
+    def _explored_triples(self, triples, run) -> Iterator[tuple]:
+        """``(program, run)`` of each of ``triples``, then of the one-preemption variants
+        of its pair, which :meth:`offer` adopted while it ran."""
+        for triple in triples:
+            yield triple, run
+            adopted, self._adopted = self._adopted, []
+            for variants, runner in adopted:
+                yield from ((variant, runner) for variant in variants)
 
     def _waiting(self, source: int) -> bool:
         if self._cut_short[source] is not None:
             return True
-        if source == _COLLISIONS:
-            return bool(self._pairings or self._triples)
+        if source >= _PAIRINGS:
+            return bool(self._collisions[source - _PAIRINGS])
         return bool(self._queues[source])
 
     def _next(self, source: int) -> tuple:
-        """``(variants, run)`` of the work ``source`` serves now, taken off it."""
+        """The work ``source`` serves now, taken off it: an iterator of ``(variant, run)``."""
         work, self._cut_short[source] = self._cut_short[source], None
         if work is not None:
             return work
-        if source == _COLLISIONS:
-            return (self._pairings or self._triples).popleft()
+        if source >= _PAIRINGS:
+            return self._collisions[source - _PAIRINGS].popleft()
         pairs = self._queues[source]
         entry = heapq.heappop(pairs)
         while (current := self._current(source, entry)) is not entry:
@@ -382,9 +425,9 @@ class ScheduleExplorer:
                 source = min(waiting, key=lambda s: self._spent[s] / SOURCE_WEIGHTS[s])
                 work = self._next(source)
                 began = self.clock()
+                self._serving = source
                 try:
-                    variants, run = work
-                    for variant in variants:
+                    for variant, run in work:
                         self.runs += 1
                         finding = run(variant)
                         if finding is not None:
@@ -393,6 +436,7 @@ class ScheduleExplorer:
                             self._cut_short[source] = work  # it resumes where it stopped
                             break
                 finally:
+                    self._serving = None
                     self._spent[source] += self.clock() - began
             return None
         finally:

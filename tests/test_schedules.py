@@ -378,7 +378,9 @@ def test_a_worker_races_the_ops_of_a_new_input_that_has_no_parallel():
     assert run_program(program, make_target("tdp")) is None  # the input alone is clean
 
 
-def test_the_pairings_of_every_waiting_input_run_before_the_triples_of_any():
+def test_the_triples_of_new_inputs_share_the_time_with_the_pairings_of_later_ones():
+    """Pairings and triples are two sources, each served oldest input first: a later
+    input's pairings do not hold back the triples of an earlier one (a seed's)."""
     text = """vm type=default vcpus=1
     memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
     access vcpu=0 gpa=0x201000 word=0 kind=read private=0
@@ -388,17 +390,59 @@ def test_the_pairings_of_every_waiting_input_run_before_the_triples_of_any():
     first = parse_reproducer(text).program
     second = first.with_ops(first.ops[:3])  # a later input: two pairings, one triple
     ran = []
+    explorer, now = _running_explorer()
 
     def runner(name):
         def run(program):
             actors = max(len(op.sides) for op in program.ops if isinstance(op, Parallel))
             ran.append((name, actors))
+            now[0] += 0.01  # every collision takes the same time
         return run
-    explorer, _ = _running_explorer()
-    explorer.offer_collisions(mutator.collisions(first, TAIL), runner("first"))
-    explorer.offer_collisions(mutator.collisions(second, TAIL), runner("second"))
-    assert explorer.work() is None  # the clock stands still: everything runs
+    for name, program in (("first", first), ("second", second)):
+        explorer.offer_collisions(mutator.collisions(program, TAIL), runner(name))
+    assert explorer.work() is None  # everything runs within the second allowed
     # The read races the slot's memslot_add (it names base 0x200, in the read's frame) and
-    # the host ops that name no memory: four partners in 'first', two in 'second'.
-    assert ran == [("first", 2)] * 4 + [("second", 2)] * 2 \
-        + [("first", 3)] * 6 + [("second", 3)]  # then C(4, 2) and C(2, 2) triples
+    # the host ops that name no memory: four partners in 'first' (four pairings, C(4, 2)
+    # triples), two in 'second' (two pairings, one triple).  Each source runs an input's
+    # collisions whole, and the one further behind on time goes next: the pairings of
+    # 'second' wait for the triples of 'first'.
+    assert ran == [("first", 2)] * 4 + [("first", 3)] * 6 + [("second", 2)] * 2 \
+        + [("second", 3)]
+
+
+def test_a_triples_pair_is_explored_in_the_triples_turn_and_never_queued():
+    """A triple runs, then its pair's one-preemption variants, then the next triple; only
+    the pairings' pairs reach the queues (and get their two-preemption samples there)."""
+    first = parse_reproducer("""vm type=default vcpus=1
+    memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
+    access vcpu=0 gpa=0x201000 word=0 kind=read private=0
+    zap_all
+    recover""").program  # the read with three partners: three pairings, three triples
+    explorer, _ = _running_explorer()
+    ran = []  # ("collision" or "variant", actors, which collision)
+
+    def actors(program):
+        return max(len(op.sides) for op in program.ops if isinstance(op, Parallel))
+
+    def collide(program):
+        number = sum(1 for event in ran if event[0] == "collision")
+        ran.append(("collision", actors(program), number))
+        index = next(i for i, op in enumerate(program.ops) if isinstance(op, Parallel))
+        taken = (3,) * actors(program)
+        explorer.offer(program, [(index, taken, f"state{number}")],
+                       lambda *pair: lambda variant: ran.append(("variant", actors(variant),
+                                                                 number)),
+                       random.Random(number))
+    explorer.offer_collisions(mutator.collisions(first, TAIL), collide)
+    assert explorer.work() is None  # the clock stands still: everything runs
+    one = len(list(sampled_preemptions((3, 3, 3), random.Random(0))))
+    pairs = len(list(sampled_preemptions((3, 3), random.Random(0)))) \
+        + len(list(sampled_two_preemptions((3, 3), random.Random(0))))
+    triples = [i for i, event in enumerate(ran) if event[:2] == ("collision", 3)]
+    assert len(triples) == 3 and [event[:2] for event in ran[:3]] == [("collision", 2)] * 3
+    for at in triples:  # each triple's variants right after it, three actors each
+        number = ran[at][2]
+        assert ran[at + 1:at + 1 + one] == [("variant", 3, number)] * one
+    assert sum(1 for event in ran if event[:2] == ("variant", 3)) == 3 * one
+    for number in range(3):  # each pairing's pair: queued, both samples run
+        assert ran.count(("variant", 2, number)) == pairs
