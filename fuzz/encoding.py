@@ -7,7 +7,9 @@ small pool of interesting values or escapes to a literal mapped into the
 field's range.  Pools are built from the program decoded so far (slot bounds,
 2M-aligned gfns inside slots and their neighbours, gfns and addresses earlier
 ops used), so a one-byte mutation tends to move an op onto something that
-matters.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
+matters; and half the selectors of a gfn or gva field reuse an operand of the
+latest ops (``_Context.reuse``), so that a fresh op acts on what the program
+just touched.  ``encode`` is canonical: ``decode(encode(p)) == p`` for every program
 ``decode`` can produce, which makes ``encode(decode(b))`` a fixpoint.
 
 **Text** (``parse_reproducer``/``format_program``) is the readable, diffable
@@ -28,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmufuzz.harness.ops import (GFN_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT, PAGES_PER_2M,
-                                 PG_LEVEL_2M, SIDE_NAMES, Access, AccessKind, Accept, Domain,
-                                 ManualProtect, Parallel, Program, PteFlag, VmHeader, VmType,
-                                 WritePte, domain,
+from mmufuzz.harness.ops import (GFN_LIMIT, GVA_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT,
+                                 PAGES_PER_2M, PG_LEVEL_2M, SIDE_NAMES, Access, AccessKind, Accept,
+                                 Domain, Invlpg, ManualProtect, Paging, Parallel, Program,
+                                 PteFlag, VmHeader, VmType, WritePte, domain,
                                  op_vcpu, schedule_digits, schedule_of)
 
 FORMAT_LINE = "# mmufuzz reproducer v1"
@@ -560,7 +562,20 @@ _SCHEDULES = (0x0, 0x1, 0x2, 0x5, 0xa, 0xff, 0x5555555555555555, 0xaaaaaaaaaaaaa
               0xffffffffffffffff)
 _SMALL_SLOTS = 4   # selectors below 0xC0 pick slot (s % 4): programs reuse a few slots
 _DYNAMIC_GFNS = 48  # how many recent gfns the context remembers
-_DYNAMIC_INDICES = 8  # ... and PTE indices (each gives three gvas)
+_DYNAMIC_INDICES = 8  # ... and PTE indices (each gives a gva at each level)
+# Operand reuse: selectors from REUSE_SELECTOR up to LITERAL draw a gfn or gva field from
+# the operands of the latest ops (_Context.reuse), the lower ones from its pool (which
+# therefore holds at most REUSE_SELECTOR values).  Half the selectors: a fresh op that
+# names memory names what the program already uses about as often as anything else.
+REUSE_SELECTOR = 0x80
+_REUSED = 8  # operands remembered per kind (gfns, gvas)
+_ROOTS = 4   # paging roots remembered
+_LINKS = 4   # links remembered per table
+_PATHS = 16  # table paths followed per level when finding the gvas of a PTE
+PT64_LEVELS = 4
+# The shift of the index of a level-L table's entry in a gva, by L (index 0 unused).
+_LEVEL_SHIFTS = (None,) + tuple(PAGE_SHIFT + 9 * (level - 1)
+                                for level in range(1, PT64_LEVELS + 1))
 
 _RADIX10_POOLS = {"word": _WORDS, "index": _INDICES, "host_offset": _HOST_OFFSETS}
 _POOLS = {"npages": _NPAGES, "value": _VALUES, "first": _FIRST_PAGES}
@@ -572,6 +587,15 @@ class _Context:
 
     The pools derived from the gfns and PTE indices (gpas, gvas, roots) are built
     when first asked for after a change, not for every field that draws from them.
+
+    Besides the pools, the context keeps the **operands** the latest ops used,
+    most recent first (syzkaller's resource reuse): the gfns they named and the
+    guest-virtual pages they touched, invalidated or remapped.  A page-table
+    write's gvas are those whose walk goes through the written entry, found
+    from the tables earlier ``write_pte``s linked and the roots ``paging``
+    loaded (:meth:`_mapped_gvas`): a guest that changes a PTE goes on to use,
+    invalidate or change again what that PTE maps.  The upper selectors of a
+    gfn or gva field draw from these (:data:`REUSE_SELECTOR`).
     """
 
     def __init__(self, header: VmHeader):
@@ -579,6 +603,9 @@ class _Context:
         self.gfns: list[int] = list(_GFN_CONSTANTS)
         self.indices: list[int] = []
         self._derived: dict = {}  # pool name -> the pool, until the gfns or indices change
+        self.recent = {"gfn": [], "gva": []}  # operands of the latest ops, most recent first
+        self.roots: list[int] = []  # the tables paging ops loaded, most recent first
+        self.links: dict[int, list] = {}  # table -> [(parent table, index)] linking to it
 
     def note_gfn(self, gfn: int) -> None:
         if gfn in self.gfns or not 0 <= gfn < GFN_LIMIT:
@@ -588,8 +615,14 @@ class _Context:
             del self.gfns[len(_GFN_CONSTANTS)]
         self._derived.clear()
 
+    def _used(self, kind: str, values) -> None:
+        """``values`` are the latest operands of ``kind``: to the front of its reuse list."""
+        fresh = list(dict.fromkeys(values))
+        self.recent[kind] = (fresh + [v for v in self.recent[kind] if v not in fresh])[:_REUSED]
+
     def note(self, op) -> None:
-        """Remember the gfns an op names: slot bounds, 2M frames inside, pages touched."""
+        """Remember the gfns an op names: slot bounds, 2M frames inside, pages touched;
+        and its operands, for reuse."""
         if isinstance(op, Parallel):
             for side in op.sides:
                 self.note(side)
@@ -603,23 +636,63 @@ class _Context:
             frame = base & -PAGES_PER_2M  # the 2M frame the range starts in
             for gfn in (last, base + npages, huge, huge - 1, huge + 1, frame):
                 self.note_gfn(gfn)
-        for name in ("table", "target", "root"):
-            gfn = getattr(op, name, None)
+        named = [getattr(op, name, None) for name in ("base", "table", "target", "root")]
+        for gfn in named:
             if gfn is not None:
                 self.note_gfn(gfn)
         if isinstance(op, Accept):
             self.note_gfn(op.gpa >> PAGE_SHIFT)
-        elif isinstance(op, Access) and not op.virtual:
-            self.note_gfn(op.addr >> PAGE_SHIFT)
-        elif isinstance(op, WritePte) and op.index not in self.indices:
-            self.indices = (self.indices + [op.index])[-_DYNAMIC_INDICES:]
-            self._derived.clear()
+            named.append(op.gpa >> PAGE_SHIFT)
+        elif isinstance(op, Access):
+            if op.virtual:
+                self._used("gva", (op.addr,))
+            else:
+                self.note_gfn(op.addr >> PAGE_SHIFT)
+                named.append(op.addr >> PAGE_SHIFT)
+        elif isinstance(op, Invlpg):
+            self._used("gva", (op.gva,))
+        elif isinstance(op, Paging) and op.root is not None:
+            self.roots = [op.root] + [r for r in self.roots if r != op.root][:_ROOTS - 1]
+        elif isinstance(op, WritePte):
+            if op.index not in self.indices:
+                self.indices = (self.indices + [op.index])[-_DYNAMIC_INDICES:]
+                self._derived.clear()
+            self._used("gva", self._mapped_gvas(op.table, op.index))
+            if op.flags & PteFlag.P and not op.flags & PteFlag.PS:
+                parents = self.links.setdefault(op.target, [])
+                if (op.table, op.index) not in parents:
+                    parents.insert(0, (op.table, op.index))
+                    del parents[_LINKS:]
+        self._used("gfn", (gfn for gfn in named if gfn is not None and 0 <= gfn < GFN_LIMIT))
+
+    def _mapped_gvas(self, table: int, index: int) -> list[int]:
+        """The gvas whose 4-level walk goes through entry ``index`` of guest table ``table``,
+        as far as the earlier ops tell: paths of linked tables up to a loaded root (or,
+        before any ``paging`` op, up to a table nothing links, as a guest builds its
+        tables before it loads CR3).  At most :data:`_REUSED`, shortest paths first."""
+        out: list[int] = []
+        paths = [(table, ())]  # (table, indices of the entries above it, nearest first)
+        for depth in range(PT64_LEVELS):
+            level = PT64_LEVELS - depth  # of ``table`` if the path's top is a root
+            for node, above in paths:
+                if node in self.roots or (not self.roots and node not in self.links):
+                    gva = index << _LEVEL_SHIFTS[level]
+                    for k, entry in enumerate(above, 1):
+                        gva |= entry << _LEVEL_SHIFTS[level + k]
+                    if gva < GVA_LIMIT and gva not in out:
+                        out.append(gva)
+                        if len(out) == _REUSED:
+                            return out
+            paths = [(parent, above + (entry,)) for node, above in paths
+                     for parent, entry in self.links.get(node, ())][:_PATHS]
+        return out
 
     def gvas(self) -> list[int]:
-        """Guest-virtual pages: identity gpas plus addresses built from PTE indices used."""
+        """Guest-virtual pages: identity gpas plus addresses built from PTE indices used
+        (each index at each of the four levels)."""
         out = [gfn << PAGE_SHIFT for gfn in self.gfns]
         for index in self.indices:
-            out += [index << 12, index << 21, index << 30]
+            out += [index << shift for shift in _LEVEL_SHIFTS[1:] if index << shift < GVA_LIMIT]
         return list(dict.fromkeys(out))
 
     def _pool_of(self, name: str, build) -> list:
@@ -640,6 +713,17 @@ class _Context:
         if name in ("gva", "addr"):
             return self._pool_of("gva", self.gvas)
         return _CONSTANT_POOLS.get(name)
+
+    def reuse(self, name: str, op_so_far: dict) -> list:
+        """The operands of the latest ops a field ``name`` may reuse (most recent first), or
+        an empty list."""
+        if name in ("base", "table", "target", "root"):
+            return self.recent["gfn"]
+        if name in ("gpa", "addr") and not op_so_far.get("virtual"):
+            return [gfn << PAGE_SHIFT for gfn in self.recent["gfn"]]
+        if name in ("gva", "addr"):
+            return self.recent["gva"]
+        return []
 
 
 def _literal_width(dom: Domain) -> int:
@@ -666,17 +750,25 @@ class _Reader:
         return self.pos >= len(self.data)
 
 
-def _decode_int(reader: _Reader, dom: Domain, pool) -> int:
+def _decode_int(reader: _Reader, dom: Domain, pool, reused=()) -> int:
+    """A pool pick, a reused operand (selectors from REUSE_SELECTOR on, if there is one) or
+    a literal."""
     selector = reader.byte()
+    if reused and REUSE_SELECTOR <= selector < LITERAL:
+        return reused[(selector - REUSE_SELECTOR) % len(reused)]
     if pool and selector != LITERAL:
         return pool[selector % len(pool)]
     span = (dom.hi - dom.lo + dom.align - 1) // dom.align
     return dom.lo + reader.literal(_literal_width(dom)) % span * dom.align
 
 
-def _encode_int(out: bytearray, value: int, dom: Domain, pool) -> None:
-    if pool and value in pool[:LITERAL]:
+def _encode_int(out: bytearray, value: int, dom: Domain, pool, reused=()) -> None:
+    limit = REUSE_SELECTOR if reused else LITERAL
+    if pool and value in pool[:limit]:
         out.append(pool.index(value))
+        return
+    if value in reused:
+        out.append(REUSE_SELECTOR + reused.index(value))
         return
     out.append(LITERAL)
     out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")
@@ -787,7 +879,7 @@ def _field_decoder(cls, name: str, dom: Domain):
     def number(reader, ctx, so_far, actors):
         if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
             return None
-        return _decode_int(reader, dom, ctx.pool(cls, name, so_far))
+        return _decode_int(reader, dom, ctx.pool(cls, name, so_far), ctx.reuse(name, so_far))
     return number
 
 
@@ -811,7 +903,7 @@ def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Cont
         _encode_schedule(out, value, dom, actors)
     else:
         # root's pool starts with None, so "off" is selector 0 and never a literal.
-        _encode_int(out, value, dom, ctx.pool(cls, name, so_far))
+        _encode_int(out, value, dom, ctx.pool(cls, name, so_far), ctx.reuse(name, so_far))
 
 
 def conform(op, header: VmHeader):

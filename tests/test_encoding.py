@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, FlushTlb, MemslotAdd, MemslotDelete,
-                                 MemslotFlag, Parallel, Program, Recover, VmHeader, VmType, ZapAll,
+from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, FlushTlb, Invlpg, MemslotAdd,
+                                 MemslotDelete, MemslotFlag, Paging, Parallel, Program, Recover, VmHeader, VmType, ZapAll,
                                  domain, schedule_digits)
 from mmufuzz.fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
@@ -289,3 +289,69 @@ def test_n_actor_text_rules():
              "field 'e': unknown field for parallel \\(its actors are a, b, c, d\\)")):
         with pytest.raises(ReproError, match=f"<string>:2: {error}"):
             parse_reproducer(vm + line + "\n")
+
+
+def _last_op_with(prefix_text: str, op_bytes: bytes):
+    """The op ``op_bytes`` decodes to after the ops of the reproducer text ``prefix_text``."""
+    prefix = parse_reproducer(prefix_text).program
+    return decode(encode(prefix) + op_bytes).ops[len(prefix.ops)]
+
+
+_TABLES = """vm type=default vcpus=1
+memslot_add slot=0 base=0x0 npages=0x20 flags= host_offset=0
+write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p,rw
+write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p,rw
+write_pte vcpu=0 table=0x3 index=1 target=0x4 flags=p,rw
+paging vcpu=0 root=0x1
+access vcpu=0 gva=0x7000 word=0 kind=read private=0
+write_pte vcpu=0 table=0x4 index=5 target=0x10 flags=p
+"""
+
+
+def test_a_gva_field_reuses_what_the_latest_pte_write_maps_then_earlier_gvas():
+    """Operand reuse: the upper selectors of a gva field draw from the gvas the latest ops
+    used, most recent first; a PTE write's gvas are the walks through its entry (root 1,
+    entry 0 at levels 4 and 3, entry 1 at level 2, entry 5 at level 1)."""
+    invlpg = bytes([encoding.opcode((Invlpg, 0)), 0])
+    assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR])).gva \
+        == 1 << 21 | 5 << 12
+    assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR + 1])).gva == 0x7000
+    # Below the reuse selectors: the pool, as before.
+    assert _last_op_with(_TABLES, invlpg + bytes([0])).gva == 0
+
+
+def test_a_self_map_entry_maps_the_gvas_of_every_path_through_it():
+    text = _TABLES + "write_pte vcpu=0 table=0x1 index=1 target=0x1 flags=p,rw\n" \
+                     "write_pte vcpu=0 table=0x1 index=2 target=0x9 flags=p,rw\n"
+    context = encoding._Context(parse_reproducer(text).program.header)
+    for op in parse_reproducer(text).program.ops:
+        context.note(op)
+    # Root 1 at level 4 maps entry 2 at 2 << 39; through the self-map (entry 1) table 1 is
+    # also a level-3, level-2 and level-1 table.
+    assert context.recent["gva"][:4] == [2 << 39, 1 << 39 | 2 << 30,
+                                         1 << 39 | 1 << 30 | 2 << 21,
+                                         1 << 39 | 1 << 30 | 1 << 21 | 2 << 12]
+
+
+def test_a_gfn_field_reuses_the_latest_ops_gfns():
+    paging = bytes([encoding.opcode((Paging, 0)), 0])
+    roots = [_last_op_with(_TABLES, paging + bytes([encoding.REUSE_SELECTOR + i])).root
+             for i in range(4)]
+    assert roots == [0x4, 0x10, 0x1, 0x3]  # the last write_pte's table and target, then the
+    # paging op's root, then the write_pte's before it (the gfns already listed move up)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_reused_operands_round_trip_through_bytes(tail):
+    """A program whose ops reuse operands encodes to bytes that decode to it again."""
+    program = decode(encode(parse_reproducer(_TABLES).program) + tail)
+    assert decode(encode(program)) == program
+
+
+def test_a_fresh_invlpg_after_a_pte_write_names_the_gva_it_maps_one_time_in_16():
+    """Of the 256 values of a fresh invlpg's gva selector, at least 16 name the gva the
+    latest PTE write maps (one in about 80 when every gva came from the pool)."""
+    invlpg = bytes([encoding.opcode((Invlpg, 0)), 0])
+    gvas = [_last_op_with(_TABLES, invlpg + bytes([s])).gva for s in range(256)]
+    assert gvas.count(1 << 21 | 5 << 12) >= 16
