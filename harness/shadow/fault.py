@@ -108,13 +108,6 @@ def kvm_mmu_faultin_pfn(vcpu, fault: KvmPageFault, access: int, direct: bool):
     # kvm_vcpu_memslots() as the fault read them: an MMIO SPTE made from this lookup
     # carries their generation, so it is stale once a racing update publishes a slot.
     fault.gen = kvm.memslots.generation
-    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
-        # mmu_invalidate_retry_gfn_unsafe, before the pfn and mmu_lock ("KVM: x86/mmu:
-        # Retry fault before acquiring mmu_lock if mapping is changing"): the fault is
-        # certain to retry, and contending mmu_lock would only delay the invalidation.
-        # (Without it a retry loop that holds mmu_lock whenever the invalidation's turn
-        # comes starves it: a campaign found a three-actor parallel that hung.)
-        return RET_PF_RETRY
     slot = fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if slot is None:
         # kvm_handle_noslot_fault: cache the MMIO info, map an MMIO SPTE.
@@ -122,6 +115,15 @@ def kvm_mmu_faultin_pfn(vcpu, fault: KvmPageFault, access: int, direct: bool):
                                   access & SHADOW_MMIO_ACCESS_MASK)
         return RET_PF_EMULATE if fault.gfn > kvm_mmu_max_gfn() else RET_PF_CONTINUE
     if slot.invalid:
+        return RET_PF_RETRY
+    if _mmu_invalidate_retry_gfn(kvm, fault):
+        # mmu_invalidate_retry_gfn_unsafe, before the pfn and mmu_lock (KVM commit
+        # d02c357e5bfa, "KVM: x86/mmu: Retry fault before acquiring mmu_lock if mapping is
+        # changing"), where mainline has it: after the no-slot and invalid-slot paths.  The
+        # fault is certain to retry, and contending mmu_lock would only delay the
+        # invalidation.  (Without it a retry loop that holds mmu_lock whenever the
+        # invalidation's turn comes starves it: a campaign found a three-actor parallel
+        # that hung.)
         return RET_PF_RETRY
     if fault.write and slot.readonly:
         return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT
@@ -140,6 +142,12 @@ def is_page_fault_stale(vcpu, fault: KvmPageFault, root) -> bool:
         return True
     if fault.slot is None:
         return False
+    return _mmu_invalidate_retry_gfn(kvm, fault)
+
+
+def _mmu_invalidate_retry_gfn(kvm, fault: KvmPageFault) -> bool:
+    """mmu_invalidate_retry_gfn (and its _unsafe twin, the same test without mmu_lock): an
+    invalidation covering the gfn is running, or one ran since the fault read the sequence."""
     if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
         return True
     return kvm.mmu_invalidate_seq != fault.mmu_seq
