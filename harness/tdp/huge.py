@@ -71,15 +71,26 @@ def split_range(kvm, root, start: int, end: int):
 
 
 def split_slot(kvm, op):
-    """The ``split`` op: eagerly split the huge leaves of a slot in every root."""
-    slot = kvm.memslots.by_id.get(op.slot)
-    if slot is None:
-        return EINVAL
-    yield from kvm.mmu_lock.read_lock()
-    for root in kvm.mmu.held(kvm.mmu.roots(only_valid=True)):
-        yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
-    kvm.mmu_lock.read_unlock()
-    return OK
+    """The ``split`` op: eagerly split the huge leaves of a slot in every root.
+
+    Under slots_lock, as KVM's callers hold it (kvm_mmu_slot_apply_flags when
+    logging starts, KVM_CLEAR_DIRTY_LOG): a split copies a huge leaf's pfn into
+    4K leaves, and only slots_lock keeps it from running beside in-place
+    recovery (:func:`recover`), which may rebuild a huge leaf that an
+    invalidation had half zapped before it yielded.
+    """
+    yield from kvm.slots_lock.write_lock()
+    try:
+        slot = kvm.memslots.by_id.get(op.slot)
+        if slot is None:
+            return EINVAL
+        yield from kvm.mmu_lock.read_lock()
+        for root in kvm.mmu.held(kvm.mmu.roots(only_valid=True)):
+            yield from split_range(kvm, root, slot.base_gfn, slot.end_gfn)
+        kvm.mmu_lock.read_unlock()
+        return OK
+    finally:
+        kvm.slots_lock.write_unlock()
 
 
 def replace_table_with_huge(kvm, it, huge: int):
@@ -251,6 +262,17 @@ def for_each_slot(kvm, per_slot):
 
 
 def recover(kvm, op):
-    """The ``recover`` op: every slot (:func:`for_each_slot`)."""
-    yield from for_each_slot(kvm, recover_slot)
+    """The ``recover`` op: every slot (:func:`for_each_slot`), under slots_lock.
+
+    In-place recovery (recover_huge_pages_range) runs in mainline only from
+    kvm_mmu_recover_huge_pages, whose caller (kvm_mmu_slot_apply_flags, when
+    logging stops) holds slots_lock; the NX-recovery worker, which does not,
+    zaps instead.  So a recovery never runs beside an eager split
+    (:func:`split_slot`).
+    """
+    yield from kvm.slots_lock.write_lock()
+    try:
+        yield from for_each_slot(kvm, recover_slot)
+    finally:
+        kvm.slots_lock.write_unlock()
     return OK
