@@ -530,7 +530,8 @@ class Vcpu:
             if not pte & _PTE_P:
                 self._drop_linear(gva)
                 return PageFault(gva, access_bits)
-            if pte & _PTE_PS and (level > PG_LEVEL_2M or pte & _PDE_2M_RSVD_MASK):
+            if pte & _PTE_PS and (level > PG_LEVEL_2M
+                                   or level == PG_LEVEL_2M and pte & _PDE_2M_RSVD_MASK):
                 self._drop_linear(gva)
                 return PageFault(gva, PFERR_PRESENT_MASK | PFERR_RSVD_MASK | access_bits)
             writable = writable and bool(pte & _PTE_RW)
