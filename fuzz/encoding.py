@@ -567,12 +567,7 @@ _DYNAMIC_INDICES = 8  # ... and PTE indices (each gives a gva at each level)
 # the operands of the latest ops (_Context.reuse), the lower ones from its pool (which
 # therefore holds at most REUSE_SELECTOR values).  Half the selectors: a fresh op that
 # names memory names what the program already uses about as often as anything else.
-# The first LATEST_SELECTORS of them draw the latest operand, the rest any remembered one
-# (the latest included): the op that follows a PTE write, an access or an invlpg most often
-# goes on with what that op named (an invlpg of the page a PTE write changed, an access of
-# the page just invalidated), so the latest operand is half the reuse draws, not one in 8.
 REUSE_SELECTOR = 0x80
-LATEST_SELECTORS = 0x40
 _REUSED = 8  # operands remembered per kind (gfns, gvas)
 _ROOTS = 4   # paging roots remembered
 _LINKS = 4   # links remembered per table
@@ -760,8 +755,7 @@ def _decode_int(reader: _Reader, dom: Domain, pool, reused=()) -> int:
     a literal."""
     selector = reader.byte()
     if reused and REUSE_SELECTOR <= selector < LITERAL:
-        offset = selector - REUSE_SELECTOR - LATEST_SELECTORS
-        return reused[offset % len(reused) if offset >= 0 else 0]
+        return reused[(selector - REUSE_SELECTOR) % len(reused)]
     if pool and selector != LITERAL:
         return pool[selector % len(pool)]
     span = (dom.hi - dom.lo + dom.align - 1) // dom.align
@@ -774,8 +768,7 @@ def _encode_int(out: bytearray, value: int, dom: Domain, pool, reused=()) -> Non
         out.append(pool.index(value))
         return
     if value in reused:
-        index = reused.index(value)
-        out.append(REUSE_SELECTOR + (LATEST_SELECTORS + index if index else 0))
+        out.append(REUSE_SELECTOR + reused.index(value))
         return
     out.append(LITERAL)
     out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")

@@ -311,16 +311,11 @@ write_pte vcpu=0 table=0x4 index=5 target=0x10 flags=p
 def test_a_gva_field_reuses_what_the_latest_pte_write_maps_then_earlier_gvas():
     """Operand reuse: the upper selectors of a gva field draw from the gvas the latest ops
     used, most recent first; a PTE write's gvas are the walks through its entry (root 1,
-    entry 0 at levels 4 and 3, entry 1 at level 2, entry 5 at level 1).  The first
-    LATEST_SELECTORS of them all draw the latest, the rest each remembered one in turn."""
+    entry 0 at levels 4 and 3, entry 1 at level 2, entry 5 at level 1)."""
     invlpg = bytes([encoding.opcode((Invlpg, 0)), 0])
-    latest = 1 << 21 | 5 << 12
-    for offset in (0, encoding.LATEST_SELECTORS - 1, encoding.LATEST_SELECTORS):
-        assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR + offset])).gva \
-            == latest
-    assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR
-                                                  + encoding.LATEST_SELECTORS + 1])).gva \
-        == 0x7000
+    assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR])).gva \
+        == 1 << 21 | 5 << 12
+    assert _last_op_with(_TABLES, invlpg + bytes([encoding.REUSE_SELECTOR + 1])).gva == 0x7000
     # Below the reuse selectors: the pool, as before.
     assert _last_op_with(_TABLES, invlpg + bytes([0])).gva == 0
 
@@ -340,8 +335,7 @@ def test_a_self_map_entry_maps_the_gvas_of_every_path_through_it():
 
 def test_a_gfn_field_reuses_the_latest_ops_gfns():
     paging = bytes([encoding.opcode((Paging, 0)), 0])
-    roots = [_last_op_with(_TABLES, paging + bytes([encoding.REUSE_SELECTOR
-                                                    + encoding.LATEST_SELECTORS + i])).root
+    roots = [_last_op_with(_TABLES, paging + bytes([encoding.REUSE_SELECTOR + i])).root
              for i in range(4)]
     assert roots == [0x4, 0x10, 0x1, 0x3]  # the last write_pte's table and target, then the
     # paging op's root, then the write_pte's before it (the gfns already listed move up)
