@@ -7,7 +7,3 @@ writes a Markdown report with plots (``docs/benchmarks.md``).  Every
 measurement runs in a process of its own (:mod:`mmufuzz.bench.child`), so engines never
 share an interpreter, and at most one measurement runs per core.
 """
-
-from mmufuzz.bench.cli import main
-
-__all__ = ["main"]

@@ -10,19 +10,21 @@ for every engine alike).
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
 
-def _kinds() -> dict:
-    """KIND -> function(emit, **params); imported here so the parent never loads the engines."""
-    from mmufuzz.bench import engines, minimization, mutants, soak, throughput
-    return {"random": engines.random_engine, "hypothesis": engines.hypothesis_engine,
-            "seeds": engines.seeds_engine, "shallow": mutants.shallow_check,
-            "replay": throughput.replay_loop, "differential": throughput.differential_loop,
-            "coverage": throughput.coverage_loop,
-            "profile": throughput.profile_loop, "minimize": minimization.minimize_one,
-            "soak": soak.soak_one}
+# KIND -> (module of mmufuzz.bench, function(emit, **params)).  Only the module of the kind
+# asked for is imported: the parent never loads the engines, and the coverage loop must enter
+# its instrumentation before anything imports the target (mmufuzz.bench.coverage_loop).
+KINDS = {"random": ("engines", "random_engine"), "hypothesis": ("engines", "hypothesis_engine"),
+         "seeds": ("engines", "seeds_engine"), "shallow": ("mutants", "shallow_check"),
+         "replay": ("throughput", "replay_loop"),
+         "differential": ("throughput", "differential_loop"),
+         "coverage": ("coverage_loop", "coverage_loop"),
+         "profile": ("throughput", "profile_loop"), "minimize": ("minimization", "minimize_one"),
+         "soak": ("soak", "soak_one")}
 
 
 def emit(record: dict) -> None:
@@ -32,7 +34,8 @@ def emit(record: dict) -> None:
 
 def main(argv: list) -> int:
     kind, params = argv[0], json.loads(argv[1])
-    _kinds()[kind](emit, **params)
+    module, function = KINDS[kind]
+    getattr(importlib.import_module(f"mmufuzz.bench.{module}"), function)(emit, **params)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mmufuzz.fuzz.atomic import write_atomic
 from mmufuzz.fuzz.schedules import SHARE
 from mmufuzz.bench.analysis import (check_targets, explorer_part, geomean, kills, machine_scaling,
-                                    mutant_summary, rate, speedups, summarize_detection)
+                                    rate, speedups, summarize_detection)
 from mmufuzz.bench.detect import DETERMINISTIC, ENGINES
 from mmufuzz.bench.minimization import with_known_minima
 from mmufuzz.bench.mutants import SHALLOW_CPU

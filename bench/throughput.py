@@ -8,10 +8,7 @@ their ratios say what each layer costs:
   (decode, :func:`mmufuzz.fuzz.runner.run_program` against the reference, invariants
   sampled as campaigns sample them: :meth:`fuzz.worker.Worker.run`);
 - ``coverage``: the differential loop of a campaign worker under the cheap
-  coverage (``MMUFUZZ_COVERAGE=record``: harness and reference instrumented
-  with the hit record, outcome features fed to its counters, one fold per
-  input) and with its schedule explorer, timed in CPU seconds; the explorer's
-  variants are counted apart from the inputs' own ops;
+  coverage and with its schedule explorer (:mod:`mmufuzz.bench.coverage_loop`);
 - ``campaign``: a real ``mmufuzz fuzz`` (coverage instrumentation, libFuzzer,
   mutation), read back from its ``stats.jsonl``.
 
@@ -104,58 +101,6 @@ def replay_loop(emit: Callable, corpus: str, target: str, seconds: float) -> Non
 def differential_loop(emit: Callable, corpus: str, target: str, seconds: float) -> None:
     """A campaign worker's per-input work, without libFuzzer and without coverage."""
     emit(timed_loop(corpus_inputs(corpus), _differential_one(target), seconds))
-
-
-def coverage_loop(emit: Callable, corpus: str, target: str, seconds: float) -> None:
-    """The differential loop under the hit record and with the schedule explorer.
-
-    As a ``MMUFUZZ_COVERAGE=record`` worker runs an input, without libFuzzer:
-    the record's fold goes to a stand-in for atheris's counter array, and the
-    explorer's variants run with the record muted, as in a campaign.  The
-    explorer is exec-bounded (its budget counts guest ops, not seconds), so
-    the same corpus explores the same variants under any load.  CPU seconds
-    (``time.process_time``) and ops are split between the inputs and the
-    explorer's variants (its ``work``, which runs them, is timed apart).
-    """
-    import ctypes
-    from mmufuzz.fuzz.fuzz_mmu import NOT_INSTRUMENTED
-    from mmufuzz.fuzz.instrument import HitRecord, instrument_branches
-    array = ctypes.create_string_buffer(1 << 20)
-    record = HitRecord(counters=(ctypes.addressof(array), len(array)))
-    with instrument_branches({"mmufuzz.harness", "mmufuzz.reference"}, NOT_INSTRUMENTED,
-                             record=record):
-        from mmufuzz.fuzz.worker import CounterSink, Worker
-        worker = Worker(CampaignConfig(target, NO_FAULT), None,
-                        CounterSink(record.reserve, record.hit), exec_bounded=True,
-                        muted=record.muted)
-    explorer = {"ops": 0, "cpu_seconds": 0.0}
-    work = worker.explorer.work
-
-    def timed_work():
-        ops, started = worker.ops, time.process_time()
-        try:
-            return work()
-        finally:
-            explorer["cpu_seconds"] += time.process_time() - started
-            explorer["ops"] += worker.ops - ops
-
-    worker.explorer.work = timed_work
-    inputs = corpus_inputs(corpus)
-    if not inputs:
-        raise ValueError("empty workload: the campaign left no corpus")
-    execs = 0
-    started = time.process_time()
-    while not execs or time.process_time() - started < seconds:  # one pass at least
-        for data in inputs:
-            worker.run(data)
-            record.fold()
-        execs += len(inputs)
-    cpu = time.process_time() - started
-    emit({"event": "result", "execs": execs, "ops": worker.ops - explorer["ops"],
-          "seconds": cpu - explorer["cpu_seconds"], "explorer_ops": explorer["ops"],
-          "explorer_seconds": explorer["cpu_seconds"], "explorer_runs": worker.explorer.runs,
-          "cpu_seconds": cpu})
-
 
 
 def profile_loop(emit: Callable, corpus: str, target: str, seconds: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from mmufuzz.fuzz.campaign import CampaignConfig, seed_files, write_seeds
 from mmufuzz.fuzz.encoding import encode, load_reproducer, parse_reproducer
 from mmufuzz.fuzz.worker import CounterSink, Worker
 from mmufuzz.fuzz.runner import ReferenceTarget, make_target
-from mmufuzz.bench import (analysis, cli, detect, engines, mutants, procs, report, soak, suite,
-                           throughput)
+from mmufuzz.bench import (analysis, cli, coverage_loop, detect, engines, mutants, procs, report,
+                           soak, suite, throughput)
 from mmufuzz.bench.detect import ENGINES
 from mmufuzz.bench.minimization import MINIMAL_DIR, check_minimal, known_minimal
 
@@ -281,7 +282,17 @@ def _libfuzzer_log(tmp_path, guidance: str) -> str:
 
 
 def test_the_unguided_worker_gives_libfuzzer_no_coverage_but_keeps_the_seeds(tmp_path):
-    assert "cov: " in _libfuzzer_log(tmp_path, "on")
+    guided = _libfuzzer_log(tmp_path, "on")
+    assert "cov: " in guided
+    # The throughput phase's coverage loop instruments what a campaign worker does, no less
+    # (it once imported the reference before entering the instrumentation).
+    hits, misses = map(int, re.search(r"instrumented modules: (\d+) from .*?, (\d+) anew",
+                                      guided).groups())
+    corpus = tmp_path / "seeds-on"
+    run = procs.run_child("coverage", {"corpus": str(corpus), "target": "tdp", "seconds": 0},
+                          tmp_path / "coverage.log")
+    assert run.returncode == 0, (tmp_path / "coverage.log").read_text()[-2000:]
+    assert run.first("result")[1]["instrumented_modules"] == hits + misses
     unguided = _libfuzzer_log(tmp_path, "off")
     assert "cov: " not in unguided and "guidance off" in unguided
     assert "Done 30 runs" in unguided
@@ -507,7 +518,7 @@ def test_the_coverage_loop_counts_the_explorers_ops_apart_from_the_inputs(tmp_pa
     for i, program in enumerate(programs):
         (corpus / f"{i:02d}").write_bytes(encode(program))
     records = []
-    throughput.coverage_loop(records.append, str(corpus), "tdp", 1e-9)
+    coverage_loop.coverage_loop(records.append, str(corpus), "tdp", 1e-9)
     (result,) = records
     assert result["execs"] == len(programs)
     assert result["ops"] == sum(len(p.ops) for p in programs)

@@ -1,6 +1,6 @@
 """The /dev/kvm ABI this target speaks: ioctl numbers and structs of include/uapi/linux/kvm.h.
 
-Only the standard library (ctypes, fcntl, mmap, os): the ABI is small and stable, and a
+Only the standard library (ctypes, mmap, os; ioctl through libc): the ABI is small and stable, and a
 binding would be one more dependency for a dozen ioctls.  Names are the header's, so a
 reader can check each against linux/kvm.h and arch/x86/include/uapi/asm/kvm.h.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import struct
