@@ -33,7 +33,7 @@ from typing import Optional
 from mmufuzz.harness.ops import (GFN_LIMIT, GVA_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT,
                                  PAGES_PER_2M, PG_LEVEL_2M, SIDE_NAMES, Access, AccessKind, Accept,
                                  Domain, Invlpg, ManualProtect, Paging, Parallel, Program,
-                                 PteFlag, VmHeader, VmType, WritePte, domain,
+                                 PTE_ADDR_MASK, PteFlag, VmHeader, VmType, WritePte, domain,
                                  op_vcpu, schedule_digits, schedule_of)
 
 FORMAT_LINE = "# mmufuzz reproducer v1"
@@ -774,6 +774,39 @@ def _encode_int(out: bytearray, value: int, dom: Domain, pool, reused=()) -> Non
     out += ((value - dom.lo) // dom.align).to_bytes(_literal_width(dom), "little")
 
 
+# A written value.  What a guest writes that an MMU reads is a page-table entry, and a
+# random 64-bit literal is almost never one (its address bits name no memory), so with
+# gfns to reuse the upper selectors make an entry: a gfn the latest ops named (selector
+# bits 1-6) with NX (bit 0) and one more byte for bits 0-7 (P, RW, US, PWT, PCD, A, D and
+# PS, which is PAT in a 4K entry).  Any such combination, since the generator must not
+# know which ones an MMU treats specially: A and D clear, reserved address bits of a 2M
+# entry, flags write_pte never sets.  The lower selectors pick a constant, LITERAL any
+# 64-bit value.
+_PTE_LOW_BITS = 0xFF
+_NX_SHIFT = 63
+_PTE_BITS = PTE_ADDR_MASK | _PTE_LOW_BITS | 1 << _NX_SHIFT
+
+
+def _decode_value(reader: _Reader, dom: Domain, gfns: list) -> int:
+    selector = reader.byte()
+    if gfns and REUSE_SELECTOR <= selector < LITERAL:
+        pick = selector - REUSE_SELECTOR
+        gfn = gfns[(pick >> 1) % len(gfns)]
+        return gfn << PAGE_SHIFT | reader.byte() | (pick & 1) << _NX_SHIFT
+    if selector != LITERAL:
+        return _VALUES[selector % len(_VALUES)]
+    return reader.literal(_literal_width(dom))
+
+
+def _encode_value(out: bytearray, value: int, dom: Domain, gfns: list) -> None:
+    gfn = (value & PTE_ADDR_MASK) >> PAGE_SHIFT
+    if value not in _VALUES and not value & ~_PTE_BITS and gfn in gfns:
+        out.append(REUSE_SELECTOR + 2 * gfns.index(gfn) + (value >> _NX_SHIFT))
+        out.append(value & _PTE_LOW_BITS)
+        return
+    _encode_int(out, value, dom, _VALUES)
+
+
 # Schedules.  Races need one side parked mid-update while the others run through, so
 # most selectors build a run shape: each actor in turn takes a run of steps, then the
 # first resumes (its one step is the shape's last digit) and, after the digits, the
@@ -876,9 +909,14 @@ def _field_decoder(cls, name: str, dom: Domain):
     if name == "schedule":
         return lambda reader, ctx, so_far, actors: _decode_schedule(reader, dom, actors)
 
+    if name == "value":
+        def value(reader, ctx, so_far, actors):
+            if so_far.get("kind") is not AccessKind.WRITE:
+                return None
+            return _decode_value(reader, dom, ctx.recent["gfn"])
+        return value
+
     def number(reader, ctx, so_far, actors):
-        if name == "value" and so_far.get("kind") is not AccessKind.WRITE:
-            return None
         return _decode_int(reader, dom, ctx.pool(cls, name, so_far), ctx.reuse(name, so_far))
     return number
 
@@ -897,8 +935,9 @@ def _encode_field(out: bytearray, value, cls, name: str, dom: Domain, ctx: _Cont
         out.append(sum(1 << i for i, flag in enumerate(dom.choices.values()) if value & flag))
     elif dom.kind == "op":
         _encode_op(out, value, ctx, _FIRST_SIMPLE_OPCODE)
-    elif name == "value" and value is None:
-        pass
+    elif name == "value":
+        if value is not None:
+            _encode_value(out, value, dom, ctx.recent["gfn"])
     elif name == "schedule":
         _encode_schedule(out, value, dom, actors)
     else:

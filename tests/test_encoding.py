@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mmufuzz.harness.ops import (OP_NAMES, Access, AccessKind, FlushTlb, Invlpg, MemslotAdd,
                                  MemslotDelete, MemslotFlag, Paging, Parallel, Program, Recover, VmHeader, VmType, ZapAll,
-                                 domain, schedule_digits)
+                                 PTE_ADDR_MASK, domain, schedule_digits)
 from mmufuzz.fuzz.encoding import (MAX_OPS, ReproError, conform, decode, encode, format_op, format_program,
                            load_reproducer, parse_reproducer)
 from mmufuzz.fuzz.stateful import domain_strategy
@@ -355,3 +355,32 @@ def test_a_fresh_invlpg_after_a_pte_write_names_the_gva_it_maps_one_time_in_16()
     invlpg = bytes([encoding.opcode((Invlpg, 0)), 0])
     gvas = [_last_op_with(_TABLES, invlpg + bytes([s])).gva for s in range(256)]
     assert gvas.count(1 << 21 | 5 << 12) >= 16
+
+
+def _write_after_tables(value: int) -> bytes:
+    """The bytes of _TABLES and then a guest write of ``value`` to table 0x4's word 3."""
+    text = _TABLES + f"access vcpu=0 gpa=0x4000 word=3 kind=write value={value:#x} private=0\n"
+    return encode(parse_reproducer(text).program)
+
+
+def test_a_written_value_is_a_page_table_entry_naming_a_gfn_the_latest_ops_used():
+    """The upper selectors of a write's value make an entry: a gfn the latest ops named
+    (0x4, 0x10, 0x1, ...), NX from the selector, bits 0-7 from the next byte; such an entry
+    costs two bytes, not a literal's nine, and decodes back to itself."""
+    dom = domain(Access, "value")
+    gfns = [0x4, 0x10, 0x1]
+    read = lambda *data: encoding._decode_value(encoding._Reader(bytes(data)), dom, gfns)
+    assert read(encoding.REUSE_SELECTOR, 0x21) == 0x4021
+    assert read(encoding.REUSE_SELECTOR + 3, 0xE1) == 1 << 63 | 0x10000 | 0xE1
+    assert {read(s, f) & ~encoding._PTE_BITS for s in range(0x80, 0xFF) for f in (0, 0xFF)} \
+        == {0}
+    assert {(read(s, 0) & PTE_ADDR_MASK) >> 12 for s in range(0x80, 0xFF)} == set(gfns)
+    # No gfn named yet, or a lower selector: the constants, as before.
+    assert encoding._decode_value(encoding._Reader(bytes([0x80])), dom, []) \
+        == encoding._VALUES[0x80 % len(encoding._VALUES)]
+    assert read(1) == 0x1
+    entry = 1 << 63 | 0x10000 | 0xA3  # after _TABLES: gfn 0x10 is the second most recent
+    assert len(_write_after_tables(entry)) == len(_write_after_tables(0)) + 1
+    assert decode(_write_after_tables(entry)).ops[-1].value == entry
+    literal = 0x10000 | 1 << 8  # bit 8 is not among the entry's bytes: a literal
+    assert len(_write_after_tables(literal)) == len(_write_after_tables(0)) + 8
