@@ -84,3 +84,40 @@ def test_events_are_reported_once_and_travel_with_a_snapshot():
     target.execute(program.ops[-1])
     assert target.features() == first
     assert pickle.loads(pickle.dumps(target.kvm.events)) == [0] * len(EVENTS.names)
+
+
+def _sync_op_feature(features: list, name: str) -> str:
+    """The one ``name:unsync=N:debt=D`` feature among an op's features."""
+    [feature] = [f for f in features if f.startswith(f"{name}:unsync=")]
+    return feature
+
+
+def test_an_op_that_syncs_says_which_stale_entries_it_began_with():
+    """The invlpg-keeps-mmio scenario, run clean, then a flush: the invlpg begins with an
+    MMIO SPTE in the unsync page whose guest PTE now names RAM (and clears it, the page
+    staying unsync); the flush after it finds nothing stale."""
+    program = regression("invlpg-keeps-mmio")
+    program = program.with_ops(program.ops + parse_reproducer(
+        "vm type=default vcpus=1\nflush_tlb vcpu=0\n").program.ops)
+    features = features_per_op(program)
+    assert _sync_op_feature(features[10], "invlpg") == "invlpg:unsync=1:debt=mmio"
+    assert _sync_op_feature(features[11], "flush_tlb") == "flush_tlb:unsync=0:debt=none"
+
+
+def test_a_leaf_whose_guest_pte_moved_is_leaf_debt_until_the_sync():
+    """A shadowed page table goes unsync at a physical PTE write, the vCPU maps a page
+    through it, the guest points that PTE elsewhere: a CR3 load then begins with a stale
+    leaf; the same load again begins with none."""
+    program = parse_reproducer(TABLE_CHAIN + """\
+paging vcpu=0 root=0x1
+access vcpu=0 gva=0x0 word=0 kind=read private=0
+write_pte vcpu=0 table=0x4 index=1 target=0x11 flags=p,rw
+access vcpu=0 gva=0x0 word=0 kind=read private=0
+write_pte vcpu=0 table=0x4 index=0 target=0x12 flags=p,rw
+paging vcpu=0 root=0x1
+paging vcpu=0 root=0x1
+""").program
+    features = features_per_op(program)
+    assert "table:unsync:leaf" in features[-3]
+    assert _sync_op_feature(features[-2], "paging").endswith(":debt=leaf")
+    assert _sync_op_feature(features[-1], "paging").endswith(":debt=none")

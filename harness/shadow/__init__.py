@@ -14,12 +14,18 @@ from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Acces
                                  Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
                                  WritePte, op_vcpu)
 from mmufuzz.harness.shadow.events import EVENTS, SPTE_KINDS, spte_kind
-from mmufuzz.harness.shadow.invariants import check_invariants, check_postcondition
+from mmufuzz.harness.shadow.invariants import (check_invariants, check_postcondition,
+                                               unsync_entry_agrees)
 from mmufuzz.harness.shadow.kvm import Kvm
 from mmufuzz.harness.shadow.paging_tmpl import DUMMY_ROOT
-from mmufuzz.harness.shadow.spte import is_last_spte, is_shadow_present_pte
+from mmufuzz.harness.shadow.spte import is_last_spte, is_mmio_spte, is_shadow_present_pte
 from mmufuzz.harness.target import Capabilities
 from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.harness.tdp.pgalloc import used_entries
+
+# The ops that sync unsync pages (a CR3 load, a guest TLB flush, invlpg): their feature says
+# what a sync had to repair when they began (ShadowTarget._sync_debt).
+_SYNCING = (FlushTlb, Invlpg, Paging)
 
 
 class ShadowCapabilities(Capabilities):
@@ -86,10 +92,14 @@ class ShadowTarget(TdpTarget):
     def reset(self, header: VmHeader) -> None:
         super().reset(header)
         self.kvm = Kvm(header)
+        self._debt = "none"
 
     def execute(self, op):
         """As tdp's; then the op must have kept its promise
         (:func:`~harness.shadow.invariants.check_postcondition`)."""
+        if self.observed and any(type(side) in _SYNCING
+                                 for side in (op.sides if type(op) is Parallel else (op,))):
+            self._debt = self._sync_debt()
         outcome = super().execute(op)
         check_postcondition(self.kvm, op)
         return outcome
@@ -106,8 +116,9 @@ class ShadowTarget(TdpTarget):
         access left for its address (the page's level, role and unsync state, and whether
         its entry is a leaf, an MMIO SPTE or nothing) or a PTE write left for its table
         (not shadowed, synced, unsync, write-tracked; what the shadow entry of the
-        written index holds); and, after a guest flush, invlpg or CR3 load, whether
-        unsync pages remain (what a sync did)."""
+        written index holds); and, for a guest flush, invlpg or CR3 load, what a sync
+        had to repair when it began (:meth:`_sync_debt`) and whether unsync pages remain
+        after it (what the sync did)."""
         features = sorted(self._switches)
         self._switches.clear()
         features += self.events.drain(self.kvm.events)
@@ -116,8 +127,36 @@ class ShadowTarget(TdpTarget):
                              if type(op) is Parallel else (("", op),)):
             state = self._shadow_state(side)
             if state is not None:
+                if type(side) in _SYNCING:
+                    state += f":debt={self._debt}"
                 features.append(prefix + state)
         return features
+
+    def _sync_debt(self) -> str:
+        """Which kinds of entry of the unsync pages (``leaf``, ``mmio``) kvm_sync_spte would
+        now change, their guest PTEs having been rewritten since the entries were made
+        (:func:`~harness.shadow.invariants.unsync_entry_agrees`); ``none``.
+
+        Line coverage of the op that syncs is the same whether its sync repairs a stale
+        entry or finds nothing to do, and only an op that finds such an entry on its way
+        (an invlpg of its gva, a flush or CR3 load reaching its page) can get the repair
+        wrong: this tells a campaign that an input ran one in that state, so that its
+        mutants (another gva, another vCPU, another op) are tried from it.
+        """
+        vcpu = self.kvm.vcpus[0]  # the only vCPU with a CR3 (ShadowCapabilities)
+        kinds = set()
+        for sp in self.kvm.mmu.active_mmu_pages:
+            if not sp.unsync:
+                continue
+            spt = sp.spt
+            for index in used_entries(spt):
+                spte = spt[index]
+                kind = "mmio" if is_mmio_spte(spte) else "leaf" if is_shadow_present_pte(spte) \
+                    else None
+                if kind and kind not in kinds and not unsync_entry_agrees(self.kvm, vcpu, sp,
+                                                                          index, spte):
+                    kinds.add(kind)
+        return "+".join(sorted(kinds)) or "none"
 
     def _shadow_state(self, op, entry: bool = True):
         """This op's feature (see :meth:`features`), or None; without what the shadow

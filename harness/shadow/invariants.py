@@ -238,12 +238,29 @@ def flushed_roots_synced(kvm, pages: list) -> None:
                                                     f"{root.unsync_children} after its flush")
 
 
+def unsync_entry_agrees(kvm, vcpu, sp, index: int, spte: int) -> bool:
+    """Whether entry ``index`` (not SHADOW_NONPRESENT_VALUE) of unsync page ``sp`` is what
+    kvm_sync_spte leaves for the guest PTE now in memory: a leaf maps that PTE's gfn with
+    at most its access, an MMIO SPTE names that gfn in the current generation, and an
+    invalid guest PTE has no SPTE."""
+    gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
+    if gpte is None:
+        gpte = 0  # no slot: sync zaps the entry as for a non-present PTE
+    valid = (gpte and gpte & PT_PRESENT_MASK and gpte & PTE_ACCESSED
+             and not is_rsvd_bits_set(gpte, sp.level))
+    gfn = (gpte >> PAGE_SHIFT) & _GFN_MASK if valid else None
+    if is_mmio_spte(spte):
+        return gfn == get_mmio_spte_gfn(spte) and check_mmio_spte(spte, kvm.memslots.generation)
+    access = role_access(sp.role) & gpte_access(gpte) if valid else 0
+    return gfn == kvm_mmu_page_get_gfn(sp, index) and bool(
+        access & ACC_WRITE_MASK or not is_writable_pte(spte))
+
+
 def invalidated_gva_synced(kvm, invlpg) -> None:
     """Right after an ``invlpg`` (not one half of a ``parallel``: the other half may write
     the tables), every unsync page on the gva's path in the vCPU's current and previous
     roots agrees with the guest at the gva's entry: kvm_mmu_invalidate_addr syncs it
-    (kvm_sync_spte), so a leaf maps its guest PTE's gfn with at most its access, an MMIO
-    SPTE names that gfn in the current generation, and an invalid guest PTE has no SPTE."""
+    (kvm_sync_spte): :func:`unsync_entry_agrees`."""
     vcpu = kvm.vcpus[invlpg.vcpu]
     if vcpu.cr3 is None:
         return
@@ -255,23 +272,11 @@ def invalidated_gva_synced(kvm, invlpg) -> None:
         while True:
             index = (gva >> (PAGE_SHIFT + 9 * (level - 1))) & 511
             spte = sp.spt[index]
-            if sp.unsync and spte != SHADOW_NONPRESENT_VALUE:
-                gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index)
-                if gpte is None:
-                    gpte = 0  # no slot: sync zaps the entry as for a non-present PTE
-                valid = (gpte and gpte & PT_PRESENT_MASK and gpte & PTE_ACCESSED
-                         and not is_rsvd_bits_set(gpte, sp.level))
-                gfn = (gpte >> PAGE_SHIFT) & _GFN_MASK if valid else None
-                if is_mmio_spte(spte):
-                    ok = (gfn == get_mmio_spte_gfn(spte)
-                          and check_mmio_spte(spte, kvm.memslots.generation))
-                else:
-                    access = role_access(sp.role) & gpte_access(gpte) if valid else 0
-                    ok = gfn == kvm_mmu_page_get_gfn(sp, index) and (
-                        access & ACC_WRITE_MASK or not is_writable_pte(spte))
-                if not ok:
-                    _fail("invalidated_gva_synced", sp, f"vcpu={vcpu.index} gva={gva:#x} "
-                                                        f"index={index} spte={spte:#x} gpte={gpte:#x}")
+            if (sp.unsync and spte != SHADOW_NONPRESENT_VALUE
+                    and not unsync_entry_agrees(kvm, vcpu, sp, index, spte)):
+                gpte = vcpu.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index) or 0
+                _fail("invalidated_gva_synced", sp, f"vcpu={vcpu.index} gva={gva:#x} "
+                                                    f"index={index} spte={spte:#x} gpte={gpte:#x}")
             if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 break
             sp, level = mmu.sp_of(spte), level - 1
