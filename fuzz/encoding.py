@@ -27,7 +27,6 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from mmufuzz.harness.ops import (GFN_LIMIT, GVA_LIMIT, OP_CLASSES, OP_NAMES, PAGE_SHIFT,

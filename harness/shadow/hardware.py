@@ -23,7 +23,6 @@ from mmufuzz.harness.ops import (
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_WRITE_MASK,
-    PG_LEVEL_4K,
     WORDS_PER_PAGE,
     Access,
     AccessKind,

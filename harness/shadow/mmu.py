@@ -23,7 +23,7 @@ is aborted by that flush.
 from __future__ import annotations
 
 from mmufuzz.harness import faults
-from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_2M, PG_LEVEL_4K
+from mmufuzz.harness.ops import PAGES_PER_2M, PG_LEVEL_4K
 from mmufuzz.harness.shadow.events import (FIND_OTHER_ROLE, MMIO_SPTE_DIRECT, MMIO_SPTE_SYNC,
                                            MMIO_SPTE_UNSYNC, UNSYNC_HELD_LEAVES,
                                            UNSYNC_HELD_MMIO)
