@@ -492,7 +492,10 @@ class ShadowMmu:
                     self.clear_unsync_child_bit(parent, index)
                 found += below
             elif child.unsync:
-                pages.append(child)
+                # mmu_pages_add: a page two entries name (a table linked twice) goes in once,
+                # or the zap of unsync children would free it twice.
+                if child not in pages:
+                    pages.append(child)
                 found += 1
             else:
                 self.clear_unsync_child_bit(parent, index)
