@@ -40,6 +40,7 @@ from mmufuzz.harness.shadow.spte import (
     is_mmio_spte,
     kvm_mmu_max_gfn,
 )
+from mmufuzz.harness.tdp.notifier import mmu_invalidate_retry_gfn
 from mmufuzz.harness.tdp.spte import pages_per_level
 
 WRITE = AccessKind.WRITE
@@ -116,7 +117,7 @@ def kvm_mmu_faultin_pfn(vcpu, fault: KvmPageFault, access: int, direct: bool):
         return RET_PF_EMULATE if fault.gfn > kvm_mmu_max_gfn() else RET_PF_CONTINUE
     if slot.invalid:
         return RET_PF_RETRY
-    if _mmu_invalidate_retry_gfn(kvm, fault):
+    if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) is not None:
         # mmu_invalidate_retry_gfn_unsafe, before the pfn and mmu_lock (KVM commit
         # d02c357e5bfa, "KVM: x86/mmu: Retry fault before acquiring mmu_lock if mapping is
         # changing"), where mainline has it: after the no-slot and invalid-slot paths.  The
@@ -142,15 +143,7 @@ def is_page_fault_stale(vcpu, fault: KvmPageFault, root) -> bool:
         return True
     if fault.slot is None:
         return False
-    return _mmu_invalidate_retry_gfn(kvm, fault)
-
-
-def _mmu_invalidate_retry_gfn(kvm, fault: KvmPageFault) -> bool:
-    """mmu_invalidate_retry_gfn (and its _unsafe twin, the same test without mmu_lock): an
-    invalidation covering the gfn is running, or one ran since the fault read the sequence."""
-    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(fault.gfn):
-        return True
-    return kvm.mmu_invalidate_seq != fault.mmu_seq
+    return mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) is not None
 
 
 def page_fault_handle_page_track(vcpu, fault: KvmPageFault) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
-from mmufuzz.harness.tdp import events, huge
+from mmufuzz.harness.tdp import events, huge, notifier
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.spte import (
     ACC_ALL,
@@ -226,18 +226,18 @@ def kvm_mmu_faultin_pfn(kvm, vcpu, fault: KvmPageFault):
     return RET_PF_CONTINUE
 
 
+_RETRY_EVENTS = {notifier.IN_PROGRESS: events.RETRY_IN_PROGRESS,
+                 notifier.SEQUENCE: events.RETRY_SEQUENCE}
+
+
 def mmu_invalidate_retry_gfn(kvm, mmu_seq: int, gfn: int) -> bool:
-    """kvm_host.h's mmu_invalidate_retry_gfn and its _unsafe twin (which reads the same
-    fields without mmu_lock): an invalidation covering ``gfn`` is running, or one ran
-    since the fault read ``mmu_seq``.  A fault that maps anyway installs an SPTE the
-    invalidation has already zapped, or is about to miss."""
-    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(gfn):
-        kvm.events[events.RETRY_IN_PROGRESS] += 1
-        return True
-    if kvm.mmu_invalidate_seq != mmu_seq:
-        kvm.events[events.RETRY_SEQUENCE] += 1
-        return True
-    return False
+    """:func:`~mmufuzz.harness.tdp.notifier.mmu_invalidate_retry_gfn`, its reason counted
+    as a TDP MMU event."""
+    reason = notifier.mmu_invalidate_retry_gfn(kvm, mmu_seq, gfn)
+    if reason is None:
+        return False
+    kvm.events[_RETRY_EVENTS[reason]] += 1
+    return True
 
 
 def is_page_fault_stale(kvm, fault: KvmPageFault) -> bool:

@@ -11,6 +11,23 @@ from __future__ import annotations
 from mmufuzz.harness.ops import OK, HostInvalidate, ZapAll
 
 
+# Why a fault must retry (mmu_invalidate_retry_gfn): an invalidation covering its gfn is
+# running, or one ran since the fault read mmu_invalidate_seq.
+IN_PROGRESS, SEQUENCE = "in progress", "sequence"
+
+
+def mmu_invalidate_retry_gfn(kvm, mmu_seq: int, gfn: int):
+    """kvm_host.h's mmu_invalidate_retry_gfn and its _unsafe twin (which reads the same
+    fields without mmu_lock), the same for every MMU: IN_PROGRESS or SEQUENCE if a fault
+    on ``gfn`` that read ``mmu_seq`` must retry, else None.  A fault that maps anyway
+    installs an SPTE the invalidation has already zapped, or is about to miss."""
+    if kvm.mmu_invalidate_in_progress and kvm.invalidate_covers(gfn):
+        return IN_PROGRESS
+    if kvm.mmu_invalidate_seq != mmu_seq:
+        return SEQUENCE
+    return None
+
+
 def host_invalidate(kvm, op: HostInvalidate, unmap_gfn_range=None):
     """Generator: the host migrates the shared pages backing [base, base+npages).
 
