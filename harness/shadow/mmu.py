@@ -447,12 +447,49 @@ class ShadowMmu:
         """
         sp.unsync = True
         self.kvm_mmu_mark_parents_unsync(sp)
-        flush = False
         events = self.kvm.events
         for index in used_entries(sp.spt):
             events[UNSYNC_HELD_LEAVES if is_shadow_present_pte(sp.spt[index])
                    else UNSYNC_HELD_MMIO] += 1
+        if self._drop_entries(sp):
+            self.kvm_flush_remote_tlbs()
+
+    def _drop_entries(self, sp: KvmMmuPage) -> bool:
+        """Not KVM: clear every entry of last-level page ``sp`` (leaves and MMIO SPTEs);
+        whether a TLB flush is due."""
+        flush = False
+        for index in used_entries(sp.spt):
             flush |= self.mmu_page_zap_pte(sp, index)
+        return flush
+
+    def drop_unreached_unsync_leaves(self, roots) -> None:
+        """Not KVM: at the guest's TLB flush, the unsync pages that no root in ``roots``
+        reaches lose their leaves, as a page going unsync does (:meth:`kvm_unsync_page`).
+
+        A flush syncs the unsync pages the vCPU's roots reach (and a synced page is
+        write-protected again), so what they keep is what a fresh walk gives. An unsync
+        page unlinked from its parent (the guest rewrote the PDE above it, which zaps
+        the link, ``mmu_page_zap_pte``) is not reached and stays unsync with leaves made
+        before the flush; ``kvm_mmu_find_shadow_page`` links it again later (syncing it
+        against the guest PTEs of that moment, and leaving it unsync), and a guest write
+        to one of its PTEs then leaves a translation the vCPU walked before its flush.
+        KVM may use it (x86 allows any translation valid since the last flush); the
+        reference does not (docs/shadow.md, difference 1).
+        """
+        reached, stack = set(), list(roots)
+        while stack:
+            sp = stack.pop()
+            if sp in reached:
+                continue
+            reached.add(sp)
+            for index in used_entries(sp.spt):
+                spte = sp.spt[index]
+                if is_shadow_present_pte(spte) and not is_last_spte(spte, sp.level):
+                    stack.append(self.sp_of(spte))
+        flush = False
+        for sp in self.active_mmu_pages:
+            if sp.unsync and sp not in reached:
+                flush |= self._drop_entries(sp)
         if flush:
             self.kvm_flush_remote_tlbs()
 
