@@ -476,22 +476,30 @@ class ShadowMmu:
         KVM may use it (x86 allows any translation valid since the last flush); the
         reference does not (docs/shadow.md, difference 1).
         """
-        reached, stack = set(), list(roots)
-        while stack:
-            sp = stack.pop()
-            if sp in reached:
-                continue
-            reached.add(sp)
-            for index in used_entries(sp.spt):
-                spte = sp.spt[index]
-                if is_shadow_present_pte(spte) and not is_last_spte(spte, sp.level):
-                    stack.append(self.sp_of(spte))
+        unsync = [sp for sp in self.active_mmu_pages if sp.unsync]
+        if not unsync:
+            return  # the common case: nothing to walk on a flush's path
+        roots = set(roots)
         flush = False
-        for sp in self.active_mmu_pages:
-            if sp.unsync and sp not in reached:
+        for sp in unsync:
+            if not self._reached_from(sp, roots):
                 flush |= self._drop_entries(sp)
         if flush:
             self.kvm_flush_remote_tlbs()
+
+    @staticmethod
+    def _reached_from(sp: KvmMmuPage, roots: set) -> bool:
+        """Whether a chain of ``parent_ptes`` (the present entries linking each page) leads
+        from ``sp`` up to a page of ``roots``."""
+        seen, stack = set(), [sp]
+        while stack:
+            page = stack.pop()
+            if page in roots:
+                return True
+            if page not in seen:
+                seen.add(page)
+                stack.extend(parent for parent, _ in page.parent_ptes)
+        return False
 
     def kvm_unlink_unsync_page(self, sp: KvmMmuPage) -> None:
         sp.unsync = False
