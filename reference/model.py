@@ -94,7 +94,8 @@ class DirtyLogBound(Expect):
 
 
 # The mutable containers of a Reference's state, which copy() copies.
-_CONTAINERS = ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3", "_tlb")
+_CONTAINERS = ("_slots", "_shared_mem", "_private_mem", "_accepted", "_dirty", "_cr3",
+               "_past_words", "_since", "_invalidated")
 
 # pick()'s "no allowed outcome matches"; distinct from an effect of None.
 _REJECT = object()
@@ -155,6 +156,27 @@ def _reached_gpa(op, outcome):
     return gpa
 
 
+def _slot_in(slots: dict, gfn: int):
+    """The slot of ``slots`` holding ``gfn``, or None."""
+    for slot in slots.values():
+        if slot.base <= gfn < slot.end:
+            return slot
+    return None
+
+
+def _as_of(history: tuple, version: int, current):
+    """What a value with ``history`` was at ``version``, and since which version it was that.
+
+    ``history`` lists ``(version, old)`` in the order the value changed: it was
+    ``old`` up to ``version - 1``.  The first version of its own stretch is 0
+    when no change is recorded before it (callers clip it to what they ask about).
+    """
+    for index, (changed, old) in enumerate(history):
+        if changed > version:
+            return old, history[index - 1][0] if index else 0
+    return current, history[-1][0] if history else 0
+
+
 def _word_key(slot, table: int, index: int) -> tuple:
     """The ``_shared_mem`` key of entry ``index`` of the table at gfn ``table`` in ``slot``."""
     return (slot.backing, (table - slot.base) * WORDS_PER_PAGE + index)
@@ -176,7 +198,8 @@ class Reference:
     read tells which, SEMANTICS §F); ``_accepted`` backing -> IntervalSet
     of accepted slot pages; ``_dirty`` ``(backing, page)`` -> written (True) or
     only touched (False) since the last get, for logging slots; ``_cr3`` and
-    ``_tlb`` per vCPU; ``_mmio`` (a TD only) the gfns whose shared-EPT entry
+    ``_since``/``_invalidated`` per vCPU, with ``_version``, ``_past_words`` and
+    ``_past_layouts``, are its TLB (below); ``_mmio`` (a TD only) the gfns whose shared-EPT entry
     may hold an MMIO SPTE; ``_sept_tables`` (a TD only) the 2M ranges (gfn >> 9)
     whose secure-EPT entry may be a table.  Slot pages are slot-relative, so
     moves need no rewrite.
@@ -185,6 +208,17 @@ class Reference:
     dropped on conversion to shared and private slots cannot move.  A page with
     no private rows and not in ``_accepted`` is therefore exactly "contents 0,
     pending", which is what conversion to private and accept both require.
+
+    The TLB (SEMANTICS §F) may hold any translation that was valid at some
+    moment since the vCPU's last flush of it, walked or not, as x86 allows.  So
+    instead of entries the reference keeps what the walks could have read: every
+    change of a shared word or of the slots and attributes while some vCPU
+    pages counts one ``_version``; ``_past_words`` (key -> ``(version, old
+    value)`` of each change) and ``_past_layouts`` (``(version, slots,
+    private)``) give the state as of any version since the oldest flush.  A
+    vCPU may use the translation of any version since ``_since`` (its last CR3
+    load or flush; None while it does not page) that no later ``invlpg`` or #PF
+    in ``_invalidated`` (``(version, gva)``) covers.
     """
 
     def __init__(self, header: VmHeader):
@@ -199,7 +233,12 @@ class Reference:
         self._accepted: dict = {}
         self._dirty: dict = {}
         self._cr3: list = [None] * header.vcpus
-        self._tlb: list = [frozenset()] * header.vcpus
+        self._since: list = [None] * header.vcpus
+        self._invalidated: list = [()] * header.vcpus
+        self._version = 0
+        self._past_words: dict = {}
+        self._past_layouts = ()
+        self._floor = None  # the oldest _since, below which no history is kept
         self._mmio = frozenset()
         self._sept_tables = frozenset()
         self._next_backing = 0
@@ -334,10 +373,7 @@ class Reference:
     # --- memslots (kvm_set_memory_region) -------------------------------------
 
     def _slot_at(self, gfn: int):
-        for slot in self._slots.values():
-            if slot.base <= gfn < slot.end:
-                return slot
-        return None
+        return _slot_in(self._slots, gfn)
 
     def _fits(self, slot_id, base: int, npages: int) -> bool:
         """[base, base+npages) is below the gfn limit and overlaps no other slot."""
@@ -352,6 +388,7 @@ class Reference:
             return _EINVAL
 
         def add():
+            self._relayout()
             slot = Memslot(op.base, op.npages, op.flags, self._next_backing, op.host_offset)
             self._slots[op.slot] = slot
             self._next_backing += 1
@@ -370,7 +407,12 @@ class Reference:
             return _EINVAL
 
         def delete():
+            self._relayout()
             del self._slots[op.slot]
+            if self._floor is not None:  # a past walk may have read them (backings are not reused)
+                for key, old in self._shared_mem.items():
+                    if key[0] == slot.backing:
+                        self._remember(key, old)
             everything = (slot.backing, 0, slot.npages * WORDS_PER_PAGE)
             self._shared_mem = _without(self._shared_mem, *everything)
             self._private_mem = _without(self._private_mem, *everything)
@@ -391,6 +433,7 @@ class Reference:
             return _EINVAL
 
         def move():
+            self._relayout()
             self._slots[op.slot] = Memslot(op.base, slot.npages, slot.flags, slot.backing,
                                            slot.host_offset)
         return Expect(((OK, move),))
@@ -421,10 +464,12 @@ class Reference:
         lo, hi = op.base, op.base + op.npages
         if op.private:
             def to_private():
+                self._relayout()
                 self._private = self._private.with_range(lo, hi)
             return Expect(((OK, to_private),))
 
         def to_shared():
+            self._relayout()
             self._private = self._private.without_range(lo, hi)
             for slot in self._slots.values():
                 if slot.flags & MemslotFlag.PRIVATE and slot.overlaps(lo, op.npages):
@@ -531,7 +576,7 @@ class Reference:
                 if private:
                     self._private_mem[key] = value
                 else:
-                    self._shared_mem[key] = value
+                    self._store(key, value)
                 if logged:
                     self._dirty[(slot.backing, page)] = True
             return ((Ok(None, reported), write),)
@@ -551,7 +596,7 @@ class Reference:
         def resolve(known):
             # The read tells which A/D bits the walk set.
             def settle():
-                self._shared_mem[key] = known
+                self._store(key, known)
                 read()
             return settle
         return tuple((Ok(v, reported), resolve(v)) for v in sorted(stored))
@@ -572,15 +617,16 @@ class Reference:
     # --- guest paging and the TLB ----------------------------------------------
 
     def _translated(self, op, root: int, gva: int) -> tuple:
-        """The choices of a gva access: the fresh walk, then every TLB entry covering ``gva``.
+        """The choices of a gva access: the fresh walk, then every translation of ``gva``
+        the vCPU's TLB may hold (:meth:`_past_translations`).
 
         Every choice marks the walk's table reads as touched (hardware may walk
-        speculatively) and caches the fresh walk if it completed; a #PF instead
-        drops every entry covering ``gva``.  A completed, permitted fresh walk
-        sets A/D bits (SEMANTICS §F): the fresh choice sets them; a choice
-        through a cached translation may or may not have walked, so each bit
-        the walk would set becomes unknown until a read of its entry tells.
-        When both give the same outcome, the unknown bits win.
+        speculatively); a #PF drops every translation covering ``gva`` up to now.
+        A completed, permitted fresh walk sets A/D bits (SEMANTICS §F): the
+        fresh choice sets them; a choice through a cached translation may or may
+        not have walked, so each bit the walk would set becomes unknown until a
+        read of its entry tells.  When both give the same outcome, the unknown
+        bits win.
         """
         vcpu, kind = op.vcpu, op.kind
         tables = []  # (slot, table gfn, index) of each entry the walk read, root first
@@ -614,18 +660,17 @@ class Reference:
 
         def fault():
             touch_tables()
-            self._tlb[vcpu] = frozenset(e for e in self._tlb[vcpu] if not e.covers(gva))
+            self._invalidate(vcpu, gva)
 
         def through(words, effect):
             def use_translation():
                 touch_tables()
-                self._shared_mem.update(words)
+                for key, value in words.items():
+                    self._store(key, value)
                 if words is certain:
                     for slot, table in written:
                         if slot.flags & MemslotFlag.DIRTY_LOG:
                             self._dirty[(slot.backing, table - slot.base)] = True
-                if walked is not None:
-                    self._tlb[vcpu] = self._tlb[vcpu] | {walked}
                 if effect is not None:
                     effect()
             return use_translation
@@ -645,7 +690,7 @@ class Reference:
         else:
             choices = choices_of(walked, certain)
         choices += tuple((exit_, touch_tables) for exit_ in stale)
-        for entry in sorted(e for e in self._tlb[vcpu] if e.covers(gva)):
+        for entry in self._past_translations(vcpu, root, gva):
             choices += choices_of(entry, unknown)
         first, unique = {}, []
         for outcome, effect in choices:
@@ -702,20 +747,101 @@ class Reference:
                                  | _values(new))
         return certain, unknown, written
 
+    def _past_translations(self, vcpu: int, root: int, gva: int) -> list:
+        """The translations of ``gva`` the vCPU's TLB may hold besides the fresh walk (§F).
+
+        x86 may cache any translation that was valid at some moment since its
+        last flush, speculatively too (SDM vol. 3 §4.10.2), and keep it until an
+        ``invlpg`` or #PF of a gva it covers.  So the walk is redone as of each
+        version since ``_since``, newest first: each walk notes from which
+        version on every word and layout it read had the value it used, so one
+        walk stands for that whole stretch and the next is as of the version
+        before it.  The newest stretch is the fresh walk's own (its A/D bits
+        are the fresh walk's to set), so it is left out.  A walk only for a
+        translation: read-only, its D as the leaf had it then (a write needs it).
+        """
+        since, invalidated = self._since[vcpu], self._invalidated[vcpu]
+        layout = (self._slots, self._private)
+        found, version, newest = set(), self._version, True
+        while version >= since:
+            start = since
+
+            def read_pte(table: int, index: int):
+                nonlocal start
+                (slots, private), began = _as_of(self._past_layouts, version, layout)
+                slot = _slot_in(slots, table)
+                if slot is None or table in private:
+                    start = max(start, began)
+                    return ()  # no completed walk
+                key = _word_key(slot, table, index)
+                word, changed = _as_of(self._past_words.get(key, ()), version,
+                                       self._shared_mem.get(key, 0))
+                start = max(start, began, changed)
+                return reduce(or_, word) if type(word) is frozenset else word
+
+            walked = walk_addr(root, gva, AccessKind.READ, read_pte)
+            if (not newest and type(walked) is Translation
+                    and all(at <= version for at, dropped in invalidated if walked.covers(dropped))):
+                found.add(walked)
+            version, newest = start - 1, False
+        return sorted(found)
+
+    def _invalidate(self, vcpu: int, gva: int) -> None:
+        """An ``invlpg`` or #PF: translations covering ``gva`` up to now are dropped."""
+        self._invalidated[vcpu] += ((self._version, gva),)
+
+    def _restart_tlb(self, vcpu: int, root) -> None:
+        """A CR3 load or flush: the vCPU's TLB starts empty now (none while it does not page),
+        and history older than every paging vCPU's flush is dropped."""
+        self._cr3[vcpu] = root
+        self._since[vcpu] = None if root is None else self._version
+        self._invalidated[vcpu] = ()
+        floor = min((v for v in self._since if v is not None), default=None)
+        if floor == self._floor:
+            return
+        self._floor = floor
+        if floor is None:
+            self._past_words, self._past_layouts = {}, ()
+            return
+        self._past_words = {key: kept for key, history in self._past_words.items()
+                            if (kept := tuple(c for c in history if c[0] > floor))}
+        self._past_layouts = tuple(c for c in self._past_layouts if c[0] > floor)
+
+    def _remember(self, key, old) -> None:
+        """The shared word ``key`` held ``old`` up to the version before this one."""
+        self._past_words[key] = self._past_words.get(key, ()) + ((self._version, old),)
+
+    def _store(self, key, value) -> None:
+        """Write a shared word; while some vCPU pages, that is a new version (§F)."""
+        if self._floor is not None:
+            old = self._shared_mem.get(key, 0)
+            if old != value:
+                self._version += 1
+                self._remember(key, old)
+        self._shared_mem[key] = value
+
+    def _relayout(self) -> None:
+        """The slots or attributes are about to change: a new version if some vCPU pages."""
+        if self._floor is not None:
+            self._version += 1
+            self._past_layouts += ((self._version, (dict(self._slots), self._private)),)
+
     def _paging(self, op) -> Expect:
         def load_cr3():
-            self._cr3[op.vcpu] = op.root
-            self._tlb[op.vcpu] = frozenset()
+            self._restart_tlb(op.vcpu, op.root)
         return Expect(((OK, load_cr3),))
 
     def _invlpg(self, op) -> Expect:
+        if self._cr3[op.vcpu] is None:
+            return _OK  # paging off: a no-op
+
         def invlpg():
-            self._tlb[op.vcpu] = frozenset(e for e in self._tlb[op.vcpu] if not e.covers(op.gva))
+            self._invalidate(op.vcpu, op.gva)
         return Expect(((OK, invlpg),))
 
     def _flush_tlb(self, op) -> Expect:
         def flush():
-            self._tlb[op.vcpu] = frozenset()
+            self._restart_tlb(op.vcpu, self._cr3[op.vcpu])
         return Expect(((OK, flush),))
 
     # --- host operations (guest-invisible) -------------------------------------
