@@ -125,18 +125,18 @@ def test_last_level_table_goes_unsync_and_a_guest_flush_syncs_it():
     [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
     out = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x11 flags=p,rw\n"
                        "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
-    # Unsync: the write was not trapped; the page's leaves went with it (docs/shadow.md),
-    # so the access walked afresh.
-    assert leaf.unsync and out[1] == Ok(0, 0x11000)
+    # Unsync: the write was not trapped, and the page kept its leaves (KVM's), so gva 0x0
+    # still reads gfn 0x10, a translation valid since the flush (docs/semantics.md §F).
+    assert leaf.unsync and out[1] == Ok(0x5, 0x10000)
     parent = next(iter(leaf.parent_ptes))[0]
     assert parent.unsync_children == 1
-    # Further writes go straight to the table: the SPTE walked since is stale, as a TLB.
-    out = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x10 flags=p,rw\n"
+    # Further writes go straight to the table; the guest's flush syncs the page.
+    out = more(target, "write_pte vcpu=0 table=0x4 index=0 target=0x12 flags=p,rw\n"
                        "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
-    assert out[1] == Ok(0, 0x11000)
+    assert out[1] == Ok(0x5, 0x10000)
     out = more(target, "flush_tlb vcpu=0\naccess vcpu=0 gva=0x0 word=0 kind=read private=0\n")
     assert not leaf.unsync and parent.unsync_children == 0
-    assert out[1] == Ok(0x5, 0x10000)
+    assert out[1] == Ok(0, 0x12000)
 
 
 def test_invlpg_syncs_only_its_address():
@@ -184,7 +184,7 @@ def test_zap_all_makes_roots_obsolete_and_vcpus_reload():
     assert old.freed and target.kvm.vcpus[0].root is not old
 
 
-def test_capabilities_refuse_tdx_private_and_paging_off_vcpu_0():
+def test_capabilities_refuse_tdx_and_private_accesses():
     caps = ShadowTarget.capabilities
     tdx = parse_reproducer("vm type=tdx vcpus=1\nzap_all\n").program
     assert caps.refusal(tdx) == "header: vm type=tdx is not supported by this target"
@@ -193,11 +193,24 @@ def test_capabilities_refuse_tdx_private_and_paging_off_vcpu_0():
     assert "private access" in caps.refusal(private)
     paging = parse_reproducer("vm type=default vcpus=2\npaging vcpu=1 root=0x1\n"
                               "paging vcpu=1 root=off\n").program
-    assert caps.refusal(paging).startswith("op 1: paging with a root on a vCPU other than 0")
-    # restrict bends a CR3 load of another vCPU into vCPU 0's, so guest paging stays common.
-    assert caps.restrict(paging).ops[0] == parse_reproducer(
-        "vm type=default vcpus=2\npaging vcpu=0 root=0x1\n").program.ops[0]
-    assert caps.refusal(caps.restrict(paging)) is None
+    assert caps.refusal(paging) is None and caps.restrict(paging) == paging
+
+
+def test_vcpus_with_one_cr3_share_its_shadow_pages_and_either_flush_syncs_them():
+    text = TABLES.replace("vcpus=1", "vcpus=2") + (
+        "paging vcpu=1 root=0x1\n"
+        "write_pte vcpu=0 table=0x4 index=0 target=0x12 flags=p,rw\n"
+        "access vcpu=1 gva=0x0 word=0 kind=read private=0\n"
+        "flush_tlb vcpu=1\n"
+        "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+    target, out = run(text)
+    vcpus = target.kvm.vcpus
+    assert vcpus[1].root is vcpus[0].root
+    # vCPU 1 reads through the leaf vCPU 0's fault made, gone stale in the unsync page: a
+    # translation valid since vCPU 1's CR3 load.  vCPU 1's flush syncs the shared page.
+    assert out[-3] == Ok(0x5, 0x10000)
+    [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
+    assert not leaf.unsync and out[-1] == Ok(0, 0x12000)
 
 
 HUGE = """\
@@ -279,16 +292,19 @@ def test_physical_access_maps_2m_split_is_a_no_op_and_invalidation_zaps_the_2m_s
     assert not mmu.rmap_2m and not mmu.rmap
 
 
-def test_a_fault_prefetches_its_neighbours_into_a_synced_page_not_an_unsync_one():
+def test_a_fault_prefetches_its_neighbours_from_the_guest_table():
     target, _ = run(TABLES)  # gva 0 faulted: entry 1 (gfn 0x11) was prefetched
     [leaf] = [sp for sp in pages(target, 0x4) if not sp.direct]
     assert not leaf.unsync and leaf.spt[1] != SHADOW_NONPRESENT_VALUE
     assert (leaf, 1) in target.kvm.mmu.rmap[0x11]
-    # The table goes unsync (its leaves dropped); a fault now maps only what it walked.
+    # The table goes unsync, keeping its entries; a fault in it prefetches too, from the
+    # guest PTEs of that moment.
     more(target, "write_pte vcpu=0 table=0x4 index=2 target=0x12 flags=p,rw\n"
-                 "access vcpu=0 gva=0x0 word=0 kind=read private=0\n")
+                 "write_pte vcpu=0 table=0x4 index=3 target=0x13 flags=p,rw\n"
+                 "access vcpu=0 gva=0x2000 word=0 kind=read private=0\n")
     assert leaf.unsync and leaf.spt[0] != SHADOW_NONPRESENT_VALUE
-    assert leaf.spt[1] == leaf.spt[2] == SHADOW_NONPRESENT_VALUE
+    assert (leaf, 1) in target.kvm.mmu.rmap[0x11] and (leaf, 2) in target.kvm.mmu.rmap[0x12]
+    assert (leaf, 3) in target.kvm.mmu.rmap[0x13]
 
 
 def test_a_physical_fault_prefetches_its_group_of_eight_from_the_slot():

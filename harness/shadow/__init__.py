@@ -8,11 +8,9 @@ private memory needs the TDP MMU's mirror root, which shadow paging has not.
 
 from __future__ import annotations
 
-import dataclasses
-
 from mmufuzz.harness.ops import (OP_NAMES, PAGE_SHIFT, SIDE_NAMES, Accept, Access, FlushTlb,
                                  Invlpg, Parallel, Paging, SetAttributes, VmHeader, VmType,
-                                 WritePte, op_vcpu)
+                                 WritePte)
 from mmufuzz.harness.shadow.events import EVENTS, SPTE_KINDS, spte_kind
 from mmufuzz.harness.shadow.invariants import (check_invariants, check_postcondition,
                                                unsync_entry_agrees)
@@ -29,13 +27,7 @@ _SYNCING = (FlushTlb, Invlpg, Paging)
 
 
 class ShadowCapabilities(Capabilities):
-    """Default VMs, no private ops, and guest paging (a CR3) on vCPU 0 only.
-
-    Shadow pages are shared by every vCPU with the same CR3, so one vCPU can
-    use a translation another vCPU's fault made; x86 allows that (a TLB may
-    cache any translation valid since its last flush), but mmufuzz's semantics
-    let a vCPU use only translations it walked itself (docs/shadow.md).
-    """
+    """Default VMs and no private ops: the shadow MMU has no TDX."""
 
     # The shadow MMU is built from the guest's own page tables: its work is done by CR3
     # loads, writes to guest PTEs, invlpg and guest TLB flushes, which the decoder's mix
@@ -53,28 +45,7 @@ class ShadowCapabilities(Capabilities):
             return reason
         if type(op) is Access and op.private:
             return "private access is not supported by this target (no TDX)"
-        if type(op) is Paging and op.root is not None and op.vcpu != 0:
-            return "paging with a root on a vCPU other than 0 is not supported by this target"
         return None
-
-    def restrict(self, program):
-        """As :meth:`Capabilities.restrict`, but a CR3 load on another vCPU becomes vCPU 0's
-        (rather than being dropped): guest paging stays as frequent as the decoder made it."""
-        ops = tuple(self._to_vcpu0(op) for op in program.ops)
-        return super().restrict(program.with_ops(ops))
-
-    @classmethod
-    def _to_vcpu0(cls, op):
-        """``op`` with its CR3 load moved to vCPU 0; a ``parallel``'s sides likewise, unless
-        two of them would then run on one vCPU (restrict drops the refused side instead)."""
-        if type(op) is Paging and op.root is not None and op.vcpu != 0:
-            return dataclasses.replace(op, vcpu=0)
-        if type(op) is Parallel:
-            sides = tuple(cls._to_vcpu0(side) for side in op.sides)
-            vcpus = [op_vcpu(side) for side in sides if op_vcpu(side) is not None]
-            if sides != op.sides and len(vcpus) == len(set(vcpus)):
-                return Parallel.of(sides, op.schedule)
-        return op
 
 
 class ShadowTarget(TdpTarget):
@@ -143,7 +114,7 @@ class ShadowTarget(TdpTarget):
         wrong: this tells a campaign that an input ran one in that state, so that its
         mutants (another gva, another vCPU, another op) are tried from it.
         """
-        vcpu = self.kvm.vcpus[0]  # the only vCPU with a CR3 (ShadowCapabilities)
+        vcpu = self.kvm.vcpus[0]  # guest memory is the VM's: any vCPU reads it
         kinds = set()
         for sp in self.kvm.mmu.active_mmu_pages:
             if not sp.unsync:

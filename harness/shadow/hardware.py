@@ -271,16 +271,6 @@ class Vcpu:
         if mask:
             self.kvm_mmu_free_roots(False, mask)
 
-    def drop_unreached_unsync_leaves(self):
-        """Generator, not KVM: the unsync pages no vCPU's root or prev_root reaches lose
-        their leaves at the guest's flush (:meth:`ShadowMmu.drop_unreached_unsync_leaves`)."""
-        kvm = self.kvm
-        yield from kvm.mmu_lock.write_lock()
-        kvm.mmu.drop_unreached_unsync_leaves(
-            root for vcpu in kvm.vcpus for root in (vcpu.root, *(r for _, r in vcpu.prev_roots))
-            if root is not None and root is not DUMMY_ROOT)
-        kvm.mmu_lock.write_unlock()
-
     def kvm_sync_page(self, sp, invalid_list: list) -> int:
         """kvm_sync_page: sync ``sp`` in this vCPU's context; zap it if that fails."""
         ret = paging_tmpl.sync_page(self, sp)
@@ -314,7 +304,6 @@ class Vcpu:
             # KVM_REQ_MMU_SYNC + KVM_REQ_TLB_FLUSH_CURRENT, served before the next entry.
             yield from self.kvm_mmu_reload()
             yield from self.kvm_mmu_sync_roots()
-            yield from self.drop_unreached_unsync_leaves()
         return OK
 
     def flush_tlb(self, op):
@@ -325,7 +314,6 @@ class Vcpu:
             yield from self.kvm_mmu_reload()
             yield from self.kvm_mmu_sync_roots()
             self.kvm_mmu_sync_prev_roots()
-        yield from self.drop_unreached_unsync_leaves()
         self.flush_tlb_current()
         return OK
 

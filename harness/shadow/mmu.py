@@ -439,11 +439,10 @@ class ShadowMmu:
     def kvm_unsync_page(self, sp: KvmMmuPage) -> None:
         """Let the guest write ``sp``'s table freely until its next flush.
 
-        Not KVM: the page's leaves are dropped as it goes unsync, so every SPTE
-        an unsync page holds comes from a guest walk made after it went unsync.
-        KVM keeps them, which x86 allows (a TLB may hold any translation valid
-        since its last flush) but mmufuzz's semantics do not (a vCPU uses only
-        translations it walked since its last flush): docs/shadow.md.
+        The page keeps its entries, as KVM's does: they matched the guest PTEs
+        when it went unsync (it was write-protected until then), and once the
+        guest rewrites a PTE they are translations that were valid since the
+        vCPU's last flush, which x86 lets a TLB keep (docs/semantics.md §F).
         """
         sp.unsync = True
         self.kvm_mmu_mark_parents_unsync(sp)
@@ -451,55 +450,6 @@ class ShadowMmu:
         for index in used_entries(sp.spt):
             events[UNSYNC_HELD_LEAVES if is_shadow_present_pte(sp.spt[index])
                    else UNSYNC_HELD_MMIO] += 1
-        if self._drop_entries(sp):
-            self.kvm_flush_remote_tlbs()
-
-    def _drop_entries(self, sp: KvmMmuPage) -> bool:
-        """Not KVM: clear every entry of last-level page ``sp`` (leaves and MMIO SPTEs);
-        whether a TLB flush is due."""
-        flush = False
-        for index in used_entries(sp.spt):
-            flush |= self.mmu_page_zap_pte(sp, index)
-        return flush
-
-    def drop_unreached_unsync_leaves(self, roots) -> None:
-        """Not KVM: at the guest's TLB flush, the unsync pages that no root in ``roots``
-        reaches lose their leaves, as a page going unsync does (:meth:`kvm_unsync_page`).
-
-        A flush syncs the unsync pages the vCPU's roots reach (and a synced page is
-        write-protected again), so what they keep is what a fresh walk gives. An unsync
-        page unlinked from its parent (the guest rewrote the PDE above it, which zaps
-        the link, ``mmu_page_zap_pte``) is not reached and stays unsync with leaves made
-        before the flush; ``kvm_mmu_find_shadow_page`` links it again later (syncing it
-        against the guest PTEs of that moment, and leaving it unsync), and a guest write
-        to one of its PTEs then leaves a translation the vCPU walked before its flush.
-        KVM may use it (x86 allows any translation valid since the last flush); the
-        reference does not (docs/shadow.md, difference 1).
-        """
-        unsync = [sp for sp in self.active_mmu_pages if sp.unsync]
-        if not unsync:
-            return  # the common case: nothing to walk on a flush's path
-        roots = set(roots)
-        flush = False
-        for sp in unsync:
-            if not self._reached_from(sp, roots):
-                flush |= self._drop_entries(sp)
-        if flush:
-            self.kvm_flush_remote_tlbs()
-
-    @staticmethod
-    def _reached_from(sp: KvmMmuPage, roots: set) -> bool:
-        """Whether a chain of ``parent_ptes`` (the present entries linking each page) leads
-        from ``sp`` up to a page of ``roots``."""
-        seen, stack = set(), [sp]
-        while stack:
-            page = stack.pop()
-            if page in roots:
-                return True
-            if page not in seen:
-                seen.add(page)
-                stack.extend(parent for parent, _ in page.parent_ptes)
-        return False
 
     def kvm_unlink_unsync_page(self, sp: KvmMmuPage) -> None:
         sp.unsync = False

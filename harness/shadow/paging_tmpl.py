@@ -297,16 +297,12 @@ def pte_prefetch(vcpu, fault, sp: KvmMmuPage, index: int) -> None:
     """FNAME(pte_prefetch): map the non-present neighbours of the 4K leaf just set.
 
     An indirect page is prefetched from its guest table (what FNAME(gpte_changed) re-read
-    under mmu_lock as gw->prefetch_ptes), a direct one from the memslot.  Not mainline:
-    nothing is prefetched into an unsync page, whose prefetched SPTE would be a
-    translation no walk made once the guest rewrites its PTE (docs/shadow.md).
+    under mmu_lock as gw->prefetch_ptes), a direct one from the memslot.
     """
     if sp.level > PG_LEVEL_4K or vcpu.kvm.mmu_invalidate_in_progress:
         return
     if sp.direct:
         direct_pte_prefetch(vcpu, fault, sp, index)
-        return
-    if sp.unsync:
         return
     base = index & -PTE_PREFETCH_NUM
     for i in range(base, base + PTE_PREFETCH_NUM):
