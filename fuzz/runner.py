@@ -186,11 +186,12 @@ def _orders(state, before, left: tuple, owned: bool, op: Parallel, actual, survi
             if first is None:
                 first = (expect, sides[index], outcomes[index])
             continue
+        # A racing fault may log its gfn between any two sides (Reference.settle).
+        trial.settle(op, actual, before)
         rest = left[:position] + left[position + 1:]
         if rest:
             first = _orders(trial, before, rest, True, op, actual, survivors, first)
             continue
-        trial.settle(op, actual, before)
         if trial not in survivors:
             survivors.append(trial)
     return first

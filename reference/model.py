@@ -335,10 +335,11 @@ class Reference:
         the SPTE (the retried access exits).  Either way the gfn stays logged
         whatever the access's outcome, so a guest access or PTE write of a
         ``parallel`` leaves its gpa touched for the next get if its slot (found
-        in ``before``, the state the parallel started from, else after it) still
-        logs.  The oracle settles before the sides run too: the fault may log
-        the gfn before any side's turn, so a get among the sides may report it
-        although the access itself comes after that get, or exits.
+        in ``before``, the state the parallel started from, else now) logs.  The
+        oracle settles before the sides run and after each side: the fault may
+        log the gfn at any point, so a get among the sides may report it
+        although the access itself comes after that get, or exits, and even
+        when another side turned logging on only just before the get.
         A private fault leaves its S-EPT tables behind the same way: a private
         access or accept may link them and map its page, then lose the page to
         a conversion on another side and exit after its retry, so the tables
