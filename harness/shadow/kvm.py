@@ -206,6 +206,9 @@ def memslot_move(kvm, op: MemslotMove):
         return _done(kvm, EINVAL)
     yield from _begin(kvm)
     yield from _invalidate_and_zap(kvm, slot)
+    # kvm_activate_memslot's kvm_swap_active_memslots waits out the invalidations that
+    # began since the first swap: one holds this slot's gfns (its range, its unmap).
+    yield from kvm.wait_for_invalidations()
     slot.base_gfn = op.base
     slot.invalid = False
     kvm.memslots.end_update()
