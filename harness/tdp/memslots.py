@@ -239,6 +239,9 @@ def memslot_move(kvm, op: MemslotMove):
         return _reject(kvm)
     yield from _begin(kvm)
     yield from _invalidate_and_zap(kvm, slot)
+    # kvm_activate_memslot's kvm_swap_active_memslots waits out the invalidations that
+    # began since the first swap: one holds this slot's gfns (its range, its unmap).
+    yield from kvm.wait_for_invalidations()
     slot.base_gfn = op.base
     slot.invalid = False
     lpage.init_memslot(kvm.attributes, slot)
