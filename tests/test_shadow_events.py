@@ -30,6 +30,23 @@ def regression(name: str):
     return load_reproducer(REGRESSIONS / f"shadow-{name}.repro").program
 
 
+# A gva mapped to MMIO (gfn 0xa has no slot), the page going unsync at a write to another of
+# its entries, an access meeting the MMIO SPTE it kept, the gva remapped to RAM, its invlpg.
+MMIO_THEN_REMAP = parse_reproducer("""vm type=default vcpus=1
+memslot_add slot=0 base=0x0 npages=0x8 flags= host_offset=0
+write_pte vcpu=0 table=0x1 index=0 target=0x2 flags=p
+write_pte vcpu=0 table=0x2 index=0 target=0x3 flags=p
+write_pte vcpu=0 table=0x3 index=0 target=0x4 flags=p
+write_pte vcpu=0 table=0x4 index=1 target=0xa flags=p
+paging vcpu=0 root=0x1
+access vcpu=0 gva=0x1000 word=0 kind=read private=0
+write_pte vcpu=0 table=0x4 index=0 target=0x0 flags=
+access vcpu=0 gva=0x1000 word=0 kind=read private=0
+write_pte vcpu=0 table=0x4 index=1 target=0x0 flags=p
+invlpg vcpu=0 gva=0x1000
+""").program
+
+
 def test_events_are_distinct_names():
     assert len(set(EVENTS.names)) == len(EVENTS.names)
 
@@ -57,10 +74,10 @@ paging vcpu=0 root=0x4
 
 
 def test_mmio_sptes_in_unsync_pages_and_what_invlpg_meets():
-    """The invlpg-keeps-mmio scenario, run clean: the MMIO SPTE made in a synced page, the
-    page going unsync holding it (and keeping it: the access after meets it, nothing new
-    is made), the PTE write over it, and the invlpg that meets and clears it."""
-    features = features_per_op(regression("invlpg-keeps-mmio"))
+    """The MMIO SPTE made in a synced page, the page going unsync holding it (and keeping it:
+    the access after meets it, nothing new is made), the PTE write over it, and the invlpg
+    that meets and clears it."""
+    features = features_per_op(MMIO_THEN_REMAP)
     assert {"mmio_spte:indirect:sync", "shadow:1:indirect:sync:mmio"} <= set(features[6])
     assert {"unsync:held_mmio", "table:unsync:none"} <= set(features[7])
     assert "shadow:1:indirect:unsync:mmio" in features[8]
@@ -70,7 +87,7 @@ def test_mmio_sptes_in_unsync_pages_and_what_invlpg_meets():
 
 
 def test_events_are_reported_once_and_travel_with_a_snapshot():
-    program = regression("invlpg-keeps-mmio")
+    program = MMIO_THEN_REMAP
     target = ShadowTarget()
     target.reset(program.header)
     for op in program.ops[:-1]:
@@ -94,11 +111,10 @@ def _sync_op_feature(features: list, name: str) -> str:
 
 
 def test_an_op_that_syncs_says_which_stale_entries_it_began_with():
-    """The invlpg-keeps-mmio scenario, run clean, then a flush: the invlpg begins with an
-    MMIO SPTE in the unsync page whose guest PTE now names RAM (and clears it, the page
-    staying unsync); the flush after it finds nothing stale."""
-    program = regression("invlpg-keeps-mmio")
-    program = program.with_ops(program.ops + parse_reproducer(
+    """The remap scenario, then a flush: the invlpg begins with an MMIO SPTE in the unsync
+    page whose guest PTE now names RAM (and clears it, the page staying unsync); the flush
+    after it finds nothing stale."""
+    program = MMIO_THEN_REMAP.with_ops(MMIO_THEN_REMAP.ops + parse_reproducer(
         "vm type=default vcpus=1\nflush_tlb vcpu=0\n").program.ops)
     features = features_per_op(program)
     assert _sync_op_feature(features[10], "invlpg") == "invlpg:unsync=1:debt=mmio"
