@@ -1044,6 +1044,18 @@ def decode(data: bytes) -> Program:
     return Program(header, tuple(ops))
 
 
+def mapped_gvas(program: Program, index: int) -> list[int]:
+    """The gvas whose walk goes through the entry the ``write_pte`` at ``index`` writes, as
+    the ops before it tell (the tables they linked, the roots they loaded): what a guest
+    invalidates after changing that entry.  The decoder's own operand reuse draws from the
+    same list."""
+    ctx = _Context(program.header)
+    for op in program.ops[:index]:
+        ctx.note(op)
+    write = program.ops[index]
+    return ctx._mapped_gvas(write.table, write.index)
+
+
 def encode(program: Program) -> bytes:
     """The canonical bytes of a program: ``decode(encode(p)) == p``.
 

@@ -22,9 +22,11 @@ import itertools
 import random
 from typing import Callable, Iterator, Optional
 
-from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Parallel,
-                                 Program, VmHeader, VmType, domain, gpa_field, op_gfns, op_vcpu)
-from mmufuzz.fuzz.encoding import LITERAL, MAX_OPS, conform, decode, encode
+from mmufuzz.harness.ops import (ACTORS_MAX, PAGE_SHIFT, PAGES_PER_2M, SIDE_NAMES, Invlpg,
+                                 Parallel, Program, PteFlag, VmHeader, VmType, WritePte, domain,
+                                 gpa_field, op_gfns, op_vcpu)
+from mmufuzz.fuzz.encoding import (LITERAL, MAX_OPS, conform, decode, encode, mapped_gvas,
+                                   opcode)
 from mmufuzz.fuzz.opmix import DEFAULT, OpMix
 
 # Random bytes behind a freshly generated op: enough for a parallel with literals.
@@ -225,6 +227,47 @@ def _join(sides: tuple, op, schedule: int) -> Optional[Parallel]:
     return Parallel.of(sides + (op,), schedule)
 
 
+def remap_pte(program: Program, rng: random.Random) -> Optional[Program]:
+    """Change a guest PTE the program wrote, later, and invalidate what it mapped: one edit.
+
+    A guest kernel changes a mapping (mprotect, munmap, mremap, a copy-on-write
+    break, iounmap) by rewriting an existing PTE and then running ``invlpg``
+    on each gva it mapped: x86 lets a changed translation be used until it is
+    invalidated, so the pair is the unit of every mapping change.  Drawn as
+    two fresh ops, the pair needs the same table and index, then an invlpg
+    of a gva that entry maps, at a position between them: a few in 10,000
+    mutations.  Here the entry is one an earlier ``write_pte`` named; its new
+    value is a fresh target and flags (remap), one flag toggled (protect), or
+    not present (unmap); the invlpg names a gva the entry maps, as the ops
+    before it tell (:func:`mmufuzz.fuzz.encoding.mapped_gvas`), on the vCPU that wrote it.
+    """
+    ops = program.ops
+    writes = [i for i, op in enumerate(ops) if type(op) is WritePte]
+    if not writes or len(ops) + 2 > MAX_OPS:
+        return None
+    source = rng.choice(writes)
+    old = ops[source]
+    index = rng.randint(source + 1, len(ops))
+    how = rng.randrange(3)
+    if how == 0:
+        fresh = bytes([opcode((WritePte, 0))]) + rng.randbytes(FRESH_OP_BYTES)
+        new = _decode_after(_prefix_bytes(program, index), index, fresh)
+        if type(new) is not WritePte:
+            return None
+        new = dataclasses.replace(new, vcpu=old.vcpu, table=old.table, index=old.index)
+    elif how == 1:
+        new = dataclasses.replace(old, flags=_recast(old.flags, domain(WritePte, "flags"), rng))
+    else:
+        new = dataclasses.replace(old, flags=PteFlag(0))
+    new = conform(new, program.header)
+    changed = program.with_ops(ops[:index] + (new,) + ops[index:])
+    gvas = mapped_gvas(changed, index)
+    if not gvas:
+        return changed
+    flush = conform(Invlpg(vcpu=new.vcpu, gva=rng.choice(gvas)), program.header)
+    return changed.with_ops(changed.ops[:index + 1] + (flush,) + changed.ops[index + 1:])
+
+
 def _fault_frame(op) -> int:
     """The first gfn of the 2M frame a guest op faults on."""
     gfn = getattr(op, gpa_field(op)) >> PAGE_SHIFT
@@ -401,7 +444,7 @@ def _max_vcpu(op) -> int:
 MUTATIONS = (
     (insert_op, 4), (delete_op, 3), (duplicate_op, 2), (swap_ops, 2),
     (reselect_field, 5), (nudge_field, 3), (recast_field, 3), (pair_ops, 1), (collide, 3),
-    (change_header, 3),
+    (change_header, 3), (remap_pte, 2),
 )
 _FUNCTIONS = tuple(f for f, _ in MUTATIONS)
 _WEIGHTS = tuple(w for _, w in MUTATIONS)
