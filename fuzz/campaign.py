@@ -15,7 +15,8 @@ summary.  Everything lives in the directory, so running again on it resumes:
     DIR/findings/SIG/     per signature: input.bin, finding.repro, minimized.repro
     DIR/stats.jsonl       one JSON object per interval, totals carried across runs
     DIR/logs/             libFuzzer's output, fuzz-N.log per job
-    DIR/crashes/          libFuzzer artifacts: an exception that escaped the differential run
+    DIR/crashes/          libFuzzer artifacts: an exception that escaped the differential run,
+                          a hang, the memory limit, an input slower than 10 s
     DIR/workers/          heartbeats of the running workers (cleared every run)
     DIR/campaign.lock     flock'ed while the supervisor or any of its workers lives: one
                           campaign per directory
@@ -60,6 +61,9 @@ MINIMIZE_SECONDS = 300
 MAX_LEN = 4096
 # An input runs in milliseconds; one still running after this long is a hang (a crash artifact).
 INPUT_TIMEOUT_SECONDS = 60
+# A callback (an input and the schedule exploration it paid for) over this many seconds of wall
+# clock leaves a slow-unit artifact: worth a look, not a failure.
+SLOW_INPUT_SECONDS = 10
 EXIT_FAILED = 3
 
 _LIBFUZZER_STATS = re.compile(rb"cov: (\d+) ft: (\d+)")
@@ -512,7 +516,7 @@ def libfuzzer_command(layout: Layout, options: Options) -> list:
     """The worker command line: flags for the limits and jobs, then corpus, then seeds."""
     command = [sys.executable, "-m", "mmufuzz.fuzz.fuzz_mmu",
                f"-artifact_prefix={layout.crashes}/", f"-max_len={MAX_LEN}",
-               f"-timeout={INPUT_TIMEOUT_SECONDS}"]
+               f"-timeout={INPUT_TIMEOUT_SECONDS}", f"-report_slow_units={SLOW_INPUT_SECONDS}"]
     if options.max_time is not None:
         command.append(f"-max_total_time={max(1, math.ceil(options.max_time))}")
     if options.max_execs is not None:
@@ -775,12 +779,32 @@ class Campaign:
             shown = finding.minimized if finding.minimized.exists() else finding.raw
             lines.append(f"    {finding.signature}  {_clip(finding.summary())}")
             lines.append(f"      {shown}  ({finding.status()})")
-        crashes = sorted(self.layout.crashes.iterdir())
-        if crashes:
-            lines.append(f"  {len(crashes)} libFuzzer crash artifact(s) in {self.layout.crashes}: "
-                         "an exception escaped the differential run (the reference, a target's "
-                         "reset, or mmufuzz itself), see logs/")
+        kinds = collections.Counter(_artifact_kind(path.name)
+                                    for path in self.layout.crashes.iterdir())
+        for kind, meaning in _ARTIFACTS.items():
+            if kinds[kind]:
+                lines.append(f"  {kinds[kind]} libFuzzer {kind} artifact(s) in "
+                             f"{self.layout.crashes}: {meaning}, see logs/")
         self._say("\n".join(lines))
+
+
+# libFuzzer's artifact file prefixes and what each means here (a finding of the differential
+# run is never one: the worker records it under findings/).
+_ARTIFACTS = {
+    "crash": "an exception escaped the differential run (the reference, a target's reset, "
+             "or mmufuzz itself)",
+    "timeout": f"an input still running after {INPUT_TIMEOUT_SECONDS} s (a hang)",
+    "oom": "the worker went over its memory limit",
+    "slow-unit": f"an input's callback took over {SLOW_INPUT_SECONDS} s of wall clock, the "
+                 "schedule exploration it paid for included (not a failure; a loaded machine "
+                 "makes them)",
+    "other": "an artifact of an unknown kind",
+}
+
+
+def _artifact_kind(name: str) -> str:
+    """The kind of a libFuzzer artifact, by its file name's prefix (``crash-<sha1>``, ...)."""
+    return next((kind for kind in _ARTIFACTS if name.startswith(kind + "-")), "other")
 
 
 def _worker_error(logs: Path) -> str:

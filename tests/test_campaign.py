@@ -321,6 +321,21 @@ def test_max_execs_stops_the_campaign_and_every_input_is_counted(tmp_path):
     assert "200 execs" in done.stderr and "findings: 0 (clean)" in done.stderr
 
 
+def test_the_summary_names_each_kind_of_libfuzzer_artifact(tmp_path):
+    """A slow input is not reported as a crash (libFuzzer writes both to crashes/)."""
+    (tmp_path / "crashes").mkdir()
+    for name in ("slow-unit-a8f5", "slow-unit-b9e6", "crash-c0d7"):
+        (tmp_path / "crashes" / name).write_bytes(b"\0")
+    done = subprocess.run([sys.executable, "-m", "mmufuzz.fuzz.cli", "fuzz", "--target", "reference",
+                           "--max-execs", "20", "--out", str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"2 libFuzzer slow-unit artifact\(s\) .*: an input's callback took over "
+                     r"10 s of wall clock", done.stderr)
+    assert re.search(r"1 libFuzzer crash artifact\(s\) .*: an exception escaped", done.stderr)
+    assert "timeout artifact" not in done.stderr
+
+
 def test_a_relative_pythonpath_reaches_the_worker_as_the_user_meant_it(tmp_path):
     """The worker runs in DIR/logs; ``PYTHONPATH=tests`` typed in the checkout still finds
     the target module there."""
