@@ -5,7 +5,8 @@ the target's source was not.  Mutants of ``harness/tdp`` are made by
 cosmic-ray's mutation operators (``pip install mmufuzz[bench]``), driven only
 to *generate* them: every position each of its core operators (those that
 take no arguments) can mutate in every module but the invariant checks (the
-oracle, not the system under test) is one mutant, ``(file, operator,
+oracle, not the system under test), outside the lines that only an injected
+catalog fault runs (:func:`fault_only_lines`), is one mutant, ``(file, operator,
 occurrence)`` in cosmic-ray's own numbering; a run samples ``N`` of them with
 ``random.Random(seed)``, so the same options give the same mutants on the same
 source.
@@ -29,6 +30,7 @@ this: nothing in ``fuzz/`` names a mutant.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import random
 import re
@@ -90,12 +92,44 @@ def all_mutants(root: Path = PACKAGE) -> list:
     for path in sorted((root / MUTATED).glob("*.py")):
         if path.name in NOT_MUTATED:
             continue
-        nodes = list(ast_nodes(get_ast(path.read_text())))
+        source = path.read_text()
+        nodes = list(ast_nodes(get_ast(source)))
+        injected_only = fault_only_lines(source)
         for name, operator in operators:
             positions = (start for node in nodes for start, _ in operator.mutation_positions(node))
             found += [Mutant(f"{MUTATED}/{path.name}", name, occurrence, start[0])
-                      for occurrence, start in enumerate(positions)]
+                      for occurrence, start in enumerate(positions)
+                      if start[0] not in injected_only]
     return found
+
+
+def fault_only_lines(source: str) -> set:
+    """The lines of ``source`` that run only while a catalog fault is injected: the body of an
+    ``if faults.active(...)`` and the ``else`` of an ``if not faults.active(...)``.
+
+    They are the catalog's bugs, not the system under test: a mutant there changes nothing a
+    run without the fault executes, so it would count as a deep mutant no engine can kill.
+    (A mutant of the test itself stays: it injects the fault, which the regressions kill.)
+    """
+    def is_active(test) -> bool:
+        return (isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute)
+                and test.func.attr == "active" and isinstance(test.func.value, ast.Name)
+                and test.func.value.id == "faults")
+
+    lines: set = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.If):
+            continue
+        test = node.test
+        if is_active(test):
+            branch = node.body
+        elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and is_active(test.operand):
+            branch = node.orelse
+        else:
+            continue
+        for statement in branch:
+            lines.update(range(statement.lineno, statement.end_lineno + 1))
+    return lines
 
 
 def sample(count: int, seed: int, root: Path = PACKAGE) -> list:

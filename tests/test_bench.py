@@ -328,6 +328,28 @@ def test_mutants_are_sampled_deterministically_and_applied_outside_the_repositor
     assert all(not m.file.endswith("invariants.py") for m in mutants.all_mutants())
 
 
+def test_the_mutant_sample_leaves_out_the_code_only_an_injected_fault_runs():
+    source = """def f(x):
+    if faults.active("a"):
+        x += 1
+        x *= 2
+    elif not faults.active("b"):
+        x -= 1
+    if not faults.active("c"):
+        x = 3
+    else:
+        x = 4
+    return x + 5
+"""
+    assert mutants.fault_only_lines(source) == {3, 4, 10}
+    huge = [m for m in mutants.all_mutants() if m.file.endswith("/huge.py")]
+    text = (mutants.PACKAGE / "harness/tdp/huge.py").read_text().splitlines()
+    flush = next(i for i, line in enumerate(text, 1)
+                 if 'faults.active("removed-pt-flush-wrong-start")' in line)
+    assert huge and not [m for m in huge if m.line in (flush + 2, flush + 3)]
+    assert [m for m in huge if m.line == flush]  # the test itself stays
+
+
 def test_a_mutant_the_seeds_kill_is_shallow_and_checked_on_the_original(tmp_path):
     """``x is None`` -> ``x is not None`` on the fault path crashes on the first access."""
     mutant = next(m for m in mutants.all_mutants() if m.file.endswith("/fault.py")

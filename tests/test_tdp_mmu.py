@@ -35,6 +35,7 @@ from mmufuzz.harness.ops import (
 from mmufuzz.harness import faults
 from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import TdpTarget
+from mmufuzz.harness.tdp import fault as fault_path
 from mmufuzz.harness.tdp.sched import run
 from mmufuzz.harness.tdp.spte import (
     FROZEN_SPTE,
@@ -46,7 +47,8 @@ from mmufuzz.harness.tdp.spte import (
     spte_index,
     spte_to_pfn,
 )
-from mmufuzz.fuzz.runner import Differential
+from mmufuzz.fuzz.encoding import parse_reproducer
+from mmufuzz.fuzz.runner import Differential, run_program
 
 HUGE = MemslotFlag.HOST_HUGE
 PRIVATE = MemslotFlag.PRIVATE | MemslotFlag.HOST_HUGE
@@ -558,3 +560,77 @@ def test_dirty_log_enable_flushes_the_slot_so_every_write_is_logged():
     vm.write(0x600, 2)
     assert vm.do(GetDirtyLog(1)) == DirtyLog((0x600,))
 
+
+
+# --- KVM's own sanity checks, raised as named invariants -------------------------------
+
+def test_an_atomic_clear_of_a_mirror_entry_is_kvms_bug_on():
+    """__tdp_mmu_set_spte_atomic: KVM_BUG_ON(!is_shadow_present_pte(new_spte)) for a mirror
+    entry that is not being frozen (atomic zaps of mirror entries freeze first)."""
+    vm = Vm(tdx=True)
+    vm.do(MemslotAdd(0, 0x200, 0x200, PRIVATE, 0))
+    vm.do(SetAttributes(0x200, 1, True))
+    vm.read(0x200, private=True)
+    mmu = vm.kvm.mmu
+    level, leaf = vm.leaf(0x200, private=True)
+    it = mmu.iter(mmu.mirror_root, 0x200, 0x201)
+    while it.level != level:
+        it.next()
+    assert it.old_spte == leaf
+    with pytest.raises(InvariantViolation, match="mirror_atomic_nonpresent"):
+        run(mmu.set_spte_atomic(it, SHADOW_NONPRESENT_VALUE))
+
+
+# A TD has no PML: enabling dirty logging write-protects every 4K leaf, and the disable
+# rebuilds the 2M leaf read-only from them; the write racing the disable meets that leaf in its
+# slow path and replaces it with a writable one of the same pfn.
+_WIDENED_BY_A_FAULT = """vm type=tdx vcpus=1
+memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
+access vcpu=0 gpa=0x200000 word=0 kind=read private=0
+memslot_set_flags slot=0 flags=dirty_log,host_huge
+parallel a=(access vcpu=0 gpa=0x202000 word=0 kind=write value=0x0 private=0) b=(memslot_set_flags slot=0 flags=host_huge) schedule=0x7ff8
+"""
+
+
+def test_a_fault_that_narrows_a_leaf_or_moves_its_pfn_is_kvms_warning(monkeypatch):
+    """tdp_mmu_map_handle_target_level: WARN_ON_ONCE(leaf_spte_change_needs_tlb_flush(old,
+    new)).  A fault only widens a leaf of the same pfn; with the flush test broken to call
+    that a change needing a flush (``<=`` for ``!=`` on the pfns), the warning is the finding."""
+    program = parse_reproducer(_WIDENED_BY_A_FAULT).program
+    assert run_program(program, TdpTarget()) is None
+    monkeypatch.setattr(fault_path, "leaf_spte_change_needs_tlb_flush", lambda old, new: (
+        not is_shadow_present_pte(new) or spte_to_pfn(old) <= spte_to_pfn(new)
+        or is_writable_pte(old) and not is_writable_pte(new)))
+    finding = run_program(program, TdpTarget())
+    assert finding is not None and "fault_leaf_change_needs_flush" in finding.summary("tdp")
+
+
+def test_a_spurious_fault_that_resolved_another_pfn_is_kvms_warning(monkeypatch):
+    """tdp_mmu_map_handle_target_level: WARN_ON_ONCE(fault->pfn != spte_to_pfn(old)) on the
+    spurious path (two vCPUs fault one page; the second finds the first's leaf).  With every
+    fault after the first resolving another pfn (a host page lookup gone wrong), some
+    interleaving of the two reads shows the warning; none does without it."""
+    def schedules():
+        for schedule in range(64):
+            yield parse_reproducer(
+                "vm type=default vcpus=2\n"
+                "memslot_add slot=0 base=0x200 npages=0x10 flags= host_offset=0\n"
+                "parallel a=(access vcpu=0 gpa=0x200000 word=0 kind=read private=0) "
+                "b=(access vcpu=1 gpa=0x200000 word=0 kind=read private=0) "
+                f"schedule={schedule:#x}\n").program
+    assert all(run_program(p, TdpTarget()) is None for p in schedules())
+    faultin, calls = fault_path.kvm_mmu_faultin_pfn, []
+
+    def another_pfn_after_the_first(kvm, vcpu, fault):
+        result = faultin(kvm, vcpu, fault)
+        calls.append(fault.gfn)
+        if len(calls) > 1:
+            fault.pfn += 1
+        return result
+    monkeypatch.setattr(fault_path, "kvm_mmu_faultin_pfn", another_pfn_after_the_first)
+    found = []
+    for program in schedules():
+        calls.clear()
+        finding = run_program(program, TdpTarget())
+        found.append(finding is not None and "spurious_fault_pfn" in finding.summary("tdp"))
+    assert any(found)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_2M, PG_LEVEL_4K, MemoryFaultExit, MmioExit
+from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import events, huge, notifier
 from mmufuzz.harness.tdp.lpage import max_mapping_level
 from mmufuzz.harness.tdp.spte import (
@@ -36,6 +37,7 @@ from mmufuzz.harness.tdp.spte import (
     make_spte,
     pages_per_level,
     spte_index,
+    spte_to_pfn,
 )
 
 # KVM's RET_PF_* results that stay inside the fault path.
@@ -304,6 +306,9 @@ def _map_target_level(kvm, fault: KvmPageFault, it):
     # already allowed"): replacing it would only clear its Dirty bit.
     if (old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, it.level)
             and is_access_allowed(old, fault.write, fault.exec)):
+        if fault.pfn != spte_to_pfn(old):  # WARN_ON_ONCE(fault->pfn != spte_to_pfn(old))
+            raise InvariantViolation("spurious_fault_pfn", f"gfn={it.gfn:#x} level={it.level} "
+                                     f"old={old:#x} fault pfn={fault.pfn:#x}")
         return RET_PF_FIXED
     if fault.slot is None:
         new = make_mmio_spte(fault.gfn, ACC_ALL, fault.gen, kvm.mmio_value)
@@ -323,6 +328,10 @@ def _map_target_level(kvm, fault: KvmPageFault, it):
         kvm.events[events.RETRY_CMPXCHG] += 1
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and leaf_spte_change_needs_tlb_flush(old, new):
-        mmu.flush_gfn(it.gfn, it.level)
+        # Mainline: WARN_ON_ONCE(leaf_spte_change_needs_tlb_flush(old, new)), then the flush.
+        # A fault only ever widens a leaf of the same pfn (a narrower leaf or another pfn
+        # comes from a zap first), so a warning here is a KVM bug: an invariant.
+        raise InvariantViolation("fault_leaf_change_needs_flush", f"gfn={it.gfn:#x} "
+                                 f"level={it.level} old={old:#x} new={new:#x}")
     return RET_PF_EMULATE if fault.slot is None else RET_PF_FIXED
 

@@ -17,6 +17,7 @@ from functools import partial
 
 from mmufuzz.harness import faults
 from mmufuzz.harness.ops import PG_LEVEL_4K
+from mmufuzz.harness.target import InvariantViolation
 from mmufuzz.harness.tdp import tdx
 from mmufuzz.harness.tdp.iter import TdpIter
 from mmufuzz.harness.tdp.pgalloc import TablePage, next_used
@@ -279,7 +280,12 @@ class TdpMmu:
         if current != it.old_spte:
             it.old_spte = current
             return False
-        if page.mirror and new & SPTE_MMU_PRESENT_MASK:
+        if page.mirror and new != FROZEN_SPTE:  # is_mirror_sptep && !is_frozen_spte(new)
+            if not new & SPTE_MMU_PRESENT_MASK:
+                # KVM_BUG_ON(!is_shadow_present_pte(new_spte)): atomic zaps of a mirror
+                # entry go through FROZEN_SPTE (tdp_mmu_zap_spte_atomic), nothing else clears one.
+                raise InvariantViolation("mirror_atomic_nonpresent",
+                                         f"gfn={it.gfn:#x} level={it.level} new={new:#x}")
             page.spt[index] = FROZEN_SPTE
             yield
             yield from self.handle_changed_spte(page, it.gfn, current, new, it.level)
