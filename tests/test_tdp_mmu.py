@@ -38,7 +38,9 @@ from mmufuzz.harness.tdp import TdpTarget
 from mmufuzz.harness.tdp import fault as fault_path
 from mmufuzz.harness.tdp.sched import run
 from mmufuzz.harness.tdp.spte import (
+    EPT_SPTE_MMU_WRITABLE,
     FROZEN_SPTE,
+    PT_WRITABLE_MASK,
     SHADOW_NONPRESENT_VALUE,
     is_large_pte,
     is_mmio_spte,
@@ -582,8 +584,8 @@ def test_an_atomic_clear_of_a_mirror_entry_is_kvms_bug_on():
 
 
 # A TD has no PML: enabling dirty logging write-protects every 4K leaf, and the disable
-# rebuilds the 2M leaf read-only from them; the write racing the disable meets that leaf in its
-# slow path and replaces it with a writable one of the same pfn.
+# rebuilds the 2M leaf read-only (MMU-writable kept) from them; the write racing the disable
+# meets that leaf in its slow path and replaces it with a writable one of the same pfn.
 _WIDENED_BY_A_FAULT = """vm type=tdx vcpus=1
 memslot_add slot=0 base=0x200 npages=0x200 flags=host_huge host_offset=0
 access vcpu=0 gpa=0x200000 word=0 kind=read private=0
@@ -592,15 +594,20 @@ parallel a=(access vcpu=0 gpa=0x202000 word=0 kind=write value=0x0 private=0) b=
 """
 
 
-def test_a_fault_that_narrows_a_leaf_or_moves_its_pfn_is_kvms_warning(monkeypatch):
+def test_a_fault_that_takes_mmu_writable_away_is_kvms_warning(monkeypatch):
     """tdp_mmu_map_handle_target_level: WARN_ON_ONCE(leaf_spte_change_needs_tlb_flush(old,
-    new)).  A fault only widens a leaf of the same pfn; with the flush test broken to call
-    that a change needing a flush (``<=`` for ``!=`` on the pfns), the warning is the finding."""
+    new)).  A fault replaces a present leaf only to widen it; with make_spte broken to make
+    read-only SPTEs after the first, the fault above takes MMU-writable away and the warning
+    is the finding."""
     program = parse_reproducer(_WIDENED_BY_A_FAULT).program
     assert run_program(program, TdpTarget()) is None
-    monkeypatch.setattr(fault_path, "leaf_spte_change_needs_tlb_flush", lambda old, new: (
-        not is_shadow_present_pte(new) or spte_to_pfn(old) <= spte_to_pfn(new)
-        or is_writable_pte(old) and not is_writable_pte(new)))
+    make, made = fault_path.make_spte, []
+
+    def read_only_after_the_first(*args):
+        made.append(args)
+        spte = make(*args)
+        return spte if len(made) == 1 else spte & ~(EPT_SPTE_MMU_WRITABLE | PT_WRITABLE_MASK)
+    monkeypatch.setattr(fault_path, "make_spte", read_only_after_the_first)
     finding = run_program(program, TdpTarget())
     assert finding is not None and "fault_leaf_change_needs_flush" in finding.summary("tdp")
 

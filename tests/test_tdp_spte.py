@@ -32,6 +32,7 @@ from mmufuzz.harness.tdp.spte import (
     is_mmio_spte,
     is_shadow_present_pte,
     is_writable_pte,
+    leaf_spte_change_narrows,
     leaf_spte_change_needs_tlb_flush,
     make_huge_page_split_spte,
     make_mmio_spte,
@@ -73,13 +74,17 @@ def test_split_child_i_maps_pfn_plus_i_at_4k():
         assert not is_large_pte(child) and is_writable_pte(child)
 
 
-def test_write_protect_keeps_mmu_writable_and_needs_flush():
+def test_write_protect_keeps_mmu_writable_and_narrows():
     spte = make_spte(9, PG_LEVEL_4K, ACC_ALL)
     wp = spte & ~PT_WRITABLE_MASK  # what write_protect installs
     assert not is_writable_pte(wp) and wp & (1 << 58)
-    assert leaf_spte_change_needs_tlb_flush(spte, wp)
+    assert leaf_spte_change_narrows(spte, wp)
+    assert not leaf_spte_change_narrows(wp, spte)
+    assert leaf_spte_change_narrows(spte, make_spte(10, PG_LEVEL_4K, ACC_ALL))
+    # Mainline's test asks only whether MMU-writable goes: write protection keeps it.
+    assert not leaf_spte_change_needs_tlb_flush(spte, wp)
     assert not leaf_spte_change_needs_tlb_flush(wp, spte)
-    assert leaf_spte_change_needs_tlb_flush(spte, make_spte(10, PG_LEVEL_4K, ACC_ALL))
+    assert leaf_spte_change_needs_tlb_flush(wp, wp & ~(1 << 58))
 
 
 @pytest.mark.parametrize("mmio_value", [VMX_EPT_MISCONFIG_WX_VALUE, TDX_MMIO_VALUE])

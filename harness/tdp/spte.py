@@ -231,7 +231,14 @@ def check_mmio_spte(spte: int, gen: int) -> bool:
 
 
 def leaf_spte_change_needs_tlb_flush(old: int, new: int) -> bool:
-    """A TLB entry made from leaf ``old`` would grant more than ``new`` does."""
+    """Mainline's (spte.h): the change takes MMU-writable away, so a TLB entry made from
+    ``old`` may still allow a write KVM now wants to see."""
+    return is_mmu_writable_spte(old) and not is_mmu_writable_spte(new)
+
+
+def leaf_spte_change_narrows(old: int, new: int) -> bool:
+    """A TLB entry made from leaf ``old`` would grant more than ``new`` does: another pfn,
+    nothing, or no write where ``old`` allowed one."""
     if not is_shadow_present_pte(new) or spte_to_pfn(old) != spte_to_pfn(new):
         return True
     return is_writable_pte(old) and not is_writable_pte(new)
