@@ -34,7 +34,8 @@ def test_every_mutation_keeps_programs_valid(mutation):
         if candidate is not None:
             assert valid(candidate), format_program(candidate)
             changed += candidate != program
-    assert changed > 45  # remap_pte applies to the four seeds with guest page tables
+    # remap_pte acts only on the four seeds with guest page tables (49 of the 150 rounds)
+    assert changed > (45 if mutation is mutator.remap_pte else 50)
 
 
 def test_stacked_mutations_stay_valid_and_reach_every_op_kind():
